@@ -1,1 +1,14 @@
+//! aml-egress: an egress proxy that lets an Azure Machine Learning workspace reach exactly
+//! the hosts it needs.
+//!
+//! Data flows one way: [`config`] reads settings, [`catalog`] renders the Azure ML host
+//! catalog for a cloud, region and feature set into rules, and [`policy`] compiles those
+//! rules into tables that answer each destination on the hot path.
+
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod loader;
 pub mod policy;

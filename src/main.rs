@@ -1,1 +1,144 @@
-fn main() {}
+//! The `aml-egress` command line: parse arguments, call the library, map errors to exit codes.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use aml_egress::cli::{self, EXIT_USAGE};
+use aml_egress::config::Settings;
+use aml_egress::loader;
+
+#[derive(Parser)]
+#[command(
+    name = "aml-egress",
+    version,
+    about = "An egress proxy that lets an Azure Machine Learning workspace reach exactly the hosts it needs"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Say whether destinations would be allowed, and by which rule (exit 0 all allowed, 1 any denied, 2 error).
+    Check {
+        /// Configuration file (TOML); embedded defaults when left out.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Print load-time notes and warnings to standard error.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Targets as host:port, http://host/path (path checked) or https://host; one per line on standard input when none are given.
+        targets: Vec<String>,
+    },
+    /// Print the rendered rule set that will be enforced, each rule with its source.
+    Catalog {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// List the optional parts (features) instead, marking those switched on.
+        #[arg(long)]
+        features: bool,
+    },
+    /// Check a configuration file and print a summary (exit 0 valid, 2 invalid).
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn load(config: Option<&PathBuf>) -> Result<loader::Built, String> {
+    let settings = Settings::load(config.map(PathBuf::as_path)).map_err(|e| e.to_string())?;
+    loader::build(&settings).map_err(|e| e.to_string())
+}
+
+fn run(args: Args) -> anyhow::Result<i32> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let code = match args.command {
+        Command::Check {
+            config,
+            json,
+            verbose,
+            targets,
+        } => {
+            let built = match load(config.as_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("aml-egress check: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            if verbose {
+                for w in &built.warnings {
+                    eprintln!("note: {w}");
+                }
+            }
+            cli::check(&built, &targets, json, &mut out)?
+        }
+        Command::Catalog {
+            config,
+            format,
+            features,
+        } => {
+            let built = match load(config.as_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("aml-egress catalog: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            if features {
+                cli::print_features(&built, &mut out)?;
+            } else {
+                cli::print_catalog(&built, matches!(format, Format::Json), &mut out)?;
+                for w in &built.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            0
+        }
+        Command::Validate { config } => match load(Some(&config)) {
+            Ok(built) => {
+                cli::print_summary(&built, &config.display().to_string(), &mut out)?;
+                0
+            }
+            Err(e) => {
+                eprintln!("aml-egress validate: {e}");
+                EXIT_USAGE
+            }
+        },
+    };
+    out.flush()?;
+    Ok(code)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aml-egress: {e:#}");
+            ExitCode::from(EXIT_USAGE as u8)
+        }
+    }
+}

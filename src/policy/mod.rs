@@ -1,1 +1,645 @@
+//! The policy: rules compiled once, then asked about each destination on the hot path.
+//!
+//! Pure and synchronous: no I/O, no async, nothing of the rest of the crate. Rules arrive
+//! as [`RuleSpec`]s (from the catalog and the operator's config), are compiled by
+//! [`Policy::compile`], and every question gets a [`Decision`] that names the rule that
+//! allowed or denied it, or the reason nothing did.
 
+mod cidr;
+mod hash;
+mod matcher;
+pub mod pattern;
+pub mod target;
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use cidr::CidrTable;
+use matcher::NameTable;
+pub use pattern::{HostPattern, PathPattern, PatternError, parse_pattern};
+pub use target::{Host, InvalidTarget, Name, Target};
+
+/// Index of a rule in its [`Policy`]; stable for the life of that policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RuleId(pub u32);
+
+/// What a rule does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Ports a rule applies to, as inclusive ranges; an empty set means every port.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortSet(Vec<(u16, u16)>);
+
+impl PortSet {
+    /// Every port (operator deny rules without `ports`).
+    pub fn any() -> Self {
+        PortSet(Vec::new())
+    }
+
+    /// The given inclusive ranges; callers have checked `lo <= hi` and `lo > 0`.
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u16, u16)>) -> Self {
+        let mut v: Vec<_> = ranges.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        PortSet(v)
+    }
+
+    /// Whether the set holds `port`.
+    #[inline]
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.is_empty() || self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+    }
+
+    /// Whether this is the every-port set.
+    pub fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("any");
+        }
+        for (i, (lo, hi)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for PortSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a rule came from, so that every decision can be traced to a line of the article
+/// or of the operator's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "origin", rename_all = "snake_case")]
+pub enum Source {
+    /// A rendered catalog entry.
+    Catalog {
+        cloud: String,
+        revision: String,
+        section: String,
+        purpose: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        feature: Option<String>,
+    },
+    /// An operator `[[allow]]` or `[[deny]]` entry (1-based index in its list).
+    Operator {
+        list: String,
+        index: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        comment: Option<String>,
+    },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Catalog {
+                cloud,
+                revision,
+                section,
+                purpose,
+                feature,
+            } => {
+                write!(f, "catalog {revision} {cloud}: {section}: {purpose}")?;
+                if let Some(feat) = feature {
+                    write!(f, " [{feat}]")?;
+                }
+                Ok(())
+            }
+            Source::Operator {
+                list,
+                index,
+                comment,
+            } => {
+                write!(f, "config [[{list}]] #{index}")?;
+                if let Some(c) = comment {
+                    write!(f, " ({c})")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matchable {
+    /// A host pattern, optionally restricted to a path (plain HTTP only).
+    Host(HostPattern, Option<PathPattern>),
+    /// A network, for IP-literal destinations only.
+    Cidr(IpNet),
+    /// An operator regex over the normalised name.
+    Regex(String),
+}
+
+impl fmt::Display for Matchable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matchable::Host(h, None) => write!(f, "{h}"),
+            Matchable::Host(h, Some(p)) => write!(f, "{h}{p}"),
+            Matchable::Cidr(n) => write!(f, "{n}"),
+            Matchable::Regex(r) => write!(f, "regex:{r}"),
+        }
+    }
+}
+
+/// A rule before compilation, as the catalog renderer and config produce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub action: Action,
+    pub what: Matchable,
+    pub ports: PortSet,
+    pub source: Source,
+}
+
+/// A compiled rule; identical to its spec, kept so decisions can explain themselves.
+pub type Rule = RuleSpec;
+
+impl Rule {
+    /// `pattern:ports`, the way `check` and logs show a rule.
+    pub fn display(&self) -> String {
+        format!("{} port {}", self.what, self.ports)
+    }
+}
+
+/// What to do with a path-restricted rule when the path cannot be seen (inside TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsPathRules {
+    /// Treat the rule as allowing the whole host (warned about at load).
+    #[default]
+    Widen,
+    /// The rule never matches a TLS destination.
+    Deny,
+}
+
+/// How much of the request the caller could see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathView<'a> {
+    /// A TLS tunnel (CONNECT or SNI): no path.
+    Hidden,
+    /// A plain HTTP request with this path (and query).
+    Visible(&'a str),
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// Why a decision came out as it did; [`Reason::code`] is the stable machine-readable form
+/// used in metrics labels, logs and `Proxy-Status` details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// An allow rule matched.
+    Allowed,
+    /// An allow rule with a path matched a TLS destination, widened to the host.
+    AllowedWidened,
+    /// An operator deny rule matched.
+    DeniedByRule,
+    /// No rule matches the name (or address).
+    NoMatchingRule,
+    /// A rule matches the name but not the port.
+    PortNotAllowed,
+    /// A rule matches the name but not the path.
+    PathNotAllowed,
+    /// Only path-restricted rules match, and paths cannot be seen inside TLS.
+    PathHiddenByTls,
+    /// The target could not be parsed.
+    InvalidTarget(InvalidTarget),
+}
+
+impl Reason {
+    /// Stable snake_case label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Allowed => "rule",
+            Reason::AllowedWidened => "rule_widened",
+            Reason::DeniedByRule => "deny_rule",
+            Reason::NoMatchingRule => "no_matching_rule",
+            Reason::PortNotAllowed => "port_not_allowed",
+            Reason::PathNotAllowed => "path_not_allowed",
+            Reason::PathHiddenByTls => "path_hidden_by_tls",
+            Reason::InvalidTarget(_) => "invalid_target",
+        }
+    }
+
+    /// Rank used to keep the most telling near miss.
+    fn weight(&self) -> u8 {
+        match self {
+            Reason::PathNotAllowed | Reason::PathHiddenByTls => 2,
+            Reason::PortNotAllowed => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The answer to one question: the verdict, why, and the rule that decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub rule: Option<RuleId>,
+}
+
+impl Decision {
+    fn allow(rule: RuleId, widened: bool) -> Self {
+        Decision {
+            verdict: Verdict::Allow,
+            reason: if widened {
+                Reason::AllowedWidened
+            } else {
+                Reason::Allowed
+            },
+            rule: Some(rule),
+        }
+    }
+
+    fn deny(reason: Reason, rule: Option<RuleId>) -> Self {
+        Decision {
+            verdict: Verdict::Deny,
+            reason,
+            rule,
+        }
+    }
+
+    /// Whether the destination may be reached.
+    pub fn is_allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+/// Options that change how rules are compiled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyOptions {
+    pub tls_path_rules: TlsPathRules,
+}
+
+/// A compile-time failure (a regex set too large for the engine, for example).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("the {list} regex rules cannot be compiled together: {source}")]
+    Regex {
+        list: &'static str,
+        source: regex::Error,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    names: NameTable,
+    cidrs: CidrTable,
+}
+
+/// The compiled, immutable rule set.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    allow: Tables,
+    deny: Tables,
+    options: PolicyOptions,
+    notes: Vec<String>,
+}
+
+/// Counts of compiled rules by kind, for summaries and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RuleCounts {
+    pub exact: usize,
+    pub wildcard: usize,
+    pub path: usize,
+    pub regex: usize,
+    pub cidr: usize,
+    pub deny: usize,
+}
+
+impl Policy {
+    /// Compile rules. Load-time notes (wildcard readings, widened path rules) are kept in
+    /// [`Policy::notes`] for the caller to print or log.
+    pub fn compile(specs: Vec<RuleSpec>, options: PolicyOptions) -> Result<Self, PolicyError> {
+        let mut allow = Tables::default();
+        let mut deny = Tables::default();
+        let mut regexes: [(Vec<String>, Vec<RuleId>); 2] = Default::default();
+        let mut notes = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let id = RuleId(i as u32);
+            let (tables, slot) = match spec.action {
+                Action::Allow => (&mut allow, 0),
+                Action::Deny => (&mut deny, 1),
+            };
+            match &spec.what {
+                Matchable::Host(h, path) => {
+                    if let HostPattern::ApexAndSubdomains(base) = h {
+                        notes.push(format!(
+                            "{h} ({}) is read as {base} and its subdomains (*.{base}); names that merely end in the same characters, such as not{base}, are not matched",
+                            spec.source
+                        ));
+                    }
+                    if let Some(p) = path
+                        && options.tls_path_rules == TlsPathRules::Widen
+                    {
+                        notes.push(format!(
+                            "{h}{p} ({}) restricts a path, which is invisible inside TLS: over TLS it is widened to the whole host {h} (set policy.tls_path_rules = \"deny\" to refuse instead)",
+                            spec.source
+                        ));
+                    }
+                    tables.names.insert(h, id);
+                }
+                Matchable::Cidr(net) => tables.cidrs.insert(*net, id),
+                Matchable::Regex(r) => {
+                    regexes[slot].0.push(r.clone());
+                    regexes[slot].1.push(id);
+                }
+            }
+        }
+        let [(ap, ai), (dp, di)] = regexes;
+        allow
+            .names
+            .set_regexes(&ap, ai)
+            .map_err(|source| PolicyError::Regex {
+                list: "allow",
+                source,
+            })?;
+        deny.names
+            .set_regexes(&dp, di)
+            .map_err(|source| PolicyError::Regex {
+                list: "deny",
+                source,
+            })?;
+        notes.dedup();
+        Ok(Policy {
+            rules: specs,
+            allow,
+            deny,
+            options,
+            notes,
+        })
+    }
+
+    /// Parse `host:port` and decide; a parse failure is a deny with `invalid_target`.
+    pub fn decide_str(&self, target: &str, path: PathView<'_>) -> Decision {
+        match Target::parse(target) {
+            Ok(t) => self.decide(&t, path),
+            Err(e) => Decision::deny(Reason::InvalidTarget(e), None),
+        }
+    }
+
+    /// The hot path: deny rules first, then allow rules; nothing allocates unless regex
+    /// rules exist and the name passes the set's quick test.
+    #[inline]
+    pub fn decide(&self, target: &Target, path: PathView<'_>) -> Decision {
+        let port = target.port;
+        match &target.host {
+            Host::Name(name) => {
+                let name = name.as_str();
+                let mut hit = None;
+                if !self.deny.names.is_empty() {
+                    self.deny.names.find(name, |id| {
+                        let ok = self.rules[id.0 as usize].ports.contains(port);
+                        if ok {
+                            hit = Some(id);
+                        }
+                        ok
+                    });
+                    if let Some(id) = hit {
+                        return Decision::deny(Reason::DeniedByRule, Some(id));
+                    }
+                }
+                let mut miss: Option<(Reason, RuleId)> = None;
+                let mut widened = false;
+                self.allow.names.find(name, |id| {
+                    let rule = &self.rules[id.0 as usize];
+                    let near = if !rule.ports.contains(port) {
+                        Reason::PortNotAllowed
+                    } else {
+                        match (&rule.what, path) {
+                            (Matchable::Host(_, Some(p)), PathView::Visible(req)) => {
+                                if p.matches(req) {
+                                    hit = Some(id);
+                                    return true;
+                                }
+                                Reason::PathNotAllowed
+                            }
+                            (Matchable::Host(_, Some(_)), PathView::Hidden) => {
+                                if self.options.tls_path_rules == TlsPathRules::Widen {
+                                    hit = Some(id);
+                                    widened = true;
+                                    return true;
+                                }
+                                Reason::PathHiddenByTls
+                            }
+                            _ => {
+                                hit = Some(id);
+                                return true;
+                            }
+                        }
+                    };
+                    if miss.is_none_or(|(m, _)| near.weight() > m.weight()) {
+                        miss = Some((near, id));
+                    }
+                    false
+                });
+                match (hit, miss) {
+                    (Some(id), _) => Decision::allow(id, widened),
+                    (None, Some((reason, id))) => Decision::deny(reason, Some(id)),
+                    (None, None) => Decision::deny(Reason::NoMatchingRule, None),
+                }
+            }
+            Host::Ip(ip) => self.decide_ip(*ip, port),
+        }
+    }
+
+    fn decide_ip(&self, ip: IpAddr, port: u16) -> Decision {
+        let ports_ok = |id: &RuleId| self.rules[id.0 as usize].ports.contains(port);
+        if let Some(id) = self.deny.cidrs.lookup(ip).find(ports_ok) {
+            return Decision::deny(Reason::DeniedByRule, Some(id));
+        }
+        let mut near = None;
+        for id in self.allow.cidrs.lookup(ip) {
+            if ports_ok(&id) {
+                return Decision::allow(id, false);
+            }
+            near.get_or_insert(id);
+        }
+        match near {
+            Some(id) => Decision::deny(Reason::PortNotAllowed, Some(id)),
+            None => Decision::deny(Reason::NoMatchingRule, None),
+        }
+    }
+
+    /// The rule behind an id from a [`Decision`] of this policy.
+    pub fn rule(&self, id: RuleId) -> &Rule {
+        &self.rules[id.0 as usize]
+    }
+
+    /// Every compiled rule, in compile order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Load-time notes worth showing an operator.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Rule counts by kind.
+    pub fn counts(&self) -> RuleCounts {
+        let mut c = RuleCounts::default();
+        for r in &self.rules {
+            if r.action == Action::Deny {
+                c.deny += 1;
+                continue;
+            }
+            match &r.what {
+                Matchable::Host(_, Some(_)) => c.path += 1,
+                Matchable::Host(HostPattern::Exact(_), None) => c.exact += 1,
+                Matchable::Host(_, None) => c.wildcard += 1,
+                Matchable::Regex(_) => c.regex += 1,
+                Matchable::Cidr(_) => c.cidr += 1,
+            }
+        }
+        c
+    }
+
+    /// Allow rules whose names resemble `name`, closest first: a hint for denials, computed
+    /// off the hot path by a scan of every rule.
+    pub fn nearest(&self, name: &str, limit: usize) -> Vec<&Rule> {
+        let mut scored: Vec<(usize, &Rule)> = self
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Allow)
+            .filter_map(|r| match &r.what {
+                Matchable::Host(h, _) => similarity(name, h.base()).map(|s| (s, r)),
+                _ => None,
+            })
+            .collect();
+        scored.sort_by_key(|(s, r)| {
+            let wildcard = !matches!(r.what, Matchable::Host(HostPattern::Exact(_), _));
+            (*s, wildcard, r.what.to_string())
+        });
+        let mut out: Vec<&Rule> = Vec::new();
+        for (_, r) in scored {
+            if !out.iter().any(|o| o.what == r.what) {
+                out.push(r);
+            }
+            if out.len() == limit {
+                break;
+            }
+        }
+        out
+    }
+
+    /// One human-readable line explaining a decision (the `check` output after the target).
+    pub fn explain(&self, target: &str, decision: &Decision) -> String {
+        let rule = decision.rule.map(|id| self.rule(id));
+        match (decision.reason, rule) {
+            (Reason::Allowed, Some(r)) => format!("{} ({})", r.display(), r.source),
+            (Reason::AllowedWidened, Some(r)) => format!(
+                "{} ({}), path widened to the host because TLS hides it",
+                r.display(),
+                r.source
+            ),
+            (Reason::DeniedByRule, Some(r)) => {
+                format!("denied by {} ({})", r.display(), r.source)
+            }
+            (Reason::PortNotAllowed, Some(r)) => format!(
+                "port not allowed: {} allows only port {} ({})",
+                r.what, r.ports, r.source
+            ),
+            (Reason::PathNotAllowed, Some(r)) => format!(
+                "path not allowed: {} allows only that path ({})",
+                r.what, r.source
+            ),
+            (Reason::PathHiddenByTls, Some(r)) => format!(
+                "only a path rule matches ({}) and paths are invisible inside TLS (policy.tls_path_rules = \"deny\")",
+                r.what
+            ),
+            (Reason::InvalidTarget(e), _) => format!("invalid target: {e}"),
+            _ => {
+                let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                let near = self.nearest(&host, 3);
+                if near.is_empty() {
+                    "no rule matches".to_owned()
+                } else {
+                    let names: Vec<String> = near.iter().map(|r| r.what.to_string()).collect();
+                    format!("no rule matches (nearest: {})", names.join(", "))
+                }
+            }
+        }
+    }
+}
+
+/// A distance between a requested name and a rule's base name, or `None` when they are
+/// unrelated. Names sharing their last two labels or a long common ending rank first;
+/// near-typos (edit distance up to two) come next.
+fn similarity(name: &str, base: &str) -> Option<usize> {
+    let common = name
+        .bytes()
+        .rev()
+        .zip(base.bytes().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let registrable = base
+        .rmatch_indices('.')
+        .nth(1)
+        .map_or(base.len(), |(i, _)| base.len() - i - 1);
+    if common >= registrable && common > 0 {
+        return Some(base.len() - common);
+    }
+    let d = edit_distance(name, base);
+    (d <= 2).then_some(100 + d)
+}
+
+/// The candidates closest to `word` (edit distance at most a third of its length, and at
+/// least 2), best first: the "did you mean" of config errors.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let limit = (word.len() / 3).max(2);
+    let mut scored: Vec<(usize, &str)> = candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, c)| c).collect()
+}
+
+/// Levenshtein distance over bytes; used for "did you mean" hints off the hot path.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<u8> = b.bytes().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,552 @@
+//! Settings: a TOML file, then `AML_EGRESS__SECTION__KEY` environment overrides, checked
+//! in full before anything runs.
+//!
+//! Every problem is reported with where the value came from (the file or the environment
+//! variable), the key, the bad value and a fix, and all problems are reported at once, so
+//! that an operator fixes a file in one pass. No runtime types live here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat, Map, Value, ValueKind};
+use serde::Deserialize;
+
+use ipnet::IpNet;
+
+use crate::catalog::{Cloud, PortItem, port_set, regions};
+use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, did_you_mean, parse_pattern};
+
+/// Prefix of environment overrides: `AML_EGRESS__CATALOG__REGION=westeurope`.
+pub const ENV_PREFIX: &str = "AML_EGRESS";
+
+/// Keys whose environment value is a comma-separated list.
+const ENV_LIST_KEYS: &[&str] = &["catalog.features"];
+
+/// The `[catalog]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct CatalogSettings {
+    /// `public`, `usgov` or `china`.
+    pub cloud: Option<String>,
+    /// An embedded revision (`2021-11`, `2026-03`); the newest when unset.
+    pub revision: Option<String>,
+    /// Fills `<region>`.
+    pub region: Option<String>,
+    /// Fills `<storage>`.
+    pub storage_account: Option<String>,
+    /// Fills `<acr>`.
+    pub container_registry: Option<String>,
+    /// Optional parts by name, or `["all"]`.
+    pub features: Vec<String>,
+    /// A catalog file to read instead of the embedded one.
+    pub file: Option<PathBuf>,
+}
+
+/// The `[policy]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct PolicySettings {
+    /// `widen` (default) or `deny`: what path rules do over TLS.
+    pub tls_path_rules: Option<String>,
+}
+
+/// One `[[allow]]` or `[[deny]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RuleEntry {
+    pub host: Option<String>,
+    pub cidr: Option<String>,
+    pub regex: Option<String>,
+    pub ports: Option<Vec<PortItem>>,
+    pub comment: Option<String>,
+}
+
+/// Everything read from the file and the environment, before validation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub catalog: CatalogSettings,
+    pub policy: PolicySettings,
+    pub allow: Vec<RuleEntry>,
+    pub deny: Vec<RuleEntry>,
+    /// The file the settings came from, if any.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+    /// Where each leaf value came from (`catalog.region` → file path or variable name).
+    #[serde(skip)]
+    pub origins: BTreeMap<String, String>,
+}
+
+/// One problem in the settings: where, which key, what value, what is wrong, how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub origin: String,
+    pub key: String,
+    pub value: Option<String>,
+    pub problem: String,
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.origin, self.key)?;
+        if let Some(v) = &self.value {
+            write!(f, " = {v}")?;
+        }
+        write!(f, ": {}", self.problem)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "; {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// All problems found in one load; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for issue in &self.0 {
+            write!(f, "\n  - {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The shape of the settings tree, for unknown-key detection with suggestions.
+enum Shape {
+    Leaf,
+    Table(&'static [(&'static str, Shape)]),
+    TableArray(&'static [(&'static str, Shape)]),
+}
+
+const RULE_KEYS: &[(&str, Shape)] = &[
+    ("host", Shape::Leaf),
+    ("cidr", Shape::Leaf),
+    ("regex", Shape::Leaf),
+    ("ports", Shape::Leaf),
+    ("comment", Shape::Leaf),
+];
+
+const SCHEMA: &[(&str, Shape)] = &[
+    (
+        "catalog",
+        Shape::Table(&[
+            ("cloud", Shape::Leaf),
+            ("revision", Shape::Leaf),
+            ("region", Shape::Leaf),
+            ("storage_account", Shape::Leaf),
+            ("container_registry", Shape::Leaf),
+            ("features", Shape::Leaf),
+            ("file", Shape::Leaf),
+        ]),
+    ),
+    ("policy", Shape::Table(&[("tls_path_rules", Shape::Leaf)])),
+    ("allow", Shape::TableArray(RULE_KEYS)),
+    ("deny", Shape::TableArray(RULE_KEYS)),
+];
+
+fn describe_origin(origin: Option<&str>, key: &str) -> String {
+    match origin {
+        Some("the environment") => format!(
+            "environment variable {ENV_PREFIX}__{}",
+            key.to_ascii_uppercase().replace('.', "__")
+        ),
+        Some(o) => o.to_owned(),
+        None => "built-in defaults".to_owned(),
+    }
+}
+
+impl Settings {
+    /// Read a file (if given) and the process environment, then check every key and value.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`Settings::load`], with the environment given as a map (for tests and tools);
+    /// `None` reads the process environment.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let file_origin = path.map_or_else(
+            || "built-in defaults".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let whole = |problem: String, fix: Option<String>| {
+            ConfigError(vec![ConfigIssue {
+                origin: file_origin.clone(),
+                key: "(file)".to_owned(),
+                value: None,
+                problem,
+                fix,
+            }])
+        };
+        let mut builder = Config::builder();
+        if let Some(p) = path {
+            if !p.is_file() {
+                return Err(whole(
+                    "the configuration file does not exist or is not a file".into(),
+                    Some("check the path given with --config".into()),
+                ));
+            }
+            builder = builder.add_source(File::from(p).format(FileFormat::Toml).required(true));
+        }
+        let mut environment = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .ignore_empty(true);
+        for key in ENV_LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        if let Some(map) = env {
+            environment = environment.source(Some(map.into_iter().collect()));
+        }
+        let cfg = builder.add_source(environment).build().map_err(|e| {
+            whole(
+                e.to_string(),
+                Some("fix the TOML syntax at the place named".into()),
+            )
+        })?;
+        let root: Map<String, Value> = cfg
+            .clone()
+            .try_deserialize()
+            .map_err(|e| whole(e.to_string(), None))?;
+
+        let mut issues = Vec::new();
+        let mut origins = BTreeMap::new();
+        check_keys(&root, SCHEMA, "", &mut origins, &mut issues);
+        if !issues.is_empty() {
+            return Err(ConfigError(issues));
+        }
+        let mut settings: Settings = cfg.try_deserialize().map_err(|e| {
+            whole(
+                e.to_string(),
+                Some("see README (Configuration) for the type of each key".into()),
+            )
+        })?;
+        settings.file = path.map(Path::to_path_buf);
+        settings.origins = origins;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Where a key's value came from, for messages.
+    pub fn origin_of(&self, key: &str) -> String {
+        self.origins.get(key).cloned().unwrap_or_else(|| {
+            self.file.as_ref().map_or_else(
+                || "built-in defaults".to_owned(),
+                |p| p.display().to_string(),
+            )
+        })
+    }
+
+    fn issue(
+        &self,
+        key: &str,
+        value: impl fmt::Display,
+        problem: impl Into<String>,
+        fix: Option<String>,
+    ) -> ConfigIssue {
+        ConfigIssue {
+            origin: self.origin_of(key),
+            key: key.to_owned(),
+            value: Some(value.to_string()),
+            problem: problem.into(),
+            fix,
+        }
+    }
+
+    /// The configured cloud (public when unset); valid after [`Settings::load`].
+    pub fn cloud(&self) -> Cloud {
+        self.catalog
+            .cloud
+            .as_deref()
+            .and_then(Cloud::from_name)
+            .unwrap_or_default()
+    }
+
+    /// Value checks that need no catalog; catalog-dependent checks (features, revision of
+    /// a catalog file) happen when the policy is built.
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let mut issues = Vec::new();
+        let c = &mut self.catalog;
+        if let Some(cloud) = &c.cloud {
+            let lower = cloud.to_ascii_lowercase();
+            if Cloud::from_name(&lower).is_none() {
+                let names = Cloud::ALL.map(Cloud::name);
+                issues.push((
+                    "catalog.cloud",
+                    format!("{cloud:?}"),
+                    "not a cloud this catalog covers".to_owned(),
+                    Some(format!("use one of {}", names.join(", "))),
+                ));
+            }
+            c.cloud = Some(lower);
+        }
+        let cloud = c
+            .cloud
+            .as_deref()
+            .and_then(Cloud::from_name)
+            .unwrap_or_default();
+        if let Some(region) = &c.region {
+            let lower = region.to_ascii_lowercase().replace([' ', '-'], "");
+            let known = regions(cloud);
+            if !known.contains(&lower) {
+                let near = did_you_mean(&lower, known.iter().map(String::as_str));
+                let fix = if near.is_empty() {
+                    format!(
+                        "use the programmatic name of an Azure {} region (for example {})",
+                        cloud,
+                        known.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                    )
+                } else {
+                    format!("did you mean {}?", near.join(" or "))
+                };
+                issues.push((
+                    "catalog.region",
+                    format!("{region:?}"),
+                    format!("not an Azure region of the {cloud} cloud"),
+                    Some(fix),
+                ));
+            }
+            c.region = Some(lower);
+        }
+        if let Some(sa) = &c.storage_account {
+            let ok = (3..=24).contains(&sa.len())
+                && sa
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            if !ok {
+                issues.push((
+                    "catalog.storage_account",
+                    format!("{sa:?}"),
+                    "not a storage account name".to_owned(),
+                    Some("use the account name only (3 to 24 lower-case letters and digits), not a URL".into()),
+                ));
+            }
+        }
+        if let Some(acr) = &c.container_registry {
+            let ok =
+                (5..=50).contains(&acr.len()) && acr.bytes().all(|b| b.is_ascii_alphanumeric());
+            if !ok {
+                issues.push((
+                    "catalog.container_registry",
+                    format!("{acr:?}"),
+                    "not a container registry name".to_owned(),
+                    Some("use the registry name only (5 to 50 letters and digits), without .azurecr.io".into()),
+                ));
+            }
+            c.container_registry = Some(acr.to_ascii_lowercase());
+        }
+        if let Some(mode) = &self.policy.tls_path_rules
+            && mode != "widen"
+            && mode != "deny"
+        {
+            issues.push((
+                "policy.tls_path_rules",
+                format!("{mode:?}"),
+                "not a known setting".to_owned(),
+                Some("use \"widen\" (allow the whole host over TLS) or \"deny\"".into()),
+            ));
+        }
+        let mut out: Vec<ConfigIssue> = issues
+            .into_iter()
+            .map(|(k, v, p, f)| self.issue(k, v, p, f))
+            .collect();
+        for (list, entries) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for (i, e) in entries.iter().enumerate() {
+                if let Err(issue) = operator_rule(list, i, e) {
+                    out.push(ConfigIssue {
+                        origin: self.origin_of(list),
+                        ..issue
+                    });
+                }
+            }
+        }
+        if out.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(out))
+        }
+    }
+}
+
+/// Turn one `[[allow]]`/`[[deny]]` entry into a rule, or say what is wrong with it.
+pub fn operator_rule(list: &str, index: usize, e: &RuleEntry) -> Result<RuleSpec, ConfigIssue> {
+    let key = format!("{list}[{}]", index + 1);
+    let issue =
+        |field: &str, value: Option<String>, problem: String, fix: Option<String>| ConfigIssue {
+            origin: String::new(),
+            key: format!("{key}.{field}"),
+            value,
+            problem,
+            fix,
+        };
+    let given: Vec<&str> = [("host", &e.host), ("cidr", &e.cidr), ("regex", &e.regex)]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| *k)
+        .collect();
+    if given.len() != 1 {
+        return Err(issue(
+            "host",
+            None,
+            format!(
+                "needs exactly one of host, cidr or regex (found {})",
+                given.len()
+            ),
+            Some("split the entry into one [[allow]]/[[deny]] table per pattern".into()),
+        ));
+    }
+    let action = if list == "deny" {
+        Action::Deny
+    } else {
+        Action::Allow
+    };
+    let ports = match &e.ports {
+        Some(items) if !items.is_empty() => port_set(items).map_err(|m| {
+            issue(
+                "ports",
+                Some(format!("{items:?}")),
+                m,
+                Some("write ports as numbers or \"low-high\" ranges from 1 to 65535".into()),
+            )
+        })?,
+        _ if action == Action::Deny => PortSet::any(),
+        _ => {
+            return Err(issue(
+                "ports",
+                None,
+                "an allow entry needs its ports".into(),
+                Some("add for example ports = [443]".into()),
+            ));
+        }
+    };
+    let what = if let Some(h) = &e.host {
+        let (host, path) = parse_pattern(h)
+            .map_err(|err| issue("host", Some(format!("{h:?}")), err.to_string(), None))?;
+        if path.is_some() && action == Action::Deny {
+            return Err(issue(
+                "host",
+                Some(format!("{h:?}")),
+                "deny entries apply to whole hosts".into(),
+                Some("remove the path".into()),
+            ));
+        }
+        Matchable::Host(host, path)
+    } else if let Some(c) = &e.cidr {
+        let net = c
+            .parse::<IpNet>()
+            .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                issue(
+                    "cidr",
+                    Some(format!("{c:?}")),
+                    "not a network".into(),
+                    Some("write an address with a prefix length, for example \"10.0.0.0/8\" or \"2001:db8::/32\"".into()),
+                )
+            })?;
+        Matchable::Cidr(net.trunc())
+    } else {
+        let r = e.regex.as_deref().unwrap_or_default();
+        regex::Regex::new(r)
+            .map_err(|err| issue("regex", Some(format!("{r:?}")), err.to_string(), None))?;
+        Matchable::Regex(r.to_owned())
+    };
+    Ok(RuleSpec {
+        action,
+        what,
+        ports,
+        source: Source::Operator {
+            list: list.to_owned(),
+            index: index + 1,
+            comment: e.comment.clone(),
+        },
+    })
+}
+
+fn check_keys(
+    table: &Map<String, Value>,
+    schema: &'static [(&'static str, Shape)],
+    prefix: &str,
+    origins: &mut BTreeMap<String, String>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let origin = describe_origin(value.origin(), &path);
+        let Some((_, shape)) = schema.iter().find(|(k, _)| k == key) else {
+            let near = did_you_mean(key, schema.iter().map(|(k, _)| *k));
+            let fix = if near.is_empty() {
+                let keys: Vec<&str> = schema.iter().map(|(k, _)| *k).collect();
+                format!("known keys here: {}", keys.join(", "))
+            } else {
+                format!("did you mean {}?", near.join(" or "))
+            };
+            issues.push(ConfigIssue {
+                origin,
+                key: path,
+                value: None,
+                problem: "unknown key".into(),
+                fix: Some(fix),
+            });
+            continue;
+        };
+        match (shape, &value.kind) {
+            (Shape::Leaf, _) => {
+                origins.insert(path, origin);
+            }
+            (Shape::Table(inner), ValueKind::Table(t)) => check_keys(t, inner, &path, origins, issues),
+            (Shape::TableArray(inner), ValueKind::Array(items)) => {
+                origins.insert(path.clone(), origin.clone());
+                for (i, item) in items.iter().enumerate() {
+                    match &item.kind {
+                        ValueKind::Table(t) => {
+                            check_keys(t, inner, &format!("{path}[{}]", i + 1), origins, issues)
+                        }
+                        _ => issues.push(ConfigIssue {
+                            origin: origin.clone(),
+                            key: format!("{path}[{}]", i + 1),
+                            value: Some(item.to_string()),
+                            problem: "expected a table".into(),
+                            fix: Some(format!("write each entry as a [[{path}]] table")),
+                        }),
+                    }
+                }
+            }
+            (Shape::TableArray(_), _) => issues.push(ConfigIssue {
+                origin,
+                key: path.clone(),
+                value: Some(value.to_string()),
+                problem: "expected an array of tables".into(),
+                fix: Some(format!(
+                    "write [[{path}]] tables in the config file (they cannot come from the environment)"
+                )),
+            }),
+            (Shape::Table(_), _) => issues.push(ConfigIssue {
+                origin,
+                key: path.clone(),
+                value: Some(value.to_string()),
+                problem: "expected a table".into(),
+                fix: Some(format!("write a [{path}] section")),
+            }),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! From checked [`Settings`] to a compiled [`Policy`]: the catalog rendered for the chosen
+//! cloud and features, plus the operator's own rules.
+//!
+//! This is the one place that joins config, catalog and policy, used at start-up, by the
+//! CLI commands and (later) by reload, so that all of them enforce the same rule set.
+
+use std::collections::BTreeSet;
+
+use crate::catalog::{Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection};
+use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
+use crate::policy::{Policy, PolicyOptions, TlsPathRules, did_you_mean};
+
+/// A compiled policy and what an operator should know about it.
+#[derive(Debug)]
+pub struct Built {
+    pub policy: Policy,
+    pub cloud: Cloud,
+    pub revision: String,
+    pub features: BTreeSet<String>,
+    pub all_features: Vec<(String, String)>,
+    pub reference: Vec<ReferenceEntry>,
+    /// Entries left out and load-time notes, in that order.
+    pub warnings: Vec<String>,
+}
+
+fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
+    if let Some(path) = &s.catalog.file {
+        let issue = |problem: String, fix: Option<String>| ConfigIssue {
+            origin: s.origin_of("catalog.file"),
+            key: "catalog.file".into(),
+            value: Some(format!("{:?}", path.display().to_string())),
+            problem,
+            fix,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            issue(
+                format!("cannot read the catalog file: {e}"),
+                Some("check the path".into()),
+            )
+        })?;
+        let catalog = Catalog::from_toml(&text, &path.display().to_string()).map_err(|e| {
+            issue(
+                e.to_string(),
+                Some("see config/catalog/ for the format".into()),
+            )
+        })?;
+        if let Some(rev) = &s.catalog.revision
+            && *rev != catalog.revision
+        {
+            return Err(ConfigIssue {
+                origin: s.origin_of("catalog.revision"),
+                key: "catalog.revision".into(),
+                value: Some(format!("{rev:?}")),
+                problem: format!("the catalog file holds revision {}", catalog.revision),
+                fix: Some("remove catalog.revision, or make it match the file".into()),
+            });
+        }
+        return Ok(catalog);
+    }
+    let rev = s.catalog.revision.as_deref().unwrap_or(DEFAULT_REVISION);
+    Catalog::embedded(rev).ok_or_else(|| {
+        let names: Vec<&str> = REVISIONS.iter().map(|(r, _)| *r).collect();
+        ConfigIssue {
+            origin: s.origin_of("catalog.revision"),
+            key: "catalog.revision".into(),
+            value: Some(format!("{rev:?}")),
+            problem: "no such catalog revision is built in".into(),
+            fix: Some(format!(
+                "use one of {}, or load a file with catalog.file",
+                names.join(", ")
+            )),
+        }
+    })
+}
+
+/// Render the catalog and compile it with the operator rules.
+pub fn build(s: &Settings) -> Result<Built, ConfigError> {
+    let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
+    let features = catalog
+        .resolve_features(&s.catalog.features)
+        .map_err(|unknown| {
+            let names = catalog.feature_names();
+            let issues = unknown
+                .iter()
+                .map(|u| {
+                    let near = did_you_mean(u, names.iter().copied());
+                    let hint = if near.is_empty() {
+                        String::new()
+                    } else {
+                        format!("did you mean {}? ", near.join(" or "))
+                    };
+                    ConfigIssue {
+                        origin: s.origin_of("catalog.features"),
+                        key: "catalog.features".into(),
+                        value: Some(format!("{u:?}")),
+                        problem: "not an optional part of this catalog".into(),
+                        fix: Some(format!("{hint}valid names: all, {}", names.join(", "))),
+                    }
+                })
+                .collect();
+            ConfigError(issues)
+        })?;
+    let selection = Selection {
+        cloud: s.cloud(),
+        region: s.catalog.region.clone(),
+        storage_account: s.catalog.storage_account.clone(),
+        container_registry: s.catalog.container_registry.clone(),
+    };
+    let rendered = catalog.render(&selection, &features);
+    let mut specs = rendered.rules;
+    for (list, entries) in [("allow", &s.allow), ("deny", &s.deny)] {
+        for (i, e) in entries.iter().enumerate() {
+            // Checked by Settings::load; an error here means settings built by hand.
+            specs.push(operator_rule(list, i, e).map_err(|i| ConfigError(vec![i]))?);
+        }
+    }
+    let options = PolicyOptions {
+        tls_path_rules: match s.policy.tls_path_rules.as_deref() {
+            Some("deny") => TlsPathRules::Deny,
+            _ => TlsPathRules::Widen,
+        },
+    };
+    let policy = Policy::compile(specs, options).map_err(|e| {
+        ConfigError(vec![ConfigIssue {
+            origin: s.origin_of("allow"),
+            key: "regex".into(),
+            value: None,
+            problem: e.to_string(),
+            fix: Some("use fewer or simpler regex rules, or host patterns".into()),
+        }])
+    })?;
+    let mut warnings = rendered.warnings;
+    warnings.extend(policy.notes().iter().cloned());
+    Ok(Built {
+        policy,
+        cloud: selection.cloud,
+        revision: catalog.revision.clone(),
+        features,
+        all_features: catalog
+            .features
+            .iter()
+            .map(|f| (f.name.clone(), f.summary.clone()))
+            .collect(),
+        reference: rendered.reference,
+        warnings,
+    })
+}
