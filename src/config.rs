@@ -220,10 +220,10 @@ impl Settings {
                 Some("fix the TOML syntax at the place named".into()),
             )
         })?;
-        let root: Map<String, Value> = cfg
-            .clone()
-            .try_deserialize()
-            .map_err(|e| whole(e.to_string(), None))?;
+        // `collect` keeps each value's origin (file path or environment), which
+        // deserialising would drop.
+        let root: Map<String, Value> =
+            config::Source::collect(&cfg).map_err(|e| whole(e.to_string(), None))?;
 
         let mut issues = Vec::new();
         let mut origins = BTreeMap::new();

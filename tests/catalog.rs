@@ -1,0 +1,208 @@
+//! The embedded catalog covers the article: every host, service tag and port of every table,
+//! in each of the three clouds, and both revisions load.
+
+use aml_egress::catalog::{Catalog, Cloud, EntryKind, REVISIONS, port_set, regions};
+
+fn has(c: &Catalog, cloud: Cloud, pattern: &str, port: u16) -> bool {
+    c.entries.iter().any(|e| {
+        e.clouds.contains(&cloud)
+            && e.patterns.iter().any(|p| p == pattern)
+            && port_set(&e.ports).unwrap().contains(port)
+    })
+}
+
+fn missing(c: &Catalog, cloud: Cloud, want: &[(&str, u16)]) -> Vec<String> {
+    want.iter()
+        .filter(|(p, port)| !has(c, cloud, p, *port))
+        .map(|(p, port)| format!("{cloud} {p}:{port}"))
+        .collect()
+}
+
+#[test]
+fn every_embedded_revision_loads() {
+    for (rev, _) in REVISIONS {
+        let c = Catalog::embedded(rev).unwrap();
+        assert_eq!(c.revision, *rev);
+        assert!(c.entries.len() > 50);
+        for cloud in Cloud::ALL {
+            assert!(
+                c.entries.iter().any(|e| e.clouds.contains(&cloud)),
+                "{rev} {cloud}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_2021_11_catalog_holds_every_host_and_port_of_the_article() {
+    let c = Catalog::embedded("2021-11").unwrap();
+    let shared: &[(&str, u16)] = &[
+        ("graph.windows.net", 443),
+        ("anaconda.com", 443),
+        ("*.anaconda.com", 443),
+        ("*.anaconda.org", 443),
+        ("pypi.org", 443),
+        ("*.pythonhosted.org", 443),
+        ("cloud.r-project.org", 443),
+        ("*pytorch.org", 443),
+        ("*.tensorflow.org", 443),
+        ("update.code.visualstudio.com", 443),
+        ("*.vo.msecnd.net", 443),
+        (
+            "raw.githubusercontent.com/microsoft/vscode-tools-for-ai/master/azureml_remote_websocket_server/*",
+            443,
+        ),
+        ("dc.applicationinsights.azure.com", 443),
+        ("dc.applicationinsights.microsoft.com", 443),
+        ("dc.services.visualstudio.com", 443),
+        ("mcr.microsoft.com", 443),
+        ("viennaglobal.azurecr.io", 443),
+        ("*.aznbcontent.net", 443),
+        ("*.instances.azureml.ms", 443),
+        ("*.instances.azureml.ms", 8787),
+        ("*.instances.azureml.ms", 18881),
+        ("*.data.mcr.microsoft.com", 443),
+        ("quay.io", 443),
+        ("*.quay.io", 443),
+        ("gcr.io", 443),
+        ("storage.googleapis.com", 443),
+        ("registry-1.docker.io", 443),
+        ("production.cloudflare.docker.com", 443),
+        ("auth.docker.io", 443),
+        ("*.kusto.windows.net", 443),
+        ("archive.ubuntu.com", 80),
+        ("security.ubuntu.com", 80),
+        ("ppa.launchpad.net", 80),
+        ("*.azurecr.io", 443),
+        ("*.workspace.<region>.api.azureml.ms", 443),
+        ("<region>.experiments.azureml.net", 443),
+        ("<region>.api.azureml.ms", 443),
+    ];
+    let public: &[(&str, u16)] = &[
+        ("login.microsoftonline.com", 80),
+        ("login.microsoftonline.com", 443),
+        ("management.azure.com", 443),
+        ("ml.azure.com", 443),
+        ("*.azureml.ms", 443),
+        ("*.notebooks.azure.net", 443),
+        ("<storage>.file.core.windows.net", 445),
+        ("<storage>.dfs.core.windows.net", 443),
+        ("<storage>.blob.core.windows.net", 443),
+        ("graph.microsoft.com", 443),
+        ("*.instances.azureml.net", 443),
+        ("*.blob.core.windows.net", 443),
+        ("*.table.core.windows.net", 443),
+        ("*.queue.core.windows.net", 443),
+        ("*.vault.azure.net", 443),
+    ];
+    let usgov: &[(&str, u16)] = &[
+        ("login.microsoftonline.us", 443),
+        ("management.azure.us", 443),
+        ("management.usgovcloudapi.net", 443),
+        ("ml.azure.us", 443),
+        ("*.ml.azure.us", 443),
+        ("*.notebooks.usgovcloudapi.net", 443),
+        ("<storage>.file.core.usgovcloudapi.net", 445),
+        ("<storage>.dfs.core.usgovcloudapi.net", 443),
+        ("<storage>.blob.core.usgovcloudapi.net", 443),
+        ("graph.microsoft.us", 443),
+        ("*.instances.azureml.us", 443),
+        ("*.blob.core.usgovcloudapi.net", 443),
+        ("*.table.core.usgovcloudapi.net", 443),
+        ("*.queue.core.usgovcloudapi.net", 443),
+        ("*.vault.usgovcloudapi.net", 443),
+    ];
+    let china: &[(&str, u16)] = &[
+        ("login.chinacloudapi.cn", 80),
+        ("management.azure.cn", 443),
+        ("management.chinacloudapi.cn", 443),
+        ("studio.ml.azure.cn", 443),
+        ("*.ml.azure.cn", 443),
+        ("*.notebooks.chinacloudapi.cn", 443),
+        ("<storage>.file.core.chinacloudapi.cn", 445),
+        ("<storage>.dfs.core.chinacloudapi.cn", 443),
+        ("<storage>.blob.core.chinacloudapi.cn", 443),
+        ("graph.chinacloudapi.cn", 443),
+        ("*.instances.azureml.cn", 443),
+        ("*blob.core.chinacloudapi.cn", 443),
+        ("*.table.core.chinacloudapi.cn", 443),
+        ("*.queue.core.chinacloudapi.cn", 443),
+        ("*.vault.azure.cn", 443),
+    ];
+    let mut gaps = Vec::new();
+    for (cloud, own) in [
+        (Cloud::Public, public),
+        (Cloud::Usgov, usgov),
+        (Cloud::China, china),
+    ] {
+        gaps.extend(missing(&c, cloud, shared));
+        gaps.extend(missing(&c, cloud, own));
+    }
+    assert!(
+        gaps.is_empty(),
+        "missing from the 2021-11 catalog: {gaps:#?}"
+    );
+}
+
+#[test]
+fn service_tags_keep_their_ports_and_front_door_is_not_in_china() {
+    let c = Catalog::embedded("2021-11").unwrap();
+    let tags: &[(&str, u16)] = &[
+        ("AzureActiveDirectory", 80),
+        ("AzureActiveDirectory", 443),
+        ("AzureMachineLearning", 443),
+        ("AzureResourceManager", 443),
+        ("Storage.<region>", 443),
+        ("ContainerRegistry.<region>", 443),
+        ("MicrosoftContainerRegistry.<region>", 443),
+        ("Keyvault.<region>", 443),
+        ("BatchNodeManagement", 29876),
+        ("BatchNodeManagement", 29877),
+        ("AzureMachineLearning", 44224),
+    ];
+    for cloud in Cloud::ALL {
+        let gaps = missing(&c, cloud, tags);
+        assert!(gaps.is_empty(), "{gaps:?}");
+    }
+    assert!(has(&c, Cloud::Public, "AzureFrontDoor.FrontEnd", 443));
+    assert!(!has(&c, Cloud::China, "AzureFrontDoor.FrontEnd", 443));
+    assert!(
+        c.entries
+            .iter()
+            .filter(|e| e.patterns.iter().any(|p| p.starts_with("Storage.")))
+            .all(|e| e.kind == EntryKind::ServiceTag)
+    );
+}
+
+#[test]
+fn the_2026_03_catalog_carries_the_newest_changes() {
+    let c = Catalog::embedded("2026-03").unwrap();
+    let want: &[(&str, u16)] = &[
+        ("pytorch.org", 443),
+        ("*.pytorch.org", 443),
+        ("*.azureml.net", 443),
+        ("*.modelmanagement.azureml.net", 443),
+        ("*.<region>.batch.azure.com", 443),
+        ("*.<region>.service.batch.azure.com", 443),
+        ("*.data.mcr.microsoft.com", 443),
+        ("ghcr.io", 443),
+        ("pkg-containers.githubusercontent.com", 443),
+        ("*.vscode.dev", 443),
+        ("marketplace.visualstudio.com", 443),
+        ("<acr>.azurecr.io", 443),
+    ];
+    let gaps = missing(&c, Cloud::Public, want);
+    assert!(gaps.is_empty(), "{gaps:?}");
+    assert!(!has(&c, Cloud::Public, "*pytorch.org", 443));
+    assert!(!has(&c, Cloud::Public, "viennaglobal.azurecr.io", 443));
+    assert!(has(&c, Cloud::China, "*.blob.core.chinacloudapi.cn", 443));
+    assert!(!has(&c, Cloud::China, "*blob.core.chinacloudapi.cn", 443));
+}
+
+#[test]
+fn region_lists_cover_each_cloud() {
+    assert!(regions(Cloud::Public).iter().any(|r| r == "westus"));
+    assert!(regions(Cloud::Public).iter().any(|r| r == "westeurope"));
+    assert!(regions(Cloud::Usgov).iter().any(|r| r == "usgovvirginia"));
+    assert!(regions(Cloud::China).iter().any(|r| r == "chinaeast2"));
+}

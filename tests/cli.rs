@@ -1,0 +1,265 @@
+//! The offline commands as an operator runs them: real binary, real files, exit codes.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use support::TempFile;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aml-egress"));
+    // The developer's own overrides must not leak into the tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AML_EGRESS__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn check_prints_one_line_per_target_and_exits_1_on_any_denial() {
+    let out = run(&["check", "pytorch.org:443", "notpytorch.org:443"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("allow pytorch.org:443 pytorch.org"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "deny notpytorch.org:443 no rule matches (nearest: pytorch.org, *.pytorch.org"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_exits_0_when_all_allowed_and_reads_stdin() {
+    let mut child = bin()
+        .args(["check"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"# comment\nml.azure.com:443\n\nLOGIN.microsoftonline.com.:443\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+}
+
+#[test]
+fn check_json_is_one_object_per_line_with_rule_and_source() {
+    let out = run(&["check", "--json", "pypi.org:443", "pypi.org:22"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    let v: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(v[0]["decision"], "allow");
+    assert_eq!(v[0]["rule"], "pypi.org");
+    assert_eq!(v[0]["source"]["origin"], "catalog");
+    assert_eq!(v[1]["decision"], "deny");
+    assert_eq!(v[1]["reason"], "port_not_allowed");
+}
+
+#[test]
+fn check_with_a_bad_config_exits_2_and_names_file_key_and_fix() {
+    let cfg = TempFile::new("bad.toml", "[catalog]\nregoin = \"westus\"\n");
+    let out = run(&["check", "--config", cfg.0.to_str().unwrap(), "pypi.org:443"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(cfg.0.to_str().unwrap()), "{err}");
+    assert!(err.contains("catalog.regoin"), "{err}");
+    assert!(err.contains("did you mean region?"), "{err}");
+}
+
+#[test]
+fn validate_summarises_a_good_file_and_refuses_a_bad_one() {
+    let good = TempFile::new(
+        "good.toml",
+        r#"
+[catalog]
+cloud = "public"
+region = "westeurope"
+storage_account = "amlstore"
+features = ["hbi_workspace", "vscode"]
+[[allow]]
+host = "*.contoso.com"
+ports = [443]
+[[deny]]
+host = "bad.anaconda.com"
+"#,
+    );
+    let out = run(&["validate", "--config", good.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(stdout.contains("1 deny"), "{stdout}");
+    assert!(stdout.contains("warnings:"), "{stdout}");
+
+    let bad = TempFile::new(
+        "bad.toml",
+        "[catalog]\ncloud = \"usgov\"\nregion = \"westus\"\nfeatures = [\"vscod\"]\n[[allow]]\nhost = \"a.*.com\"\nports = [443]\n",
+    );
+    let out = run(&["validate", "--config", bad.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("catalog.region = \"westus\""), "{err}");
+    assert!(err.contains("usgov"), "{err}");
+    assert!(err.contains("allow[1].host"), "{err}");
+}
+
+#[test]
+fn a_misspelt_feature_gets_the_list_of_valid_names() {
+    let bad = TempFile::new("f.toml", "[catalog]\nfeatures = [\"vscod\"]\n");
+    let out = run(&["validate", "--config", bad.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("catalog.features = \"vscod\""), "{err}");
+    assert!(err.contains("did you mean vscode?"), "{err}");
+    assert!(err.contains("valid names: all,"), "{err}");
+    assert!(err.contains("hbi_workspace"), "{err}");
+}
+
+#[test]
+fn environment_overrides_scalars_and_lists_and_is_named_in_errors() {
+    let out = bin()
+        .args([
+            "check",
+            "amlstore.blob.core.windows.net:443",
+            "x.vault.azure.net:443",
+        ])
+        .env("AML_EGRESS__CATALOG__STORAGE_ACCOUNT", "amlstore")
+        .env("AML_EGRESS__CATALOG__FEATURES", "hbi_workspace,vscode")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    let out = bin()
+        .args(["check", "pypi.org:443"])
+        .env("AML_EGRESS__CATALOG__REGION", "westuss")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("environment variable AML_EGRESS__CATALOG__REGION"),
+        "{err}"
+    );
+    assert!(err.contains("did you mean westus"), "{err}");
+}
+
+#[test]
+fn catalog_prints_every_rule_with_its_source_and_lists_features() {
+    let cfg = TempFile::new(
+        "c.toml",
+        "[catalog]\ncloud = \"china\"\nstorage_account = \"amlstore\"\nregion = \"chinaeast2\"\n",
+    );
+    let out = run(&["catalog", "--config", cfg.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("amlstore.blob.core.chinacloudapi.cn"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("catalog 2026-03 china"), "{stdout}");
+    assert!(
+        !stdout.contains("windows.net "),
+        "public hosts in the china catalog:\n{stdout}"
+    );
+
+    let out = run(&[
+        "catalog",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cloud"], "china");
+    assert!(v["rules"].as_array().unwrap().len() > 10);
+    assert!(!v["not_enforced"].as_array().unwrap().is_empty());
+
+    let out = run(&["catalog", "--features"]);
+    let stdout = text(&out.stdout);
+    for f in [
+        "hbi_workspace",
+        "vscode",
+        "r_packages",
+        "aks",
+        "arc_training",
+        "arc_inference",
+    ] {
+        assert!(stdout.contains(f), "{f} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn catalog_file_replaces_the_embedded_catalog() {
+    let file = TempFile::new(
+        "cat.toml",
+        r#"
+format = 1
+revision = "2030-01"
+article = "test"
+article_date = "2030-01-01"
+[[rule]]
+section = "Test"
+purpose = "Only host"
+clouds = ["public"]
+kind = "host"
+patterns = ["only.example.com"]
+protocol = "tcp"
+ports = [443]
+"#,
+    );
+    let cfg = TempFile::new(
+        "c.toml",
+        &format!("[catalog]\nfile = {:?}\n", file.0.to_str().unwrap()),
+    );
+    let out = run(&[
+        "check",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "only.example.com:443",
+        "pypi.org:443",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("allow only.example.com:443"), "{stdout}");
+
+    let broken = TempFile::new("broken.toml", "format = 1\nrevision = 3\n");
+    let cfg = TempFile::new(
+        "c2.toml",
+        &format!("[catalog]\nfile = {:?}\n", broken.0.to_str().unwrap()),
+    );
+    let out = run(&["validate", "--config", cfg.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("catalog.file"), "{err}");
+    assert!(err.contains(broken.0.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(run(&["check", "--bogus"]).status.code(), Some(2));
+    assert_eq!(run(&["validate"]).status.code(), Some(2));
+}
