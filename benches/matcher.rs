@@ -1,1 +1,204 @@
-fn main() {}
+//! Decision time of the compiled matcher against two baselines (one `RegexSet` and a linear
+//! scan of patterns), on the rendered catalog and on synthetic rule sets of 1,000, 10,000
+//! and 100,000 rules; plus the time to compile each rule set.
+//!
+//! Run: `cargo bench --bench matcher`. README quotes the figures.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
+use regex::{RegexSet, RegexSetBuilder};
+
+use aml_egress::config::Settings;
+use aml_egress::loader;
+use aml_egress::policy::{
+    Action, HostPattern, Matchable, PathView, Policy, PolicyOptions, PortSet, Rule, RuleSpec,
+    Source, Target,
+};
+
+/// The rendered 2026-03 public catalog with every optional part on.
+fn catalog_rules() -> Vec<Rule> {
+    let mut s = Settings::default();
+    s.catalog.region = Some("westeurope".into());
+    s.catalog.storage_account = Some("amlstore".into());
+    s.catalog.container_registry = Some("amlregistry".into());
+    s.catalog.features = vec!["all".into()];
+    loader::build(&s)
+        .expect("catalog builds")
+        .policy
+        .rules()
+        .to_vec()
+}
+
+/// `n` rules: half exact names, half `*.suffix` wildcards, spread over many domains.
+fn synthetic(n: usize) -> Vec<Rule> {
+    (0..n)
+        .map(|i| {
+            let what = if i % 2 == 0 {
+                HostPattern::Exact(format!("host{i}.svc{}.example{}.com", i % 97, i % 1000))
+            } else {
+                HostPattern::Subdomains(format!("svc{i}.example{}.net", i % 1000))
+            };
+            RuleSpec {
+                action: Action::Allow,
+                what: Matchable::Host(what, None),
+                ports: PortSet::from_ranges([(443, 443)]),
+                source: Source::Operator {
+                    list: "allow".into(),
+                    index: i + 1,
+                    comment: None,
+                },
+            }
+        })
+        .collect()
+}
+
+fn regex_for(p: &HostPattern) -> String {
+    match p {
+        HostPattern::Exact(n) => format!("^{}$", regex::escape(n)),
+        HostPattern::Subdomains(s) => format!(r"^(?:[^.]+\.)+{}$", regex::escape(s)),
+        HostPattern::ApexAndSubdomains(s) => format!(r"^(?:[^.]+\.)*{}$", regex::escape(s)),
+    }
+}
+
+fn host_patterns(rules: &[Rule]) -> Vec<(&HostPattern, &PortSet)> {
+    rules
+        .iter()
+        .filter_map(|r| match &r.what {
+            Matchable::Host(h, _) => Some((h, &r.ports)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Baseline 1: one RegexSet; `matches` names the rules, then the port is checked.
+struct RegexBaseline<'a> {
+    set: RegexSet,
+    rules: Vec<(&'a HostPattern, &'a PortSet)>,
+}
+
+impl RegexBaseline<'_> {
+    fn decide(&self, name: &str, port: u16) -> Option<usize> {
+        self.set
+            .matches(name)
+            .iter()
+            .find(|&i| self.rules[i].1.contains(port))
+    }
+}
+
+/// Baseline 2: a linear scan of the patterns.
+fn linear(rules: &[(&HostPattern, &PortSet)], name: &str, port: u16) -> Option<usize> {
+    rules.iter().position(|(p, ports)| {
+        let hit = match p {
+            HostPattern::Exact(n) => name == n,
+            HostPattern::Subdomains(s) => {
+                name.len() > s.len() + 1
+                    && name.ends_with(s.as_str())
+                    && name.as_bytes()[name.len() - s.len() - 1] == b'.'
+            }
+            HostPattern::ApexAndSubdomains(s) => {
+                name == s
+                    || (name.len() > s.len() + 1
+                        && name.ends_with(s.as_str())
+                        && name.as_bytes()[name.len() - s.len() - 1] == b'.')
+            }
+        };
+        hit && ports.contains(port)
+    })
+}
+
+fn bench_set(c: &mut Criterion, label: &str, rules: Vec<Rule>, allowed: &str, denied: &str) {
+    let start = Instant::now();
+    let policy = Policy::compile(rules.clone(), PolicyOptions::default()).unwrap();
+    eprintln!(
+        "{label}: {} rules compiled in {:?}",
+        rules.len(),
+        start.elapsed()
+    );
+    let patterns = host_patterns(&rules);
+    let regex_start = Instant::now();
+    // Generous limits, so that the baseline exists wherever the engine can build it at all.
+    let regex = RegexSetBuilder::new(patterns.iter().map(|(p, _)| regex_for(p)))
+        .size_limit(2 << 30)
+        .dfa_size_limit(1 << 30)
+        .build();
+    let regex = match regex {
+        Ok(set) => {
+            eprintln!("{label}: RegexSet built in {:?}", regex_start.elapsed());
+            Some(RegexBaseline {
+                set,
+                rules: patterns.clone(),
+            })
+        }
+        Err(e) => {
+            eprintln!("{label}: RegexSet cannot be built: {e}");
+            None
+        }
+    };
+    let mut g = c.benchmark_group(format!("decide/{label}"));
+    for (case, target) in [("allowed", allowed), ("denied", denied)] {
+        let t = Target::parse(target).unwrap();
+        let name = target.rsplit_once(':').unwrap().0;
+        assert_eq!(
+            policy.decide(&t, PathView::Hidden).is_allowed(),
+            case == "allowed",
+            "{target}"
+        );
+        g.bench_function(BenchmarkId::new("matcher", case), |b| {
+            b.iter(|| policy.decide(black_box(&t), PathView::Hidden))
+        });
+        g.bench_function(BenchmarkId::new("parse+matcher", case), |b| {
+            b.iter(|| policy.decide_str(black_box(target), PathView::Hidden))
+        });
+        if let Some(r) = &regex {
+            assert_eq!(r.decide(name, 443).is_some(), case == "allowed");
+            g.bench_function(BenchmarkId::new("regexset", case), |b| {
+                b.iter(|| r.decide(black_box(name), 443))
+            });
+        }
+        g.bench_function(BenchmarkId::new("linear", case), |b| {
+            b.iter(|| linear(&patterns, black_box(name), 443))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("compile");
+    g.sample_size(10);
+    g.bench_function(label, |b| {
+        b.iter_batched(
+            || rules.clone(),
+            |r| Policy::compile(r, PolicyOptions::default()).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    bench_set(
+        c,
+        "catalog",
+        catalog_rules(),
+        "amlstore.blob.core.windows.net:443",
+        "notpytorch.org:443",
+    );
+    for n in [1_000usize, 10_000, 100_000] {
+        let k = n / 2 - 1;
+        bench_set(
+            c,
+            &format!("synthetic-{n}"),
+            synthetic(n),
+            &format!("a.b.svc{}.example{}.net:443", 2 * k + 1, (2 * k + 1) % 1000),
+            "a.b.svc1.example2.net:443",
+        );
+    }
+}
+
+criterion_group! {
+    name = matcher;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = benches
+}
+criterion_main!(matcher);

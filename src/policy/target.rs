@@ -70,16 +70,16 @@ impl Name {
         }
         let mut buf = [0u8; MAX_NAME_LEN];
         let mut label_len = 0usize;
-        for (i, &b) in bytes.iter().enumerate() {
-            let c = match b {
+        for (dst, &b) in buf.iter_mut().zip(bytes) {
+            *dst = match b {
                 b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => b,
-                b'A'..=b'Z' => b.to_ascii_lowercase(),
+                b'A'..=b'Z' => b | 0x20,
                 b'.' => {
                     if label_len == 0 {
                         return Err(InvalidTarget::EmptyLabel);
                     }
                     label_len = 0;
-                    buf[i] = b'.';
+                    *dst = b'.';
                     continue;
                 }
                 b'@' => return Err(InvalidTarget::UserInfo),
@@ -91,32 +91,26 @@ impl Name {
             if label_len > MAX_LABEL_LEN {
                 return Err(InvalidTarget::LabelTooLong);
             }
-            buf[i] = c;
         }
         if label_len == 0 {
             return Err(InvalidTarget::EmptyLabel);
         }
-        let name = Name {
-            buf,
-            len: bytes.len() as u8,
-        };
         // A last label starting with a digit is never a real top-level domain; such
         // names are numeric address forms that resolvers may turn into any address.
-        if name.last_label().as_bytes()[0].is_ascii_digit() {
+        let last_label_start = bytes.iter().rposition(|&b| b == b'.').map_or(0, |i| i + 1);
+        if bytes[last_label_start].is_ascii_digit() {
             return Err(InvalidTarget::AmbiguousNumeric);
         }
-        Ok(name)
+        Ok(Name {
+            buf,
+            len: bytes.len() as u8,
+        })
     }
 
     /// The normalised name.
     pub fn as_str(&self) -> &str {
         // Only ASCII bytes are ever written into `buf`.
         std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
-    }
-
-    fn last_label(&self) -> &str {
-        let s = self.as_str();
-        s.rsplit('.').next().unwrap_or(s)
     }
 }
 
@@ -176,15 +170,12 @@ impl Target {
         if input.is_empty() {
             return Err(InvalidTarget::Empty);
         }
-        let bytes = input.as_bytes();
-        if bytes.contains(&b'@') {
-            return Err(InvalidTarget::UserInfo);
-        }
-        if bytes.contains(&b'%') {
-            return Err(InvalidTarget::Percent);
-        }
-        if bytes.contains(&b'*') {
-            return Err(InvalidTarget::Wildcard);
+        if let Some(&b) = input.as_bytes().iter().find(|b| matches!(b, b'@' | b'%' | b'*')) {
+            return Err(match b {
+                b'@' => InvalidTarget::UserInfo,
+                b'%' => InvalidTarget::Percent,
+                _ => InvalidTarget::Wildcard,
+            });
         }
         if let Some(rest) = input.strip_prefix('[') {
             let (addr, after) = rest.split_once(']').ok_or(InvalidTarget::BadIpv6)?;
