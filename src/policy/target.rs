@@ -170,7 +170,11 @@ impl Target {
         if input.is_empty() {
             return Err(InvalidTarget::Empty);
         }
-        if let Some(&b) = input.as_bytes().iter().find(|b| matches!(b, b'@' | b'%' | b'*')) {
+        if let Some(&b) = input
+            .as_bytes()
+            .iter()
+            .find(|b| matches!(b, b'@' | b'%' | b'*'))
+        {
             return Err(match b {
                 b'@' => InvalidTarget::UserInfo,
                 b'%' => InvalidTarget::Percent,
