@@ -21,7 +21,13 @@ use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, did_you_mean, 
 pub const ENV_PREFIX: &str = "AML_EGRESS";
 
 /// Keys whose environment value is a comma-separated list.
-const ENV_LIST_KEYS: &[&str] = &["catalog.features"];
+const ENV_LIST_KEYS: &[&str] = &[
+    "catalog.features",
+    "proxy.listen",
+    "proxy.allow_clients",
+    "proxy.tls_ports",
+    "upstream.allow_cidrs",
+];
 
 /// The `[catalog]` section.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,6 +57,87 @@ pub struct PolicySettings {
     pub tls_path_rules: Option<String>,
 }
 
+/// The `[proxy]` section: listeners, mode, who may connect, and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProxySettings {
+    /// Addresses to listen on (`host:port`, IPv6 in brackets).
+    pub listen: Vec<String>,
+    /// `enforce` or `audit`.
+    pub mode: String,
+    /// Client networks allowed to use the proxy.
+    pub allow_clients: Vec<String>,
+    /// Concurrent client connections; more are answered 503 at once.
+    pub max_connections: usize,
+    /// Largest request head accepted (bytes); larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Seconds a client has to send a whole request head; slower ones get 408.
+    pub header_timeout_secs: f64,
+    /// Seconds of silence after which a tunnel or keep-alive connection is closed.
+    pub idle_timeout_secs: f64,
+    /// Seconds open tunnels and requests get to finish after SIGTERM/SIGINT.
+    pub grace_period_secs: f64,
+    /// Ports whose tunnels must carry a TLS ClientHello naming an allowed host.
+    pub tls_ports: Vec<u16>,
+    /// What a tunnel on a TLS port without a readable server name gets: `allow` or `deny`.
+    pub sni_missing: String,
+    /// Seconds to wait for the first TLS record of a tunnel.
+    pub sni_timeout_secs: f64,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            listen: vec!["127.0.0.1:3128".into()],
+            mode: "enforce".into(),
+            allow_clients: [
+                "127.0.0.0/8",
+                "::1/128",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "fc00::/7",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
+            header_timeout_secs: 10.0,
+            idle_timeout_secs: 300.0,
+            grace_period_secs: 30.0,
+            tls_ports: vec![443],
+            sni_missing: "allow".into(),
+            sni_timeout_secs: 10.0,
+        }
+    }
+}
+
+/// The `[upstream]` section: how destinations are dialled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UpstreamSettings {
+    /// `"host:port" = "addr:port"` pins, like curl's `--connect-to`.
+    pub connect_to: BTreeMap<String, String>,
+    /// Networks the address guard lets through (loopback, link-local, ...).
+    pub allow_cidrs: Vec<String>,
+    /// Seconds per connection attempt.
+    pub dial_timeout_secs: f64,
+    /// `allow_matched` (private ranges only for names that matched the allowlist) or `deny`.
+    pub private_ranges: String,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_to: BTreeMap::new(),
+            allow_cidrs: Vec::new(),
+            dial_timeout_secs: 10.0,
+            private_ranges: "allow_matched".into(),
+        }
+    }
+}
+
 /// One `[[allow]]` or `[[deny]]` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -68,6 +155,8 @@ pub struct RuleEntry {
 pub struct Settings {
     pub catalog: CatalogSettings,
     pub policy: PolicySettings,
+    pub proxy: ProxySettings,
+    pub upstream: UpstreamSettings,
     pub allow: Vec<RuleEntry>,
     pub deny: Vec<RuleEntry>,
     /// The file the settings came from, if any.
@@ -126,6 +215,8 @@ impl std::error::Error for ConfigError {}
 /// The shape of the settings tree, for unknown-key detection with suggestions.
 enum Shape {
     Leaf,
+    /// A table whose keys are free (for example `connect_to`).
+    Map,
     Table(&'static [(&'static str, Shape)]),
     TableArray(&'static [(&'static str, Shape)]),
 }
@@ -152,6 +243,31 @@ const SCHEMA: &[(&str, Shape)] = &[
         ]),
     ),
     ("policy", Shape::Table(&[("tls_path_rules", Shape::Leaf)])),
+    (
+        "proxy",
+        Shape::Table(&[
+            ("listen", Shape::Leaf),
+            ("mode", Shape::Leaf),
+            ("allow_clients", Shape::Leaf),
+            ("max_connections", Shape::Leaf),
+            ("max_header_bytes", Shape::Leaf),
+            ("header_timeout_secs", Shape::Leaf),
+            ("idle_timeout_secs", Shape::Leaf),
+            ("grace_period_secs", Shape::Leaf),
+            ("tls_ports", Shape::Leaf),
+            ("sni_missing", Shape::Leaf),
+            ("sni_timeout_secs", Shape::Leaf),
+        ]),
+    ),
+    (
+        "upstream",
+        Shape::Table(&[
+            ("connect_to", Shape::Map),
+            ("allow_cidrs", Shape::Leaf),
+            ("dial_timeout_secs", Shape::Leaf),
+            ("private_ranges", Shape::Leaf),
+        ]),
+    ),
     ("allow", Shape::TableArray(RULE_KEYS)),
     ("deny", Shape::TableArray(RULE_KEYS)),
 ];
@@ -362,6 +478,7 @@ impl Settings {
                 Some("use \"widen\" (allow the whole host over TLS) or \"deny\"".into()),
             ));
         }
+        self.validate_proxy(&mut issues);
         let mut out: Vec<ConfigIssue> = issues
             .into_iter()
             .map(|(k, v, p, f)| self.issue(k, v, p, f))
@@ -478,6 +595,141 @@ pub fn operator_rule(list: &str, index: usize, e: &RuleEntry) -> Result<RuleSpec
     })
 }
 
+type Problem = (&'static str, String, String, Option<String>);
+
+impl Settings {
+    fn validate_proxy(&self, issues: &mut Vec<Problem>) {
+        let p = &self.proxy;
+        if p.listen.is_empty() {
+            issues.push((
+                "proxy.listen",
+                "[]".into(),
+                "no listener".into(),
+                Some("give at least one address, for example \"127.0.0.1:3128\"".into()),
+            ));
+        }
+        for l in &p.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                issues.push((
+                    "proxy.listen",
+                    format!("{l:?}"),
+                    "not an address:port".into(),
+                    Some("write for example \"0.0.0.0:3128\" or \"[::]:3128\"".into()),
+                ));
+            }
+        }
+        if p.mode != "enforce" && p.mode != "audit" {
+            issues.push((
+                "proxy.mode",
+                format!("{:?}", p.mode),
+                "not a mode".into(),
+                Some("use \"enforce\" or \"audit\"".into()),
+            ));
+        }
+        if p.sni_missing != "allow" && p.sni_missing != "deny" {
+            issues.push((
+                "proxy.sni_missing",
+                format!("{:?}", p.sni_missing),
+                "not a setting".into(),
+                Some("use \"allow\" or \"deny\"".into()),
+            ));
+        }
+        for (key, list) in [
+            ("proxy.allow_clients", &p.allow_clients),
+            ("upstream.allow_cidrs", &self.upstream.allow_cidrs),
+        ] {
+            for c in list {
+                if parse_cidr(c).is_none() {
+                    issues.push((
+                        key,
+                        format!("{c:?}"),
+                        "not a network".into(),
+                        Some(
+                            "write an address with a prefix length, for example \"10.0.0.0/8\""
+                                .into(),
+                        ),
+                    ));
+                }
+            }
+        }
+        if p.max_connections == 0 {
+            issues.push((
+                "proxy.max_connections",
+                "0".into(),
+                "no connection could be served".into(),
+                Some("use a positive number".into()),
+            ));
+        }
+        if !(8192..=1 << 20).contains(&p.max_header_bytes) {
+            issues.push((
+                "proxy.max_header_bytes",
+                p.max_header_bytes.to_string(),
+                "out of range".into(),
+                Some("use 8192 to 1048576".into()),
+            ));
+        }
+        for (key, v) in [
+            ("proxy.header_timeout_secs", p.header_timeout_secs),
+            ("proxy.idle_timeout_secs", p.idle_timeout_secs),
+            ("proxy.grace_period_secs", p.grace_period_secs),
+            ("proxy.sni_timeout_secs", p.sni_timeout_secs),
+            (
+                "upstream.dial_timeout_secs",
+                self.upstream.dial_timeout_secs,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                issues.push((
+                    key,
+                    v.to_string(),
+                    "not a duration".into(),
+                    Some("use seconds from more than 0 to 86400".into()),
+                ));
+            }
+        }
+        if p.tls_ports.contains(&0) {
+            issues.push((
+                "proxy.tls_ports",
+                "0".into(),
+                "port 0".into(),
+                Some("use ports from 1 to 65535".into()),
+            ));
+        }
+        let u = &self.upstream;
+        if u.private_ranges != "allow_matched" && u.private_ranges != "deny" {
+            issues.push((
+                "upstream.private_ranges",
+                format!("{:?}", u.private_ranges),
+                "not a setting".into(),
+                Some("use \"allow_matched\" or \"deny\"".into()),
+            ));
+        }
+        for (from, to) in &u.connect_to {
+            let from_ok = crate::policy::Target::parse(from).is_ok();
+            let to_ok = to.parse::<std::net::SocketAddr>().is_ok();
+            if !from_ok || !to_ok {
+                issues.push((
+                    "upstream.connect_to",
+                    format!("{from:?} = {to:?}"),
+                    "not a \"host:port\" = \"address:port\" pair".into(),
+                    Some(
+                        "write for example \"login.microsoftonline.com:443\" = \"127.0.0.1:18443\""
+                            .into(),
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A network written as `a.b.c.d/n`, `v6/n`, or a bare address (a host route).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
 fn check_keys(
     table: &Map<String, Value>,
     schema: &'static [(&'static str, Shape)],
@@ -510,7 +762,7 @@ fn check_keys(
             continue;
         };
         match (shape, &value.kind) {
-            (Shape::Leaf, _) => {
+            (Shape::Leaf, _) | (Shape::Map, ValueKind::Table(_)) => {
                 origins.insert(path, origin);
             }
             (Shape::Table(inner), ValueKind::Table(t)) => check_keys(t, inner, &path, origins, issues),
@@ -540,7 +792,7 @@ fn check_keys(
                     "write [[{path}]] tables in the config file (they cannot come from the environment)"
                 )),
             }),
-            (Shape::Table(_), _) => issues.push(ConfigIssue {
+            (Shape::Table(_) | Shape::Map, _) => issues.push(ConfigIssue {
                 origin,
                 key: path.clone(),
                 value: Some(value.to_string()),

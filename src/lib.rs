@@ -12,3 +12,5 @@ pub mod cli;
 pub mod config;
 pub mod loader;
 pub mod policy;
+pub mod proxy;
+pub mod shutdown;

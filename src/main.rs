@@ -29,6 +29,11 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy (embedded defaults without --config: public cloud, newest catalog, 127.0.0.1:3128).
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Say whether destinations would be allowed, and by which rule (exit 0 all allowed, 1 any denied, 2 error).
     Check {
         /// Configuration file (TOML); embedded defaults when left out.
@@ -69,6 +74,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
     let stdout = io::stdout();
     let mut out = stdout.lock();
     let code = match args.command {
+        Command::Serve { config } => return serve(config),
         Command::Check {
             config,
             json,
@@ -124,6 +130,68 @@ fn run(args: Args) -> anyhow::Result<i32> {
     };
     out.flush()?;
     Ok(code)
+}
+
+fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AML_EGRESS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aml-egress serve: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let built = match loader::build(&settings) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("aml-egress serve: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    for w in &built.warnings {
+        tracing::warn!(note = %w, "policy note");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listeners = aml_egress::proxy::bind(&settings.proxy.listen).await?;
+        let own: Vec<_> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let config = aml_egress::proxy::ProxyConfig::from_settings(&settings, own.clone());
+        let (stop_tx, stop_rx) = aml_egress::shutdown::channel();
+        tokio::spawn(aml_egress::shutdown::on_signal(stop_tx));
+        let counts = built.policy.counts();
+        tracing::info!(
+            listen = ?own,
+            mode = %settings.proxy.mode,
+            cloud = %built.cloud,
+            revision = %built.revision,
+            exact = counts.exact,
+            wildcard = counts.wildcard,
+            deny = counts.deny,
+            "aml-egress serving"
+        );
+        let shared = std::sync::Arc::new(aml_egress::proxy::Shared {
+            built: std::sync::Arc::new(built),
+            config,
+            tracker: Default::default(),
+            stopping: stop_rx,
+        });
+        aml_egress::proxy::run(listeners, shared).await;
+        tracing::info!("stopped");
+        Ok::<_, anyhow::Error>(0)
+    })
 }
 
 fn main() -> ExitCode {

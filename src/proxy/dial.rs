@@ -1,0 +1,336 @@
+//! Upstream dialling: resolve once, guard every address, dial exactly what was checked.
+//!
+//! The address guard refuses loopback, link-local (cloud metadata included), unspecified,
+//! broadcast, multicast and reserved addresses, whatever IPv6 form carries them (IPv4-mapped,
+//! IPv4-compatible, NAT64, 6to4, Teredo), and the proxy's own listening sockets. Private
+//! ranges pass only for names the allowlist matched (Azure private endpoints resolve to
+//! them). `upstream.allow_cidrs` exempts networks from the guard, never from the
+//! self-connection check.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::TcpStream;
+
+use crate::policy::{Host, Target};
+
+/// How an address is treated by the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressClass {
+    /// Public: dialled.
+    Public,
+    /// RFC 1918, CGNAT or ULA: dialled only for allowlisted names.
+    Private,
+    /// Never dialled unless exempted.
+    Forbidden,
+}
+
+/// Classify an address, looking through IPv6 forms that embed an IPv4 address.
+pub fn classify(ip: IpAddr) -> AddressClass {
+    match ip {
+        IpAddr::V4(v4) => classify_v4(v4),
+        IpAddr::V6(v6) => match embedded_v4(v6) {
+            Some(v4) => classify_v4(v4),
+            None => classify_v6(v6),
+        },
+    }
+}
+
+fn classify_v4(ip: Ipv4Addr) -> AddressClass {
+    let o = ip.octets();
+    if ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || o[0] == 0
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || o[0] >= 240
+    {
+        AddressClass::Forbidden
+    } else if ip.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
+        AddressClass::Private
+    } else {
+        AddressClass::Public
+    }
+}
+
+fn classify_v6(ip: Ipv6Addr) -> AddressClass {
+    let s = ip.segments();
+    let metadata: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    if ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0
+        || ip == metadata
+    {
+        AddressClass::Forbidden
+    } else if (s[0] & 0xfe00) == 0xfc00 {
+        AddressClass::Private
+    } else {
+        AddressClass::Public
+    }
+}
+
+/// The IPv4 address an IPv6 address carries: mapped, compatible, NAT64 (well-known and
+/// local-use), 6to4, and Teredo (the client address).
+pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
+        return Some(low); // IPv4-compatible ::a.b.c.d
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) {
+        return Some(low); // NAT64
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        let o = low.octets();
+        return Some(Ipv4Addr::new(!o[0], !o[1], !o[2], !o[3])); // Teredo client
+    }
+    None
+}
+
+/// Why an upstream could not be reached; each maps to a status and a `Proxy-Status` error.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("the name does not resolve: {0}")]
+    Dns(String),
+    #[error("the name resolves to no address")]
+    NoAddress,
+    #[error("every address of the destination is forbidden ({0})")]
+    Forbidden(IpAddr),
+    #[error("the destination is the proxy itself ({0})")]
+    SelfConnection(SocketAddr),
+    #[error("connecting timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Refused(std::io::Error),
+}
+
+impl DialError {
+    /// The `Proxy-Status` error token (RFC 9209) and our own detail.
+    pub fn proxy_status(&self) -> (&'static str, &'static str) {
+        match self {
+            DialError::Dns(_) => ("dns_error", "dns_failed"),
+            DialError::NoAddress => ("dns_error", "no_address"),
+            DialError::Forbidden(_) => ("destination_ip_prohibited", "forbidden_address"),
+            DialError::SelfConnection(_) => ("destination_ip_prohibited", "forbidden_address"),
+            DialError::Timeout(_) => ("connection_timeout", "dial_timeout"),
+            DialError::Refused(_) => ("connection_refused", "dial_failed"),
+        }
+    }
+
+    /// The reason label used in logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        self.proxy_status().1
+    }
+}
+
+/// Dialling settings, fixed at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct DialConfig {
+    pub connect_to: Vec<(String, SocketAddr)>,
+    pub allow_cidrs: Vec<IpNet>,
+    pub deny_private: bool,
+    pub timeout: Duration,
+    /// The proxy's own listening sockets.
+    pub own: Vec<SocketAddr>,
+}
+
+impl DialConfig {
+    /// Whether dialling `addr` would connect the proxy to itself.
+    fn is_self(&self, addr: SocketAddr) -> bool {
+        self.own.iter().any(|own| {
+            if own.port() != addr.port() {
+                return false;
+            }
+            if own.ip() == addr.ip() {
+                return true;
+            }
+            // A wildcard listener answers on every local address: ask the kernel which
+            // source it would use for `addr`; a local address is its own source.
+            own.ip().is_unspecified() && is_local_address(addr.ip())
+        })
+    }
+
+    /// Check one address against the guard.
+    pub fn check(&self, addr: SocketAddr, name_allowlisted: bool) -> Result<(), DialError> {
+        if self.is_self(addr) {
+            return Err(DialError::SelfConnection(addr));
+        }
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), IpAddr::V4),
+            v4 => v4,
+        };
+        if self
+            .allow_cidrs
+            .iter()
+            .any(|n| n.contains(&ip) || n.contains(&addr.ip()))
+        {
+            return Ok(());
+        }
+        match classify(addr.ip()) {
+            AddressClass::Public => Ok(()),
+            AddressClass::Private if name_allowlisted && !self.deny_private => Ok(()),
+            _ => Err(DialError::Forbidden(addr.ip())),
+        }
+    }
+}
+
+fn is_local_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let bind: SocketAddr = match ip {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(bind)
+        .and_then(|s| {
+            s.connect((ip, 9))?;
+            s.local_addr()
+        })
+        .map(|local| local.ip() == ip)
+        .unwrap_or(false)
+}
+
+/// Resolve (once), guard, and connect. `name_allowlisted` says whether an allow rule
+/// matched the name (audit-mode passes do not count), which private ranges require.
+pub async fn dial(
+    target: &Target,
+    name_allowlisted: bool,
+    cfg: &DialConfig,
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    let key = target.to_string();
+    let addrs: Vec<SocketAddr> =
+        if let Some((_, to)) = cfg.connect_to.iter().find(|(k, _)| *k == key) {
+            vec![*to]
+        } else {
+            match target.host {
+                Host::Ip(ip) => vec![SocketAddr::new(ip, target.port)],
+                Host::Name(name) => {
+                    let lookup = tokio::net::lookup_host((name.as_str(), target.port));
+                    match tokio::time::timeout(cfg.timeout, lookup).await {
+                        Err(_) => return Err(DialError::Timeout(cfg.timeout)),
+                        Ok(Err(e)) => return Err(DialError::Dns(e.to_string())),
+                        Ok(Ok(it)) => it.collect(),
+                    }
+                }
+            }
+        };
+    if addrs.is_empty() {
+        return Err(DialError::NoAddress);
+    }
+    let mut refusal = None;
+    let mut allowed = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        match cfg.check(a, name_allowlisted) {
+            Ok(()) => allowed.push(a),
+            Err(e) => refusal = Some(e),
+        }
+    }
+    if allowed.is_empty() {
+        return Err(refusal.unwrap_or(DialError::NoAddress));
+    }
+    // Interleave families (RFC 8305 order), then try each with its own timeout.
+    let (v6, v4): (Vec<_>, Vec<_>) = allowed.into_iter().partition(SocketAddr::is_ipv6);
+    let mut order = Vec::with_capacity(v6.len() + v4.len());
+    for i in 0..v6.len().max(v4.len()) {
+        order.extend(v6.get(i));
+        order.extend(v4.get(i));
+    }
+    let mut last = None;
+    for addr in order {
+        match tokio::time::timeout(cfg.timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok((s, addr));
+            }
+            Ok(Err(e)) => last = Some(DialError::Refused(e)),
+            Err(_) => last = Some(DialError::Timeout(cfg.timeout)),
+        }
+    }
+    Err(last.unwrap_or(DialError::NoAddress))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(s: &str) -> AddressClass {
+        classify(s.parse().unwrap())
+    }
+
+    #[test]
+    fn guard_classes() {
+        use AddressClass::*;
+        let cases = [
+            ("127.0.0.1", Forbidden),
+            ("169.254.169.254", Forbidden),
+            ("0.0.0.0", Forbidden),
+            ("255.255.255.255", Forbidden),
+            ("224.0.0.1", Forbidden),
+            ("240.0.0.1", Forbidden),
+            ("10.1.2.3", Private),
+            ("172.16.0.1", Private),
+            ("192.168.1.1", Private),
+            ("100.64.0.1", Private),
+            ("20.1.2.3", Public),
+            ("::1", Forbidden),
+            ("::", Forbidden),
+            ("fe80::1", Forbidden),
+            ("ff02::1", Forbidden),
+            ("fd00:ec2::254", Forbidden),
+            ("fd12::1", Private),
+            ("2001:db8::1", Public),
+            ("::ffff:127.0.0.1", Forbidden),
+            ("::ffff:169.254.169.254", Forbidden),
+            ("::127.0.0.1", Forbidden),
+            ("64:ff9b::7f00:1", Forbidden),
+            ("64:ff9b::a9fe:a9fe", Forbidden),
+            ("2002:7f00:1::", Forbidden),
+            ("2002:a00:1::", Private),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", Forbidden), // Teredo client 127.0.0.1
+            ("::ffff:20.1.2.3", Public),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(class(ip), want, "{ip}");
+        }
+    }
+
+    #[test]
+    fn private_ranges_need_an_allowlisted_name_and_allow_cidrs_exempt() {
+        let mut cfg = DialConfig::default();
+        let private: SocketAddr = "10.0.0.5:443".parse().unwrap();
+        assert!(cfg.check(private, true).is_ok());
+        assert!(cfg.check(private, false).is_err());
+        cfg.deny_private = true;
+        assert!(cfg.check(private, true).is_err());
+        let lo: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(cfg.check(lo, true).is_err());
+        cfg.allow_cidrs.push("127.0.0.1/32".parse().unwrap());
+        assert!(cfg.check(lo, true).is_ok());
+        cfg.own.push("127.0.0.1:9".parse().unwrap());
+        assert!(matches!(
+            cfg.check(lo, true),
+            Err(DialError::SelfConnection(_))
+        ));
+        cfg.own = vec!["0.0.0.0:9".parse().unwrap()];
+        assert!(matches!(
+            cfg.check(lo, true),
+            Err(DialError::SelfConnection(_))
+        ));
+    }
+}

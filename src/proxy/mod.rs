@@ -1,0 +1,444 @@
+//! The forwarding proxy: listeners, the per-connection task, and the hot path that turns a
+//! request into a decision, a dial and a tunnel or a forwarded request.
+//!
+//! Listeners and the shutdown signal are passed in, so that tests bind port 0 and stop the
+//! proxy cleanly. Every connection and every upgraded tunnel holds a [`Tracker`] guard, so
+//! that shutdown can drain them with a deadline.
+
+mod connect;
+pub mod dial;
+pub mod head;
+mod http;
+pub mod respond;
+pub mod sni;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::config::{Settings, parse_cidr};
+use crate::loader::Built;
+use crate::policy::{Decision, PathView, Reason, Target};
+use dial::DialConfig;
+use respond::{Body, refuse};
+
+/// `enforce` refuses what the policy denies; `audit` lets it through and logs `would_deny`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+/// Runtime settings of the proxy, derived once from [`Settings`].
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub mode: Mode,
+    pub allow_clients: Vec<IpNet>,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub grace_period: Duration,
+    pub tls_ports: Vec<u16>,
+    pub sni_missing_allowed: bool,
+    pub sni_timeout: Duration,
+    pub dial: DialConfig,
+}
+
+impl ProxyConfig {
+    /// From checked settings; `own` are the bound listening sockets.
+    pub fn from_settings(s: &Settings, own: Vec<SocketAddr>) -> Self {
+        let secs = Duration::from_secs_f64;
+        let p = &s.proxy;
+        ProxyConfig {
+            mode: if p.mode == "audit" {
+                Mode::Audit
+            } else {
+                Mode::Enforce
+            },
+            allow_clients: p
+                .allow_clients
+                .iter()
+                .filter_map(|c| parse_cidr(c))
+                .collect(),
+            max_connections: p.max_connections,
+            max_header_bytes: p.max_header_bytes,
+            header_timeout: secs(p.header_timeout_secs),
+            idle_timeout: secs(p.idle_timeout_secs),
+            grace_period: secs(p.grace_period_secs),
+            tls_ports: p.tls_ports.clone(),
+            sni_missing_allowed: p.sni_missing == "allow",
+            sni_timeout: secs(p.sni_timeout_secs),
+            dial: DialConfig {
+                connect_to: s
+                    .upstream
+                    .connect_to
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let t = Target::parse(k).ok()?;
+                        Some((t.to_string(), v.parse().ok()?))
+                    })
+                    .collect(),
+                allow_cidrs: s
+                    .upstream
+                    .allow_cidrs
+                    .iter()
+                    .filter_map(|c| parse_cidr(c))
+                    .collect(),
+                deny_private: s.upstream.private_ranges == "deny",
+                timeout: secs(s.upstream.dial_timeout_secs),
+                own,
+            },
+        }
+    }
+}
+
+/// Counts live connections and tunnels so that shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held while a connection or tunnel is open.
+pub struct TrackGuard(Arc<Tracker>);
+
+impl Tracker {
+    /// Register one more open connection or tunnel.
+    pub fn track(self: &Arc<Self>) -> TrackGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        TrackGuard(self.clone())
+    }
+
+    /// Open connections and tunnels.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Wait until nothing is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// State shared by every connection: the compiled policy and the runtime settings.
+pub struct Shared {
+    pub built: Arc<Built>,
+    pub config: ProxyConfig,
+    pub tracker: Arc<Tracker>,
+    /// Flips to `true` when shutdown starts.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// The outcome of asking the policy, with the mode applied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verdict {
+    pub decision: Decision,
+    /// Let through (allowed, or denied but in audit mode).
+    pub pass: bool,
+    /// Denied by the policy but let through by audit mode.
+    pub would_deny: bool,
+}
+
+impl Shared {
+    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Verdict {
+        let decision = self.built.policy.decide(target, view);
+        self.apply_mode(decision)
+    }
+
+    pub(crate) fn apply_mode(&self, decision: Decision) -> Verdict {
+        let allowed = decision.is_allowed();
+        // Operator deny rules and invalid targets hold even in audit mode.
+        let auditable = !matches!(
+            decision.reason,
+            Reason::DeniedByRule | Reason::InvalidTarget(_)
+        );
+        let would_deny = !allowed && auditable && self.config.mode == Mode::Audit;
+        Verdict {
+            decision,
+            pass: allowed || would_deny,
+            would_deny,
+        }
+    }
+
+    pub(crate) fn rule_text(&self, d: &Decision) -> String {
+        d.rule
+            .map(|id| self.built.policy.rule(id).display())
+            .unwrap_or_default()
+    }
+
+    /// The 403 for a policy refusal.
+    pub(crate) fn forbidden(&self, target: &str, d: &Decision) -> hyper::Response<Body> {
+        let why = self.built.policy.explain(target, d);
+        refuse(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            d.reason.code(),
+            &format!(
+                "aml-egress refused {target}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+            ),
+        )
+    }
+
+    pub(crate) fn log_decision(&self, kind: &str, client: SocketAddr, target: &str, v: &Verdict) {
+        let decision = if v.would_deny {
+            "would_deny"
+        } else if v.pass {
+            "allow"
+        } else {
+            "deny"
+        };
+        if v.pass && !v.would_deny {
+            return; // allowed connections are logged once, when they finish
+        }
+        tracing::warn!(
+            listener = kind,
+            client = %client,
+            target,
+            decision,
+            reason = v.decision.reason.code(),
+            rule = %self.rule_text(&v.decision),
+            mode = self.config.mode.as_str(),
+            "destination denied"
+        );
+    }
+}
+
+/// Bind every configured listener (before dropping privileges or reporting ready).
+pub async fn bind(addrs: &[String]) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serve until `stop` flips to `true`, then drain open connections and tunnels for up to
+/// the grace period. Returns the number of connections still open at the deadline.
+pub async fn run(listeners: Vec<TcpListener>, shared: Arc<Shared>) -> usize {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut accepts = Vec::new();
+    for l in listeners {
+        let shared = shared.clone();
+        let limit = limit.clone();
+        accepts.push(tokio::spawn(accept_loop(l, shared, limit)));
+    }
+    let mut stopping = shared.stopping.clone();
+    stopped(&mut stopping).await;
+    for a in &accepts {
+        a.abort();
+    }
+    for a in accepts {
+        let _ = a.await; // the listeners are closed once these return
+    }
+    let grace = shared.config.grace_period;
+    if tokio::time::timeout(grace, shared.tracker.drained())
+        .await
+        .is_err()
+    {
+        let left = shared.tracker.live();
+        tracing::warn!(
+            open = left,
+            grace_secs = grace.as_secs_f64(),
+            "grace period over; closing what is still open"
+        );
+        return left;
+    }
+    0
+}
+
+/// Resolves once shutdown has started (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Semaphore>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let peer_ip = match peer.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
+            ip => ip,
+        };
+        if !shared
+            .config
+            .allow_clients
+            .iter()
+            .any(|n| n.contains(&peer_ip))
+        {
+            tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
+            drop(stream);
+            continue;
+        }
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let body = respond::raw(
+                        503,
+                        "Service Unavailable",
+                        "connection_limit_reached",
+                        "connection_limit",
+                        "aml-egress is at its connection limit (proxy.max_connections); retry shortly",
+                    );
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), stream.write_all(&body)).await;
+                });
+                continue;
+            }
+        };
+        let guard = shared.tracker.track();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, shared).await;
+            drop(permit);
+            drop(guard);
+        });
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let cfg = &shared.config;
+    let prefix = match head::read_head(&mut stream, cfg.max_header_bytes, cfg.header_timeout).await
+    {
+        Ok(p) => p,
+        Err(head::HeadError::Timeout) => {
+            tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
+            let body = respond::raw(
+                408,
+                "Request Timeout",
+                "http_request_error",
+                "header_timeout",
+                "the request head did not arrive within proxy.header_timeout_secs",
+            );
+            refuse_raw(stream, &body).await;
+            return;
+        }
+        Err(head::HeadError::TooLarge) => {
+            let body = respond::raw(
+                431,
+                "Request Header Fields Too Large",
+                "http_request_error",
+                "header_too_large",
+                "the request head is larger than proxy.max_header_bytes",
+            );
+            refuse_raw(stream, &body).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let io = TokioIo::new(head::Rewind::new(prefix, stream));
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(req, peer, shared).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    let mut stopping = shared.stopping.clone();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(&mut stopping) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Write a raw refusal, then read and discard what the client is still sending (bounded in
+/// bytes and time) before closing, so that the kernel does not reset the connection and
+/// destroy the answer before the client reads it.
+async fn refuse_raw(mut stream: TcpStream, body: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    if stream.write_all(body).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 8192];
+    let mut left = 256 * 1024usize;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+async fn route(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> hyper::Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect::handle(req, peer, shared).await;
+    }
+    match req.uri().scheme_str() {
+        Some("http") => http::forward(req, peer, shared).await,
+        Some("https") => refuse(
+            StatusCode::BAD_REQUEST,
+            "http_request_error",
+            "https_absolute_form",
+            "aml-egress tunnels TLS with CONNECT: use this proxy as HTTPS_PROXY (https://host URLs are then sent as CONNECT host:443)",
+        ),
+        _ => refuse(
+            StatusCode::BAD_REQUEST,
+            "http_request_error",
+            "not_a_proxy_request",
+            "aml-egress is a forwarding proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port, for example by setting HTTP_PROXY and HTTPS_PROXY to http://<this proxy>:3128",
+        ),
+    }
+}

@@ -1,0 +1,43 @@
+//! Refusals and errors as the client sees them: a status, a `Proxy-Status` header
+//! (RFC 9209) with the machine-readable reason, and a short text body saying what to do.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{Response, StatusCode, header};
+
+/// The body type of every response the proxy sends.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body from text.
+pub fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A refusal or error response. `error` is an RFC 9209 error token, `details` our reason.
+pub fn refuse(status: StatusCode, error: &str, details: &str, message: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{message}\n")));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) =
+        header::HeaderValue::from_str(&format!("aml-egress; error={error}; details=\"{details}\""))
+    {
+        h.insert("proxy-status", v);
+    }
+    resp
+}
+
+/// The raw bytes of a response written before hyper takes the connection (limits, slow
+/// clients), so that even those refusals carry a status, a reason and a body.
+pub fn raw(status: u16, reason: &str, error: &str, details: &str, message: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nproxy-status: aml-egress; error={error}; details=\"{details}\"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{message}\n",
+        message.len() + 1
+    )
+    .into_bytes()
+}
