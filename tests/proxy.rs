@@ -376,3 +376,31 @@ async fn shutdown_stops_accepting_and_drains_an_open_tunnel() {
         "listener still accepting after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_lets_policy_denials_through_but_keeps_operator_denies() {
+    let http = http_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nmode = \"audit\"\n[[deny]]\nhost = \"blocked.example.com\"\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"notpytorch.org:80\" = \"{http}\", \"blocked.example.com:80\" = \"{http}\" }}\n"
+    ))
+    .await;
+    let proxy = format!("http://{}", p.addr);
+    let (code, body, err) = curl_async(vec![
+        "-x".into(),
+        proxy.clone(),
+        "http://notpytorch.org/x".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(body.contains("upstream saw"), "{body}");
+    let (_, body, _) = curl_async(vec![
+        "-x".into(),
+        proxy,
+        "http://blocked.example.com/".into(),
+    ])
+    .await;
+    assert!(
+        body.contains("refused") && body.contains("[[deny]]"),
+        "{body}"
+    );
+}
