@@ -65,9 +65,15 @@ enum Command {
     },
 }
 
-fn load(config: Option<&PathBuf>) -> Result<loader::Built, String> {
-    let settings = Settings::load(config.map(PathBuf::as_path)).map_err(|e| e.to_string())?;
-    loader::build(&settings).map_err(|e| e.to_string())
+/// Load settings and build the policy; on failure print the problems for `command` and
+/// give the exit code.
+fn load(command: &str, config: Option<&PathBuf>) -> Result<(Settings, loader::Built), i32> {
+    Settings::load(config.map(PathBuf::as_path))
+        .and_then(|s| loader::build(&s).map(|b| (s, b)))
+        .map_err(|e| {
+            eprintln!("aml-egress {command}: {e}");
+            EXIT_USAGE
+        })
 }
 
 fn run(args: Args) -> anyhow::Result<i32> {
@@ -81,12 +87,9 @@ fn run(args: Args) -> anyhow::Result<i32> {
             verbose,
             targets,
         } => {
-            let built = match load(config.as_ref()) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("aml-egress check: {e}");
-                    return Ok(EXIT_USAGE);
-                }
+            let built = match load("check", config.as_ref()) {
+                Ok((_, b)) => b,
+                Err(code) => return Ok(code),
             };
             if verbose {
                 for w in &built.warnings {
@@ -100,12 +103,9 @@ fn run(args: Args) -> anyhow::Result<i32> {
             format,
             features,
         } => {
-            let built = match load(config.as_ref()) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("aml-egress catalog: {e}");
-                    return Ok(EXIT_USAGE);
-                }
+            let built = match load("catalog", config.as_ref()) {
+                Ok((_, b)) => b,
+                Err(code) => return Ok(code),
             };
             if features {
                 cli::print_features(&built, &mut out)?;
@@ -117,15 +117,12 @@ fn run(args: Args) -> anyhow::Result<i32> {
             }
             0
         }
-        Command::Validate { config } => match load(Some(&config)) {
-            Ok(built) => {
+        Command::Validate { config } => match load("validate", Some(&config)) {
+            Ok((_, built)) => {
                 cli::print_summary(&built, &config.display().to_string(), &mut out)?;
                 0
             }
-            Err(e) => {
-                eprintln!("aml-egress validate: {e}");
-                EXIT_USAGE
-            }
+            Err(code) => code,
         },
     };
     out.flush()?;
@@ -142,19 +139,9 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
         )
         .with_writer(io::stderr)
         .init();
-    let settings = match Settings::load(config.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("aml-egress serve: {e}");
-            return Ok(EXIT_USAGE);
-        }
-    };
-    let built = match loader::build(&settings) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("aml-egress serve: {e}");
-            return Ok(EXIT_USAGE);
-        }
+    let (settings, built) = match load("serve", config.as_ref()) {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
     };
     for w in &built.warnings {
         tracing::warn!(note = %w, "policy note");
