@@ -565,10 +565,7 @@ pub fn operator_rule(list: &str, index: usize, e: &RuleEntry) -> Result<RuleSpec
         }
         Matchable::Host(host, path)
     } else if let Some(c) = &e.cidr {
-        let net = c
-            .parse::<IpNet>()
-            .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
+        let net = parse_cidr(c).ok_or_else(|| {
                 issue(
                     "cidr",
                     Some(format!("{c:?}")),
@@ -576,7 +573,7 @@ pub fn operator_rule(list: &str, index: usize, e: &RuleEntry) -> Result<RuleSpec
                     Some("write an address with a prefix length, for example \"10.0.0.0/8\" or \"2001:db8::/32\"".into()),
                 )
             })?;
-        Matchable::Cidr(net.trunc())
+        Matchable::Cidr(net)
     } else {
         let r = e.regex.as_deref().unwrap_or_default();
         regex::Regex::new(r)

@@ -31,15 +31,7 @@ pub(super) async fn handle(
         .unwrap_or_default();
     let target = match Target::parse(&raw) {
         Ok(t) => t,
-        Err(e) => {
-            let v = shared.apply_mode(Decision {
-                verdict: crate::policy::Verdict::Deny,
-                reason: Reason::InvalidTarget(e),
-                rule: None,
-            });
-            shared.log_decision("connect", peer, &raw, &v);
-            return shared.forbidden(&raw, &v.decision);
-        }
+        Err(e) => return shared.refuse_invalid("connect", peer, &raw, e),
     };
     let shown = target.to_string();
     let v = shared.judge(&target, PathView::Hidden);

@@ -15,7 +15,7 @@ use super::Shared;
 use super::connect::dial_failed;
 use super::dial::dial;
 use super::respond::{Body, refuse};
-use crate::policy::{Decision, InvalidTarget, PathView, Reason, Target, Verdict};
+use crate::policy::{InvalidTarget, PathView, Target};
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -52,17 +52,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn invalid(shared: &Shared, peer: SocketAddr, shown: &str, e: InvalidTarget) -> Response<Body> {
-    let d = Decision {
-        verdict: Verdict::Deny,
-        reason: Reason::InvalidTarget(e),
-        rule: None,
-    };
-    let v = shared.apply_mode(d);
-    shared.log_decision("http", peer, shown, &v);
-    shared.forbidden(shown, &d)
-}
-
 pub(super) async fn forward(
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
@@ -70,21 +59,28 @@ pub(super) async fn forward(
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(authority) = req.uri().authority().cloned() else {
-        return invalid(&shared, peer, "", InvalidTarget::EmptyHost);
+        return shared.refuse_invalid("http", peer, "", InvalidTarget::EmptyHost);
     };
     if authority.as_str().contains('@') {
-        return invalid(&shared, peer, authority.as_str(), InvalidTarget::UserInfo);
+        return shared.refuse_invalid("http", peer, authority.as_str(), InvalidTarget::UserInfo);
     }
     let port = match authority.port() {
         Some(_) => match authority.port_u16() {
             Some(p) if p > 0 => p,
-            _ => return invalid(&shared, peer, authority.as_str(), InvalidTarget::BadPort),
+            _ => {
+                return shared.refuse_invalid(
+                    "http",
+                    peer,
+                    authority.as_str(),
+                    InvalidTarget::BadPort,
+                );
+            }
         },
         None => 80,
     };
     let target = match Target::from_parts(authority.host(), port) {
         Ok(t) => t,
-        Err(e) => return invalid(&shared, peer, authority.as_str(), e),
+        Err(e) => return shared.refuse_invalid("http", peer, authority.as_str(), e),
     };
     let shown = target.to_string();
     let path = req

@@ -212,6 +212,23 @@ impl Shared {
         )
     }
 
+    /// Refuse a target that could not be parsed (logged like any denial).
+    pub(crate) fn refuse_invalid(
+        &self,
+        kind: &str,
+        peer: SocketAddr,
+        shown: &str,
+        e: crate::policy::InvalidTarget,
+    ) -> hyper::Response<Body> {
+        let v = self.apply_mode(Decision {
+            verdict: crate::policy::Verdict::Deny,
+            reason: Reason::InvalidTarget(e),
+            rule: None,
+        });
+        self.log_decision(kind, peer, shown, &v);
+        self.forbidden(shown, &v.decision)
+    }
+
     pub(crate) fn log_decision(&self, kind: &str, client: SocketAddr, target: &str, v: &Verdict) {
         let decision = if v.would_deny {
             "would_deny"
