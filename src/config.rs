@@ -26,7 +26,9 @@ const ENV_LIST_KEYS: &[&str] = &[
     "proxy.listen",
     "proxy.allow_clients",
     "proxy.tls_ports",
+    "proxy.tls_listen",
     "upstream.allow_cidrs",
+    "upstream.name_servers",
 ];
 
 /// The `[catalog]` section.
@@ -83,6 +85,12 @@ pub struct ProxySettings {
     pub sni_missing: String,
     /// Seconds to wait for the first TLS record of a tunnel.
     pub sni_timeout_secs: f64,
+    /// Addresses where clients reach the proxy over TLS (`curl --proxy https://...`).
+    pub tls_listen: Vec<String>,
+    /// PEM certificate chain for the TLS listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the TLS listeners.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ProxySettings {
@@ -109,6 +117,9 @@ impl Default for ProxySettings {
             tls_ports: vec![443],
             sni_missing: "allow".into(),
             sni_timeout_secs: 10.0,
+            tls_listen: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -125,6 +136,8 @@ pub struct UpstreamSettings {
     pub dial_timeout_secs: f64,
     /// `allow_matched` (private ranges only for names that matched the allowlist) or `deny`.
     pub private_ranges: String,
+    /// DNS servers (`ip` or `ip:port`); empty means those of `/etc/resolv.conf`.
+    pub name_servers: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -134,6 +147,7 @@ impl Default for UpstreamSettings {
             allow_cidrs: Vec::new(),
             dial_timeout_secs: 10.0,
             private_ranges: "allow_matched".into(),
+            name_servers: Vec::new(),
         }
     }
 }
@@ -257,6 +271,9 @@ const SCHEMA: &[(&str, Shape)] = &[
             ("tls_ports", Shape::Leaf),
             ("sni_missing", Shape::Leaf),
             ("sni_timeout_secs", Shape::Leaf),
+            ("tls_listen", Shape::Leaf),
+            ("tls_cert", Shape::Leaf),
+            ("tls_key", Shape::Leaf),
         ]),
     ),
     (
@@ -266,6 +283,7 @@ const SCHEMA: &[(&str, Shape)] = &[
             ("allow_cidrs", Shape::Leaf),
             ("dial_timeout_secs", Shape::Leaf),
             ("private_ranges", Shape::Leaf),
+            ("name_servers", Shape::Leaf),
         ]),
     ),
     ("allow", Shape::TableArray(RULE_KEYS)),
@@ -597,7 +615,7 @@ type Problem = (&'static str, String, String, Option<String>);
 impl Settings {
     fn validate_proxy(&self, issues: &mut Vec<Problem>) {
         let p = &self.proxy;
-        if p.listen.is_empty() {
+        if p.listen.is_empty() && p.tls_listen.is_empty() {
             issues.push((
                 "proxy.listen",
                 "[]".into(),
@@ -605,13 +623,50 @@ impl Settings {
                 Some("give at least one address, for example \"127.0.0.1:3128\"".into()),
             ));
         }
-        for l in &p.listen {
-            if l.parse::<std::net::SocketAddr>().is_err() {
+        for (key, list) in [
+            ("proxy.listen", &p.listen),
+            ("proxy.tls_listen", &p.tls_listen),
+        ] {
+            for l in list {
+                if l.parse::<std::net::SocketAddr>().is_err() {
+                    issues.push((
+                        key,
+                        format!("{l:?}"),
+                        "not an address:port".into(),
+                        Some("write for example \"0.0.0.0:3128\" or \"[::]:3128\"".into()),
+                    ));
+                }
+            }
+        }
+        if !p.tls_listen.is_empty() {
+            for (key, file) in [
+                ("proxy.tls_cert", &p.tls_cert),
+                ("proxy.tls_key", &p.tls_key),
+            ] {
+                match file {
+                    None => issues.push((
+                        key,
+                        "(unset)".into(),
+                        "proxy.tls_listen needs a certificate and a key".into(),
+                        Some("give the path of a PEM file".into()),
+                    )),
+                    Some(f) if !f.is_file() => issues.push((
+                        key,
+                        format!("{:?}", f.display().to_string()),
+                        "the file does not exist or is not a file".into(),
+                        Some("give the path of a readable PEM file".into()),
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        for ns in &self.upstream.name_servers {
+            if parse_name_server(ns).is_none() {
                 issues.push((
-                    "proxy.listen",
-                    format!("{l:?}"),
-                    "not an address:port".into(),
-                    Some("write for example \"0.0.0.0:3128\" or \"[::]:3128\"".into()),
+                    "upstream.name_servers",
+                    format!("{ns:?}"),
+                    "not a name server address".into(),
+                    Some("write an address, optionally with a port: \"10.0.0.2\" or \"127.0.0.1:5353\"".into()),
                 ));
             }
         }
@@ -717,6 +772,13 @@ impl Settings {
             }
         }
     }
+}
+
+/// A DNS server written as `ip`, `ip:port` or `[v6]:port`; port 53 when left out.
+pub fn parse_name_server(s: &str) -> Option<std::net::SocketAddr> {
+    s.parse()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()))
 }
 
 /// A network written as `a.b.c.d/n`, `v6/n`, or a bare address (a host route).

@@ -150,31 +150,33 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listeners = aml_egress::proxy::bind(&settings.proxy.listen).await?;
+        let listeners = aml_egress::proxy::bind(&settings.proxy).await?;
         let own: Vec<_> = listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
-        let config = aml_egress::proxy::ProxyConfig::from_settings(&settings, own.clone());
         let (stop_tx, stop_rx) = aml_egress::shutdown::channel();
         tokio::spawn(aml_egress::shutdown::on_signal(stop_tx));
         let counts = built.policy.counts();
+        let (cloud, revision) = (built.cloud, built.revision.clone());
+        let live = match aml_egress::proxy::Live::new(&settings, built, own.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("aml-egress serve: {e}");
+                return Ok(EXIT_USAGE);
+            }
+        };
         tracing::info!(
             listen = ?own,
             mode = %settings.proxy.mode,
-            cloud = %built.cloud,
-            revision = %built.revision,
+            cloud = %cloud,
+            revision = %revision,
             exact = counts.exact,
             wildcard = counts.wildcard,
             deny = counts.deny,
             "aml-egress serving"
         );
-        let shared = std::sync::Arc::new(aml_egress::proxy::Shared {
-            built: std::sync::Arc::new(built),
-            config,
-            tracker: Default::default(),
-            stopping: stop_rx,
-        });
+        let shared = aml_egress::proxy::Shared::new(live, stop_rx);
         aml_egress::proxy::run(listeners, shared).await;
         tracing::info!("stopped");
         Ok::<_, anyhow::Error>(0)

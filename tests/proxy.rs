@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aml_egress::loader;
-use aml_egress::proxy::{self, ProxyConfig, Shared};
+use aml_egress::proxy::{self, Live, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -18,6 +18,8 @@ use support::{TempFile, settings};
 
 struct Proxy {
     addr: SocketAddr,
+    /// The first TLS listener, when `proxy.tls_listen` is set.
+    tls_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<usize>,
 }
@@ -25,20 +27,25 @@ struct Proxy {
 /// Start the proxy with a config (TOML); `{HTTP}`, `{TLS}` and `{ECHO}` in it are replaced
 /// by the upstream addresses.
 async fn start_proxy(toml: &str) -> Proxy {
-    let s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
+    let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
+    s.proxy.listen = vec!["127.0.0.1:0".into()];
     let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = ProxyConfig::from_settings(&s, vec![addr]);
+    let listeners = proxy::bind(&s.proxy).await.unwrap();
+    let own: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let tls_addr = listeners
+        .iter()
+        .find(|l| l.tls)
+        .map(|l| l.local_addr().unwrap());
+    let live = Live::new(&s, built, own.clone()).unwrap_or_else(|e| panic!("{e}"));
     let (stop, stopping) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        built: Arc::new(built),
-        config,
-        tracker: Default::default(),
-        stopping,
-    });
-    let done = tokio::spawn(proxy::run(vec![listener], shared));
-    Proxy { addr, stop, done }
+    let shared = Shared::new(live, stopping);
+    let done = tokio::spawn(proxy::run(listeners, shared));
+    Proxy {
+        addr: own[0],
+        tls_addr,
+        stop,
+        done,
+    }
 }
 
 /// A plain HTTP upstream answering with what it received.
@@ -403,4 +410,209 @@ async fn audit_mode_lets_policy_denials_through_but_keeps_operator_denies() {
         body.contains("refused") && body.contains("[[deny]]"),
         "{body}"
     );
+}
+
+/// Send a raw request head and read the proxy's first answer.
+async fn exchange(addr: SocketAddr, head: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    (s, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_resolved_once_by_the_configured_dns_and_failures_are_answered() {
+    use std::net::IpAddr;
+    let echo = echo_upstream().await;
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let dns =
+        support::dns::responder(&[("echo.example.test", &[lo]), ("loop.example.test", &[lo])])
+            .await;
+    let allow = "[[allow]]\nhost = \"*.example.test\"\nports = [\"1-65535\"]\n";
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = []\n{allow}[upstream]\nname_servers = [\"{}\"]\n",
+        dns.addr
+    ))
+    .await;
+    // A name that does not exist: 502 with the DNS error.
+    let (_, resp) = exchange(p.addr, "CONNECT gone.example.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    assert!(resp.contains("error=dns_error"), "{resp}");
+    // A name that resolves to loopback: the address guard refuses it.
+    let (_, resp) = exchange(p.addr, "CONNECT loop.example.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("details=\"forbidden_address\""), "{resp}");
+    assert!(dns.asked_for("loop.example.test") >= 1);
+
+    // With loopback exempted, the tunnel goes to exactly the address the DNS gave.
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = []\n{allow}[upstream]\nname_servers = [\"{}\"]\nallow_cidrs = [\"127.0.0.1/32\"]\n",
+        dns.addr
+    ))
+    .await;
+    let head = format!("CONNECT echo.example.test:{} HTTP/1.1\r\n\r\n", echo.port());
+    let (mut s, resp) = exchange(p.addr, &head).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    // One look-up (an A and an AAAA question) per name, and the address is cached for its
+    // TTL. (The empty AAAA answer carries no SOA, so it is not cached and asked again.)
+    assert_eq!(dns.asked_type("echo.example.test", Some(1)), 1);
+    assert_eq!(dns.asked_type("echo.example.test", Some(28)), 1);
+    let (_, resp) = exchange(p.addr, &head).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(dns.asked_type("echo.example.test", Some(1)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_the_proxy_over_tls() {
+    let (tls, ca) = tls_upstream(&["login.microsoftonline.com"]).await;
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = TempFile::new("proxy.pem", &ck.cert.pem());
+    let key = TempFile::new("proxy.key", &ck.signing_key.serialize_pem());
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"login.microsoftonline.com:443\" = \"{tls}\" }}\n",
+        cert.0, key.0
+    ))
+    .await;
+    let (code, body, err) = curl_async(vec![
+        "--proxy".into(),
+        format!("https://{}", p.tls_addr.unwrap()),
+        "--proxy-cacert".into(),
+        cert.0.to_str().unwrap().into(),
+        "--cacert".into(),
+        ca.0.to_str().unwrap().into(),
+        "https://login.microsoftonline.com/".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "hello over TLS\n");
+    // A denied host is refused over the TLS hop too.
+    let (code, _, err) = curl_async(vec![
+        "--proxy".into(),
+        format!("https://{}", p.tls_addr.unwrap()),
+        "--proxy-cacert".into(),
+        cert.0.to_str().unwrap().into(),
+        "https://example.com/".into(),
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+}
+
+#[test]
+fn a_bad_proxy_certificate_is_a_clear_startup_error() {
+    let junk = TempFile::new("junk.pem", "not a certificate\n");
+    let s = settings(&format!(
+        "[proxy]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n",
+        junk.0, junk.0
+    ))
+    .unwrap();
+    let built = loader::build(&s).unwrap();
+    let err = Live::new(&s, built, vec![]).err().expect("refused");
+    assert!(
+        err.contains("proxy.tls_cert") && err.contains("junk.pem"),
+        "{err}"
+    );
+}
+
+/// A keep-alive HTTP upstream that counts the connections it accepts.
+async fn keepalive_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    got.clear();
+                    let body = "kept alive\n";
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_reuses_pooled_upstream_connections() {
+    let (up, accepted) = keepalive_upstream().await;
+    let p = start_proxy(&format!(
+        "[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
+    ))
+    .await;
+    for _ in 0..3 {
+        // Separate curl processes: separate client connections to the proxy.
+        let (code, body, err) = curl_async(vec![
+            "-x".into(),
+            format!("http://{}", p.addr),
+            "http://pypi.org/simple/".into(),
+        ])
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(body, "kept alive\n");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+    let echo = echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = []\nidle_timeout_secs = 0.3\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    s.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    // Nothing more either way: the proxy closes the tunnel (well before the 10 s bound).
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "tunnel still open: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_still_open_when_the_grace_period_ends_are_closed() {
+    let echo = echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = []\ngrace_period_secs = 0.2\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    p.stop.send(true).unwrap();
+    // The tunnel (and its client connection) were still open at the deadline.
+    let left = p.done.await.unwrap();
+    assert!(left >= 1, "{left}");
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "tunnel still open: {closed:?}");
 }

@@ -16,12 +16,13 @@ use tokio::net::TcpStream;
 use super::dial::{DialError, dial};
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
-use super::{Shared, Verdict};
+use super::{Live, Shared, Verdict};
 use crate::policy::{Decision, Host, PathView, Reason, Target};
 
 pub(super) async fn handle(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
+    live: Arc<Live>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
     let raw = req
@@ -31,35 +32,31 @@ pub(super) async fn handle(
         .unwrap_or_default();
     let target = match Target::parse(&raw) {
         Ok(t) => t,
-        Err(e) => return shared.refuse_invalid("connect", peer, &raw, e),
+        Err(e) => return live.refuse_invalid("connect", peer, &raw, e),
     };
     let shown = target.to_string();
-    let v = shared.judge(&target, PathView::Hidden);
-    shared.log_decision("connect", peer, &shown, &v);
+    let v = live.judge(&target, PathView::Hidden);
+    live.log_decision("connect", peer, &shown, &v);
     if !v.pass {
-        return shared.forbidden(&shown, &v.decision);
+        return live.forbidden(&shown, &v.decision);
     }
     let started = Instant::now();
-    let (upstream, addr) = match dial(&target, v.decision.is_allowed(), &shared.config.dial).await {
+    let (upstream, addr) = match dial(&target, v.decision.is_allowed(), &live.config.dial).await {
         Ok(x) => x,
-        Err(e) => return dial_failed(&shared, peer, &shown, &e),
+        Err(e) => return dial_failed(&live, peer, &shown, &e),
     };
     let guard = shared.tracker.track();
     tokio::spawn(async move {
         let _guard = guard;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                tunnel(
-                    TokioIo::new(upgraded),
-                    upstream,
-                    target,
-                    &shared,
-                    peer,
-                    v,
-                    addr,
-                    started,
-                )
-                .await
+                let io = TokioIo::new(upgraded);
+                tokio::select! {
+                    _ = tunnel(io, upstream, target, &live, peer, v, addr, started) => {}
+                    _ = shared.tracker.closed() => {
+                        tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
+                    }
+                }
             }
             Err(e) => tracing::debug!(client = %peer, error = %e, "CONNECT upgrade failed"),
         }
@@ -69,7 +66,7 @@ pub(super) async fn handle(
 
 /// The response (and log line) for a dial that failed after the policy allowed it.
 pub(super) fn dial_failed(
-    shared: &Shared,
+    live: &Live,
     peer: SocketAddr,
     target: &str,
     e: &DialError,
@@ -80,7 +77,7 @@ pub(super) fn dial_failed(
         DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     };
-    tracing::warn!(client = %peer, target, decision = "deny", reason = details, mode = shared.config.mode.as_str(), error = %e, "upstream not reached");
+    tracing::warn!(client = %peer, target, decision = "deny", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
     let hint = match e {
         DialError::Forbidden(_) | DialError::SelfConnection(_) => {
             " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
@@ -100,7 +97,7 @@ async fn tunnel<C>(
     mut client: C,
     mut upstream: TcpStream,
     target: Target,
-    shared: &Shared,
+    live: &Live,
     peer: SocketAddr,
     mut v: Verdict,
     addr: SocketAddr,
@@ -109,7 +106,7 @@ async fn tunnel<C>(
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let shown = target.to_string();
-    let cfg = &shared.config;
+    let cfg = &live.config;
     let mut sni = String::new();
     if cfg.tls_ports.contains(&target.port) {
         let mut buf = BytesMut::with_capacity(2048);
@@ -135,10 +132,10 @@ async fn tunnel<C>(
                     port: target.port,
                 };
                 let same = matches!(target.host, Host::Name(n) if n == name);
-                (!same).then(|| shared.judge(&by_name, PathView::Hidden))
+                (!same).then(|| live.judge(&by_name, PathView::Hidden))
             }
             None if cfg.sni_missing_allowed => None,
-            None => Some(shared.apply_mode(Decision {
+            None => Some(live.apply_mode(Decision {
                 verdict: crate::policy::Verdict::Deny,
                 reason: Reason::NoMatchingRule,
                 rule: None,
@@ -175,7 +172,7 @@ async fn tunnel<C>(
         upstream = %addr,
         sni = %sni,
         decision = if v.would_deny { "would_deny" } else { "allow" },
-        rule = %shared.rule_text(&v.decision),
+        rule = %live.rule_text(&v.decision),
         mode = cfg.mode.as_str(),
         bytes_up = up,
         bytes_down = down,

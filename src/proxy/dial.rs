@@ -138,7 +138,73 @@ impl DialError {
     }
 }
 
-/// Dialling settings, fixed at start-up.
+/// The DNS resolver: hickory's asynchronous, caching resolver.
+///
+/// Chosen over the system's `getaddrinfo` because it keeps answers for their TTL (Azure
+/// front ends use short TTLs, and a proxy asks for the same few names all day), needs no
+/// blocking thread per look-up, and its name servers can be set, so that tests run the real
+/// path against a responder on loopback. Names are looked up fully qualified, so that a
+/// search domain can never turn an allowed name into another one.
+#[derive(Clone)]
+pub struct Resolver(hickory_resolver::TokioResolver);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl Resolver {
+    /// A resolver asking `name_servers` (UDP, TCP for long answers), or those of
+    /// `/etc/resolv.conf` when the list is empty.
+    pub fn new(name_servers: &[SocketAddr]) -> Result<Self, String> {
+        use hickory_resolver::config::{
+            ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
+        };
+        use hickory_resolver::net::runtime::TokioRuntimeProvider;
+        let mut builder = if name_servers.is_empty() {
+            hickory_resolver::TokioResolver::builder_tokio().map_err(|e| {
+                format!(
+                    "cannot read the system's DNS settings (/etc/resolv.conf): {e}; list DNS servers in upstream.name_servers"
+                )
+            })?
+        } else {
+            let servers = name_servers
+                .iter()
+                .map(|a| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = a.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = a.port();
+                    NameServerConfig::new(a.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            hickory_resolver::TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let opts = builder.options_mut();
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        opts.cache_size = 4096;
+        builder
+            .build()
+            .map(Resolver)
+            .map_err(|e| format!("cannot start the DNS resolver: {e}"))
+    }
+
+    /// Every address of `name`, with `port`.
+    pub async fn lookup(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, DialError> {
+        let fqdn = format!("{name}.");
+        match self.0.lookup_ip(fqdn.as_str()).await {
+            Ok(found) => Ok(found.iter().map(|ip| SocketAddr::new(ip, port)).collect()),
+            Err(e) if e.is_no_records_found() => Err(DialError::NoAddress),
+            Err(e) => Err(DialError::Dns(e.to_string())),
+        }
+    }
+}
+
+/// Dialling settings, fixed when the configuration is loaded.
 #[derive(Debug, Clone, Default)]
 pub struct DialConfig {
     pub connect_to: Vec<(String, SocketAddr)>,
@@ -147,6 +213,8 @@ pub struct DialConfig {
     pub timeout: Duration,
     /// The proxy's own listening sockets.
     pub own: Vec<SocketAddr>,
+    /// `None` only in unit tests of the guard.
+    pub resolver: Option<Resolver>,
 }
 
 impl DialConfig {
@@ -221,11 +289,13 @@ pub async fn dial(
             match target.host {
                 Host::Ip(ip) => vec![SocketAddr::new(ip, target.port)],
                 Host::Name(name) => {
-                    let lookup = tokio::net::lookup_host((name.as_str(), target.port));
+                    let Some(resolver) = &cfg.resolver else {
+                        return Err(DialError::Dns("no resolver configured".into()));
+                    };
+                    let lookup = resolver.lookup(name.as_str(), target.port);
                     match tokio::time::timeout(cfg.timeout, lookup).await {
                         Err(_) => return Err(DialError::Timeout(cfg.timeout)),
-                        Ok(Err(e)) => return Err(DialError::Dns(e.to_string())),
-                        Ok(Ok(it)) => it.collect(),
+                        Ok(r) => r?,
                     }
                 }
             }
@@ -244,30 +314,102 @@ pub async fn dial(
     if allowed.is_empty() {
         return Err(refusal.unwrap_or(DialError::NoAddress));
     }
-    // Interleave families (RFC 8305 order), then try each with its own timeout.
-    let (v6, v4): (Vec<_>, Vec<_>) = allowed.into_iter().partition(SocketAddr::is_ipv6);
+    race(interleave(allowed), cfg.timeout).await
+}
+
+/// RFC 8305 order: families alternate, IPv6 first.
+fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let (v6, v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv6);
     let mut order = Vec::with_capacity(v6.len() + v4.len());
     for i in 0..v6.len().max(v4.len()) {
         order.extend(v6.get(i));
         order.extend(v4.get(i));
     }
+    order
+}
+
+/// RFC 8305 section 5's "Connection Attempt Delay".
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+async fn attempt(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok((s, addr))
+        }
+        Ok(Err(e)) => Err(DialError::Refused(e)),
+        Err(_) => Err(DialError::Timeout(timeout)),
+    }
+}
+
+/// Happy Eyeballs (RFC 8305): start the next attempt when the previous one fails or after
+/// [`ATTEMPT_DELAY`], whichever comes first; the first connection wins and the others are
+/// dropped. Every attempt has its own timeout.
+async fn race(
+    order: Vec<SocketAddr>,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    if let [only] = order[..] {
+        return attempt(only, timeout).await;
+    }
+    let mut pending = order.into_iter().peekable();
+    let mut running = tokio::task::JoinSet::new();
     let mut last = None;
-    for addr in order {
-        match tokio::time::timeout(cfg.timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok((s, addr));
-            }
-            Ok(Err(e)) => last = Some(DialError::Refused(e)),
-            Err(_) => last = Some(DialError::Timeout(cfg.timeout)),
+    loop {
+        if let Some(addr) = pending.next() {
+            running.spawn(attempt(addr, timeout));
+        }
+        if running.is_empty() {
+            return Err(last.unwrap_or(DialError::NoAddress));
+        }
+        let more = pending.peek().is_some();
+        tokio::select! {
+            done = running.join_next() => match done {
+                Some(Ok(Ok(won))) => return Ok(won), // dropping the set aborts the rest
+                Some(Ok(Err(e))) => last = Some(e),
+                _ => {}
+            },
+            _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {}
         }
     }
-    Err(last.unwrap_or(DialError::NoAddress))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn happy_eyeballs_moves_past_a_refusing_address() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = live.local_addr().unwrap();
+        // A port with nothing listening refuses at once.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (s, addr) = race(vec![closed, good], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(addr, good);
+        drop(s);
+        let err = race(vec![closed, closed], Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DialError::Refused(_)), "{err}");
+    }
+
+    #[test]
+    fn families_alternate_ipv6_first() {
+        let a: Vec<SocketAddr> = ["1.1.1.1:1", "2.2.2.2:1", "[2001:db8::1]:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let order = interleave(a);
+        assert!(order[0].is_ipv6() && order[1].is_ipv4() && order[2].is_ipv4());
+    }
 
     fn class(s: &str) -> AddressClass {
         classify(s.parse().unwrap())

@@ -9,11 +9,11 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpInfo;
 
-use super::Shared;
+use super::Live;
 use super::connect::dial_failed;
-use super::dial::dial;
+use super::pool::dial_error;
 use super::respond::{Body, refuse};
 use crate::policy::{InvalidTarget, PathView, Target};
 
@@ -55,20 +55,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 pub(super) async fn forward(
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    live: Arc<Live>,
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(authority) = req.uri().authority().cloned() else {
-        return shared.refuse_invalid("http", peer, "", InvalidTarget::EmptyHost);
+        return live.refuse_invalid("http", peer, "", InvalidTarget::EmptyHost);
     };
     if authority.as_str().contains('@') {
-        return shared.refuse_invalid("http", peer, authority.as_str(), InvalidTarget::UserInfo);
+        return live.refuse_invalid("http", peer, authority.as_str(), InvalidTarget::UserInfo);
     }
     let port = match authority.port() {
         Some(_) => match authority.port_u16() {
             Some(p) if p > 0 => p,
             _ => {
-                return shared.refuse_invalid(
+                return live.refuse_invalid(
                     "http",
                     peer,
                     authority.as_str(),
@@ -80,7 +80,7 @@ pub(super) async fn forward(
     };
     let target = match Target::from_parts(authority.host(), port) {
         Ok(t) => t,
-        Err(e) => return shared.refuse_invalid("http", peer, authority.as_str(), e),
+        Err(e) => return live.refuse_invalid("http", peer, authority.as_str(), e),
     };
     let shown = target.to_string();
     let path = req
@@ -88,63 +88,60 @@ pub(super) async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let v = shared.judge(&target, PathView::Visible(&path));
-    shared.log_decision("http", peer, &format!("{shown}{path}"), &v);
+    let v = live.judge(&target, PathView::Visible(&path));
+    live.log_decision("http", peer, &format!("{shown}{path}"), &v);
     if !v.pass {
-        return shared.forbidden(&format!("{shown}{path}"), &v.decision);
+        return live.forbidden(&format!("{shown}{path}"), &v.decision);
     }
-    let (stream, addr) = match dial(&target, v.decision.is_allowed(), &shared.config.dial).await {
-        Ok(x) => x,
-        Err(e) => return dial_failed(&shared, peer, &shown, &e),
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_GATEWAY,
-                "connection_terminated",
-                "upstream_handshake",
-                &format!("aml-egress could not talk HTTP to {shown}: {e}"),
-            );
-        }
-    };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
+    // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2);
+    // the pool sends the request in origin form.
     strip_hop_by_hop(req.headers_mut());
     if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
         req.headers_mut().insert(header::HOST, v);
     }
-    *req.uri_mut() = path
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    let uri = format!("http://{authority}{path}");
+    *req.uri_mut() = match uri.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return live.refuse_invalid("http", peer, &uri, InvalidTarget::BadCharacter),
+    };
     let method = req.method().clone();
-    match sender.send_request(req).await {
+    match live
+        .upstream
+        .client(v.decision.is_allowed())
+        .request(req)
+        .await
+    {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
+            let upstream = resp
+                .extensions()
+                .get::<HttpInfo>()
+                .map(|i| i.remote_addr().to_string())
+                .unwrap_or_default();
             tracing::info!(
                 listener = "http",
                 client = %peer,
                 target = %shown,
-                upstream = %addr,
+                upstream,
                 method = %method,
                 path = %path,
                 status = resp.status().as_u16(),
                 decision = if v.would_deny { "would_deny" } else { "allow" },
-                rule = %shared.rule_text(&v.decision),
-                mode = shared.config.mode.as_str(),
+                rule = %live.rule_text(&v.decision),
+                mode = live.config.mode.as_str(),
                 duration_ms = started.elapsed().as_millis() as u64,
                 "request forwarded"
             );
             resp.map(|b| b.boxed())
         }
-        Err(e) => refuse(
-            StatusCode::BAD_GATEWAY,
-            "http_response_incomplete",
-            "upstream_response",
-            &format!("aml-egress got no valid response from {shown}: {e}"),
-        ),
+        Err(e) => match dial_error(&e) {
+            Some(d) => dial_failed(&live, peer, &shown, d),
+            None => refuse(
+                StatusCode::BAD_GATEWAY,
+                "http_response_incomplete",
+                "upstream_response",
+                &format!("aml-egress got no valid response from {shown}: {e}"),
+            ),
+        },
     }
 }

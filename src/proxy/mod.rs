@@ -9,26 +9,30 @@ mod connect;
 pub mod dial;
 pub mod head;
 mod http;
+pub mod pool;
 pub mod respond;
 pub mod sni;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Settings, parse_cidr};
+use crate::config::{Settings, parse_cidr, parse_name_server};
 use crate::loader::Built;
 use crate::policy::{Decision, PathView, Reason, Target};
-use dial::DialConfig;
+use dial::{DialConfig, Resolver};
 use respond::{Body, refuse};
 
 /// `enforce` refuses what the policy denies; `audit` lets it through and logs `would_deny`.
@@ -60,11 +64,12 @@ pub struct ProxyConfig {
     pub tls_ports: Vec<u16>,
     pub sni_missing_allowed: bool,
     pub sni_timeout: Duration,
-    pub dial: DialConfig,
+    pub dial: Arc<DialConfig>,
 }
 
 impl ProxyConfig {
-    /// From checked settings; `own` are the bound listening sockets.
+    /// From checked settings; `own` are the bound listening sockets. The resolver is set
+    /// by [`Live::new`].
     pub fn from_settings(s: &Settings, own: Vec<SocketAddr>) -> Self {
         let secs = Duration::from_secs_f64;
         let p = &s.proxy;
@@ -87,7 +92,7 @@ impl ProxyConfig {
             tls_ports: p.tls_ports.clone(),
             sni_missing_allowed: p.sni_missing == "allow",
             sni_timeout: secs(p.sni_timeout_secs),
-            dial: DialConfig {
+            dial: Arc::new(DialConfig {
                 connect_to: s
                     .upstream
                     .connect_to
@@ -106,16 +111,29 @@ impl ProxyConfig {
                 deny_private: s.upstream.private_ranges == "deny",
                 timeout: secs(s.upstream.dial_timeout_secs),
                 own,
-            },
+                resolver: None,
+            }),
         }
     }
 }
 
-/// Counts live connections and tunnels so that shutdown can wait for them.
-#[derive(Debug, Default)]
+/// Counts live connections and tunnels so that shutdown can wait for them, and closes
+/// what is left when the grace period is over.
+#[derive(Debug)]
 pub struct Tracker {
     live: AtomicUsize,
     idle: Notify,
+    closing: watch::Sender<bool>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            live: AtomicUsize::new(0),
+            idle: Notify::new(),
+            closing: watch::Sender::new(false),
+        }
+    }
 }
 
 /// Held while a connection or tunnel is open.
@@ -131,6 +149,17 @@ impl Tracker {
     /// Open connections and tunnels.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// Tell every open connection and tunnel to close now.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves when [`Tracker::close_all`] has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Wait until nothing is open.
@@ -153,13 +182,78 @@ impl Drop for TrackGuard {
     }
 }
 
-/// State shared by every connection: the compiled policy and the runtime settings.
-pub struct Shared {
-    pub built: Arc<Built>,
+/// Everything a configuration load produces: the compiled policy, the runtime settings,
+/// the upstream pools and the TLS certificate. Swapped whole on reload, so that a request
+/// sees one consistent version from decision to dial.
+pub struct Live {
+    pub built: Built,
     pub config: ProxyConfig,
+    pub upstream: pool::Upstream,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Live {
+    /// Build the runtime state for checked settings and a compiled policy; `own` are the
+    /// proxy's bound listening sockets. Fails (with a message naming the setting) when the
+    /// DNS resolver or the TLS certificate cannot be set up.
+    pub fn new(s: &Settings, built: Built, own: Vec<SocketAddr>) -> Result<Live, String> {
+        let mut config = ProxyConfig::from_settings(s, own);
+        let servers: Vec<SocketAddr> = s
+            .upstream
+            .name_servers
+            .iter()
+            .filter_map(|n| parse_name_server(n))
+            .collect();
+        let mut dial = (*config.dial).clone();
+        dial.resolver = Some(Resolver::new(&servers)?);
+        config.dial = Arc::new(dial);
+        let tls = match (&s.proxy.tls_cert, &s.proxy.tls_key) {
+            (Some(cert), Some(key)) if !s.proxy.tls_listen.is_empty() => {
+                Some(tls::acceptor(cert, key)?)
+            }
+            _ => None,
+        };
+        let upstream = pool::Upstream::new(config.dial.clone(), config.idle_timeout);
+        Ok(Live {
+            built,
+            config,
+            upstream,
+            tls,
+        })
+    }
+}
+
+/// State shared by every connection: the live configuration (swapped on reload without a
+/// lock on the hot path), the tracker of open connections and tunnels, and the stop signal.
+pub struct Shared {
+    live: ArcSwap<Live>,
     pub tracker: Arc<Tracker>,
     /// Flips to `true` when shutdown starts.
     pub stopping: watch::Receiver<bool>,
+    limit: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Shared state serving `live` until `stopping` flips.
+    pub fn new(live: Live, stopping: watch::Receiver<bool>) -> Arc<Shared> {
+        let limit = Arc::new(Semaphore::new(live.config.max_connections));
+        Arc::new(Shared {
+            live: ArcSwap::from_pointee(live),
+            tracker: Default::default(),
+            stopping,
+            limit,
+        })
+    }
+
+    /// The configuration in force now; a request keeps the one it started with.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Put a new configuration in force for new requests; open tunnels keep theirs.
+    pub fn replace(&self, live: Live) {
+        self.live.store(Arc::new(live));
+    }
 }
 
 /// The outcome of asking the policy, with the mode applied.
@@ -172,7 +266,7 @@ pub(crate) struct Verdict {
     pub would_deny: bool,
 }
 
-impl Shared {
+impl Live {
     pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Verdict {
         let decision = self.built.policy.decide(target, view);
         self.apply_mode(decision)
@@ -253,27 +347,38 @@ impl Shared {
     }
 }
 
-/// Bind every configured listener (before dropping privileges or reporting ready).
-pub async fn bind(addrs: &[String]) -> std::io::Result<Vec<TcpListener>> {
+/// A bound listening socket, plain or TLS.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: bool,
+}
+
+impl Listener {
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Bind every configured listener, plain then TLS (before reporting ready).
+pub async fn bind(proxy: &crate::config::ProxySettings) -> std::io::Result<Vec<Listener>> {
     let mut out = Vec::new();
-    for a in addrs {
-        let l = TcpListener::bind(a)
+    let all = proxy.listen.iter().map(|a| (a, false));
+    for (a, tls) in all.chain(proxy.tls_listen.iter().map(|a| (a, true))) {
+        let tcp = TcpListener::bind(a)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
-        out.push(l);
+        out.push(Listener { tcp, tls });
     }
     Ok(out)
 }
 
 /// Serve until `stop` flips to `true`, then drain open connections and tunnels for up to
 /// the grace period. Returns the number of connections still open at the deadline.
-pub async fn run(listeners: Vec<TcpListener>, shared: Arc<Shared>) -> usize {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+pub async fn run(listeners: Vec<Listener>, shared: Arc<Shared>) -> usize {
     let mut accepts = Vec::new();
     for l in listeners {
-        let shared = shared.clone();
-        let limit = limit.clone();
-        accepts.push(tokio::spawn(accept_loop(l, shared, limit)));
+        accepts.push(tokio::spawn(accept_loop(l, shared.clone())));
     }
     let mut stopping = shared.stopping.clone();
     stopped(&mut stopping).await;
@@ -283,7 +388,7 @@ pub async fn run(listeners: Vec<TcpListener>, shared: Arc<Shared>) -> usize {
     for a in accepts {
         let _ = a.await; // the listeners are closed once these return
     }
-    let grace = shared.config.grace_period;
+    let grace = shared.live().config.grace_period;
     if tokio::time::timeout(grace, shared.tracker.drained())
         .await
         .is_err()
@@ -294,6 +399,9 @@ pub async fn run(listeners: Vec<TcpListener>, shared: Arc<Shared>) -> usize {
             grace_secs = grace.as_secs_f64(),
             "grace period over; closing what is still open"
         );
+        shared.tracker.close_all();
+        // Each closes at its next poll; wait briefly so that their sockets are gone.
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tracker.drained()).await;
         return left;
     }
     0
@@ -304,9 +412,9 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Semaphore>) {
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.tcp.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -319,7 +427,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Sema
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
             ip => ip,
         };
-        if !shared
+        let live = shared.live();
+        if !live
             .config
             .allow_clients
             .iter()
@@ -329,7 +438,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Sema
             drop(stream);
             continue;
         }
-        let permit = match limit.clone().try_acquire_owned() {
+        let permit = match shared.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
@@ -350,17 +459,37 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Sema
         };
         let guard = shared.tracker.track();
         let shared = shared.clone();
+        let _ = stream.set_nodelay(true);
+        let tls = if listener.tls { live.tls.clone() } else { None };
+        let handshake_timeout = live.config.header_timeout;
+        drop(live);
         tokio::spawn(async move {
-            serve_connection(stream, peer, shared).await;
+            match tls {
+                None => serve_connection(stream, peer, shared).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, shared).await,
+                        Ok(Err(e)) => {
+                            tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed")
+                        }
+                        Err(_) => {
+                            tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)")
+                        }
+                    }
+                }
+            }
             drop(permit);
             drop(guard);
         });
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    let cfg = &shared.config;
+async fn serve_connection<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let live = shared.live();
+    let cfg = &live.config;
     let prefix = match head::read_head(&mut stream, cfg.max_header_bytes, cfg.header_timeout).await
     {
         Ok(p) => p,
@@ -401,6 +530,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
         .header_read_timeout(cfg.header_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
+    drop(live);
     let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
     let mut stopping = shared.stopping.clone();
@@ -408,7 +538,10 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
         _ = conn.as_mut() => {}
         _ = stopped(&mut stopping) => {
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shared.tracker.closed() => {}
+            }
         }
     }
 }
@@ -416,7 +549,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
 /// Write a raw refusal, then read and discard what the client is still sending (bounded in
 /// bytes and time) before closing, so that the kernel does not reset the connection and
 /// destroy the answer before the client reads it.
-async fn refuse_raw(mut stream: TcpStream, body: &[u8]) {
+async fn refuse_raw<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: &[u8]) {
     use tokio::io::AsyncReadExt;
     if stream.write_all(body).await.is_err() {
         return;
@@ -440,11 +573,12 @@ async fn route(
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) -> hyper::Response<Body> {
+    let live = shared.live();
     if req.method() == Method::CONNECT {
-        return connect::handle(req, peer, shared).await;
+        return connect::handle(req, peer, live, shared).await;
     }
     match req.uri().scheme_str() {
-        Some("http") => http::forward(req, peer, shared).await,
+        Some("http") => http::forward(req, peer, live).await,
         Some("https") => refuse(
             StatusCode::BAD_REQUEST,
             "http_request_error",

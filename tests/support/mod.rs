@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use aml_egress::config::{ConfigError, Settings};
 use aml_egress::loader::{self, Built};
 
+pub mod dns;
+
 /// A file in a per-process temporary folder, removed when dropped.
 pub struct TempFile(pub PathBuf);
 

@@ -1,0 +1,97 @@
+//! The pooled keep-alive client for plain HTTP: hyper-util's connection pool over our own
+//! connector, so that every new upstream connection goes through the same resolve-once,
+//! address-guarded dial as a CONNECT tunnel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::dial::{DialConfig, DialError, dial};
+use crate::policy::{InvalidTarget, Target};
+
+/// Dials the pool's new connections. Private ranges are allowed only through the client
+/// for allowlisted names, so a connection pooled for one kind never serves the other.
+#[derive(Clone)]
+pub struct Connector {
+    dial: Arc<DialConfig>,
+    allowlisted: bool,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let cfg = self.dial.clone();
+        let allowlisted = self.allowlisted;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let port = uri.port_u16().unwrap_or(80);
+            let target = Target::from_parts(host, port)
+                .map_err(|e: InvalidTarget| DialError::Dns(e.to_string()))?;
+            let (stream, _) = dial(&target, allowlisted, &cfg).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Two pools: for names an allow rule matched, and for audit-mode passes.
+pub struct Upstream {
+    allowlisted: Client<Connector, Incoming>,
+    unlisted: Client<Connector, Incoming>,
+}
+
+impl Upstream {
+    /// Pools whose idle connections close after `idle`.
+    pub fn new(dial: Arc<DialConfig>, idle: Duration) -> Self {
+        let client = |allowlisted| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .pool_max_idle_per_host(32)
+                .set_host(false)
+                .build(Connector {
+                    dial: dial.clone(),
+                    allowlisted,
+                })
+        };
+        Upstream {
+            allowlisted: client(true),
+            unlisted: client(false),
+        }
+    }
+
+    /// The pool for a request whose name an allow rule matched (or not).
+    pub fn client(&self, allowlisted: bool) -> &Client<Connector, Incoming> {
+        if allowlisted {
+            &self.allowlisted
+        } else {
+            &self.unlisted
+        }
+    }
+}
+
+/// The dial error inside a client error, if the failure was ours.
+pub fn dial_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(d) = err.downcast_ref::<DialError>() {
+            return Some(d);
+        }
+        cur = err.source();
+    }
+    None
+}
