@@ -313,3 +313,27 @@ fn inbound_udp_and_service_tag_entries_never_allow_traffic() {
     );
     assert!(b.reference.iter().any(|e| e.pattern == "Storage.westus"));
 }
+
+/// A refusal names the nearest allow rules; with a large policy (above 2000 rules) only
+/// rules under the same registrable domain are searched, so that the hint stays cheap.
+#[test]
+fn the_nearest_rule_hint_stays_within_the_domain_in_large_policies() {
+    let mut toml = String::new();
+    for i in 0..2500 {
+        toml.push_str(&format!(
+            "[[allow]]\nhost = \"svc{i}.example.org\"\nports = [443]\n"
+        ));
+    }
+    toml.push_str("[[allow]]\nhost = \"*.contoso.com\"\nports = [443]\n");
+    let b = built(&toml);
+    let d = b
+        .policy
+        .decide_str("api.fabrikam.contoso.com:8443", PathView::Hidden);
+    let why = b.policy.explain("api.fabrikam.contoso.com:8443", &d);
+    assert!(why.contains("*.contoso.com"), "{why}");
+    let d = b
+        .policy
+        .decide_str("svc1.example.orgx:443", PathView::Hidden);
+    let why = b.policy.explain("svc1.example.orgx:443", &d);
+    assert_eq!(why, "no rule matches");
+}

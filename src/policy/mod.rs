@@ -324,6 +324,19 @@ pub struct Policy {
     deny: Tables,
     options: PolicyOptions,
     notes: Vec<String>,
+    /// Allow host rules by the last two labels of their base name, so that the "nearest
+    /// rule" hint of a refusal stays cheap however many rules there are.
+    by_domain: std::collections::HashMap<String, Vec<usize>>,
+}
+
+/// Up to this many rules, the nearest-rule hint also looks for near-typos in every rule;
+/// above it, only rules under the same registrable domain are considered.
+const FULL_SCAN_RULES: usize = 2000;
+
+fn last_two_labels(name: &str) -> &str {
+    name.rmatch_indices('.')
+        .nth(1)
+        .map_or(name, |(i, _)| &name[i + 1..])
 }
 
 /// Counts of compiled rules by kind, for summaries and metrics.
@@ -391,12 +404,22 @@ impl Policy {
                 source,
             })?;
         notes.dedup();
+        let mut by_domain: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (i, r) in specs.iter().enumerate() {
+            if let (Action::Allow, Matchable::Host(h, _)) = (r.action, &r.what) {
+                by_domain
+                    .entry(last_two_labels(h.base()).to_owned())
+                    .or_default()
+                    .push(i);
+            }
+        }
         Ok(Policy {
             rules: specs,
             allow,
             deny,
             options,
             notes,
+            by_domain,
         })
     }
 
@@ -528,9 +551,13 @@ impl Policy {
     /// Allow rules whose names resemble `name`, closest first: a hint for denials, computed
     /// off the hot path by a scan of every rule.
     pub fn nearest(&self, name: &str, limit: usize) -> Vec<&Rule> {
-        let mut scored: Vec<(usize, &Rule)> = self
-            .rules
-            .iter()
+        let candidates: Box<dyn Iterator<Item = &Rule>> = if self.rules.len() <= FULL_SCAN_RULES {
+            Box::new(self.rules.iter())
+        } else {
+            let same = self.by_domain.get(last_two_labels(name));
+            Box::new(same.into_iter().flatten().map(|&i| &self.rules[i]))
+        };
+        let mut scored: Vec<(usize, &Rule)> = candidates
             .filter(|r| r.action == Action::Allow)
             .filter_map(|r| match &r.what {
                 Matchable::Host(h, _) => similarity(name, h.base()).map(|s| (s, r)),
@@ -610,6 +637,9 @@ fn similarity(name: &str, base: &str) -> Option<usize> {
         .map_or(base.len(), |(i, _)| base.len() - i - 1);
     if common >= registrable && common > 0 {
         return Some(base.len() - common);
+    }
+    if name.len().abs_diff(base.len()) > 2 {
+        return None; // the edit distance is at least the difference in length
     }
     let d = edit_distance(name, base);
     (d <= 2).then_some(100 + d)

@@ -1,19 +1,19 @@
 //! `CONNECT host:port`: decide, dial, and only then answer `200`; then check the TLS name
-//! inside the tunnel (on TLS ports) and copy both ways until either side closes or the
-//! tunnel sits idle too long.
+//! inside the tunnel (on TLS ports) and relay both ways (see [`super::relay`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::dial::{DialError, dial};
+use super::head::Rewind;
+use super::relay;
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
 use super::{Live, Shared, Verdict};
@@ -50,9 +50,8 @@ pub(super) async fn handle(
         let _guard = guard;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let io = TokioIo::new(upgraded);
                 tokio::select! {
-                    _ = tunnel(io, upstream, target, &live, peer, v, addr, started) => {}
+                    _ = tunnel(upgraded, upstream, target, &live, peer, v, addr, started) => {}
                     _ = shared.tracker.closed() => {
                         tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
                     }
@@ -92,9 +91,30 @@ pub(super) fn dial_failed(
     )
 }
 
+/// The client side of an upgraded CONNECT: the plain TCP socket when hyper hands it back
+/// (so that the relay can splice), or the upgraded stream (clients on a TLS listener).
+enum ClientSide {
+    Tcp(TcpStream),
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+fn unwrap_client(upgraded: hyper::upgrade::Upgraded) -> (ClientSide, BytesMut) {
+    match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(parts) => {
+            let (mut pending, tcp) = parts.io.into_inner().into_parts();
+            pending.extend_from_slice(&parts.read_buf);
+            (ClientSide::Tcp(tcp), pending)
+        }
+        Err(upgraded) => (
+            ClientSide::Upgraded(TokioIo::new(upgraded)),
+            BytesMut::new(),
+        ),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn tunnel<C>(
-    mut client: C,
+async fn tunnel(
+    upgraded: hyper::upgrade::Upgraded,
     mut upstream: TcpStream,
     target: Target,
     live: &Live,
@@ -102,19 +122,23 @@ async fn tunnel<C>(
     mut v: Verdict,
     addr: SocketAddr,
     started: Instant,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let shown = target.to_string();
     let cfg = &live.config;
+    let (mut client, mut buf) = unwrap_client(upgraded);
     let mut sni = String::new();
     if cfg.tls_ports.contains(&target.port) {
-        let mut buf = BytesMut::with_capacity(2048);
         let deadline = tokio::time::Instant::now() + cfg.sni_timeout;
         let found = loop {
             match server_name(&buf) {
                 Err(SniError::Incomplete) if buf.len() < MAX_HELLO + 64 => {
-                    match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+                    let read = async {
+                        match &mut client {
+                            ClientSide::Tcp(s) => s.read_buf(&mut buf).await,
+                            ClientSide::Upgraded(s) => s.read_buf(&mut buf).await,
+                        }
+                    };
+                    match tokio::time::timeout_at(deadline, read).await {
                         Ok(Ok(0)) | Ok(Err(_)) => return,
                         Ok(Ok(_)) => continue,
                         Err(_) => break None,
@@ -160,11 +184,15 @@ async fn tunnel<C>(
             }
             v.would_deny = true;
         }
-        if upstream.write_all(&buf).await.is_err() {
-            return;
-        }
     }
-    let (up, down) = splice(client, upstream, cfg.idle_timeout).await;
+    if !buf.is_empty() && upstream.write_all(&buf).await.is_err() {
+        return;
+    }
+    let (up, down) = match client {
+        ClientSide::Tcp(s) => relay::splice_both(s, upstream, cfg.idle_timeout).await,
+        ClientSide::Upgraded(s) => relay::copy_both(s, upstream, cfg.idle_timeout).await,
+    };
+    let up = up + buf.len() as u64;
     tracing::info!(
         listener = "connect",
         client = %peer,
@@ -179,51 +207,4 @@ async fn tunnel<C>(
         duration_ms = started.elapsed().as_millis() as u64,
         "tunnel closed"
     );
-}
-
-/// Copy both ways until both directions end; a direction that sees no traffic either way
-/// for `idle` ends the tunnel. Returns bytes client→upstream and upstream→client.
-pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    tokio::join!(
-        pipe(&mut ar, &mut bw, idle, &last, start),
-        pipe(&mut br, &mut aw, idle, &last, start)
-    )
-}
-
-async fn pipe<R, W>(r: &mut R, w: &mut W, idle: Duration, last: &AtomicU64, start: Instant) -> u64
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        match tokio::time::timeout(idle, r.read(&mut buf)).await {
-            Err(_) => {
-                let quiet = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
-                if quiet < idle.as_millis() as u64 {
-                    continue;
-                }
-                break;
-            }
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => {
-                if w.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                total += n as u64;
-                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            }
-        }
-    }
-    let _ = w.shutdown().await;
-    total
 }

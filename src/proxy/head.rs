@@ -63,6 +63,11 @@ impl<S> Rewind<S> {
     pub fn new(prefix: BytesMut, inner: S) -> Self {
         Rewind { prefix, inner }
     }
+
+    /// The bytes not yet read, and the stream.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

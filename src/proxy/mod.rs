@@ -10,6 +10,7 @@ pub mod dial;
 pub mod head;
 mod http;
 pub mod pool;
+pub mod relay;
 pub mod respond;
 pub mod sni;
 pub mod tls;

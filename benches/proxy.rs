@@ -1,0 +1,268 @@
+//! Through the proxy against direct, to the same loopback upstream, in one run:
+//! CONNECT-to-200 latency (p50, p99), allowed connects per second at 1 and 32 clients, the
+//! deny path, and tunnel throughput. `cargo bench --bench proxy`.
+//!
+//! The proxy runs in-process on its own two-worker runtime; clients run on another. Every
+//! loop is bounded in count and time, and all traffic stays on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use aml_egress::config::Settings;
+use aml_egress::loader;
+use aml_egress::proxy::{self, Live, Shared};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CONNECTS: usize = 4000;
+const BYTES: u64 = 1 << 30;
+const TIME_CAP: Duration = Duration::from_secs(20);
+
+fn main() {
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (echo, source) = client_rt.block_on(async { (echo().await, source().await) });
+    let proxy = start_proxy(echo, source);
+    // `cargo bench --bench proxy -- throughput` runs one part: latency, rate or throughput.
+    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let run = move |part: &str| only.as_deref().is_none_or(|o| part.contains(o));
+    client_rt.block_on(async move {
+        println!(
+            "aml-egress through-proxy bench (loopback, {} connects per series)",
+            CONNECTS
+        );
+        if run("latency") {
+            let direct = latencies(CONNECTS, || async move {
+                let t = Instant::now();
+                let s = TcpStream::connect(echo).await.unwrap();
+                let d = t.elapsed();
+                drop(s);
+                d
+            })
+            .await;
+            let through = latencies(CONNECTS, || async move {
+                let t = Instant::now();
+                let (s, ok) = connect_via(proxy, "bench.example.com:8443").await;
+                let d = t.elapsed();
+                assert!(ok, "CONNECT was not answered 200");
+                drop(s);
+                d
+            })
+            .await;
+            let denied = latencies(CONNECTS, || async move {
+                let t = Instant::now();
+                let (s, ok) = connect_via(proxy, "denied.example.net:443").await;
+                let d = t.elapsed();
+                assert!(!ok);
+                drop(s);
+                d
+            })
+            .await;
+            report("direct TCP connect", &direct);
+            report("CONNECT to 200 (allowed)", &through);
+            report("CONNECT to 403 (denied)", &denied);
+            println!(
+                "added latency per CONNECT: p50 {:.1} us, p99 {:.1} us",
+                us(pct(&through, 50)) - us(pct(&direct, 50)),
+                us(pct(&through, 99)) - us(pct(&direct, 99)),
+            );
+        }
+        if run("rate") {
+            for clients in [1usize, 32] {
+                let rate = connect_rate(proxy, clients, "bench.example.com:8443").await;
+                println!("allowed connects per second, {clients:>2} clients: {rate:>8.0}");
+            }
+            let rate = connect_rate(proxy, 32, "denied.example.net:443").await;
+            println!("denied connects per second,  32 clients: {rate:>8.0}");
+        }
+        if !run("throughput") {
+            return;
+        }
+
+        let direct = throughput(TcpStream::connect(source).await.unwrap()).await;
+        let (s, ok) = connect_via(proxy, "bench.example.com:9443").await;
+        assert!(ok);
+        let through = throughput(s).await;
+        println!(
+            "tunnel throughput: direct {:.2} GiB/s, through the proxy {:.2} GiB/s ({:.2}x)",
+            direct,
+            through,
+            through / direct
+        );
+    });
+}
+
+fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
+    let toml = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nmax_connections = 100000\n\
+         [[allow]]\nhost = \"bench.example.com\"\nports = [\"8443\", \"9443\"]\n\
+         [upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\n\
+         connect_to = {{ \"bench.example.com:8443\" = \"{echo}\", \"bench.example.com:9443\" = \"{source}\" }}\n"
+    );
+    let dir = std::env::temp_dir().join(format!("aml-egress-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bench.toml");
+    std::fs::write(&file, toml).unwrap();
+    let settings = Settings::load_with_env(Some(&file), Some(Default::default())).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(
+                std::env::var("PROXY_WORKERS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2),
+            )
+            .thread_name("proxy-worker")
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let built = loader::build(&settings).unwrap();
+            let listeners = proxy::bind(&settings.proxy).await.unwrap();
+            let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+            tx.send(own[0]).unwrap();
+            let live = Live::new(&settings, built, own).unwrap();
+            let (_stop, stopping) = tokio::sync::watch::channel(false);
+            proxy::run(listeners, Shared::new(live, stopping)).await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// An upstream that accepts and holds each connection until the client closes it.
+async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that sends `BYTES` bytes to each connection, then closes.
+async fn source() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 256 * 1024];
+                let mut left = BYTES;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// CONNECT through the proxy; says whether the answer was 200.
+async fn connect_via(proxy: SocketAddr, target: &str) -> (TcpStream, bool) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let mut got = 0;
+    while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf[got..]).await.unwrap();
+        assert!(n > 0, "proxy closed the connection");
+        got += n;
+    }
+    let ok = buf.starts_with(b"HTTP/1.1 200");
+    (s, ok)
+}
+
+async fn latencies<F, Fut>(n: usize, f: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Duration>,
+{
+    let start = Instant::now();
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(f().await);
+        if start.elapsed() > TIME_CAP {
+            break;
+        }
+    }
+    v.sort();
+    v
+}
+
+async fn connect_rate(proxy: SocketAddr, clients: usize, target: &'static str) -> f64 {
+    let per = CONNECTS / clients;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            let t = Instant::now();
+            while done < per && t.elapsed() < TIME_CAP {
+                let (s, _) = connect_via(proxy, target).await;
+                drop(s);
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Read everything the source sends; GiB per second.
+async fn throughput(mut s: TcpStream) -> f64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let start = Instant::now();
+    let mut total = 0u64;
+    while total < BYTES && start.elapsed() < TIME_CAP {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total as f64 / start.elapsed().as_secs_f64() / (1u64 << 30) as f64
+}
+
+fn pct(v: &[Duration], p: usize) -> Duration {
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn report(what: &str, v: &[Duration]) {
+    println!(
+        "{what:<28} p50 {:>7.1} us   p99 {:>7.1} us   ({} samples)",
+        us(pct(v, 50)),
+        us(pct(v, 99)),
+        v.len()
+    );
+}
