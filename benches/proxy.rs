@@ -2,8 +2,9 @@
 //! CONNECT-to-200 latency (p50, p99), allowed connects per second at 1 and 32 clients, the
 //! deny path, and tunnel throughput. `cargo bench --bench proxy`.
 //!
-//! The proxy runs in-process on its own two-worker runtime; clients run on another. Every
-//! loop is bounded in count and time, and all traffic stays on 127.0.0.1.
+//! The proxy runs in-process on its own runtime (`PROXY_WORKERS`, default 2 threads);
+//! clients and upstreams run on another (`CLIENT_WORKERS`, default 2). Every loop is
+//! bounded in count and time, and all traffic stays on 127.0.0.1.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,7 +21,12 @@ const TIME_CAP: Duration = Duration::from_secs(20);
 
 fn main() {
     let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("CLIENT_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .unwrap();

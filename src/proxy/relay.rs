@@ -79,17 +79,18 @@ where
     total
 }
 
-/// Splice both ways between two TCP sockets until both directions end. Falls back to
-/// [`copy_both`] when the kernel gives no pipe (out of descriptors).
+/// Splice both ways between two TCP sockets until both directions end. Each direction
+/// makes its pipe when its first bytes arrive (an idle tunnel holds none), and copies
+/// through a buffer instead if the kernel gives no pipe (out of descriptors).
 pub async fn splice_both(a: TcpStream, b: TcpStream, idle: Duration) -> (u64, u64) {
-    let (Ok(ab), Ok(ba)) = (Pipe::new(), Pipe::new()) else {
-        return copy_both(a, b, idle).await;
-    };
     let activity = Activity::new(idle);
-    tokio::join!(
-        splice_one(&a, &b, ab, &activity),
-        splice_one(&b, &a, ba, &activity)
-    )
+    tokio::join!(splice_one(&a, &b, &activity), splice_one(&b, &a, &activity))
+}
+
+/// How one direction moves bytes.
+enum Mover {
+    Pipe(Pipe),
+    Buffer(Vec<u8>),
 }
 
 struct Pipe {
@@ -108,48 +109,80 @@ impl Pipe {
 
 const CHUNK: usize = 1 << 20;
 
-async fn splice_one(from: &TcpStream, to: &TcpStream, pipe: Pipe, activity: &Activity) -> u64 {
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+async fn splice_one(from: &TcpStream, to: &TcpStream, activity: &Activity) -> u64 {
+    let mut mover: Option<Mover> = None;
     let mut total = 0u64;
-    'outer: loop {
-        // Socket → pipe, waiting for data at most the idle timeout at a time.
-        let moved = loop {
-            match tokio::time::timeout(activity.idle, from.readable()).await {
-                Err(_) if activity.expired() => break 'outer,
-                Err(_) => continue,
-                Ok(Err(_)) => break 'outer,
-                Ok(Ok(())) => {}
-            }
-            let r = from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
-            });
-            match r {
-                Ok(0) => break 'outer, // end of stream
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => break 'outer,
-            }
+    loop {
+        // Wait for data, at most the idle timeout at a time.
+        match tokio::time::timeout(activity.idle, from.readable()).await {
+            Err(_) if activity.expired() => break,
+            Err(_) => continue,
+            Ok(Err(_)) => break,
+            Ok(Ok(())) => {}
+        }
+        let how = mover.get_or_insert_with(|| match Pipe::new() {
+            Ok(p) => Mover::Pipe(p),
+            Err(_) => Mover::Buffer(vec![0u8; 64 * 1024]),
+        });
+        let moved = match how {
+            Mover::Pipe(pipe) => splice_once(from, to, pipe).await,
+            Mover::Buffer(buf) => copy_once(from, to, buf).await,
         };
-        // Pipe → socket, until the pipe is empty.
-        let mut left = moved;
-        while left > 0 {
-            if to.writable().await.is_err() {
-                break 'outer;
-            }
-            let r = to.try_io(Interest::WRITABLE, || {
-                splice(&pipe.read, None, to, None, left, flags).map_err(io::Error::from)
-            });
-            match r {
-                Ok(n) => left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => break 'outer,
+        match moved {
+            Ok(Some(0)) | Err(_) => break, // end of stream, or a side failed
+            Ok(None) => continue,          // readiness was spurious
+            Ok(Some(n)) => {
+                total += n as u64;
+                activity.touch();
             }
         }
-        total += moved as u64;
-        activity.touch();
     }
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     total
+}
+
+/// One socket → pipe → socket round; `None` when there was nothing to read after all.
+async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<Option<usize>> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let r = from.try_io(Interest::READABLE, || {
+        splice(from, None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
+    });
+    let moved = match r {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut left = moved;
+    while left > 0 {
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || {
+            splice(&pipe.read, None, to, None, left, flags).map_err(io::Error::from)
+        }) {
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(moved))
+}
+
+/// The same round through a buffer.
+async fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let n = match from.try_read(buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut sent = 0;
+    while sent < n {
+        to.writable().await?;
+        match to.try_write(&buf[sent..n]) {
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
 }
 
 #[cfg(test)]
@@ -162,6 +195,29 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    #[tokio::test]
+    async fn the_buffer_fallback_moves_bytes_too() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        client.write_all(b"through a buffer").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut buf = vec![0u8; 4];
+        let mut n = 0;
+        loop {
+            a.readable().await.unwrap();
+            match copy_once(&a, &b, &mut buf).await.unwrap() {
+                Some(0) => break,
+                Some(k) => n += k,
+                None => {}
+            }
+        }
+        drop(b);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"through a buffer");
+        assert_eq!(n, 16);
     }
 
     #[tokio::test]
