@@ -132,7 +132,8 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             let listeners = proxy::bind(&settings.proxy).await.unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
             tx.send(own[0]).unwrap();
-            let live = Live::new(&settings, built, own).unwrap();
+            let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000, 10));
+            let live = Live::new(&settings, built, own, metrics).unwrap();
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             proxy::run(listeners, Shared::new(live, stopping)).await;
         });

@@ -152,6 +152,80 @@ impl Default for UpstreamSettings {
     }
 }
 
+/// The `[admin]` section: the listener for metrics, health and the denied list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminSettings {
+    /// `host:port`, or empty to serve no admin endpoints.
+    pub listen: String,
+    /// A file holding the bearer token; required when `listen` is not a loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: "127.0.0.1:9464".into(),
+            token_file: None,
+        }
+    }
+}
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MetricsSettings {
+    /// Distinct denied `host:port` pairs with their own series (and in `/denied`).
+    pub max_denied_targets: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            max_denied_targets: 1000,
+        }
+    }
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    /// `error`, `warn`, `info`, `debug` or `trace` (`AML_EGRESS_LOG` takes precedence).
+    pub level: String,
+    /// `json` (one object per line) or `text`.
+    pub format: String,
+    /// Denial lines per target (`host:port`) per minute; more are counted, not written.
+    pub denied_lines_per_minute: u32,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: "json".into(),
+            denied_lines_per_minute: 10,
+        }
+    }
+}
+
+/// The `[reload]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ReloadSettings {
+    /// Seconds between looks at the config file (and the files it names); 0 turns the
+    /// watch off (SIGHUP still reloads).
+    pub watch_interval_secs: f64,
+}
+
+impl Default for ReloadSettings {
+    fn default() -> Self {
+        ReloadSettings {
+            watch_interval_secs: 2.0,
+        }
+    }
+}
+
 /// One `[[allow]]` or `[[deny]]` entry.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -171,6 +245,10 @@ pub struct Settings {
     pub policy: PolicySettings,
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
+    pub admin: AdminSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+    pub reload: ReloadSettings,
     pub allow: Vec<RuleEntry>,
     pub deny: Vec<RuleEntry>,
     /// The file the settings came from, if any.
@@ -285,6 +363,26 @@ const SCHEMA: &[(&str, Shape)] = &[
             ("private_ranges", Shape::Leaf),
             ("name_servers", Shape::Leaf),
         ]),
+    ),
+    (
+        "admin",
+        Shape::Table(&[("listen", Shape::Leaf), ("token_file", Shape::Leaf)]),
+    ),
+    (
+        "metrics",
+        Shape::Table(&[("max_denied_targets", Shape::Leaf)]),
+    ),
+    (
+        "log",
+        Shape::Table(&[
+            ("level", Shape::Leaf),
+            ("format", Shape::Leaf),
+            ("denied_lines_per_minute", Shape::Leaf),
+        ]),
+    ),
+    (
+        "reload",
+        Shape::Table(&[("watch_interval_secs", Shape::Leaf)]),
     ),
     ("allow", Shape::TableArray(RULE_KEYS)),
     ("deny", Shape::TableArray(RULE_KEYS)),
@@ -497,6 +595,7 @@ impl Settings {
             ));
         }
         self.validate_proxy(&mut issues);
+        self.validate_operations(&mut issues);
         let mut out: Vec<ConfigIssue> = issues
             .into_iter()
             .map(|(k, v, p, f)| self.issue(k, v, p, f))
@@ -770,6 +869,80 @@ impl Settings {
                     ),
                 ));
             }
+        }
+    }
+}
+
+impl Settings {
+    fn validate_operations(&self, issues: &mut Vec<Problem>) {
+        let a = &self.admin;
+        if !a.listen.is_empty() {
+            match a.listen.parse::<std::net::SocketAddr>() {
+                Err(_) => issues.push((
+                    "admin.listen",
+                    format!("{:?}", a.listen),
+                    "not an address:port".into(),
+                    Some(
+                        "write for example \"127.0.0.1:9464\", or \"\" for no admin listener"
+                            .into(),
+                    ),
+                )),
+                Ok(addr) if !addr.ip().is_loopback() && a.token_file.is_none() => issues.push((
+                    "admin.listen",
+                    format!("{:?}", a.listen),
+                    "an admin listener off loopback needs a bearer token".into(),
+                    Some(
+                        "set admin.token_file to a file holding the token, or listen on 127.0.0.1"
+                            .into(),
+                    ),
+                )),
+                Ok(_) => {}
+            }
+        }
+        if let Some(f) = &a.token_file {
+            let token = std::fs::read_to_string(f).unwrap_or_default();
+            if token.trim().len() < 16 {
+                issues.push((
+                    "admin.token_file",
+                    format!("{:?}", f.display().to_string()),
+                    "missing, unreadable, or holding a token shorter than 16 characters".into(),
+                    Some("write a long random token into the file, for example with `openssl rand -hex 32`".into()),
+                ));
+            }
+        }
+        if self.metrics.max_denied_targets == 0 || self.metrics.max_denied_targets > 100_000 {
+            issues.push((
+                "metrics.max_denied_targets",
+                self.metrics.max_denied_targets.to_string(),
+                "out of range".into(),
+                Some("use 1 to 100000 (each is one series per scrape)".into()),
+            ));
+        }
+        let l = &self.log;
+        if !["error", "warn", "info", "debug", "trace"].contains(&l.level.as_str()) {
+            issues.push((
+                "log.level",
+                format!("{:?}", l.level),
+                "not a level".into(),
+                Some("use error, warn, info, debug or trace".into()),
+            ));
+        }
+        if l.format != "json" && l.format != "text" {
+            issues.push((
+                "log.format",
+                format!("{:?}", l.format),
+                "not a format".into(),
+                Some("use \"json\" or \"text\"".into()),
+            ));
+        }
+        let w = self.reload.watch_interval_secs;
+        if !(w.is_finite() && (0.0..=3600.0).contains(&w)) {
+            issues.push((
+                "reload.watch_interval_secs",
+                w.to_string(),
+                "not a duration".into(),
+                Some("use seconds from 0 (no watch) to 3600".into()),
+            ));
         }
     }
 }

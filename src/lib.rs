@@ -7,10 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod loader;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
+pub mod server;
 pub mod shutdown;

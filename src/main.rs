@@ -130,57 +130,21 @@ fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_current_span(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AML_EGRESS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(io::stderr)
-        .init();
     let (settings, built) = match load("serve", config.as_ref()) {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };
-    for w in &built.warnings {
-        tracing::warn!(note = %w, "policy note");
-    }
+    aml_egress::server::init_logging(&settings.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let listeners = aml_egress::proxy::bind(&settings.proxy).await?;
-        let own: Vec<_> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        let (stop_tx, stop_rx) = aml_egress::shutdown::channel();
-        tokio::spawn(aml_egress::shutdown::on_signal(stop_tx));
-        let counts = built.policy.counts();
-        let (cloud, revision) = (built.cloud, built.revision.clone());
-        let live = match aml_egress::proxy::Live::new(&settings, built, own.clone()) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("aml-egress serve: {e}");
-                return Ok(EXIT_USAGE);
-            }
-        };
-        tracing::info!(
-            listen = ?own,
-            mode = %settings.proxy.mode,
-            cloud = %cloud,
-            revision = %revision,
-            exact = counts.exact,
-            wildcard = counts.wildcard,
-            deny = counts.deny,
-            "aml-egress serving"
-        );
-        let shared = aml_egress::proxy::Shared::new(live, stop_rx);
-        aml_egress::proxy::run(listeners, shared).await;
-        tracing::info!("stopped");
-        Ok::<_, anyhow::Error>(0)
-    })
+    match rt.block_on(aml_egress::server::serve(config, settings, built)) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("aml-egress serve: {e}");
+            Ok(EXIT_USAGE)
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aml_egress::loader;
-use aml_egress::proxy::{self, Live, Shared};
+use aml_egress::metrics::Metrics;
+use aml_egress::proxy::Live;
+use aml_egress::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -29,22 +31,18 @@ struct Proxy {
 async fn start_proxy(toml: &str) -> Proxy {
     let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
     s.proxy.listen = vec!["127.0.0.1:0".into()];
+    s.admin.listen = "127.0.0.1:0".into();
     let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
-    let listeners = proxy::bind(&s.proxy).await.unwrap();
-    let own: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let tls_addr = listeners
-        .iter()
-        .find(|l| l.tls)
-        .map(|l| l.local_addr().unwrap());
-    let live = Live::new(&s, built, own.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let tls = !s.proxy.tls_listen.is_empty();
     let (stop, stopping) = watch::channel(false);
-    let shared = Shared::new(live, stopping);
-    let done = tokio::spawn(proxy::run(listeners, shared));
+    let running = server::start(None, s, built, stopping)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     Proxy {
-        addr: own[0],
-        tls_addr,
+        addr: running.addrs[0],
+        tls_addr: tls.then(|| running.addrs[1]),
         stop,
-        done,
+        done: running.done,
     }
 }
 
@@ -513,7 +511,9 @@ fn a_bad_proxy_certificate_is_a_clear_startup_error() {
     ))
     .unwrap();
     let built = loader::build(&s).unwrap();
-    let err = Live::new(&s, built, vec![]).err().expect("refused");
+    let err = Live::new(&s, built, vec![], Arc::new(Metrics::new(10, 10)))
+        .err()
+        .expect("refused");
     assert!(
         err.contains("proxy.tls_cert") && err.contains("junk.pem"),
         "{err}"

@@ -17,6 +17,7 @@ use super::relay;
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
 use super::{Live, Shared, Verdict};
+use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Decision, Host, PathView, Reason, Target};
 
 pub(super) async fn handle(
@@ -32,22 +33,27 @@ pub(super) async fn handle(
         .unwrap_or_default();
     let target = match Target::parse(&raw) {
         Ok(t) => t,
-        Err(e) => return live.refuse_invalid("connect", peer, &raw, e),
+        Err(e) => return live.refuse_invalid(ListenerKind::Connect, peer, &raw, e),
     };
     let shown = target.to_string();
     let v = live.judge(&target, PathView::Hidden);
-    live.log_decision("connect", peer, &shown, &v);
     if !v.pass {
+        live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
         return live.forbidden(&shown, &v.decision);
     }
     let started = Instant::now();
-    let (upstream, addr) = match dial(&target, v.decision.is_allowed(), &live.config.dial).await {
+    let dialled = dial(&target, v.decision.is_allowed(), &live.config.dial).await;
+    live.metrics.dial(dialled.is_ok(), started.elapsed());
+    let (upstream, addr) = match dialled {
         Ok(x) => x,
-        Err(e) => return dial_failed(&live, peer, &shown, &e),
+        Err(e) => return dial_failed(&live, ListenerKind::Connect, peer, &target, &e),
     };
+    live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
     let guard = shared.tracker.track();
+    let open = live.metrics.open(true, live.config.mode.as_str());
     tokio::spawn(async move {
         let _guard = guard;
+        let _open = open;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 tokio::select! {
@@ -63,20 +69,39 @@ pub(super) async fn handle(
     Response::new(full(""))
 }
 
-/// The response (and log line) for a dial that failed after the policy allowed it.
+/// The response (count and log line) for a dial that failed after the policy allowed it:
+/// the address guard's refusals are denials; DNS and connection failures are errors.
 pub(super) fn dial_failed(
     live: &Live,
+    via: ListenerKind,
     peer: SocketAddr,
-    target: &str,
+    target: &Target,
     e: &DialError,
 ) -> Response<Body> {
     let (error, details) = e.proxy_status();
+    let guard = matches!(e, DialError::Forbidden(_) | DialError::SelfConnection(_));
     let status = match e {
-        DialError::Forbidden(_) | DialError::SelfConnection(_) => StatusCode::FORBIDDEN,
+        _ if guard => StatusCode::FORBIDDEN,
         DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     };
-    tracing::warn!(client = %peer, target, decision = "deny", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
+    let target = target.to_string();
+    if guard {
+        live.note(
+            via,
+            peer,
+            Target::parse(&target).ok().as_ref(),
+            &target,
+            Outcome::Deny,
+            details,
+            "",
+        );
+    } else {
+        live.metrics.decision(via, Outcome::Error, details);
+        if live.metrics.error_line_allowed() {
+            tracing::warn!(client = %peer, target, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
+        }
+    }
     let hint = match e {
         DialError::Forbidden(_) | DialError::SelfConnection(_) => {
             " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
@@ -168,16 +193,26 @@ async fn tunnel(
         if let Some(sv) = sni_verdict
             && !sv.decision.is_allowed()
         {
-            let decision = if sv.pass { "would_deny" } else { "deny" };
-            tracing::warn!(
-                listener = "connect",
-                client = %peer,
-                target = %shown,
-                sni = %sni,
-                decision,
-                reason = "sni_not_allowed",
-                mode = cfg.mode.as_str(),
-                "TLS server name inside the tunnel is not allowed"
+            let outcome = if sv.pass {
+                Outcome::WouldDeny
+            } else {
+                Outcome::Deny
+            };
+            let by_name = found.map(|name| Target {
+                host: Host::Name(name),
+                port: target.port,
+            });
+            let what = by_name.as_ref().unwrap_or(&target);
+            let label = format!("{what} (TLS name inside CONNECT {shown})");
+            let rule = live.rule_text(&sv.decision);
+            live.note(
+                ListenerKind::Connect,
+                peer,
+                Some(what),
+                &label,
+                outcome,
+                "sni_not_allowed",
+                &rule,
             );
             if !sv.pass {
                 return;
@@ -188,9 +223,14 @@ async fn tunnel(
     if !buf.is_empty() && upstream.write_all(&buf).await.is_err() {
         return;
     }
+    live.metrics.tunnel_up.inc_by(buf.len() as u64);
+    let counters = relay::Counters {
+        up: &live.metrics.tunnel_up,
+        down: &live.metrics.tunnel_down,
+    };
     let (up, down) = match client {
-        ClientSide::Tcp(s) => relay::splice_both(s, upstream, cfg.idle_timeout).await,
-        ClientSide::Upgraded(s) => relay::copy_both(s, upstream, cfg.idle_timeout).await,
+        ClientSide::Tcp(s) => relay::splice_both(s, upstream, cfg.idle_timeout, counters).await,
+        ClientSide::Upgraded(s) => relay::copy_both(s, upstream, cfg.idle_timeout, counters).await,
     };
     let up = up + buf.len() as u64;
     tracing::info!(

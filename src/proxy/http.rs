@@ -15,6 +15,7 @@ use super::Live;
 use super::connect::dial_failed;
 use super::pool::dial_error;
 use super::respond::{Body, refuse};
+use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -59,17 +60,22 @@ pub(super) async fn forward(
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(authority) = req.uri().authority().cloned() else {
-        return live.refuse_invalid("http", peer, "", InvalidTarget::EmptyHost);
+        return live.refuse_invalid(ListenerKind::Http, peer, "", InvalidTarget::EmptyHost);
     };
     if authority.as_str().contains('@') {
-        return live.refuse_invalid("http", peer, authority.as_str(), InvalidTarget::UserInfo);
+        return live.refuse_invalid(
+            ListenerKind::Http,
+            peer,
+            authority.as_str(),
+            InvalidTarget::UserInfo,
+        );
     }
     let port = match authority.port() {
         Some(_) => match authority.port_u16() {
             Some(p) if p > 0 => p,
             _ => {
                 return live.refuse_invalid(
-                    "http",
+                    ListenerKind::Http,
                     peer,
                     authority.as_str(),
                     InvalidTarget::BadPort,
@@ -80,7 +86,7 @@ pub(super) async fn forward(
     };
     let target = match Target::from_parts(authority.host(), port) {
         Ok(t) => t,
-        Err(e) => return live.refuse_invalid("http", peer, authority.as_str(), e),
+        Err(e) => return live.refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e),
     };
     let shown = target.to_string();
     let path = req
@@ -89,9 +95,10 @@ pub(super) async fn forward(
         .map_or("/", |p| p.as_str())
         .to_owned();
     let v = live.judge(&target, PathView::Visible(&path));
-    live.log_decision("http", peer, &format!("{shown}{path}"), &v);
     if !v.pass {
-        return live.forbidden(&format!("{shown}{path}"), &v.decision);
+        let with_path = format!("{shown}{path}");
+        live.note_verdict(ListenerKind::Http, peer, Some(&target), &with_path, &v);
+        return live.forbidden(&with_path, &v.decision);
     }
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2);
     // the pool sends the request in origin form.
@@ -102,7 +109,9 @@ pub(super) async fn forward(
     let uri = format!("http://{authority}{path}");
     *req.uri_mut() = match uri.parse::<Uri>() {
         Ok(u) => u,
-        Err(_) => return live.refuse_invalid("http", peer, &uri, InvalidTarget::BadCharacter),
+        Err(_) => {
+            return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
+        }
     };
     let method = req.method().clone();
     match live
@@ -112,6 +121,7 @@ pub(super) async fn forward(
         .await
     {
         Ok(mut resp) => {
+            live.note_verdict(ListenerKind::Http, peer, Some(&target), &shown, &v);
             strip_hop_by_hop(resp.headers_mut());
             let upstream = resp
                 .extensions()
@@ -135,13 +145,17 @@ pub(super) async fn forward(
             resp.map(|b| b.boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, peer, &shown, d),
-            None => refuse(
-                StatusCode::BAD_GATEWAY,
-                "http_response_incomplete",
-                "upstream_response",
-                &format!("aml-egress got no valid response from {shown}: {e}"),
-            ),
+            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d),
+            None => {
+                live.metrics
+                    .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+                refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "http_response_incomplete",
+                    "upstream_response",
+                    &format!("aml-egress got no valid response from {shown}: {e}"),
+                )
+            }
         },
     }
 }

@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Settings, parse_cidr, parse_name_server};
 use crate::loader::Built;
+use crate::metrics::{Limit, ListenerKind, Metrics, Outcome};
 use crate::policy::{Decision, PathView, Reason, Target};
 use dial::{DialConfig, Resolver};
 use respond::{Body, refuse};
@@ -191,13 +192,20 @@ pub struct Live {
     pub config: ProxyConfig,
     pub upstream: pool::Upstream,
     pub tls: Option<TlsAcceptor>,
+    /// The process's metrics (the same registry across reloads).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Live {
     /// Build the runtime state for checked settings and a compiled policy; `own` are the
     /// proxy's bound listening sockets. Fails (with a message naming the setting) when the
     /// DNS resolver or the TLS certificate cannot be set up.
-    pub fn new(s: &Settings, built: Built, own: Vec<SocketAddr>) -> Result<Live, String> {
+    pub fn new(
+        s: &Settings,
+        built: Built,
+        own: Vec<SocketAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Live, String> {
         let mut config = ProxyConfig::from_settings(s, own);
         let servers: Vec<SocketAddr> = s
             .upstream
@@ -214,12 +222,14 @@ impl Live {
             }
             _ => None,
         };
-        let upstream = pool::Upstream::new(config.dial.clone(), config.idle_timeout);
+        let upstream =
+            pool::Upstream::new(config.dial.clone(), config.idle_timeout, metrics.clone());
         Ok(Live {
             built,
             config,
             upstream,
             tls,
+            metrics,
         })
     }
 }
@@ -232,13 +242,17 @@ pub struct Shared {
     /// Flips to `true` when shutdown starts.
     pub stopping: watch::Receiver<bool>,
     limit: Arc<Semaphore>,
+    /// The connection limit the semaphore was sized for.
+    max_connections: AtomicUsize,
 }
 
 impl Shared {
     /// Shared state serving `live` until `stopping` flips.
     pub fn new(live: Live, stopping: watch::Receiver<bool>) -> Arc<Shared> {
-        let limit = Arc::new(Semaphore::new(live.config.max_connections));
+        let max = live.config.max_connections;
+        let limit = Arc::new(Semaphore::new(max));
         Arc::new(Shared {
+            max_connections: AtomicUsize::new(max),
             live: ArcSwap::from_pointee(live),
             tracker: Default::default(),
             stopping,
@@ -251,8 +265,27 @@ impl Shared {
         self.live.load_full()
     }
 
-    /// Put a new configuration in force for new requests; open tunnels keep theirs.
+    /// Put a new configuration in force for new requests; open tunnels keep theirs. A new
+    /// `proxy.max_connections` takes effect as connections close (permits are not revoked
+    /// from open ones).
     pub fn replace(&self, live: Live) {
+        let new = live.config.max_connections;
+        let old = self.max_connections.swap(new, Ordering::SeqCst);
+        if new > old {
+            self.limit.add_permits(new - old);
+        } else if new < old {
+            let mut owed = old - new;
+            owed -= self.limit.forget_permits(owed);
+            // Permits still held by open connections: take them as they come back.
+            if owed > 0 {
+                let limit = self.limit.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = limit.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
         self.live.store(Arc::new(live));
     }
 }
@@ -307,10 +340,10 @@ impl Live {
         )
     }
 
-    /// Refuse a target that could not be parsed (logged like any denial).
+    /// Refuse a target that could not be parsed (counted and logged like any denial).
     pub(crate) fn refuse_invalid(
         &self,
-        kind: &str,
+        via: ListenerKind,
         peer: SocketAddr,
         shown: &str,
         e: crate::policy::InvalidTarget,
@@ -320,31 +353,97 @@ impl Live {
             reason: Reason::InvalidTarget(e),
             rule: None,
         });
-        self.log_decision(kind, peer, shown, &v);
+        self.note_verdict(via, peer, None, shown, &v);
         self.forbidden(shown, &v.decision)
     }
 
-    pub(crate) fn log_decision(&self, kind: &str, client: SocketAddr, target: &str, v: &Verdict) {
-        let decision = if v.would_deny {
-            "would_deny"
+    /// Count a policy verdict; denials and would-be denials are also recorded and logged.
+    pub(crate) fn note_verdict(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: Option<&Target>,
+        shown: &str,
+        v: &Verdict,
+    ) {
+        let outcome = if v.would_deny {
+            Outcome::WouldDeny
         } else if v.pass {
-            "allow"
+            Outcome::Allow
         } else {
-            "deny"
+            Outcome::Deny
         };
-        if v.pass && !v.would_deny {
+        let rule = self.rule_text(&v.decision);
+        self.note(
+            via,
+            client,
+            target,
+            shown,
+            outcome,
+            v.decision.reason.code(),
+            &rule,
+        );
+    }
+
+    /// Count one decision. Denials and would-be denials go into the denied-target table and
+    /// get one log line each, at most `log.denied_lines_per_minute` per target.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn note(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: Option<&Target>,
+        shown: &str,
+        outcome: Outcome,
+        reason: &str,
+        rule: &str,
+    ) {
+        self.metrics.decision(via, outcome, reason);
+        if outcome == Outcome::Allow {
             return; // allowed connections are logged once, when they finish
         }
-        tracing::warn!(
-            listener = kind,
-            client = %client,
-            target,
-            decision,
-            reason = v.decision.reason.code(),
-            rule = %self.rule_text(&v.decision),
-            mode = self.config.mode.as_str(),
-            "destination denied"
-        );
+        let log = match target {
+            Some(t) => {
+                let host = match t.host {
+                    crate::policy::Host::Name(n) => n.as_str().to_owned(),
+                    crate::policy::Host::Ip(ip) => ip.to_string(),
+                };
+                self.metrics
+                    .denied(&host, t.port, || allow_entry(t, reason))
+            }
+            None => self.metrics.denied("(invalid target)", 0, || {
+                "nothing: the request did not name a valid host:port".to_owned()
+            }),
+        };
+        if log {
+            tracing::warn!(
+                listener = via.as_str(),
+                client = %client,
+                target = shown,
+                decision = outcome.as_str(),
+                reason,
+                rule,
+                mode = self.config.mode.as_str(),
+                "destination denied"
+            );
+        }
+    }
+}
+
+/// The configuration entry that would let a refused target through.
+fn allow_entry(t: &Target, reason: &str) -> String {
+    match (reason, t.host) {
+        ("forbidden_address", _) => format!(
+            "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
+        ),
+        ("deny_rule", _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
+        (_, crate::policy::Host::Name(n)) => {
+            format!("[[allow]]\nhost = \"{}\"\nports = [{}]", n.as_str(), t.port)
+        }
+        (_, crate::policy::Host::Ip(ip)) => {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            format!("[[allow]]\ncidr = \"{ip}/{bits}\"\nports = [{}]", t.port)
+        }
     }
 }
 
@@ -435,6 +534,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             .iter()
             .any(|n| n.contains(&peer_ip))
         {
+            live.metrics.limit(Limit::ClientNotAllowed);
             tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
             drop(stream);
             continue;
@@ -442,6 +542,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let permit = match shared.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                live.metrics.limit(Limit::Connections);
                 tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
                 tokio::spawn(async move {
                     let mut stream = stream;
@@ -462,6 +563,8 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let shared = shared.clone();
         let _ = stream.set_nodelay(true);
         let tls = if listener.tls { live.tls.clone() } else { None };
+        let open = live.metrics.open(false, live.config.mode.as_str());
+        let metrics = live.metrics.clone();
         let handshake_timeout = live.config.header_timeout;
         drop(live);
         tokio::spawn(async move {
@@ -471,14 +574,17 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => serve_connection(s, peer, shared).await,
                         Ok(Err(e)) => {
+                            metrics.limit(Limit::TlsHandshake);
                             tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed")
                         }
                         Err(_) => {
+                            metrics.limit(Limit::TlsHandshake);
                             tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)")
                         }
                     }
                 }
             }
+            drop(open);
             drop(permit);
             drop(guard);
         });
@@ -495,6 +601,7 @@ where
     {
         Ok(p) => p,
         Err(head::HeadError::Timeout) => {
+            live.metrics.limit(Limit::HeaderTimeout);
             tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
             let body = respond::raw(
                 408,
@@ -507,6 +614,7 @@ where
             return;
         }
         Err(head::HeadError::TooLarge) => {
+            live.metrics.limit(Limit::HeaderSize);
             let body = respond::raw(
                 431,
                 "Request Header Fields Too Large",
@@ -575,11 +683,20 @@ async fn route(
     shared: Arc<Shared>,
 ) -> hyper::Response<Body> {
     let live = shared.live();
+    let start = std::time::Instant::now();
     if req.method() == Method::CONNECT {
-        return connect::handle(req, peer, live, shared).await;
+        let resp = connect::handle(req, peer, live.clone(), shared).await;
+        live.metrics
+            .request_duration(ListenerKind::Connect, start.elapsed());
+        return resp;
     }
     match req.uri().scheme_str() {
-        Some("http") => http::forward(req, peer, live).await,
+        Some("http") => {
+            let resp = http::forward(req, peer, live.clone()).await;
+            live.metrics
+                .request_duration(ListenerKind::Http, start.elapsed());
+            resp
+        }
         Some("https") => refuse(
             StatusCode::BAD_REQUEST,
             "http_request_error",

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::dial::{DialConfig, DialError, dial};
+use crate::metrics::Metrics;
 use crate::policy::{InvalidTarget, Target};
 
 /// Dials the pool's new connections. Private ranges are allowed only through the client
@@ -23,6 +24,7 @@ use crate::policy::{InvalidTarget, Target};
 pub struct Connector {
     dial: Arc<DialConfig>,
     allowlisted: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -37,13 +39,16 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let cfg = self.dial.clone();
         let allowlisted = self.allowlisted;
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let host = uri.host().unwrap_or_default();
             let port = uri.port_u16().unwrap_or(80);
             let target = Target::from_parts(host, port)
                 .map_err(|e: InvalidTarget| DialError::Dns(e.to_string()))?;
-            let (stream, _) = dial(&target, allowlisted, &cfg).await?;
-            Ok(TokioIo::new(stream))
+            let started = std::time::Instant::now();
+            let dialled = dial(&target, allowlisted, &cfg).await;
+            metrics.dial(dialled.is_ok(), started.elapsed());
+            Ok(TokioIo::new(dialled?.0))
         })
     }
 }
@@ -56,7 +61,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Pools whose idle connections close after `idle`.
-    pub fn new(dial: Arc<DialConfig>, idle: Duration) -> Self {
+    pub fn new(dial: Arc<DialConfig>, idle: Duration, metrics: Arc<Metrics>) -> Self {
         let client = |allowlisted| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -66,6 +71,7 @@ impl Upstream {
                 .build(Connector {
                     dial: dial.clone(),
                     allowlisted,
+                    metrics: metrics.clone(),
                 })
         };
         Upstream {

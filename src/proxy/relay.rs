@@ -6,9 +6,19 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounter;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+
+/// Where each direction's bytes are counted as they move (the tunnel-bytes metric).
+#[derive(Clone, Copy)]
+pub struct Counters<'a> {
+    /// Client to upstream.
+    pub up: &'a IntCounter,
+    /// Upstream to client.
+    pub down: &'a IntCounter,
+}
 
 /// When each direction last moved bytes, shared by both, so that a tunnel busy one way is
 /// not closed for being quiet the other way.
@@ -40,7 +50,7 @@ impl Activity {
 }
 
 /// Copy both ways with buffers until both directions end. Returns bytes a→b and b→a.
-pub async fn copy_both<A, B>(a: A, b: B, idle: Duration) -> (u64, u64)
+pub async fn copy_both<A, B>(a: A, b: B, idle: Duration, counters: Counters<'_>) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -49,12 +59,12 @@ where
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     tokio::join!(
-        copy_one(&mut ar, &mut bw, &activity),
-        copy_one(&mut br, &mut aw, &activity)
+        copy_one(&mut ar, &mut bw, &activity, counters.up),
+        copy_one(&mut br, &mut aw, &activity, counters.down)
     )
 }
 
-async fn copy_one<R, W>(r: &mut R, w: &mut W, activity: &Activity) -> u64
+async fn copy_one<R, W>(r: &mut R, w: &mut W, activity: &Activity, counter: &IntCounter) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -71,6 +81,7 @@ where
                     break;
                 }
                 total += n as u64;
+                counter.inc_by(n as u64);
                 activity.touch();
             }
         }
@@ -82,9 +93,17 @@ where
 /// Splice both ways between two TCP sockets until both directions end. Each direction
 /// makes its pipe when its first bytes arrive (an idle tunnel holds none), and copies
 /// through a buffer instead if the kernel gives no pipe (out of descriptors).
-pub async fn splice_both(a: TcpStream, b: TcpStream, idle: Duration) -> (u64, u64) {
+pub async fn splice_both(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    counters: Counters<'_>,
+) -> (u64, u64) {
     let activity = Activity::new(idle);
-    tokio::join!(splice_one(&a, &b, &activity), splice_one(&b, &a, &activity))
+    tokio::join!(
+        splice_one(&a, &b, &activity, counters.up),
+        splice_one(&b, &a, &activity, counters.down)
+    )
 }
 
 /// How one direction moves bytes.
@@ -109,7 +128,12 @@ impl Pipe {
 
 const CHUNK: usize = 1 << 20;
 
-async fn splice_one(from: &TcpStream, to: &TcpStream, activity: &Activity) -> u64 {
+async fn splice_one(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    counter: &IntCounter,
+) -> u64 {
     let mut mover: Option<Mover> = None;
     let mut total = 0u64;
     loop {
@@ -133,6 +157,7 @@ async fn splice_one(from: &TcpStream, to: &TcpStream, activity: &Activity) -> u6
             Ok(None) => continue,          // readiness was spurious
             Ok(Some(n)) => {
                 total += n as u64;
+                counter.inc_by(n as u64);
                 activity.touch();
             }
         }
@@ -225,7 +250,17 @@ mod tests {
         // client <-> [a | proxy | b] <-> server
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let relay = tokio::spawn(splice_both(a, b, Duration::from_secs(30)));
+        let relay = tokio::spawn(async move {
+            let up = IntCounter::new("u", "u").unwrap();
+            let down = IntCounter::new("d", "d").unwrap();
+            let counters = Counters {
+                up: &up,
+                down: &down,
+            };
+            let moved = splice_both(a, b, Duration::from_secs(30), counters).await;
+            assert_eq!((up.get(), down.get()), moved);
+            moved
+        });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
         let down: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13) as u8).collect();
         let (up2, down2) = (up.clone(), down.clone());

@@ -1,0 +1,174 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/denied`, apart from the
+//! proxy's own port so that metrics are never reachable through the proxy.
+//!
+//! Bound off loopback it requires `Authorization: Bearer <token>` (the token from
+//! `admin.token_file`) on everything but the two health endpoints, which tell nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::metrics::Metrics;
+use crate::proxy::respond::{Body, full};
+
+/// What the admin endpoints serve.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    /// Required bearer token, when set.
+    pub token: Option<String>,
+    /// True once the listeners are bound and a policy is loaded; false again while draining.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Read a bearer token file (surrounding whitespace ignored).
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| {
+            format!(
+                "admin.token_file {}: cannot read the token: {e}",
+                path.display()
+            )
+        })
+}
+
+/// Serve admin requests until `stopping` flips.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(64));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue; // over 64 concurrent scrapes: drop the connection
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&admin, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn authorised(admin: &Admin, req: &Request<hyper::body::Incoming>) -> bool {
+    let Some(token) = &admin.token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare every byte whatever the first difference, so timing says nothing.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "the admin endpoints answer GET only\n".into(),
+        );
+    }
+    let path = req.uri().path();
+    match path {
+        "/healthz" => return text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/readyz" => {
+            return if admin.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, PLAIN, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "not ready: starting up or draining\n".into(),
+                )
+            };
+        }
+        _ => {}
+    }
+    if !authorised(admin, req) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            PLAIN,
+            "send Authorization: Bearer <the token in admin.token_file>\n".into(),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"aml-egress admin\""),
+        );
+        return r;
+    }
+    match path {
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            admin.metrics.render(),
+        ),
+        "/denied" => {
+            let limit = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(100);
+            let top = admin.metrics.top_denied(limit);
+            let body = serde_json::to_string_pretty(&top).unwrap_or_else(|_| "[]".into());
+            text(StatusCode::OK, "application/json", body + "\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "aml-egress admin endpoints: /metrics, /healthz, /readyz, /denied[?limit=N]\n".into(),
+        ),
+    }
+}
+
+/// Bind the admin listener, with the setting named in the error.
+pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on admin.listen {addr}: {e}"),
+        )
+    })?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}

@@ -1,0 +1,637 @@
+//! Prometheus metrics on the proxy's own registry, and the bounded table of denied
+//! destinations behind `aml_egress_denied_total`, `/denied` and the denial-log limiter.
+//!
+//! Denied host names are chosen by whoever sends the request, so the table is bounded:
+//! when it is full, the least recently denied target loses its series to make room, and
+//! both the eviction and the denials it had counted are themselves counted. Handles for
+//! the fixed label sets are created once and kept, so that counting a decision is one
+//! atomic add.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Serialize;
+
+use crate::policy::RuleCounts;
+
+/// Where a decision was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Connect,
+    Http,
+    Transparent,
+}
+
+impl ListenerKind {
+    const ALL: [ListenerKind; 3] = [
+        ListenerKind::Connect,
+        ListenerKind::Http,
+        ListenerKind::Transparent,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Connect => "connect",
+            ListenerKind::Http => "http",
+            ListenerKind::Transparent => "transparent",
+        }
+    }
+}
+
+/// What happened to a request, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    Deny,
+    WouldDeny,
+    /// Allowed, but the upstream could not be reached (DNS, refused, timeout).
+    Error,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [
+        Outcome::Allow,
+        Outcome::Deny,
+        Outcome::WouldDeny,
+        Outcome::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::WouldDeny => "would_deny",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Every reason code a decision can carry (policy reasons, then the proxy's own).
+pub const REASONS: [&str; 15] = [
+    "rule",
+    "rule_widened",
+    "deny_rule",
+    "no_matching_rule",
+    "port_not_allowed",
+    "path_not_allowed",
+    "path_hidden_by_tls",
+    "invalid_target",
+    "sni_not_allowed",
+    "forbidden_address",
+    "dns_failed",
+    "no_address",
+    "dial_timeout",
+    "dial_failed",
+    "upstream_response",
+];
+
+/// A limit that turned a client away.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    Connections,
+    HeaderTimeout,
+    HeaderSize,
+    ClientNotAllowed,
+    TlsHandshake,
+}
+
+impl Limit {
+    fn as_str(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::HeaderTimeout => "header_timeout",
+            Limit::HeaderSize => "header_size",
+            Limit::ClientNotAllowed => "client_not_allowed",
+            Limit::TlsHandshake => "tls_handshake",
+        }
+    }
+}
+
+const DECISION_SLOTS: usize = ListenerKind::ALL.len() * Outcome::ALL.len() * REASONS.len();
+
+/// Every metric the proxy exports, on one registry.
+pub struct Metrics {
+    registry: Registry,
+    decisions_vec: IntCounterVec,
+    decisions: Vec<OnceLock<IntCounter>>,
+    denied_vec: IntCounterVec,
+    series_evicted: IntCounter,
+    denials_evicted: IntCounter,
+    request_duration: HistogramVec,
+    dial_ok: Histogram,
+    dial_error: Histogram,
+    open_connections: IntGaugeVec,
+    open_tunnels: IntGaugeVec,
+    /// Bytes client→upstream and upstream→client.
+    pub tunnel_up: IntCounter,
+    pub tunnel_down: IntCounter,
+    limits: IntCounterVec,
+    reloads: IntCounterVec,
+    reload_ok: IntGauge,
+    reload_time: IntGauge,
+    rules: IntGaugeVec,
+    build_info: IntGaugeVec,
+    suppressed: IntCounter,
+    denied: Mutex<DeniedTable>,
+    lines_per_minute: AtomicU64,
+    /// Minute (since start) and lines written in it, for upstream-error lines.
+    error_lines: Mutex<(u64, u64)>,
+    started: Instant,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("registered once");
+    h
+}
+
+impl Metrics {
+    /// A fresh registry with every metric; `max_denied` bounds the denied-target series.
+    pub fn new(max_denied: usize, lines_per_minute: u32) -> Self {
+        let r = Registry::new();
+        let latency = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
+        let dial = histogram_vec(
+            &r,
+            "aml_egress_dial_duration_seconds",
+            "Time to resolve and connect to an upstream, by result (ok or error).",
+            &["result"],
+            latency.clone(),
+        );
+        let tunnel_bytes = counter_vec(
+            &r,
+            "aml_egress_tunnel_bytes_total",
+            "Bytes relayed through tunnels, by direction (up: client to upstream, down: upstream to client).",
+            &["direction"],
+        );
+        Metrics {
+            decisions_vec: counter_vec(
+                &r,
+                "aml_egress_decisions_total",
+                "Decisions on destinations, by listener, decision (allow, deny, would_deny, error) and reason.",
+                &["listener", "decision", "reason"],
+            ),
+            decisions: (0..DECISION_SLOTS).map(|_| OnceLock::new()).collect(),
+            denied_vec: counter_vec(
+                &r,
+                "aml_egress_denied_total",
+                "Denied (or, in audit mode, would-be denied) requests by destination host and port; at most metrics.max_denied_targets series, least recently denied evicted first.",
+                &["host", "port"],
+            ),
+            series_evicted: counter(
+                &r,
+                "aml_egress_denied_series_evicted_total",
+                "Denied-destination series removed to stay within metrics.max_denied_targets.",
+            ),
+            denials_evicted: counter(
+                &r,
+                "aml_egress_denied_evicted_total",
+                "Denials counted by denied-destination series that have since been evicted.",
+            ),
+            request_duration: histogram_vec(
+                &r,
+                "aml_egress_request_duration_seconds",
+                "Time from a request head to the proxy's answer (for CONNECT: the 200 after the dial, or the refusal), by listener.",
+                &["listener"],
+                latency,
+            ),
+            dial_ok: dial.with_label_values(&["ok"]),
+            dial_error: dial.with_label_values(&["error"]),
+            open_connections: gauge_vec(
+                &r,
+                "aml_egress_open_connections",
+                "Client connections open now, by mode.",
+                &["mode"],
+            ),
+            open_tunnels: gauge_vec(
+                &r,
+                "aml_egress_open_tunnels",
+                "CONNECT tunnels open now, by mode.",
+                &["mode"],
+            ),
+            tunnel_up: tunnel_bytes.with_label_values(&["up"]),
+            tunnel_down: tunnel_bytes.with_label_values(&["down"]),
+            limits: counter_vec(
+                &r,
+                "aml_egress_limits_hit_total",
+                "Clients turned away by a limit: connections (503), header_timeout (408), header_size (431), client_not_allowed, tls_handshake.",
+                &["limit"],
+            ),
+            reloads: counter_vec(
+                &r,
+                "aml_egress_config_reloads_total",
+                "Configuration reloads by result (success, failure).",
+                &["result"],
+            ),
+            reload_ok: gauge(
+                &r,
+                "aml_egress_config_last_reload_successful",
+                "1 if the last configuration load succeeded, 0 if it failed (the previous policy still serves).",
+            ),
+            reload_time: gauge(
+                &r,
+                "aml_egress_config_last_reload_timestamp_seconds",
+                "Unix time of the last successful configuration load.",
+            ),
+            rules: gauge_vec(
+                &r,
+                "aml_egress_rules",
+                "Compiled rules in force, by kind.",
+                &["kind"],
+            ),
+            build_info: gauge_vec(
+                &r,
+                "aml_egress_build_info",
+                "Always 1; the labels say which build, catalog revision and cloud are serving.",
+                &["version", "catalog_revision", "cloud"],
+            ),
+            suppressed: counter(
+                &r,
+                "aml_egress_log_lines_suppressed_total",
+                "Denial log lines not written because their target was over log.denied_lines_per_minute.",
+            ),
+            denied: Mutex::new(DeniedTable::new(max_denied)),
+            lines_per_minute: AtomicU64::new(u64::from(lines_per_minute)),
+            error_lines: Mutex::new((0, 0)),
+            started: Instant::now(),
+            registry: r,
+        }
+    }
+
+    /// Count one decision (an atomic add once the handle exists).
+    pub fn decision(&self, listener: ListenerKind, outcome: Outcome, reason: &str) {
+        let Some(r) = REASONS.iter().position(|x| *x == reason) else {
+            return;
+        };
+        let l = ListenerKind::ALL
+            .iter()
+            .position(|x| *x == listener)
+            .unwrap_or(0);
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        let slot = (l * Outcome::ALL.len() + o) * REASONS.len() + r;
+        self.decisions[slot]
+            .get_or_init(|| {
+                self.decisions_vec.with_label_values(&[
+                    listener.as_str(),
+                    outcome.as_str(),
+                    REASONS[r],
+                ])
+            })
+            .inc();
+    }
+
+    /// Record a denied (or would-be denied) destination; says whether its log line should
+    /// be written (at most `log.denied_lines_per_minute` per target per minute).
+    pub fn denied(&self, host: &str, port: u16, suggestion: impl FnOnce() -> String) -> bool {
+        let per_minute = self.lines_per_minute.load(Ordering::Relaxed);
+        let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+        let note = t.note(host, port, per_minute, suggestion, |h, p| {
+            self.denied_vec.with_label_values(&[h, &p.to_string()])
+        });
+        for (h, p, count) in note.evicted {
+            let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
+            self.series_evicted.inc();
+            self.denials_evicted.inc_by(count);
+        }
+        if !note.log {
+            self.suppressed.inc();
+        }
+        note.log
+    }
+
+    /// The most denied targets, most first.
+    pub fn top_denied(&self, limit: usize) -> Vec<DeniedReport> {
+        let t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<DeniedReport> = t
+            .entries
+            .iter()
+            .map(|((host, port), e)| DeniedReport {
+                target: format!("{host}:{port}"),
+                host: host.clone(),
+                port: *port,
+                count: e.count,
+                first_seen: rfc3339(e.first),
+                last_seen: rfc3339(e.last),
+                allow_entry: e.suggestion.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.target.cmp(&b.target)));
+        v.truncate(limit);
+        v
+    }
+
+    /// Whether an upstream-error line (DNS, refused, timeout) may be written: at most ten
+    /// times `log.denied_lines_per_minute` per minute in all, so that a flood of
+    /// non-existent names cannot fill a disk. Suppressed lines are counted.
+    pub fn error_line_allowed(&self) -> bool {
+        let minute = self.started.elapsed().as_secs() / 60;
+        let budget = self.lines_per_minute.load(Ordering::Relaxed) * 10;
+        let mut w = self.error_lines.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0 != minute {
+            *w = (minute, 0);
+        }
+        w.1 += 1;
+        let ok = w.1 <= budget;
+        if !ok {
+            self.suppressed.inc();
+        }
+        ok
+    }
+
+    /// Time spent before the proxy answered a request head.
+    pub fn request_duration(&self, listener: ListenerKind, d: Duration) {
+        self.request_duration
+            .with_label_values(&[listener.as_str()])
+            .observe(d.as_secs_f64());
+    }
+
+    /// One upstream dial and whether it connected.
+    pub fn dial(&self, ok: bool, d: Duration) {
+        let h = if ok { &self.dial_ok } else { &self.dial_error };
+        h.observe(d.as_secs_f64());
+    }
+
+    /// A gauge to hold up while a connection (or tunnel) is open in `mode`.
+    pub fn open(&self, tunnel: bool, mode: &str) -> OpenGuard {
+        let vec = if tunnel {
+            &self.open_tunnels
+        } else {
+            &self.open_connections
+        };
+        let g = vec.with_label_values(&[mode]);
+        g.inc();
+        OpenGuard(g)
+    }
+
+    /// A client turned away by a limit.
+    pub fn limit(&self, which: Limit) {
+        self.limits.with_label_values(&[which.as_str()]).inc();
+    }
+
+    /// A configuration load: the rules and build labels when it succeeded.
+    pub fn loaded(&self, ok: bool, counts: Option<(RuleCounts, &str, &str)>) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+        self.reload_ok.set(i64::from(ok));
+        let Some((c, revision, cloud)) = counts else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.reload_time.set(now as i64);
+        for (kind, n) in [
+            ("exact", c.exact),
+            ("wildcard", c.wildcard),
+            ("path", c.path),
+            ("regex", c.regex),
+            ("cidr", c.cidr),
+            ("deny", c.deny),
+        ] {
+            self.rules.with_label_values(&[kind]).set(n as i64);
+        }
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), revision, cloud])
+            .set(1);
+    }
+
+    /// Settings a reload may change.
+    pub fn set_lines_per_minute(&self, n: u32) {
+        self.lines_per_minute.store(u64::from(n), Ordering::Relaxed);
+    }
+
+    /// Change the bound on denied targets (a reload); evicts down to it at once.
+    pub fn set_max_denied(&self, max: usize) {
+        let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+        t.max = max.max(1);
+        while t.entries.len() > t.max {
+            if let Some((h, p, count)) = t.evict_oldest() {
+                let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
+                self.series_evicted.inc();
+                self.denials_evicted.inc_by(count);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Decrements its gauge when dropped.
+pub struct OpenGuard(IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One denied target in `/denied`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeniedReport {
+    pub target: String,
+    pub host: String,
+    pub port: u16,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// The `[[allow]]` entry that would let it through.
+    pub allow_entry: String,
+}
+
+struct DeniedEntry {
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+    /// Recency, for eviction.
+    tick: u64,
+    series: IntCounter,
+    suggestion: String,
+    window: Instant,
+    logged: u64,
+}
+
+struct Noted {
+    log: bool,
+    evicted: Vec<(String, u16, u64)>,
+}
+
+struct DeniedTable {
+    max: usize,
+    tick: u64,
+    entries: HashMap<(String, u16), DeniedEntry>,
+}
+
+impl DeniedTable {
+    fn new(max: usize) -> Self {
+        DeniedTable {
+            max: max.max(1),
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn evict_oldest(&mut self) -> Option<(String, u16, u64)> {
+        let key = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.tick)
+            .map(|(k, _)| k.clone())?;
+        let e = self.entries.remove(&key)?;
+        Some((key.0, key.1, e.count))
+    }
+
+    fn note(
+        &mut self,
+        host: &str,
+        port: u16,
+        per_minute: u64,
+        suggestion: impl FnOnce() -> String,
+        series: impl FnOnce(&str, u16) -> IntCounter,
+    ) -> Noted {
+        self.tick += 1;
+        let now = Instant::now();
+        let mut evicted = Vec::new();
+        let key = (host.to_owned(), port);
+        if !self.entries.contains_key(&key) {
+            while self.entries.len() >= self.max {
+                evicted.extend(self.evict_oldest());
+            }
+            self.entries.insert(
+                key.clone(),
+                DeniedEntry {
+                    count: 0,
+                    first: SystemTime::now(),
+                    last: SystemTime::now(),
+                    tick: 0,
+                    series: series(host, port),
+                    suggestion: suggestion(),
+                    window: now,
+                    logged: 0,
+                },
+            );
+        }
+        let tick = self.tick;
+        let Some(e) = self.entries.get_mut(&key) else {
+            return Noted { log: true, evicted };
+        };
+        e.count += 1;
+        e.tick = tick;
+        e.last = SystemTime::now();
+        e.series.inc();
+        if now.duration_since(e.window) >= Duration::from_secs(60) {
+            e.window = now;
+            e.logged = 0;
+        }
+        let log = e.logged < per_minute;
+        if log {
+            e.logged += 1;
+        }
+        Noted { log, evicted }
+    }
+}
+
+/// `2026-11-28T23:59:01Z` from a system time (UTC, seconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_910_341);
+        assert_eq!(rfc3339(t), "2026-11-28T23:59:01Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn the_denied_table_evicts_the_least_recently_denied_and_counts_it() {
+        let m = Metrics::new(2, 1);
+        assert!(m.denied("a.example", 443, String::new));
+        assert!(m.denied("b.example", 443, String::new));
+        assert!(!m.denied("a.example", 443, String::new)); // over 1 line per minute
+        assert!(m.denied("c.example", 443, String::new)); // evicts b (least recent)
+        let top: Vec<String> = m.top_denied(10).into_iter().map(|r| r.target).collect();
+        assert_eq!(top, ["a.example:443", "c.example:443"]);
+        let text = m.render();
+        assert!(
+            text.contains("aml_egress_denied_series_evicted_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("aml_egress_denied_evicted_total 1"), "{text}");
+        assert!(
+            text.contains("aml_egress_log_lines_suppressed_total 1"),
+            "{text}"
+        );
+        assert!(!text.contains("b.example"), "{text}");
+    }
+}

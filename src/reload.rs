@@ -1,0 +1,163 @@
+//! Hot reload: on SIGHUP, or when the config file (or a file it names) changes, load and
+//! compile everything off the hot path and swap it in whole. A file that fails to load
+//! leaves the running policy in force; the failure is logged with its location and counted.
+//!
+//! The watch reads the files' bytes rather than trusting modification times, following
+//! symbolic links each time, so a Kubernetes ConfigMap update (which swaps the `..data`
+//! symlink to a new directory) is seen like an edit in place.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::loader;
+use crate::metrics::Metrics;
+use crate::proxy::{Live, Shared};
+
+/// Reloads the configuration of a running proxy.
+pub struct Reloader {
+    /// The config file; `None` when serving the embedded defaults.
+    pub path: Option<PathBuf>,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<Metrics>,
+    /// The proxy's own listening sockets (for the self-connection guard).
+    pub own: Vec<SocketAddr>,
+    /// The settings the process started with, to tell which changes need a restart.
+    pub started: Settings,
+}
+
+/// Settings a reload cannot change, as `(key, value)` pairs.
+fn restart_only(s: &Settings) -> Vec<(&'static str, String)> {
+    vec![
+        ("proxy.listen", format!("{:?}", s.proxy.listen)),
+        ("proxy.tls_listen", format!("{:?}", s.proxy.tls_listen)),
+        ("admin.listen", s.admin.listen.clone()),
+        ("admin.token_file", format!("{:?}", s.admin.token_file)),
+        ("log.level", s.log.level.clone()),
+        ("log.format", s.log.format.clone()),
+        (
+            "reload.watch_interval_secs",
+            s.reload.watch_interval_secs.to_string(),
+        ),
+    ]
+}
+
+impl Reloader {
+    /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
+    /// new configuration is in force.
+    pub fn reload(&self, why: &str) -> bool {
+        let loaded = Settings::load(self.path.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|s| loader::build(&s).map(|b| (s, b)).map_err(|e| e.to_string()))
+            .and_then(|(s, b)| {
+                let counts = b.policy.counts();
+                let (revision, cloud) = (b.revision.clone(), b.cloud.name());
+                Live::new(&s, b, self.own.clone(), self.metrics.clone())
+                    .map(|live| (s, live, counts, revision, cloud))
+            });
+        match loaded {
+            Err(e) => {
+                self.metrics.loaded(false, None);
+                tracing::error!(trigger = why, error = %e, "configuration reload failed; the previous configuration stays in force");
+                false
+            }
+            Ok((s, live, counts, revision, cloud)) => {
+                let before = restart_only(&self.started);
+                for ((key, old), (_, new)) in before.iter().zip(restart_only(&s)) {
+                    if *old != new {
+                        tracing::warn!(key, running = %old, file = %new, "this setting changes only on restart; the running value stays");
+                    }
+                }
+                for w in &live.built.warnings {
+                    tracing::warn!(note = %w, "policy note");
+                }
+                self.metrics
+                    .set_lines_per_minute(s.log.denied_lines_per_minute);
+                self.metrics.set_max_denied(s.metrics.max_denied_targets);
+                self.shared.replace(live);
+                self.metrics
+                    .loaded(true, Some((counts, revision.as_str(), cloud)));
+                tracing::info!(
+                    trigger = why,
+                    revision = %revision,
+                    cloud,
+                    exact = counts.exact,
+                    wildcard = counts.wildcard,
+                    deny = counts.deny,
+                    "configuration reloaded"
+                );
+                true
+            }
+        }
+    }
+
+    /// The files whose contents decide the configuration, as currently configured.
+    fn watched(&self) -> Vec<PathBuf> {
+        let Some(path) = &self.path else {
+            return Vec::new();
+        };
+        let mut files = vec![path.clone()];
+        if let Ok(s) = Settings::load(Some(path)) {
+            files.extend(s.catalog.file);
+            files.extend(s.proxy.tls_cert);
+            files.extend(s.proxy.tls_key);
+        }
+        files
+    }
+
+    /// Reload on SIGHUP, and when a watched file changes (looked at every `interval`;
+    /// never when it is zero), until `stopping` flips.
+    pub async fn watch(self: Arc<Self>, interval: Duration, mut stopping: watch::Receiver<bool>) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by signal is off");
+                None
+            }
+        };
+        let mut files = self.watched();
+        let mut seen = fingerprint(&files);
+        let polling = !interval.is_zero() && self.path.is_some();
+        loop {
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stopping.wait_for(|s| *s) => return,
+                _ = hup_recv => {
+                    self.reload("SIGHUP");
+                }
+                _ = tokio::time::sleep(interval), if polling => {
+                    let now = fingerprint(&files);
+                    if now == seen {
+                        continue;
+                    }
+                    self.reload("file changed");
+                }
+            }
+            files = self.watched();
+            seen = fingerprint(&files);
+        }
+    }
+}
+
+/// A hash of the files' contents (following symbolic links); a missing file counts too.
+pub fn fingerprint(files: &[PathBuf]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        match std::fs::read(f) {
+            Ok(bytes) => bytes.hash(&mut h),
+            Err(e) => e.kind().hash(&mut h),
+        }
+    }
+    h.finish()
+}

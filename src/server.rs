@@ -1,0 +1,153 @@
+//! `aml-egress serve`: bind the listeners, start the admin endpoints, the reload watch and
+//! the signal handler, serve until stopped, drain, exit.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::admin::{self, Admin};
+use crate::config::{LogSettings, Settings};
+use crate::loader::Built;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Live, Shared};
+use crate::reload::Reloader;
+
+/// Install the log subscriber: `log.level` (or `AML_EGRESS_LOG`, which wins, with
+/// `tracing` filter syntax) and `log.format`, on standard error.
+pub fn init_logging(log: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AML_EGRESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    if log.format == "text" {
+        builder.init();
+    } else {
+        builder.json().with_current_span(false).init();
+    }
+}
+
+/// Why serving could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A started proxy: its addresses, its reloader, and the task that ends after the drain.
+pub struct Running {
+    /// The proxy's listening sockets, plain then TLS.
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub admin_addr: Option<std::net::SocketAddr>,
+    pub reloader: Arc<Reloader>,
+    pub metrics: Arc<Metrics>,
+    /// Resolves with the number of connections still open when the grace period ended.
+    pub done: tokio::task::JoinHandle<usize>,
+}
+
+/// Serve with checked settings and a compiled policy until SIGTERM or SIGINT, then drain.
+/// `path` is the config file, watched and re-read on reload.
+pub async fn serve(
+    path: Option<PathBuf>,
+    settings: Settings,
+    built: Built,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = crate::shutdown::channel();
+    let running = start(path, settings, built, stop_rx).await?;
+    tokio::spawn(crate::shutdown::on_signal(stop_tx));
+    let _ = running.done.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Bind, start serving, and return at once; everything stops when `stop` flips. Reloads
+/// come from SIGHUP and the file watch, or [`Reloader::reload`].
+pub async fn start(
+    path: Option<PathBuf>,
+    settings: Settings,
+    built: Built,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Running, ServeError> {
+    let listeners = proxy::bind(&settings.proxy).await?;
+    let own: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let admin_listener = if settings.admin.listen.is_empty() {
+        None
+    } else {
+        Some(admin::bind(&settings.admin.listen).await?)
+    };
+    let token = match &settings.admin.token_file {
+        Some(f) => Some(admin::read_token(f).map_err(ServeError::Setup)?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new(
+        settings.metrics.max_denied_targets,
+        settings.log.denied_lines_per_minute,
+    ));
+    let counts = built.policy.counts();
+    let (cloud, revision) = (built.cloud, built.revision.clone());
+    for w in &built.warnings {
+        tracing::warn!(note = %w, "policy note");
+    }
+    let live =
+        Live::new(&settings, built, own.clone(), metrics.clone()).map_err(ServeError::Setup)?;
+    metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));
+
+    let shared = Shared::new(live, stop.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
+    let (admin_stop_tx, admin_stop) = tokio::sync::watch::channel(false);
+    if let Some((l, _)) = admin_listener {
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            token,
+            ready: ready.clone(),
+        });
+        tokio::spawn(admin::serve(l, admin, admin_stop));
+    }
+    let reloader = Arc::new(Reloader {
+        path,
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        own: own.clone(),
+        started: settings.clone(),
+    });
+    let interval = Duration::from_secs_f64(settings.reload.watch_interval_secs);
+    tokio::spawn(reloader.clone().watch(interval, stop.clone()));
+
+    tracing::info!(
+        listen = ?own,
+        admin = ?admin_addr,
+        mode = %settings.proxy.mode,
+        cloud = %cloud,
+        revision = %revision,
+        exact = counts.exact,
+        wildcard = counts.wildcard,
+        deny = counts.deny,
+        "aml-egress serving"
+    );
+    ready.store(true, Ordering::Relaxed);
+    let mut stopping = stop;
+    let done = tokio::spawn(async move {
+        let run = tokio::spawn(proxy::run(listeners, shared));
+        let _ = stopping.wait_for(|s| *s).await;
+        // Draining: not ready any more, but metrics and health stay up until the end.
+        ready.store(false, Ordering::Relaxed);
+        let left = run.await.unwrap_or(0);
+        let _ = admin_stop_tx.send(true);
+        left
+    });
+    Ok(Running {
+        addrs: own,
+        admin_addr,
+        reloader,
+        metrics,
+        done,
+    })
+}
