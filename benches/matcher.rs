@@ -7,6 +7,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use aml_egress::metrics::{ListenerKind, Outcome};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use regex::{RegexSet, RegexSetBuilder};
 
@@ -147,6 +148,15 @@ fn bench_set(c: &mut Criterion, label: &str, rules: Vec<Rule>, allowed: &str, de
         );
         g.bench_function(BenchmarkId::new("matcher", case), |b| {
             b.iter(|| policy.decide(black_box(&t), PathView::Hidden))
+        });
+        // What the proxy adds per decision: one counter increment through a kept handle.
+        let metrics = aml_egress::metrics::Metrics::new(1000, 10);
+        g.bench_function(BenchmarkId::new("matcher+count", case), |b| {
+            b.iter(|| {
+                let d = policy.decide(black_box(&t), PathView::Hidden);
+                metrics.decision(ListenerKind::Connect, Outcome::Allow, d.reason.code());
+                d
+            })
         });
         g.bench_function(BenchmarkId::new("parse+matcher", case), |b| {
             b.iter(|| policy.decide_str(black_box(target), PathView::Hidden))

@@ -172,3 +172,65 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
     let a = l.local_addr()?;
     Ok((l, a))
 }
+
+/// GET a path from a running proxy's admin listener (`http://host:port` or `host:port`),
+/// for `aml-egress denied`. Errors say what to check.
+pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let authority = admin
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    if admin.starts_with("https://") || authority.contains('/') {
+        return Err(format!(
+            "--admin {admin}: give the admin listener as http://host:port (admin.listen)"
+        ));
+    }
+    let connect = tokio::net::TcpStream::connect(&authority);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot connect to the admin listener {authority}: {e}; is the proxy running with admin.listen = \"{authority}\"?"
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "connecting to the admin listener {authority} timed out"
+            ));
+        }
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("talking to {authority}: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header(header::HOST, authority.as_str());
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| format!("{authority} did not answer within 30 s"))?
+        .map_err(|e| format!("talking to {authority}: {e}"))?;
+    match status {
+        StatusCode::OK => Ok(body),
+        StatusCode::UNAUTHORIZED => Err(format!(
+            "{authority} wants a bearer token: pass --token-file with the file named by admin.token_file"
+        )),
+        s => Err(format!("{authority}{path} answered {s}: {}", body.trim())),
+    }
+}

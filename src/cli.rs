@@ -273,6 +273,41 @@ pub fn print_summary(built: &Built, origin: &str, out: &mut dyn Write) -> io::Re
     Ok(())
 }
 
+/// `aml-egress denied`: the most denied destinations of a running proxy, as a table (or the
+/// JSON as served with `json`).
+pub fn print_denied(body: &str, json: bool, out: &mut impl Write) -> Result<(), String> {
+    if json {
+        return out.write_all(body.as_bytes()).map_err(|e| e.to_string());
+    }
+    let rows: Vec<crate::metrics::DeniedReport> = serde_json::from_str(body).map_err(|e| {
+        format!("the admin listener sent something other than the /denied list: {e}")
+    })?;
+    let w = rows
+        .iter()
+        .map(|r| r.target.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let mut text = format!(
+        "{:>8}  {:<w$}  {:<20}  {:<20}  TO ALLOW\n",
+        "COUNT", "TARGET", "LAST SEEN", "FIRST SEEN"
+    );
+    for r in &rows {
+        text.push_str(&format!(
+            "{:>8}  {:<w$}  {:<20}  {:<20}  {}\n",
+            r.count,
+            r.target,
+            r.last_seen,
+            r.first_seen,
+            r.allow_entry.replace('\n', " ")
+        ));
+    }
+    if rows.is_empty() {
+        text.push_str("(nothing denied since the proxy started)\n");
+    }
+    out.write_all(text.as_bytes()).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

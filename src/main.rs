@@ -58,6 +58,21 @@ enum Command {
         #[arg(long)]
         features: bool,
     },
+    /// Print the most denied destinations of a running proxy, with the entry that would allow each (exit 0, or 2 if the proxy cannot be asked).
+    Denied {
+        /// The proxy's admin listener, as http://host:port (admin.listen).
+        #[arg(long)]
+        admin: String,
+        /// File holding the admin bearer token (admin.token_file), when the proxy needs one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// How many targets, most denied first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the JSON as served by /denied.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and print a summary (exit 0 valid, 2 invalid).
     Validate {
         #[arg(long, short)]
@@ -116,6 +131,33 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 }
             }
             0
+        }
+        Command::Denied {
+            admin,
+            token_file,
+            limit,
+            json,
+        } => {
+            let token = match token_file.as_deref().map(aml_egress::admin::read_token) {
+                Some(Err(e)) => {
+                    eprintln!("aml-egress denied: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+                Some(Ok(t)) => Some(t),
+                None => None,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let path = format!("/denied?limit={limit}");
+            let fetched = rt.block_on(aml_egress::admin::fetch(&admin, &path, token.as_deref()));
+            match fetched.and_then(|body| cli::print_denied(&body, json, &mut out)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("aml-egress denied: {e}");
+                    EXIT_USAGE
+                }
+            }
         }
         Command::Validate { config } => match load("validate", Some(&config)) {
             Ok((_, built)) => {

@@ -474,7 +474,7 @@ impl Drop for OpenGuard {
 }
 
 /// One denied target in `/denied`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeniedReport {
     pub target: String,
     pub host: String,

@@ -29,6 +29,8 @@ pub struct Reloader {
     pub own: Vec<SocketAddr>,
     /// The settings the process started with, to tell which changes need a restart.
     pub started: Settings,
+    /// Counts finished reload attempts (successful or not), for whoever waits on one.
+    pub attempts: watch::Sender<u64>,
 }
 
 /// Settings a reload cannot change, as `(key, value)` pairs.
@@ -51,6 +53,12 @@ impl Reloader {
     /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
     /// new configuration is in force.
     pub fn reload(&self, why: &str) -> bool {
+        let ok = self.load_and_swap(why);
+        self.attempts.send_modify(|n| *n += 1);
+        ok
+    }
+
+    fn load_and_swap(&self, why: &str) -> bool {
         let loaded = Settings::load(self.path.as_deref())
             .map_err(|e| e.to_string())
             .and_then(|s| loader::build(&s).map(|b| (s, b)).map_err(|e| e.to_string()))

@@ -117,6 +117,7 @@ pub async fn start(
         metrics: metrics.clone(),
         own: own.clone(),
         started: settings.clone(),
+        attempts: tokio::sync::watch::Sender::new(0),
     });
     let interval = Duration::from_secs_f64(settings.reload.watch_interval_secs);
     tokio::spawn(reloader.clone().watch(interval, stop.clone()));

@@ -110,7 +110,12 @@ pub(super) async fn forward(
     *req.uri_mut() = match uri.parse::<Uri>() {
         Ok(u) => u,
         Err(_) => {
-            return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
+            return live.refuse_invalid(
+                ListenerKind::Http,
+                peer,
+                &uri,
+                InvalidTarget::BadCharacter,
+            );
         }
     };
     let method = req.method().clone();
