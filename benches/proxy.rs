@@ -13,7 +13,13 @@ use aml_egress::config::Settings;
 use aml_egress::loader;
 use aml_egress::proxy::{self, Live, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+// The tests' loopback peers: `upstream` runs a closure on each accepted connection.
+#[allow(dead_code)]
+#[path = "../tests/support/net.rs"]
+mod net;
+use net::upstream;
 
 const CONNECTS: usize = 4000;
 const BYTES: u64 = 1 << 30;
@@ -141,47 +147,29 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
     rx.recv().unwrap()
 }
 
-/// An upstream that accepts and holds each connection until the client closes it.
+/// An upstream that holds each connection until the client closes it.
 async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
-    addr
+    upstream(|mut s| async move {
+        let mut buf = [0u8; 64];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
 }
 
 /// An upstream that sends `BYTES` bytes to each connection, then closes.
 async fn source() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let chunk = vec![7u8; 256 * 1024];
-                let mut left = BYTES;
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    if s.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n as u64;
-                }
-            });
+    upstream(|mut s| async move {
+        let chunk = vec![7u8; 256 * 1024];
+        let mut left = BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if s.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n as u64;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// CONNECT through the proxy; says whether the answer was 200.

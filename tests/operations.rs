@@ -15,10 +15,11 @@ use aml_egress::config::Settings;
 use aml_egress::loader;
 use aml_egress::server::{self, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use support::TempFile;
+use support::net::{echo_upstream, exchange};
 
 struct Proxy {
     running: Running,
@@ -49,31 +50,6 @@ async fn start(path: &Path) -> Proxy {
 /// Listeners on loopback port 0; `[proxy]` comes last so that tests can add proxy keys.
 const LISTEN: &str =
     "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\n";
-
-/// A TCP echo upstream.
-async fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-/// Send a request head and read the first answer.
-async fn exchange(addr: SocketAddr, head: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 8192];
-    let n = s.read(&mut buf).await.unwrap();
-    (s, String::from_utf8_lossy(&buf[..n]).into_owned())
-}
 
 /// GET from the admin listener; status and body.
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {

@@ -10,6 +10,7 @@ use aml_egress::config::{ConfigError, Settings};
 use aml_egress::loader::{self, Built};
 
 pub mod dns;
+pub mod net;
 
 /// A file in a per-process temporary folder, removed when dropped.
 pub struct TempFile(pub PathBuf);
