@@ -19,8 +19,10 @@ use crate::reload::Reloader;
 pub fn init_logging(log: &LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AML_EGRESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
         .with_writer(io::stderr);
     if log.format == "text" {
         builder.init();

@@ -585,3 +585,52 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "{queried:?}"
     );
 }
+
+#[test]
+fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let cfg = TempFile::new(
+        "hup.toml",
+        &format!("{LISTEN}[reload]\nwatch_interval_secs = 0\n"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["serve", "--config"])
+        .arg(&cfg.0)
+        .env_remove("AML_EGRESS_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |what: &str| -> serde_json::Value {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == what {
+                return v;
+            }
+        }
+        panic!("the proxy exited before logging {what:?}");
+    };
+    let serving = wait_for("aml-egress serving");
+    assert!(
+        serving["fields"]["admin"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:")
+    );
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    kill("-HUP");
+    let reloaded = wait_for("configuration reloaded");
+    assert_eq!(reloaded["fields"]["trigger"], "SIGHUP");
+    kill("-TERM");
+    wait_for("stopped");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
