@@ -97,12 +97,18 @@ fn main() {
         let direct = throughput(TcpStream::connect(source).await.unwrap()).await;
         let (s, ok) = connect_via(proxy, "bench.example.com:9443").await;
         assert!(ok);
+        let cpu_before = proxy_cpu_seconds();
         let through = throughput(s).await;
+        let cpu = proxy_cpu_seconds() - cpu_before;
         println!(
             "tunnel throughput: direct {:.2} GiB/s, through the proxy {:.2} GiB/s ({:.2}x)",
             direct,
             through,
             through / direct
+        );
+        println!(
+            "proxy CPU per GiB relayed: {:.0} ms (user and system time of its worker threads)",
+            cpu * 1000.0 * (1u64 << 30) as f64 / BYTES as f64
         );
     });
 }
@@ -243,6 +249,29 @@ async fn throughput(mut s: TcpStream) -> f64 {
         total += n as u64;
     }
     total as f64 / start.elapsed().as_secs_f64() / (1u64 << 30) as f64
+}
+
+/// CPU seconds (user + system) used so far by the proxy's worker threads, from /proc.
+fn proxy_cpu_seconds() -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "proxy-worker" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is the 3rd field; utime and stime the 14th and 15th.
+        if let Some((_, rest)) = stat.rsplit_once(") ") {
+            let f: Vec<&str> = rest.split(' ').collect();
+            ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0 // USER_HZ
 }
 
 fn pct(v: &[Duration], p: usize) -> Duration {
