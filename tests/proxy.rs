@@ -553,3 +553,53 @@ async fn tunnels_still_open_when_the_grace_period_ends_are_closed() {
         tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "tunnel still open: {closed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_second_head_on_a_keep_alive_connection_gets_408() {
+    let (up, _) = keepalive_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nheader_timeout_secs = 0.3\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
+    ))
+    .await;
+    let (mut s, first) = exchange(
+        p.addr,
+        "GET http://pypi.org/simple/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.ends_with("kept alive\n"), "{first}");
+    // Half of a second head, then nothing.
+    s.write_all(b"GET http://pypi.org/other HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut rest),
+    )
+    .await;
+    assert!(read.is_ok(), "connection still open");
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_quietly() {
+    let (up, _) = keepalive_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nheader_timeout_secs = 0.2\nidle_timeout_secs = 0.5\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
+    ))
+    .await;
+    let (mut s, first) = exchange(
+        p.addr,
+        "GET http://pypi.org/simple/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Quiet past the header timeout: still open, since no head was begun; then closed
+    // without a word once idle for idle_timeout_secs.
+    let mut rest = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::dial::{DialError, dial};
 use super::head::Rewind;
+use super::keepalive::Watched;
 use super::relay;
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
@@ -124,9 +125,9 @@ enum ClientSide {
 }
 
 fn unwrap_client(upgraded: hyper::upgrade::Upgraded) -> (ClientSide, BytesMut) {
-    match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+    match upgraded.downcast::<TokioIo<Watched<Rewind<TcpStream>>>>() {
         Ok(parts) => {
-            let (mut pending, tcp) = parts.io.into_inner().into_parts();
+            let (mut pending, tcp) = parts.io.into_inner().into_inner().into_parts();
             pending.extend_from_slice(&parts.read_buf);
             (ClientSide::Tcp(tcp), pending)
         }

@@ -119,12 +119,18 @@ pub(super) async fn forward(
         }
     };
     let method = req.method().clone();
-    match live
-        .upstream
-        .client(v.decision.is_allowed())
-        .request(req)
-        .await
-    {
+    let sent = live.upstream.client(v.decision.is_allowed()).request(req);
+    let Ok(answered) = tokio::time::timeout(live.config.idle_timeout, sent).await else {
+        live.metrics
+            .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+        return refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            "http_response_timeout",
+            "upstream_response",
+            &format!("aml-egress got no response head from {shown} within proxy.idle_timeout_secs"),
+        );
+    };
+    match answered {
         Ok(mut resp) => {
             live.note_verdict(ListenerKind::Http, peer, Some(&target), &shown, &v);
             strip_hop_by_hop(resp.headers_mut());

@@ -9,6 +9,7 @@ mod connect;
 pub mod dial;
 pub mod head;
 mod http;
+pub mod keepalive;
 pub mod pool;
 pub mod relay;
 pub mod respond;
@@ -603,14 +604,7 @@ where
         Err(head::HeadError::Timeout) => {
             live.metrics.limit(Limit::HeaderTimeout);
             tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
-            let body = respond::raw(
-                408,
-                "Request Timeout",
-                "http_request_error",
-                "header_timeout",
-                "the request head did not arrive within proxy.header_timeout_secs",
-            );
-            refuse_raw(stream, &body).await;
+            refuse_raw(stream, respond::request_timeout()).await;
             return;
         }
         Err(head::HeadError::TooLarge) => {
@@ -627,24 +621,44 @@ where
         }
         Err(_) => return,
     };
-    let io = TokioIo::new(head::Rewind::new(prefix, stream));
+    let turn = Arc::new(keepalive::Turn::default());
+    let io = TokioIo::new(keepalive::Watched::new(
+        head::Rewind::new(prefix, stream),
+        turn.clone(),
+        cfg.header_timeout,
+        cfg.idle_timeout,
+        respond::request_timeout(),
+    ));
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(req, peer, shared).await) }
+        let turn = turn.clone();
+        turn.begin();
+        async move {
+            let resp = route(req, peer, shared).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b)))
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
+        .header_read_timeout(None) // see keepalive: ours answers 408
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
+    let metrics = live.metrics.clone();
     drop(live);
     let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
     let mut stopping = shared.stopping.clone();
     tokio::select! {
-        _ = conn.as_mut() => {}
+        done = conn.as_mut() => {
+            if let Err(e) = done
+                && keepalive::is_head_timeout(&e)
+            {
+                metrics.limit(Limit::HeaderTimeout);
+                tracing::warn!(client = %peer, reason = "header_timeout", "a later request head on a keep-alive connection was not completed in time; answered 408");
+            }
+        }
         _ = stopped(&mut stopping) => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {

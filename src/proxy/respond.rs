@@ -41,3 +41,17 @@ pub fn raw(status: u16, reason: &str, error: &str, details: &str, message: &str)
     )
     .into_bytes()
 }
+
+/// The raw `408` for a request head that did not arrive in time (first or later).
+pub fn request_timeout() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        raw(
+            408,
+            "Request Timeout",
+            "http_request_error",
+            "header_timeout",
+            "the request head did not arrive within proxy.header_timeout_secs",
+        )
+    })
+}

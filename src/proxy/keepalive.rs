@@ -1,0 +1,232 @@
+//! Between requests on a keep-alive client connection. hyper's own header timeout closes
+//! a connection without an answer, so the proxy keeps the time itself: a client that has
+//! begun a request head and not finished it within `proxy.header_timeout_secs` gets `408`
+//! and is closed; one that sends nothing for `proxy.idle_timeout_secs` is closed quietly.
+//! (The first head of a connection is read before hyper sees it; see [`super::head`].)
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::respond::Body;
+
+/// Whether the connection is serving a request (from its head to the end of its response).
+#[derive(Debug, Default)]
+pub struct Turn {
+    busy: AtomicBool,
+    /// Requests begun so far: a head timer armed before the latest one is stale.
+    begun: AtomicU64,
+    /// The reader parked while busy, woken when the turn ends so that it arms its timer.
+    reader: Mutex<Option<Waker>>,
+}
+
+impl Turn {
+    /// A request head has been parsed and handed to the proxy.
+    pub fn begin(&self) {
+        self.begun.fetch_add(1, Ordering::AcqRel);
+        self.busy.store(true, Ordering::Release);
+    }
+
+    /// Wrap a response body so that the turn ends when the body has been sent (or dropped).
+    pub fn wrap(self: &Arc<Self>, body: Body) -> Body {
+        use http_body_util::BodyExt;
+        TurnBody {
+            inner: body,
+            turn: self.clone(),
+        }
+        .boxed()
+    }
+
+    fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
+struct TurnBody {
+    inner: Body,
+    turn: Arc<Turn>,
+}
+
+impl Drop for TurnBody {
+    fn drop(&mut self) {
+        self.turn.busy.store(false, Ordering::Release);
+        let parked = self
+            .turn
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(w) = parked {
+            w.wake();
+        }
+    }
+}
+
+impl HttpBody for TurnBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a connection ended because a later request head stalled (our 408).
+pub fn is_head_timeout(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.kind() == io::ErrorKind::TimedOut;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// What the timer is running for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    Nothing,
+    Idle,
+    Head,
+}
+
+/// The client stream as hyper sees it, with the between-requests timers.
+pub struct Watched<S> {
+    inner: S,
+    turn: Arc<Turn>,
+    header_timeout: Duration,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    armed: Armed,
+    /// `Turn::begun` when the head timer was armed.
+    head_of: u64,
+    refusal: &'static [u8],
+}
+
+impl<S> Watched<S> {
+    /// Watch `inner`; `refusal` is the raw 408 written when a head stalls.
+    pub fn new(
+        inner: S,
+        turn: Arc<Turn>,
+        header_timeout: Duration,
+        idle: Duration,
+        refusal: &'static [u8],
+    ) -> Self {
+        Watched {
+            inner,
+            turn,
+            header_timeout,
+            idle,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: Armed::Nothing,
+            head_of: 0,
+            refusal,
+        }
+    }
+
+    /// The stream, for a tunnel that takes it over.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    fn arm(&mut self, what: Armed, after: Duration) {
+        self.armed = what;
+        self.timer.as_mut().reset(Instant::now() + after);
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let busy = this.turn.busy();
+        let begun = this.turn.begun.load(Ordering::Acquire);
+        if busy || (this.armed == Armed::Head && this.head_of != begun) {
+            this.armed = Armed::Nothing; // that head became a request
+        }
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && !busy && this.armed != Armed::Head {
+                    // The first bytes of a new request head: it must be complete in time.
+                    let t = this.header_timeout;
+                    this.arm(Armed::Head, t);
+                    this.head_of = begun;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending if busy => {
+                *this.turn.reader.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(cx.waker().clone());
+                if this.turn.busy() {
+                    return Poll::Pending;
+                }
+                // The turn ended meanwhile: arm the idle timer now.
+            }
+            Poll::Pending => {}
+        }
+        if this.armed == Armed::Nothing {
+            let t = this.idle;
+            this.arm(Armed::Idle, t);
+        }
+        if this.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        match this.armed {
+            Armed::Head => {
+                // hyper is waiting for the rest of a head, so it is not writing: answer
+                // 408 (best effort, one write) and end the connection.
+                let _ = Pin::new(&mut this.inner).poll_write(cx, this.refusal);
+                let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not completed within proxy.header_timeout_secs",
+                )))
+            }
+            // Quiet for the idle timeout between requests: end of stream.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
