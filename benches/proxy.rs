@@ -37,7 +37,26 @@ fn main() {
         .build()
         .unwrap();
     let (echo, source) = client_rt.block_on(async { (echo().await, source().await) });
-    let proxy = start_proxy(echo, source);
+    // AML_BENCH_PROXY=host:port measures another proxy instead (Squid, say), with the
+    // upstreams named by address; AML_BENCH_PROXY_PID lets it count that process's CPU.
+    let external: Option<SocketAddr> = std::env::var("AML_BENCH_PROXY")
+        .ok()
+        .map(|a| a.parse().expect("AML_BENCH_PROXY is host:port"));
+    let (proxy, allowed, bulk): (SocketAddr, &'static str, &'static str) = match external {
+        Some(addr) => (
+            addr,
+            Box::leak(echo.to_string().into_boxed_str()),
+            Box::leak(source.to_string().into_boxed_str()),
+        ),
+        None => (
+            start_proxy(echo, source),
+            "bench.example.com:8443",
+            "bench.example.com:9443",
+        ),
+    };
+    let pid: Option<u32> = std::env::var("AML_BENCH_PROXY_PID")
+        .ok()
+        .and_then(|p| p.parse().ok());
     // `cargo bench --bench proxy -- throughput` runs one part: latency, rate or throughput.
     let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let run = move |part: &str| only.as_deref().is_none_or(|o| part.contains(o));
@@ -57,7 +76,7 @@ fn main() {
             .await;
             let through = latencies(CONNECTS, || async move {
                 let t = Instant::now();
-                let (s, ok) = connect_via(proxy, "bench.example.com:8443").await;
+                let (s, ok) = connect_via(proxy, allowed).await;
                 let d = t.elapsed();
                 assert!(ok, "CONNECT was not answered 200");
                 drop(s);
@@ -84,7 +103,7 @@ fn main() {
         }
         if run("rate") {
             for clients in [1usize, 32] {
-                let rate = connect_rate(proxy, clients, "bench.example.com:8443").await;
+                let rate = connect_rate(proxy, clients, allowed).await;
                 println!("allowed connects per second, {clients:>2} clients: {rate:>8.0}");
             }
             let rate = connect_rate(proxy, 32, "denied.example.net:443").await;
@@ -95,11 +114,11 @@ fn main() {
         }
 
         let direct = throughput(TcpStream::connect(source).await.unwrap()).await;
-        let (s, ok) = connect_via(proxy, "bench.example.com:9443").await;
+        let (s, ok) = connect_via(proxy, bulk).await;
         assert!(ok);
-        let cpu_before = proxy_cpu_seconds();
+        let cpu_before = proxy_cpu_seconds(pid);
         let through = throughput(s).await;
-        let cpu = proxy_cpu_seconds() - cpu_before;
+        let cpu = proxy_cpu_seconds(pid) - cpu_before;
         println!(
             "tunnel throughput: direct {:.2} GiB/s, through the proxy {:.2} GiB/s ({:.2}x)",
             direct,
@@ -251,20 +270,26 @@ async fn throughput(mut s: TcpStream) -> f64 {
     total as f64 / start.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
-/// CPU seconds (user + system) used so far by the proxy's worker threads, from /proc.
-fn proxy_cpu_seconds() -> f64 {
+/// CPU seconds (user + system) used so far by the proxy: its worker threads in this
+/// process, or the whole process `pid`, from /proc.
+fn proxy_cpu_seconds(pid: Option<u32>) -> f64 {
+    let stats: Vec<std::path::PathBuf> = match pid {
+        Some(pid) => vec![format!("/proc/{pid}/stat").into()],
+        None => std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                comm.trim() == "proxy-worker"
+            })
+            .map(|t| t.path().join("stat"))
+            .collect(),
+    };
     let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "proxy-worker" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // Fields after the parenthesised name: state is the 3rd field; utime and stime the 14th and 15th.
+    for path in stats {
+        let stat = std::fs::read_to_string(path).unwrap_or_default();
+        // After the parenthesised name the state is field 3; utime and stime are 14 and 15.
         if let Some((_, rest)) = stat.rsplit_once(") ") {
             let f: Vec<&str> = rest.split(' ').collect();
             ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
