@@ -803,12 +803,12 @@ impl Settings {
                 }
             }
         }
-        if p.max_connections == 0 {
+        if !(1..=1_000_000).contains(&p.max_connections) {
             issues.push((
                 "proxy.max_connections",
-                "0".into(),
-                "no connection could be served".into(),
-                Some("use a positive number".into()),
+                p.max_connections.to_string(),
+                "out of range".into(),
+                Some("use 1 to 1000000 (each connection needs a few file descriptors)".into()),
             ));
         }
         if !(8192..=1 << 20).contains(&p.max_header_bytes) {

@@ -7,7 +7,7 @@
 //! the fixed label sets are created once and kept, so that counting a decision is one
 //! atomic add.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -104,7 +104,8 @@ pub enum Limit {
 }
 
 impl Limit {
-    fn as_str(self) -> &'static str {
+    /// The label value (also the log lines' `reason`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Limit::Connections => "connections",
             Limit::HeaderTimeout => "header_timeout",
@@ -165,8 +166,10 @@ pub struct Metrics {
     suppressed: IntCounter,
     denied: Mutex<DeniedTable>,
     lines_per_minute: AtomicU64,
-    /// Minute (since start) and lines written in it, for upstream-error lines.
+    /// Minute (since start) and lines written in it: client and upstream-error lines, and
+    /// denial lines in all (each target also has its own limit).
     error_lines: Mutex<(u64, u64)>,
+    denial_lines: Mutex<(u64, u64)>,
     started: Instant,
 }
 
@@ -317,6 +320,7 @@ impl Metrics {
             denied: Mutex::new(DeniedTable::new(max_denied)),
             lines_per_minute: AtomicU64::new(u64::from(lines_per_minute)),
             error_lines: Mutex::new((0, 0)),
+            denial_lines: Mutex::new((0, 0)),
             started: Instant::now(),
             registry: r,
         }
@@ -348,6 +352,7 @@ impl Metrics {
         let note = t.note(host, port, per_minute, suggestion, |h, p| {
             self.denied_vec.with_label_values(&[h, &p.to_string()])
         });
+        drop(t);
         for (h, p, count) in note.evicted {
             let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
             self.series_evicted.inc();
@@ -355,8 +360,10 @@ impl Metrics {
         }
         if !note.log {
             self.suppressed.inc();
+            return false;
         }
-        note.log
+        // Random names each get their own allowance; the total is bounded too.
+        self.budget(&self.denial_lines, 100)
     }
 
     /// The most denied targets, most first.
@@ -380,13 +387,17 @@ impl Metrics {
         v
     }
 
-    /// Whether an upstream-error line (DNS, refused, timeout) may be written: at most ten
-    /// times `log.denied_lines_per_minute` per minute in all, so that a flood of
-    /// non-existent names cannot fill a disk. Suppressed lines are counted.
-    pub fn error_line_allowed(&self) -> bool {
+    /// Whether a line about a client or an upstream failure (limits hit, refused clients,
+    /// DNS errors) may be written: at most ten times `log.denied_lines_per_minute` per
+    /// minute in all, so that no flood can fill a disk. Suppressed lines are counted.
+    pub fn line_allowed(&self) -> bool {
+        self.budget(&self.error_lines, 10)
+    }
+
+    fn budget(&self, window: &Mutex<(u64, u64)>, times: u64) -> bool {
         let minute = self.started.elapsed().as_secs() / 60;
-        let budget = self.lines_per_minute.load(Ordering::Relaxed) * 10;
-        let mut w = self.error_lines.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.lines_per_minute.load(Ordering::Relaxed) * times;
+        let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
         if w.0 != minute {
             *w = (minute, 0);
         }
@@ -423,9 +434,10 @@ impl Metrics {
         OpenGuard(g)
     }
 
-    /// A client turned away by a limit.
-    pub fn limit(&self, which: Limit) {
+    /// A client turned away by a limit; says whether to log it (see [`Metrics::line_allowed`]).
+    pub fn limit(&self, which: Limit) -> bool {
         self.limits.with_label_values(&[which.as_str()]).inc();
+        self.line_allowed()
     }
 
     /// A configuration load: the rules and build labels when it succeeded.
@@ -526,6 +538,8 @@ struct DeniedTable {
     max: usize,
     tick: u64,
     entries: HashMap<(String, u16), DeniedEntry>,
+    /// The same keys by recency, so that eviction takes O(log n), not a scan.
+    by_tick: BTreeMap<u64, (String, u16)>,
 }
 
 impl DeniedTable {
@@ -534,15 +548,12 @@ impl DeniedTable {
             max: max.max(1),
             tick: 0,
             entries: HashMap::new(),
+            by_tick: BTreeMap::new(),
         }
     }
 
     fn evict_oldest(&mut self) -> Option<(String, u16, u64)> {
-        let key = self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| e.tick)
-            .map(|(k, _)| k.clone())?;
+        let (_, key) = self.by_tick.pop_first()?;
         let e = self.entries.remove(&key)?;
         Some((key.0, key.1, e.count))
     }
@@ -581,6 +592,8 @@ impl DeniedTable {
         let Some(e) = self.entries.get_mut(&key) else {
             return Noted { log: true, evicted };
         };
+        self.by_tick.remove(&e.tick);
+        self.by_tick.insert(tick, key);
         e.count += 1;
         e.tick = tick;
         e.last = SystemTime::now();

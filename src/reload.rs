@@ -118,9 +118,22 @@ impl Reloader {
         files
     }
 
-    /// Reload on SIGHUP, and when a watched file changes (looked at every `interval`;
-    /// never when it is zero), until `stopping` flips.
-    pub async fn watch(self: Arc<Self>, interval: Duration, mut stopping: watch::Receiver<bool>) {
+    /// The watched files and their fingerprint now: taken when the proxy starts, so that
+    /// a change made right after start-up is not mistaken for the starting state.
+    pub fn baseline(&self) -> (Vec<PathBuf>, u64) {
+        let files = self.watched();
+        let seen = fingerprint(&files);
+        (files, seen)
+    }
+
+    /// Reload on SIGHUP, and when a watched file differs from `baseline` or the last load
+    /// (looked at every `interval`; never when it is zero), until `stopping` flips.
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stopping: watch::Receiver<bool>,
+        baseline: (Vec<PathBuf>, u64),
+    ) {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -128,8 +141,8 @@ impl Reloader {
                 None
             }
         };
-        let mut files = self.watched();
-        let mut seen = fingerprint(&files);
+        // Loading, compiling and reading files block: keep them off the runtime's workers.
+        let (mut files, mut seen) = baseline;
         let polling = !interval.is_zero() && self.path.is_some();
         loop {
             let hup_recv = async {
@@ -138,23 +151,35 @@ impl Reloader {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let why = tokio::select! {
                 _ = stopping.wait_for(|s| *s) => return,
-                _ = hup_recv => {
-                    self.reload("SIGHUP");
-                }
-                _ = tokio::time::sleep(interval), if polling => {
-                    let now = fingerprint(&files);
-                    if now == seen {
-                        continue;
-                    }
-                    self.reload("file changed");
-                }
+                _ = hup_recv => "SIGHUP",
+                _ = tokio::time::sleep(interval), if polling => "file changed",
+            };
+            // What the files hold now, before loading them: an edit that lands during the
+            // reload is then seen as a change at the next look.
+            let f = files.clone();
+            let now = blocking(move || fingerprint(&f)).await.unwrap_or_default();
+            if why == "file changed" && now == seen {
+                continue;
             }
-            files = self.watched();
-            seen = fingerprint(&files);
+            let me = self.clone();
+            let _ = blocking(move || me.reload(why)).await;
+            let me = self.clone();
+            let listed = blocking(move || me.watched()).await.unwrap_or_default();
+            if listed == files {
+                seen = now;
+            } else {
+                files = listed;
+                let f = files.clone();
+                seen = blocking(move || fingerprint(&f)).await.unwrap_or_default();
+            }
         }
     }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 /// A hash of the files' contents (following symbolic links); a missing file counts too.

@@ -122,7 +122,8 @@ pub async fn start(
         attempts: tokio::sync::watch::Sender::new(0),
     });
     let interval = Duration::from_secs_f64(settings.reload.watch_interval_secs);
-    tokio::spawn(reloader.clone().watch(interval, stop.clone()));
+    let baseline = reloader.baseline();
+    tokio::spawn(reloader.clone().watch(interval, stop.clone(), baseline));
 
     tracing::info!(
         listen = ?own,

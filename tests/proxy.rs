@@ -603,3 +603,61 @@ async fn an_idle_keep_alive_connection_is_closed_quietly() {
     assert!(matches!(read, Ok(Ok(0))), "{read:?}");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_count_against_the_connection_limit() {
+    let echo = echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nmax_connections = 1\ntls_ports = []\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (mut tunnel, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // The tunnel carries bytes, so hyper has let go of the connection: it is a tunnel now.
+    tunnel.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    tunnel.read_exact(&mut one).await.unwrap();
+    let mut second = TcpStream::connect(p.addr).await.unwrap();
+    let mut refused = String::new();
+    second.read_to_string(&mut refused).await.unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_through_the_tls_listener_outlives_the_header_timeout() {
+    let echo = echo_upstream().await;
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = TempFile::new("proxy.pem", &ck.cert.pem());
+    let key = TempFile::new("proxy.key", &ck.signing_key.serialize_pem());
+    let p = start_proxy(&format!(
+        "[proxy]\nheader_timeout_secs = 0.2\ntls_ports = []\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n",
+        cert.0, key.0
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(p.tls_addr.unwrap()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    s.write_all(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s.write_all(b"first").await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    // The scenario is time passing: a quiet tunnel, longer than the header timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    s.write_all(b"later").await.unwrap();
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"later");
+}

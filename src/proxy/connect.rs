@@ -38,8 +38,14 @@ pub(super) async fn handle(
     };
     let shown = target.to_string();
     let v = live.judge(&target, PathView::Hidden);
-    if !v.pass {
+    // One decision is counted per request: refusals and audit passes at once (whatever the
+    // dial does next); allowed tunnels once the dial worked and, on TLS ports, once the
+    // name inside has been checked.
+    let counted = !v.pass || v.would_deny;
+    if counted {
         live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
+    }
+    if !v.pass {
         return live.forbidden(&shown, &v.decision);
     }
     let started = Instant::now();
@@ -47,18 +53,33 @@ pub(super) async fn handle(
     live.metrics.dial(dialled.is_ok(), started.elapsed());
     let (upstream, addr) = match dialled {
         Ok(x) => x,
-        Err(e) => return dial_failed(&live, ListenerKind::Connect, peer, &target, &e),
+        Err(e) => {
+            return dial_failed(&live, ListenerKind::Connect, peer, &target, &e, counted);
+        }
     };
-    live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
+    let tls_port = live.config.tls_ports.contains(&target.port);
+    if !counted && !tls_port {
+        live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
+    }
+    let counted = counted || !tls_port;
     let guard = shared.tracker.track();
     let open = live.metrics.open(true, live.config.mode.as_str());
+    let permit = req.extensions().get::<super::Permit>().cloned();
     tokio::spawn(async move {
         let _guard = guard;
         let _open = open;
+        let _permit = permit; // the tunnel counts against proxy.max_connections
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
+                let t = Tunnel {
+                    live: &live,
+                    peer,
+                    target,
+                    addr,
+                    started,
+                };
                 tokio::select! {
-                    _ = tunnel(upgraded, upstream, target, &live, peer, v, addr, started) => {}
+                    _ = t.run(upgraded, upstream, v, counted) => {}
                     _ = shared.tracker.closed() => {
                         tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
                     }
@@ -72,12 +93,14 @@ pub(super) async fn handle(
 
 /// The response (count and log line) for a dial that failed after the policy allowed it:
 /// the address guard's refusals are denials; DNS and connection failures are errors.
+/// `counted` says the request's decision was already counted (an audit pass).
 pub(super) fn dial_failed(
     live: &Live,
     via: ListenerKind,
     peer: SocketAddr,
     target: &Target,
     e: &DialError,
+    counted: bool,
 ) -> Response<Body> {
     let (error, details) = e.proxy_status();
     let guard = matches!(e, DialError::Forbidden(_) | DialError::SelfConnection(_));
@@ -86,34 +109,27 @@ pub(super) fn dial_failed(
         DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     };
-    let target = target.to_string();
-    if guard {
-        live.note(
-            via,
-            peer,
-            Target::parse(&target).ok().as_ref(),
-            &target,
-            Outcome::Deny,
-            details,
-            "",
-        );
+    let shown = target.to_string();
+    if guard && !counted {
+        live.note(via, peer, Some(target), &shown, Outcome::Deny, details, "");
     } else {
-        live.metrics.decision(via, Outcome::Error, details);
-        if live.metrics.error_line_allowed() {
-            tracing::warn!(client = %peer, target, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
+        if !counted {
+            live.metrics.decision(via, Outcome::Error, details);
+        }
+        if live.metrics.line_allowed() {
+            tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
         }
     }
-    let hint = match e {
-        DialError::Forbidden(_) | DialError::SelfConnection(_) => {
-            " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
-        }
-        _ => "",
+    let hint = if guard {
+        " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
+    } else {
+        ""
     };
     refuse(
         status,
         error,
         details,
-        &format!("aml-egress could not reach {target}: {e}{hint}"),
+        &format!("aml-egress could not reach {shown}: {e}{hint}"),
     )
 }
 
@@ -127,8 +143,11 @@ enum ClientSide {
 fn unwrap_client(upgraded: hyper::upgrade::Upgraded) -> (ClientSide, BytesMut) {
     match upgraded.downcast::<TokioIo<Watched<Rewind<TcpStream>>>>() {
         Ok(parts) => {
-            let (mut pending, tcp) = parts.io.into_inner().into_inner().into_parts();
-            pending.extend_from_slice(&parts.read_buf);
+            let (unread, tcp) = parts.io.into_inner().into_inner().into_parts();
+            // What hyper had read comes first; what it had not yet taken from the first
+            // head's buffer comes after.
+            let mut pending = BytesMut::from(&parts.read_buf[..]);
+            pending.extend_from_slice(&unread);
             (ClientSide::Tcp(tcp), pending)
         }
         Err(upgraded) => (
@@ -138,34 +157,120 @@ fn unwrap_client(upgraded: hyper::upgrade::Upgraded) -> (ClientSide, BytesMut) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn tunnel(
-    upgraded: hyper::upgrade::Upgraded,
-    mut upstream: TcpStream,
-    target: Target,
-    live: &Live,
+/// What an open tunnel needs to know about itself.
+struct Tunnel<'a> {
+    live: &'a Live,
     peer: SocketAddr,
-    mut v: Verdict,
+    target: Target,
     addr: SocketAddr,
     started: Instant,
-) {
-    let shown = target.to_string();
-    let cfg = &live.config;
-    let (mut client, mut buf) = unwrap_client(upgraded);
-    let mut sni = String::new();
-    if cfg.tls_ports.contains(&target.port) {
+}
+
+/// How the check of the TLS name ended.
+enum NameCheck {
+    /// Go on; the name seen (empty if none), and whether only audit mode let it through.
+    Pass(String, bool),
+    /// Close the tunnel (refused, or the client went away).
+    Close,
+}
+
+impl Tunnel<'_> {
+    /// Check the TLS name (on TLS ports), count the decision if not yet counted, relay.
+    async fn run(
+        &self,
+        upgraded: hyper::upgrade::Upgraded,
+        mut upstream: TcpStream,
+        mut v: Verdict,
+        counted: bool,
+    ) {
+        let cfg = &self.live.config;
+        let (mut client, mut buf) = unwrap_client(upgraded);
+        let (sni, audit_name) = if cfg.tls_ports.contains(&self.target.port) {
+            match self.check_name(&mut client, &mut buf, &v, counted).await {
+                NameCheck::Pass(sni, audit) => (sni, audit),
+                NameCheck::Close => return,
+            }
+        } else {
+            (String::new(), false)
+        };
+        if !counted && !audit_name {
+            let shown = self.target.to_string();
+            self.live.note_verdict(
+                ListenerKind::Connect,
+                self.peer,
+                Some(&self.target),
+                &shown,
+                &v,
+            );
+        }
+        v.would_deny |= audit_name;
+        if !buf.is_empty() && upstream.write_all(&buf).await.is_err() {
+            return;
+        }
+        let metrics = &self.live.metrics;
+        metrics.tunnel_up.inc_by(buf.len() as u64);
+        let counters = relay::Counters {
+            up: &metrics.tunnel_up,
+            down: &metrics.tunnel_down,
+        };
+        let (up, down) = match client {
+            ClientSide::Tcp(s) => relay::splice_both(s, upstream, cfg.idle_timeout, counters).await,
+            ClientSide::Upgraded(s) => {
+                relay::copy_both(s, upstream, cfg.idle_timeout, counters).await
+            }
+        };
+        tracing::info!(
+            listener = "connect",
+            client = %self.peer,
+            target = %self.target,
+            upstream = %self.addr,
+            sni = %sni,
+            decision = if v.would_deny { "would_deny" } else { "allow" },
+            rule = %self.live.rule_text(&v.decision),
+            mode = cfg.mode.as_str(),
+            bytes_up = up + buf.len() as u64,
+            bytes_down = down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "tunnel closed"
+        );
+    }
+
+    /// Read the ClientHello (bounded in size and time) and decide on its server name. A
+    /// refused name is counted as this request's decision, unless one was counted already.
+    async fn check_name(
+        &self,
+        client: &mut ClientSide,
+        buf: &mut BytesMut,
+        v: &Verdict,
+        counted: bool,
+    ) -> NameCheck {
+        let live = self.live;
+        let cfg = &live.config;
         let deadline = tokio::time::Instant::now() + cfg.sni_timeout;
         let found = loop {
-            match server_name(&buf) {
+            match server_name(buf) {
                 Err(SniError::Incomplete) if buf.len() < MAX_HELLO + 64 => {
                     let read = async {
-                        match &mut client {
-                            ClientSide::Tcp(s) => s.read_buf(&mut buf).await,
-                            ClientSide::Upgraded(s) => s.read_buf(&mut buf).await,
+                        match client {
+                            ClientSide::Tcp(s) => s.read_buf(buf).await,
+                            ClientSide::Upgraded(s) => s.read_buf(buf).await,
                         }
                     };
                     match tokio::time::timeout_at(deadline, read).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return,
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            // Gone before naming a server: the CONNECT's own decision.
+                            if !counted {
+                                let shown = self.target.to_string();
+                                live.note_verdict(
+                                    ListenerKind::Connect,
+                                    self.peer,
+                                    Some(&self.target),
+                                    &shown,
+                                    v,
+                                );
+                            }
+                            return NameCheck::Close;
+                        }
                         Ok(Ok(_)) => continue,
                         Err(_) => break None,
                     }
@@ -174,78 +279,49 @@ async fn tunnel(
                 _ => break None,
             }
         };
-        let sni_verdict = match found {
-            Some(name) => {
-                sni = name.as_str().to_owned();
-                let by_name = Target {
-                    host: Host::Name(name),
-                    port: target.port,
-                };
-                let same = matches!(target.host, Host::Name(n) if n == name);
-                (!same).then(|| live.judge(&by_name, PathView::Hidden))
+        let by_name = found.map(|name| Target {
+            host: Host::Name(name),
+            port: self.target.port,
+        });
+        let sni = found.map(|n| n.as_str().to_owned()).unwrap_or_default();
+        let verdict = match (&by_name, found) {
+            (Some(t), Some(name)) => {
+                let same = matches!(self.target.host, Host::Name(n) if n == name);
+                (!same).then(|| live.judge(t, PathView::Hidden))
             }
-            None if cfg.sni_missing_allowed => None,
-            None => Some(live.apply_mode(Decision {
+            _ if cfg.sni_missing_allowed => None,
+            _ => Some(live.apply_mode(Decision {
                 verdict: crate::policy::Verdict::Deny,
                 reason: Reason::NoMatchingRule,
                 rule: None,
             })),
         };
-        if let Some(sv) = sni_verdict
-            && !sv.decision.is_allowed()
-        {
-            let outcome = if sv.pass {
-                Outcome::WouldDeny
-            } else {
-                Outcome::Deny
-            };
-            let by_name = found.map(|name| Target {
-                host: Host::Name(name),
-                port: target.port,
-            });
-            let what = by_name.as_ref().unwrap_or(&target);
-            let label = format!("{what} (TLS name inside CONNECT {shown})");
+        let Some(sv) = verdict.filter(|sv| !sv.decision.is_allowed()) else {
+            return NameCheck::Pass(sni, false);
+        };
+        let outcome = if sv.pass {
+            Outcome::WouldDeny
+        } else {
+            Outcome::Deny
+        };
+        let what = by_name.as_ref().unwrap_or(&self.target);
+        let label = format!("{what} (TLS name inside CONNECT {})", self.target);
+        if !counted {
             let rule = live.rule_text(&sv.decision);
             live.note(
                 ListenerKind::Connect,
-                peer,
+                self.peer,
                 Some(what),
                 &label,
                 outcome,
                 "sni_not_allowed",
                 &rule,
             );
-            if !sv.pass {
-                return;
-            }
-            v.would_deny = true;
+        }
+        if sv.pass {
+            NameCheck::Pass(sni, true)
+        } else {
+            NameCheck::Close
         }
     }
-    if !buf.is_empty() && upstream.write_all(&buf).await.is_err() {
-        return;
-    }
-    live.metrics.tunnel_up.inc_by(buf.len() as u64);
-    let counters = relay::Counters {
-        up: &live.metrics.tunnel_up,
-        down: &live.metrics.tunnel_down,
-    };
-    let (up, down) = match client {
-        ClientSide::Tcp(s) => relay::splice_both(s, upstream, cfg.idle_timeout, counters).await,
-        ClientSide::Upgraded(s) => relay::copy_both(s, upstream, cfg.idle_timeout, counters).await,
-    };
-    let up = up + buf.len() as u64;
-    tracing::info!(
-        listener = "connect",
-        client = %peer,
-        target = %shown,
-        upstream = %addr,
-        sni = %sni,
-        decision = if v.would_deny { "would_deny" } else { "allow" },
-        rule = %live.rule_text(&v.decision),
-        mode = cfg.mode.as_str(),
-        bytes_up = up,
-        bytes_down = down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "tunnel closed"
-    );
 }

@@ -95,10 +95,15 @@ pub(super) async fn forward(
         .map_or("/", |p| p.as_str())
         .to_owned();
     let v = live.judge(&target, PathView::Visible(&path));
-    if !v.pass {
+    // One decision per request: refusals and audit passes now, allowed requests when the
+    // upstream answers (or fails to).
+    let counted = !v.pass || v.would_deny;
+    if counted {
         let with_path = format!("{shown}{path}");
         live.note_verdict(ListenerKind::Http, peer, Some(&target), &with_path, &v);
-        return live.forbidden(&with_path, &v.decision);
+        if !v.pass {
+            return live.forbidden(&with_path, &v.decision);
+        }
     }
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2);
     // the pool sends the request in origin form.
@@ -120,9 +125,14 @@ pub(super) async fn forward(
     };
     let method = req.method().clone();
     let sent = live.upstream.client(v.decision.is_allowed()).request(req);
+    let upstream_failed = || {
+        if !counted {
+            live.metrics
+                .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+        }
+    };
     let Ok(answered) = tokio::time::timeout(live.config.idle_timeout, sent).await else {
-        live.metrics
-            .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+        upstream_failed();
         return refuse(
             StatusCode::GATEWAY_TIMEOUT,
             "http_response_timeout",
@@ -132,7 +142,9 @@ pub(super) async fn forward(
     };
     match answered {
         Ok(mut resp) => {
-            live.note_verdict(ListenerKind::Http, peer, Some(&target), &shown, &v);
+            if !counted {
+                live.note_verdict(ListenerKind::Http, peer, Some(&target), &shown, &v);
+            }
             strip_hop_by_hop(resp.headers_mut());
             let upstream = resp
                 .extensions()
@@ -156,10 +168,9 @@ pub(super) async fn forward(
             resp.map(|b| b.boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d),
+            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d, counted),
             None => {
-                live.metrics
-                    .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+                upstream_failed();
                 refuse(
                     StatusCode::BAD_GATEWAY,
                     "http_response_incomplete",

@@ -24,6 +24,8 @@ pub struct Turn {
     busy: AtomicBool,
     /// Requests begun so far: a head timer armed before the latest one is stale.
     begun: AtomicU64,
+    /// The connection became a tunnel: reads and writes pass straight through.
+    detached: AtomicBool,
     /// The reader parked while busy, woken when the turn ends so that it arms its timer.
     reader: Mutex<Option<Waker>>,
 }
@@ -43,6 +45,11 @@ impl Turn {
             turn: self.clone(),
         }
         .boxed()
+    }
+
+    /// The connection is now a tunnel (a CONNECT was answered 2xx).
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
     }
 
     fn busy(&self) -> bool {
@@ -120,6 +127,9 @@ pub struct Watched<S> {
     armed: Armed,
     /// `Turn::begun` when the head timer was armed.
     head_of: u64,
+    /// Runs while a write waits on a client that does not read.
+    stall: Pin<Box<Sleep>>,
+    stalled: bool,
     refusal: &'static [u8],
 }
 
@@ -140,6 +150,8 @@ impl<S> Watched<S> {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: Armed::Nothing,
             head_of: 0,
+            stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            stalled: false,
             refusal,
         }
     }
@@ -162,6 +174,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.turn.detached.load(Ordering::Acquire) {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let busy = this.turn.busy();
         let begun = this.turn.begun.load(Ordering::Acquire);
@@ -214,12 +229,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    /// A client that stops reading a response for `proxy.idle_timeout_secs` is cut off, so
+    /// that it cannot hold its connection (and the upstream's) forever.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending if !this.turn.detached.load(Ordering::Acquire) => {
+                if !this.stalled {
+                    this.stalled = true;
+                    let deadline = Instant::now() + this.idle;
+                    this.stall.as_mut().reset(deadline);
+                }
+                if this.stall.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client read nothing for proxy.idle_timeout_secs",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => {
+                this.stalled = false;
+                other
+            }
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -217,10 +217,10 @@ impl Live {
         let mut dial = (*config.dial).clone();
         dial.resolver = Some(Resolver::new(&servers)?);
         config.dial = Arc::new(dial);
+        // Loaded whenever configured, so that a reload that drops tls_listen (which only
+        // a restart changes) still has the certificate for the bound TLS listeners.
         let tls = match (&s.proxy.tls_cert, &s.proxy.tls_key) {
-            (Some(cert), Some(key)) if !s.proxy.tls_listen.is_empty() => {
-                Some(tls::acceptor(cert, key)?)
-            }
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
         let upstream =
@@ -374,16 +374,13 @@ impl Live {
         } else {
             Outcome::Deny
         };
+        let reason = v.decision.reason.code();
+        if outcome == Outcome::Allow {
+            self.metrics.decision(via, outcome, reason); // no rule text needed
+            return;
+        }
         let rule = self.rule_text(&v.decision);
-        self.note(
-            via,
-            client,
-            target,
-            shown,
-            outcome,
-            v.decision.reason.code(),
-            &rule,
-        );
+        self.note(via, client, target, shown, outcome, reason, &rule);
     }
 
     /// Count one decision. Denials and would-be denials go into the denied-target table and
@@ -535,16 +532,18 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             .iter()
             .any(|n| n.contains(&peer_ip))
         {
-            live.metrics.limit(Limit::ClientNotAllowed);
-            tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
+            if live.metrics.limit(Limit::ClientNotAllowed) {
+                tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
+            }
             drop(stream);
             continue;
         }
         let permit = match shared.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                live.metrics.limit(Limit::Connections);
-                tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
+                if live.metrics.limit(Limit::Connections) {
+                    tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
+                }
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let body = respond::raw(
@@ -562,38 +561,57 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let guard = shared.tracker.track();
         let shared = shared.clone();
+        let listener_tls = listener.tls;
         let _ = stream.set_nodelay(true);
-        let tls = if listener.tls { live.tls.clone() } else { None };
+        let tls = live.tls.clone();
+        if listener.tls && tls.is_none() {
+            // A reload dropped the certificate; never serve plain HTTP on a TLS port.
+            if live.metrics.limit(Limit::TlsHandshake) {
+                tracing::error!(client = %peer, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
+            }
+            continue;
+        }
         let open = live.metrics.open(false, live.config.mode.as_str());
         let metrics = live.metrics.clone();
         let handshake_timeout = live.config.header_timeout;
         drop(live);
+        // Tunnels take a clone, so that they count against the limit until they close.
+        let permit = Arc::new(permit);
         tokio::spawn(async move {
-            match tls {
-                None => serve_connection(stream, peer, shared).await,
+            match tls.filter(|_| listener_tls) {
+                None => serve_connection(stream, peer, shared, permit).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(s, peer, shared).await,
+                        Ok(Ok(s)) => serve_connection(s, peer, shared, permit).await,
                         Ok(Err(e)) => {
-                            metrics.limit(Limit::TlsHandshake);
-                            tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed")
+                            if metrics.limit(Limit::TlsHandshake) {
+                                tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                            }
                         }
                         Err(_) => {
-                            metrics.limit(Limit::TlsHandshake);
-                            tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)")
+                            if metrics.limit(Limit::TlsHandshake) {
+                                tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
+                            }
                         }
                     }
                 }
             }
             drop(open);
-            drop(permit);
             drop(guard);
         });
     }
 }
 
-async fn serve_connection<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>)
-where
+/// A connection's place under `proxy.max_connections`, shared with its tunnel.
+#[derive(Clone)]
+pub(crate) struct Permit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+async fn serve_connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let live = shared.live();
@@ -602,13 +620,16 @@ where
     {
         Ok(p) => p,
         Err(head::HeadError::Timeout) => {
-            live.metrics.limit(Limit::HeaderTimeout);
-            tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
+            if live.metrics.limit(Limit::HeaderTimeout) {
+                tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
+            }
             refuse_raw(stream, respond::request_timeout()).await;
             return;
         }
         Err(head::HeadError::TooLarge) => {
-            live.metrics.limit(Limit::HeaderSize);
+            if live.metrics.limit(Limit::HeaderSize) {
+                tracing::warn!(client = %peer, reason = "header_too_large", "request head larger than proxy.max_header_bytes; answered 431");
+            }
             let body = respond::raw(
                 431,
                 "Request Header Fields Too Large",
@@ -630,12 +651,17 @@ where
         respond::request_timeout(),
     ));
     let svc_shared = shared.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let shared = svc_shared.clone();
         let turn = turn.clone();
         turn.begin();
+        req.extensions_mut().insert(Permit(permit.clone()));
+        let connect = req.method() == Method::CONNECT;
         async move {
             let resp = route(req, peer, shared).await;
+            if connect && resp.status().is_success() {
+                turn.detach(); // the stream becomes a tunnel: no more request timers
+            }
             Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b)))
         }
     });
@@ -652,11 +678,21 @@ where
     let mut stopping = shared.stopping.clone();
     tokio::select! {
         done = conn.as_mut() => {
-            if let Err(e) = done
-                && keepalive::is_head_timeout(&e)
+            let hit = match &done {
+                Err(e) if keepalive::is_head_timeout(e) => Some((
+                    Limit::HeaderTimeout,
+                    "a later request head on a keep-alive connection was not completed in time; answered 408",
+                )),
+                Err(e) if e.is_parse_too_large() => Some((
+                    Limit::HeaderSize,
+                    "a later request head was larger than proxy.max_header_bytes; answered 431",
+                )),
+                _ => None,
+            };
+            if let Some((which, what)) = hit
+                && metrics.limit(which)
             {
-                metrics.limit(Limit::HeaderTimeout);
-                tracing::warn!(client = %peer, reason = "header_timeout", "a later request head on a keep-alive connection was not completed in time; answered 408");
+                tracing::warn!(client = %peer, reason = which.as_str(), "{what}");
             }
         }
         _ = stopped(&mut stopping) => {

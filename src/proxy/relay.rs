@@ -77,8 +77,10 @@ where
             Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => {
-                if w.write_all(&buf[..n]).await.is_err() {
-                    break;
+                // A peer that stops reading for the idle timeout ends the tunnel too.
+                match tokio::time::timeout(activity.idle, w.write_all(&buf[..n])).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
                 }
                 total += n as u64;
                 counter.inc_by(n as u64);
@@ -148,9 +150,15 @@ async fn splice_one(
             Ok(p) => Mover::Pipe(p),
             Err(_) => Mover::Buffer(vec![0u8; 64 * 1024]),
         });
-        let moved = match how {
-            Mover::Pipe(pipe) => splice_once(from, to, pipe).await,
-            Mover::Buffer(buf) => copy_once(from, to, buf).await,
+        // The read side never waits here; the bound is on a peer that stops reading.
+        let round = async {
+            match how {
+                Mover::Pipe(pipe) => splice_once(from, to, pipe).await,
+                Mover::Buffer(buf) => copy_once(from, to, buf).await,
+            }
+        };
+        let Ok(moved) = tokio::time::timeout(activity.idle, round).await else {
+            break;
         };
         match moved {
             Ok(Some(0)) | Err(_) => break, // end of stream, or a side failed
