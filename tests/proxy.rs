@@ -661,3 +661,31 @@ async fn a_tunnel_through_the_tls_listener_outlives_the_header_timeout() {
     s.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"later");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_upstream_stalls_is_cut_off_as_incomplete() {
+    let up = upstream(|mut s| async move {
+        if read_request_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+                .await;
+            // Then nothing more, and the connection stays open.
+            let mut sink = [0u8; 16];
+            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
+    let p = start_proxy(&format!(
+        "[proxy]\nidle_timeout_secs = 0.3\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
+    ))
+    .await;
+    let (code, body, err) = curl_async(vec![
+        "-x".into(),
+        format!("http://{}", p.addr),
+        "http://pypi.org/simple/".into(),
+    ])
+    .await;
+    // 18: "transferred a partial file", well before curl's own 20 s limit (28).
+    assert_eq!(code, 18, "{err}");
+    assert_eq!(body, "abc");
+}

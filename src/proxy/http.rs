@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpInfo;
 use super::Live;
 use super::connect::dial_failed;
 use super::pool::dial_error;
-use super::respond::{Body, refuse};
+use super::respond::{Body, BodyError, refuse};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 
@@ -165,7 +165,7 @@ pub(super) async fn forward(
                 duration_ms = started.elapsed().as_millis() as u64,
                 "request forwarded"
             );
-            resp.map(|b| b.boxed())
+            resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
             Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d, counted),

@@ -16,7 +16,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::respond::Body;
+use super::respond::{Body, BodyError};
 
 /// Whether the connection is serving a request (from its head to the end of its response).
 #[derive(Debug, Default)]
@@ -37,12 +37,16 @@ impl Turn {
         self.busy.store(true, Ordering::Release);
     }
 
-    /// Wrap a response body so that the turn ends when the body has been sent (or dropped).
-    pub fn wrap(self: &Arc<Self>, body: Body) -> Body {
+    /// Wrap a response body so that the turn ends when the body has been sent (or dropped),
+    /// and so that a body whose source sends nothing for `idle` ends in an error (the
+    /// client then sees an incomplete response, not a truncated one that looks whole).
+    pub fn wrap(self: &Arc<Self>, body: Body, idle: Duration) -> Body {
         use http_body_util::BodyExt;
         TurnBody {
             inner: body,
             turn: self.clone(),
+            idle,
+            stall: None,
         }
         .boxed()
     }
@@ -60,6 +64,8 @@ impl Turn {
 struct TurnBody {
     inner: Body,
     turn: Arc<Turn>,
+    idle: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl Drop for TurnBody {
@@ -79,13 +85,31 @@ impl Drop for TurnBody {
 
 impl HttpBody for TurnBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let idle = this.idle;
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(
+                        "the upstream sent nothing for proxy.idle_timeout_secs".into(),
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                this.stall = None;
+                ready
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -651,6 +651,7 @@ async fn serve_connection<S>(
         respond::request_timeout(),
     ));
     let svc_shared = shared.clone();
+    let idle = cfg.idle_timeout;
     let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let shared = svc_shared.clone();
         let turn = turn.clone();
@@ -662,7 +663,7 @@ async fn serve_connection<S>(
             if connect && resp.status().is_success() {
                 turn.detach(); // the stream becomes a tunnel: no more request timers
             }
-            Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b)))
+            Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b, idle)))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -5,8 +5,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Response, StatusCode, header};
 
+/// Why a response body ended early (an upstream error, or a stalled upstream).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type of every response the proxy sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
 
 /// A body from text.
 pub fn full(text: impl Into<Bytes>) -> Body {
