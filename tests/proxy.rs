@@ -417,15 +417,39 @@ async fn names_are_resolved_once_by_the_configured_dns_and_failures_are_answered
     assert_eq!(dns.asked_type("echo.example.test", Some(1)), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_reaches_the_proxy_over_tls() {
-    let (tls, ca) = tls_upstream(&["login.microsoftonline.com"]).await;
+/// A certificate for the proxy's own TLS listener (for 127.0.0.1): the key pair, its
+/// files, and the `[proxy]` lines that use them.
+struct ProxyCert {
+    ck: rcgen::CertifiedKey<rcgen::KeyPair>,
+    cert: TempFile,
+    _key: TempFile,
+    keys: String,
+}
+
+fn proxy_cert() -> ProxyCert {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let cert = TempFile::new("proxy.pem", &ck.cert.pem());
     let key = TempFile::new("proxy.key", &ck.signing_key.serialize_pem());
-    let p = start_proxy(&format!(
-        "[proxy]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"login.microsoftonline.com:443\" = \"{tls}\" }}\n",
+    let keys = format!(
+        "tls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n",
         cert.0, key.0
+    );
+    ProxyCert {
+        ck,
+        cert,
+        _key: key,
+        keys,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_the_proxy_over_tls() {
+    let (tls, ca) = tls_upstream(&["login.microsoftonline.com"]).await;
+    let pc = proxy_cert();
+    let cert = &pc.cert;
+    let p = start_proxy(&format!(
+        "[proxy]\n{}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"login.microsoftonline.com:443\" = \"{tls}\" }}\n",
+        pc.keys
     ))
     .await;
     let (code, body, err) = curl_async(vec![
@@ -516,11 +540,12 @@ async fn plain_http_reuses_pooled_upstream_connections() {
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+/// A proxy (with `proxy_keys` in its `[proxy]` section) pinning pypi.org:443 to a TCP echo,
+/// and a tunnel through it that has carried one byte each way.
+async fn open_echo_tunnel(proxy_keys: &str) -> (Proxy, TcpStream) {
     let echo = echo_upstream().await;
     let p = start_proxy(&format!(
-        "[proxy]\ntls_ports = []\nidle_timeout_secs = 0.3\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+        "[proxy]\ntls_ports = []\n{proxy_keys}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
     ))
     .await;
     let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
@@ -528,95 +553,77 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
     s.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.unwrap();
+    (p, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+    let (_p, mut s) = open_echo_tunnel("idle_timeout_secs = 0.3\n").await;
     // Nothing more either way: the proxy closes the tunnel (well before the 10 s bound).
-    let mut rest = Vec::new();
-    let closed =
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "tunnel still open: {closed:?}");
+    let rest = until_closed(&mut s).await.expect("tunnel closed");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_still_open_when_the_grace_period_ends_are_closed() {
-    let echo = echo_upstream().await;
-    let p = start_proxy(&format!(
-        "[proxy]\ntls_ports = []\ngrace_period_secs = 0.2\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
-    ))
-    .await;
-    let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (p, mut s) = open_echo_tunnel("grace_period_secs = 0.2\n").await;
     p.stop.send(true).unwrap();
     // The tunnel (and its client connection) were still open at the deadline.
     let left = p.done.await.unwrap();
     assert!(left >= 1, "{left}");
+    let rest = until_closed(&mut s).await.expect("tunnel closed");
+    assert!(rest.is_empty());
+}
+
+/// A proxy (with `proxy_keys` in its `[proxy]` section) in front of a keep-alive upstream,
+/// and a client connection that has had one answered request.
+async fn after_one_keep_alive_request(proxy_keys: &str) -> (Proxy, TcpStream) {
+    let (up, _) = keepalive_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\n{proxy_keys}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
+    ))
+    .await;
+    let head = "GET http://pypi.org/simple/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n";
+    let (s, first) = exchange(p.addr, head).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.ends_with("kept alive\n"), "{first}");
+    (p, s)
+}
+
+/// Everything the proxy still sends until it closes; `None` if it has not closed in 10 s.
+async fn until_closed(s: &mut TcpStream) -> Option<Vec<u8>> {
     let mut rest = Vec::new();
-    let closed =
+    let read =
         tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "tunnel still open: {closed:?}");
+    matches!(read, Ok(Ok(_))).then_some(rest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_second_head_on_a_keep_alive_connection_gets_408() {
-    let (up, _) = keepalive_upstream().await;
-    let p = start_proxy(&format!(
-        "[proxy]\nheader_timeout_secs = 0.3\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
-    ))
-    .await;
-    let (mut s, first) = exchange(
-        p.addr,
-        "GET http://pypi.org/simple/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
-    )
-    .await;
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    assert!(first.ends_with("kept alive\n"), "{first}");
+    let (_p, mut s) = after_one_keep_alive_request("header_timeout_secs = 0.3\n").await;
     // Half of a second head, then nothing.
     s.write_all(b"GET http://pypi.org/other HTTP/1.1\r\nHo")
         .await
         .unwrap();
-    let mut rest = String::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        s.read_to_string(&mut rest),
-    )
-    .await;
-    assert!(read.is_ok(), "connection still open");
+    let rest = until_closed(&mut s).await.expect("connection closed");
+    let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_quietly() {
-    let (up, _) = keepalive_upstream().await;
-    let p = start_proxy(&format!(
-        "[proxy]\nheader_timeout_secs = 0.2\nidle_timeout_secs = 0.5\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\" }}\n"
-    ))
-    .await;
-    let (mut s, first) = exchange(
-        p.addr,
-        "GET http://pypi.org/simple/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
-    )
-    .await;
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let keys = "header_timeout_secs = 0.2\nidle_timeout_secs = 0.5\n";
+    let (_p, mut s) = after_one_keep_alive_request(keys).await;
     // Quiet past the header timeout: still open, since no head was begun; then closed
     // without a word once idle for idle_timeout_secs.
-    let mut rest = Vec::new();
-    let read =
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    let rest = until_closed(&mut s).await.expect("connection closed");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_tunnels_count_against_the_connection_limit() {
-    let echo = echo_upstream().await;
-    let p = start_proxy(&format!(
-        "[proxy]\nmax_connections = 1\ntls_ports = []\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
-    ))
-    .await;
-    let (mut tunnel, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    // The tunnel carries bytes, so hyper has let go of the connection: it is a tunnel now.
-    tunnel.write_all(b"x").await.unwrap();
-    let mut one = [0u8; 1];
-    tunnel.read_exact(&mut one).await.unwrap();
+    // The tunnel has carried bytes, so hyper has let go of its connection.
+    let (p, _tunnel) = open_echo_tunnel("max_connections = 1\n").await;
     let mut second = TcpStream::connect(p.addr).await.unwrap();
     let mut refused = String::new();
     second.read_to_string(&mut refused).await.unwrap();
@@ -626,16 +633,14 @@ async fn open_tunnels_count_against_the_connection_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_through_the_tls_listener_outlives_the_header_timeout() {
     let echo = echo_upstream().await;
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let cert = TempFile::new("proxy.pem", &ck.cert.pem());
-    let key = TempFile::new("proxy.key", &ck.signing_key.serialize_pem());
+    let pc = proxy_cert();
     let p = start_proxy(&format!(
-        "[proxy]\nheader_timeout_secs = 0.2\ntls_ports = []\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n",
-        cert.0, key.0
+        "[proxy]\nheader_timeout_secs = 0.2\ntls_ports = []\n{}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n",
+        pc.keys
     ))
     .await;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
+    roots.add(pc.ck.cert.der().clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
