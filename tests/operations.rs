@@ -634,3 +634,26 @@ fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
     wait_for("stopped");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_listeners_ipv4_and_ipv6_serve_the_same_policy() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let cfg = TempFile::new(
+        "dual.toml",
+        "[admin]\nlisten = \"\"\n[proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\n",
+    );
+    let s = Settings::load_with_env(Some(&cfg.0), Some(Default::default())).unwrap();
+    let built = loader::build(&s).unwrap();
+    let (_stop, stopping) = watch::channel(false);
+    let running = server::start(None, s, built, stopping).await.unwrap();
+    assert_eq!(running.addrs.len(), 2);
+    assert!(running.addrs[0].is_ipv4() && running.addrs[1].is_ipv6());
+    assert!(running.admin_addr.is_none());
+    for addr in &running.addrs {
+        let (_, resp) = exchange(*addr, "CONNECT denied.example.net:443 HTTP/1.1\r\n\r\n").await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{addr}: {resp}");
+    }
+}
