@@ -352,12 +352,14 @@ impl Metrics {
         let note = t.note(host, port, per_minute, suggestion, |h, p| {
             self.denied_vec.with_label_values(&[h, &p.to_string()])
         });
-        drop(t);
+        // Unregister evicted series under the table's lock: a target evicted here and
+        // denied again by another thread must get a registered series, not this one.
         for (h, p, count) in note.evicted {
             let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
             self.series_evicted.inc();
             self.denials_evicted.inc_by(count);
         }
+        drop(t);
         if !note.log {
             self.suppressed.inc();
             return false;

@@ -694,3 +694,77 @@ async fn a_response_whose_upstream_stalls_is_cut_off_as_incomplete() {
     assert_eq!(code, 18, "{err}");
     assert_eq!(body, "abc");
 }
+
+/// An HTTP upstream that reads the whole request body (by content-length) before it
+/// answers with the number of body bytes it got; `answer: false` never answers.
+async fn body_reading_upstream(answer: bool) -> SocketAddr {
+    upstream(move |mut s| async move {
+        let Some(head) = read_request_head(&mut s).await else {
+            return;
+        };
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let already = head.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+        let mut rest = vec![0u8; len.saturating_sub(already)];
+        if s.read_exact(&mut rest).await.is_err() {
+            return;
+        }
+        if !answer {
+            let mut sink = [0u8; 16];
+            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            return;
+        }
+        let body = format!("got {len}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_mistaken_for_a_silent_upstream_but_a_silent_upstream_gets_504() {
+    let (up, silent) = (
+        body_reading_upstream(true).await,
+        body_reading_upstream(false).await,
+    );
+    let p = start_proxy(&format!(
+        "[proxy]\nidle_timeout_secs = 0.5\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:80\" = \"{up}\", \"silent.example.org:80\" = \"{silent}\" }}\n[[allow]]\nhost = \"silent.example.org\"\nports = [80]\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST http://pypi.org/upload HTTP/1.1\r\nHost: pypi.org\r\nContent-Length: 30\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The scenario is time passing: 30 bytes over about 1.2 s, longer than the idle
+    // timeout, but never quiet for as long.
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s.write_all(b"12345").await.unwrap();
+    }
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("got 30"),
+        "{resp}"
+    );
+
+    let (_, resp) = exchange(
+        p.addr,
+        "POST http://silent.example.org/x HTTP/1.1\r\nHost: silent.example.org\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(resp.contains("details=\"upstream_response\""), "{resp}");
+}

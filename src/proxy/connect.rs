@@ -17,7 +17,7 @@ use super::keepalive::Watched;
 use super::relay;
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
-use super::{Live, Shared, Verdict};
+use super::{AllowCount, Live, Shared, Verdict};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Decision, Host, PathView, Reason, Target};
 
@@ -48,29 +48,35 @@ pub(super) async fn handle(
     if !v.pass {
         return live.forbidden(&shown, &v.decision);
     }
+    // Counted when dropped (the client may leave during the dial), unless replaced.
+    let pending = (!counted).then(|| AllowCount::new(&live, ListenerKind::Connect, &v));
     let started = Instant::now();
     let dialled = dial(&target, v.decision.is_allowed(), &live.config.dial).await;
     live.metrics.dial(dialled.is_ok(), started.elapsed());
     let (upstream, addr) = match dialled {
         Ok(x) => x,
         Err(e) => {
+            if let Some(p) = pending {
+                p.instead();
+            }
             return dial_failed(&live, ListenerKind::Connect, peer, &target, &e, counted);
         }
     };
-    let tls_port = live.config.tls_ports.contains(&target.port);
-    if !counted && !tls_port {
-        live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
-    }
-    let counted = counted || !tls_port;
+    // On TLS ports the count waits for the name inside; elsewhere it is an allow now.
+    let pending = pending.filter(|_| live.config.tls_ports.contains(&target.port));
     let guard = shared.tracker.track();
     let open = live.metrics.open(true, live.config.mode.as_str());
-    let permit = req.extensions().get::<super::Permit>().cloned();
+    let handles = req.extensions().get::<super::ConnHandles>().cloned();
     tokio::spawn(async move {
         let _guard = guard;
         let _open = open;
-        let _permit = permit; // the tunnel counts against proxy.max_connections
+        // The tunnel holds its connection's place under proxy.max_connections.
+        let handles = handles;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
+                if let Some(h) = &handles {
+                    h.turn.detach(); // the stream is a tunnel now: no request timers
+                }
                 let t = Tunnel {
                     live: &live,
                     peer,
@@ -79,7 +85,7 @@ pub(super) async fn handle(
                     started,
                 };
                 tokio::select! {
-                    _ = t.run(upgraded, upstream, v, counted) => {}
+                    _ = t.run(upgraded, upstream, v, pending) => {}
                     _ = shared.tracker.closed() => {
                         tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
                     }
@@ -181,31 +187,26 @@ impl Tunnel<'_> {
         upgraded: hyper::upgrade::Upgraded,
         mut upstream: TcpStream,
         mut v: Verdict,
-        counted: bool,
+        mut pending: Option<AllowCount>,
     ) {
         let cfg = &self.live.config;
         let (mut client, mut buf) = unwrap_client(upgraded);
         let (sni, audit_name) = if cfg.tls_ports.contains(&self.target.port) {
-            match self.check_name(&mut client, &mut buf, &v, counted).await {
+            match self.check_name(&mut client, &mut buf, &mut pending).await {
                 NameCheck::Pass(sni, audit) => (sni, audit),
                 NameCheck::Close => return,
             }
         } else {
             (String::new(), false)
         };
-        if !counted && !audit_name {
-            let shown = self.target.to_string();
-            self.live.note_verdict(
-                ListenerKind::Connect,
-                self.peer,
-                Some(&self.target),
-                &shown,
-                &v,
-            );
-        }
+        drop(pending); // an allow, if nothing else was counted for this request
         v.would_deny |= audit_name;
-        if !buf.is_empty() && upstream.write_all(&buf).await.is_err() {
-            return;
+        let idle = cfg.idle_timeout;
+        if !buf.is_empty() {
+            match tokio::time::timeout(idle, upstream.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
         }
         let metrics = &self.live.metrics;
         metrics.tunnel_up.inc_by(buf.len() as u64);
@@ -241,8 +242,7 @@ impl Tunnel<'_> {
         &self,
         client: &mut ClientSide,
         buf: &mut BytesMut,
-        v: &Verdict,
-        counted: bool,
+        pending: &mut Option<AllowCount>,
     ) -> NameCheck {
         let live = self.live;
         let cfg = &live.config;
@@ -257,20 +257,9 @@ impl Tunnel<'_> {
                         }
                     };
                     match tokio::time::timeout_at(deadline, read).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => {
-                            // Gone before naming a server: the CONNECT's own decision.
-                            if !counted {
-                                let shown = self.target.to_string();
-                                live.note_verdict(
-                                    ListenerKind::Connect,
-                                    self.peer,
-                                    Some(&self.target),
-                                    &shown,
-                                    v,
-                                );
-                            }
-                            return NameCheck::Close;
-                        }
+                        // Gone before naming a server: the CONNECT's own decision stands
+                        // (`pending` counts it when dropped).
+                        Ok(Ok(0)) | Ok(Err(_)) => return NameCheck::Close,
                         Ok(Ok(_)) => continue,
                         Err(_) => break None,
                     }
@@ -306,17 +295,32 @@ impl Tunnel<'_> {
         };
         let what = by_name.as_ref().unwrap_or(&self.target);
         let label = format!("{what} (TLS name inside CONNECT {})", self.target);
-        if !counted {
-            let rule = live.rule_text(&sv.decision);
-            live.note(
-                ListenerKind::Connect,
-                self.peer,
-                Some(what),
-                &label,
+        let rule = live.rule_text(&sv.decision);
+        let args = (ListenerKind::Connect, self.peer, Some(what), label.as_str());
+        match pending.take() {
+            // This refusal is the request's decision.
+            Some(p) => {
+                p.instead();
+                live.note(
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    outcome,
+                    "sni_not_allowed",
+                    &rule,
+                );
+            }
+            // The request was counted already (an audit pass): record and log only.
+            None => live.record(
+                args.0,
+                args.1,
+                args.2,
+                args.3,
                 outcome,
                 "sni_not_allowed",
                 &rule,
-            );
+            ),
         }
         if sv.pass {
             NameCheck::Pass(sni, true)

@@ -11,10 +11,11 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpInfo;
 
-use super::Live;
 use super::connect::dial_failed;
 use super::pool::dial_error;
+use super::pool::{Activity, UploadBody};
 use super::respond::{Body, BodyError, refuse};
+use super::{AllowCount, Live};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 
@@ -94,9 +95,14 @@ pub(super) async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    // The absolute URI the pool is given (it sends origin form upstream).
+    let uri = format!("http://{authority}{path}");
+    let Ok(uri) = uri.parse::<Uri>() else {
+        return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
+    };
     let v = live.judge(&target, PathView::Visible(&path));
     // One decision per request: refusals and audit passes now, allowed requests when the
-    // upstream answers (or fails to).
+    // upstream answers, fails, or the client leaves (`pending`, counted when dropped).
     let counted = !v.pass || v.would_deny;
     if counted {
         let with_path = format!("{shown}{path}");
@@ -105,34 +111,40 @@ pub(super) async fn forward(
             return live.forbidden(&with_path, &v.decision);
         }
     }
-    // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2);
-    // the pool sends the request in origin form.
+    let pending = (!counted).then(|| AllowCount::new(&live, ListenerKind::Http, &v));
+    // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
     if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
         req.headers_mut().insert(header::HOST, v);
     }
-    let uri = format!("http://{authority}{path}");
-    *req.uri_mut() = match uri.parse::<Uri>() {
-        Ok(u) => u,
-        Err(_) => {
-            return live.refuse_invalid(
-                ListenerKind::Http,
-                peer,
-                &uri,
-                InvalidTarget::BadCharacter,
-            );
-        }
-    };
+    *req.uri_mut() = uri;
     let method = req.method().clone();
+    let upload = Arc::new(Activity::new());
+    let req = req.map(|body| UploadBody::new(body, upload.clone()));
     let sent = live.upstream.client(v.decision.is_allowed()).request(req);
-    let upstream_failed = || {
-        if !counted {
+    let upstream_failed = |pending: Option<AllowCount>| {
+        if let Some(p) = pending {
+            p.instead();
             live.metrics
                 .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
         }
     };
-    let Ok(answered) = tokio::time::timeout(live.config.idle_timeout, sent).await else {
-        upstream_failed();
+    // The response head must come within idle_timeout_secs of the last request bytes, so
+    // that a long upload is not cut off but a silent upstream is.
+    let idle = live.config.idle_timeout;
+    tokio::pin!(sent);
+    let answered = loop {
+        let quiet = upload.quiet_for();
+        if quiet >= idle {
+            break None;
+        }
+        tokio::select! {
+            r = &mut sent => break Some(r),
+            _ = tokio::time::sleep(idle - quiet) => {}
+        }
+    };
+    let Some(answered) = answered else {
+        upstream_failed(pending);
         return refuse(
             StatusCode::GATEWAY_TIMEOUT,
             "http_response_timeout",
@@ -142,9 +154,7 @@ pub(super) async fn forward(
     };
     match answered {
         Ok(mut resp) => {
-            if !counted {
-                live.note_verdict(ListenerKind::Http, peer, Some(&target), &shown, &v);
-            }
+            drop(pending); // an allow
             strip_hop_by_hop(resp.headers_mut());
             let upstream = resp
                 .extensions()
@@ -168,9 +178,14 @@ pub(super) async fn forward(
             resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d, counted),
+            Some(d) => {
+                if let Some(p) = pending {
+                    p.instead();
+                }
+                dial_failed(&live, ListenerKind::Http, peer, &target, d, counted)
+            }
             None => {
-                upstream_failed();
+                upstream_failed(pending);
                 refuse(
                     StatusCode::BAD_GATEWAY,
                     "http_response_incomplete",

@@ -121,12 +121,25 @@ impl HttpBody for TurnBody {
     }
 }
 
+/// The error that ends a connection whose later request head stalled (after our 408),
+/// told apart from other timeouts by its type.
+#[derive(Debug)]
+struct HeadTimeout;
+
+impl std::fmt::Display for HeadTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request head not completed within proxy.header_timeout_secs")
+    }
+}
+
+impl std::error::Error for HeadTimeout {}
+
 /// Whether a connection ended because a later request head stalled (our 408).
 pub fn is_head_timeout(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            return io.kind() == io::ErrorKind::TimedOut;
+            return io.get_ref().is_some_and(|inner| inner.is::<HeadTimeout>());
         }
         cur = err.source();
     }
@@ -241,10 +254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<S> {
                 // 408 (best effort, one write) and end the connection.
                 let _ = Pin::new(&mut this.inner).poll_write(cx, this.refusal);
                 let _ = Pin::new(&mut this.inner).poll_flush(cx);
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "request head not completed within proxy.header_timeout_secs",
-                )))
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, HeadTimeout)))
             }
             // Quiet for the idle timeout between requests: end of stream.
             _ => Poll::Ready(Ok(())),

@@ -245,6 +245,8 @@ pub struct Shared {
     limit: Arc<Semaphore>,
     /// The connection limit the semaphore was sized for.
     max_connections: AtomicUsize,
+    /// Permits a lowered limit still has to take back from open connections.
+    owed: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -254,6 +256,7 @@ impl Shared {
         let limit = Arc::new(Semaphore::new(max));
         Arc::new(Shared {
             max_connections: AtomicUsize::new(max),
+            owed: Arc::default(),
             live: ArcSwap::from_pointee(live),
             tracker: Default::default(),
             stopping,
@@ -273,19 +276,19 @@ impl Shared {
         let new = live.config.max_connections;
         let old = self.max_connections.swap(new, Ordering::SeqCst);
         if new > old {
-            self.limit.add_permits(new - old);
-        } else if new < old {
-            let mut owed = old - new;
-            owed -= self.limit.forget_permits(owed);
-            // Permits still held by open connections: take them as they come back.
-            if owed > 0 {
-                let limit = self.limit.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = limit.acquire_many_owned(owed as u32).await {
-                        p.forget();
-                    }
+            // Cancel what a lowered limit still owes before adding permits.
+            let mut extra = new - old;
+            let _ = self
+                .owed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
+                    let cancel = owed.min(new - old);
+                    extra = new - old - cancel;
+                    Some(owed - cancel)
                 });
-            }
+            self.limit.add_permits(extra);
+        } else if new < old {
+            let debt = (old - new) - self.limit.forget_permits(old - new);
+            self.owed.fetch_add(debt, Ordering::SeqCst);
         }
         self.live.store(Arc::new(live));
     }
@@ -400,6 +403,22 @@ impl Live {
         if outcome == Outcome::Allow {
             return; // allowed connections are logged once, when they finish
         }
+        self.record(via, client, target, shown, outcome, reason, rule);
+    }
+
+    /// Put a refusal in the denied-target table and log it (rate-limited), without
+    /// counting a decision: for a second refusal within a request already counted.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: Option<&Target>,
+        shown: &str,
+        outcome: Outcome,
+        reason: &str,
+        rule: &str,
+    ) {
         let log = match target {
             Some(t) => {
                 let host = match t.host {
@@ -424,6 +443,40 @@ impl Live {
                 mode = self.config.mode.as_str(),
                 "destination denied"
             );
+        }
+    }
+}
+
+/// An allowed request's decision, counted when this is dropped unless something else was
+/// counted in its place ([`AllowCount::instead`]). A request whose client leaves while
+/// the proxy dials or waits for the upstream is then still counted, once.
+pub(crate) struct AllowCount {
+    metrics: Arc<Metrics>,
+    via: ListenerKind,
+    reason: &'static str,
+    armed: bool,
+}
+
+impl AllowCount {
+    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Verdict) -> Self {
+        AllowCount {
+            metrics: live.metrics.clone(),
+            via,
+            reason: v.decision.reason.code(),
+            armed: true,
+        }
+    }
+
+    /// Another outcome (a failed dial, a refused TLS name) is counted instead.
+    pub(crate) fn instead(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AllowCount {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.decision(self.via, Outcome::Allow, self.reason);
         }
     }
 }
@@ -576,7 +629,10 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let handshake_timeout = live.config.header_timeout;
         drop(live);
         // Tunnels take a clone, so that they count against the limit until they close.
-        let permit = Arc::new(permit);
+        let permit = Arc::new(Slot {
+            permit: Some(permit),
+            owed: shared.owed.clone(),
+        });
         tokio::spawn(async move {
             match tls.filter(|_| listener_tls) {
                 None => serve_connection(stream, peer, shared, permit).await,
@@ -602,15 +658,38 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
-/// A connection's place under `proxy.max_connections`, shared with its tunnel.
+/// A connection's place under `proxy.max_connections`, shared with its tunnel, and the
+/// turn that tells its stream when it becomes a tunnel.
 #[derive(Clone)]
-pub(crate) struct Permit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+pub(crate) struct ConnHandles {
+    #[allow(dead_code)] // held, not read: the place is given back when the last holder drops
+    pub slot: Arc<Slot>,
+    pub turn: Arc<keepalive::Turn>,
+}
+
+/// A permit that, when given back while a lowered limit is owed permits, is kept instead.
+pub(crate) struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    owed: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let paid = self
+            .owed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| o.checked_sub(1))
+            .is_ok();
+        if paid && let Some(p) = self.permit.take() {
+            p.forget();
+        }
+    }
+}
 
 async fn serve_connection<S>(
     mut stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    permit: Arc<Slot>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -656,13 +735,12 @@ async fn serve_connection<S>(
         let shared = svc_shared.clone();
         let turn = turn.clone();
         turn.begin();
-        req.extensions_mut().insert(Permit(permit.clone()));
-        let connect = req.method() == Method::CONNECT;
+        req.extensions_mut().insert(ConnHandles {
+            slot: permit.clone(),
+            turn: turn.clone(),
+        });
         async move {
             let resp = route(req, peer, shared).await;
-            if connect && resp.status().is_success() {
-                turn.detach(); // the stream becomes a tunnel: no more request timers
-            }
             Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b, idle)))
         }
     });

@@ -5,8 +5,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use hyper::Uri;
 use hyper::body::Incoming;
@@ -53,10 +56,79 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
+/// When the client last sent request bytes (milliseconds since `start`).
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    /// Active now.
+    pub fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last request bytes.
+    pub fn quiet_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A request body on its way upstream that notes when bytes last went through.
+pub struct UploadBody {
+    inner: Incoming,
+    activity: Arc<Activity>,
+}
+
+impl UploadBody {
+    pub fn new(inner: Incoming, activity: Arc<Activity>) -> Self {
+        UploadBody { inner, activity }
+    }
+}
+
+impl hyper::body::Body for UploadBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Two pools: for names an allow rule matched, and for audit-mode passes.
 pub struct Upstream {
-    allowlisted: Client<Connector, Incoming>,
-    unlisted: Client<Connector, Incoming>,
+    allowlisted: Client<Connector, UploadBody>,
+    unlisted: Client<Connector, UploadBody>,
 }
 
 impl Upstream {
@@ -81,7 +153,7 @@ impl Upstream {
     }
 
     /// The pool for a request whose name an allow rule matched (or not).
-    pub fn client(&self, allowlisted: bool) -> &Client<Connector, Incoming> {
+    pub fn client(&self, allowlisted: bool) -> &Client<Connector, UploadBody> {
         if allowlisted {
             &self.allowlisted
         } else {

@@ -88,7 +88,8 @@ where
             }
         }
     }
-    let _ = w.shutdown().await;
+    // Passing the end on can itself wait on a peer that does not read (a TLS client).
+    let _ = tokio::time::timeout(activity.idle, w.shutdown()).await;
     total
 }
 
