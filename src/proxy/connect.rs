@@ -17,7 +17,7 @@ use super::keepalive::Watched;
 use super::relay;
 use super::respond::{Body, full, refuse};
 use super::sni::{MAX_HELLO, SniError, server_name};
-use super::{AllowCount, Live, Shared, Verdict};
+use super::{AllowCount, Live, Seen, Shared, Verdict};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Decision, Host, PathView, Reason, Target};
 
@@ -117,7 +117,15 @@ pub(super) fn dial_failed(
     };
     let shown = target.to_string();
     if guard && !counted {
-        live.note(via, peer, Some(target), &shown, Outcome::Deny, details, "");
+        live.note(&Seen {
+            via,
+            client: peer,
+            target: Some(target),
+            shown: &shown,
+            outcome: Outcome::Deny,
+            reason: details,
+            rule: "",
+        });
     } else {
         if !counted {
             live.metrics.decision(via, Outcome::Error, details);
@@ -296,31 +304,23 @@ impl Tunnel<'_> {
         let what = by_name.as_ref().unwrap_or(&self.target);
         let label = format!("{what} (TLS name inside CONNECT {})", self.target);
         let rule = live.rule_text(&sv.decision);
-        let args = (ListenerKind::Connect, self.peer, Some(what), label.as_str());
+        let seen = Seen {
+            via: ListenerKind::Connect,
+            client: self.peer,
+            target: Some(what),
+            shown: &label,
+            outcome,
+            reason: "sni_not_allowed",
+            rule: &rule,
+        };
         match pending.take() {
             // This refusal is the request's decision.
             Some(p) => {
                 p.instead();
-                live.note(
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    outcome,
-                    "sni_not_allowed",
-                    &rule,
-                );
+                live.note(&seen);
             }
             // The request was counted already (an audit pass): record and log only.
-            None => live.record(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
-                outcome,
-                "sni_not_allowed",
-                &rule,
-            ),
+            None => live.record(&seen),
         }
         if sv.pass {
             NameCheck::Pass(sni, true)

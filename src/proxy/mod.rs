@@ -383,42 +383,38 @@ impl Live {
             return;
         }
         let rule = self.rule_text(&v.decision);
-        self.note(via, client, target, shown, outcome, reason, &rule);
+        self.note(&Seen {
+            via,
+            client,
+            target,
+            shown,
+            outcome,
+            reason,
+            rule: &rule,
+        });
     }
 
     /// Count one decision. Denials and would-be denials go into the denied-target table and
     /// get one log line each, at most `log.denied_lines_per_minute` per target.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn note(
-        &self,
-        via: ListenerKind,
-        client: SocketAddr,
-        target: Option<&Target>,
-        shown: &str,
-        outcome: Outcome,
-        reason: &str,
-        rule: &str,
-    ) {
-        self.metrics.decision(via, outcome, reason);
-        if outcome == Outcome::Allow {
-            return; // allowed connections are logged once, when they finish
+    pub(crate) fn note(&self, seen: &Seen<'_>) {
+        self.metrics.decision(seen.via, seen.outcome, seen.reason);
+        if seen.outcome != Outcome::Allow {
+            self.record(seen); // allowed connections are logged once, when they finish
         }
-        self.record(via, client, target, shown, outcome, reason, rule);
     }
 
     /// Put a refusal in the denied-target table and log it (rate-limited), without
     /// counting a decision: for a second refusal within a request already counted.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn record(
-        &self,
-        via: ListenerKind,
-        client: SocketAddr,
-        target: Option<&Target>,
-        shown: &str,
-        outcome: Outcome,
-        reason: &str,
-        rule: &str,
-    ) {
+    pub(crate) fn record(&self, seen: &Seen<'_>) {
+        let Seen {
+            via,
+            client,
+            target,
+            shown,
+            outcome,
+            reason,
+            rule,
+        } = *seen;
         let log = match target {
             Some(t) => {
                 let host = match t.host {
@@ -445,6 +441,20 @@ impl Live {
             );
         }
     }
+}
+
+/// One decision about one destination, as counted and logged.
+#[derive(Clone, Copy)]
+pub(crate) struct Seen<'a> {
+    pub via: ListenerKind,
+    pub client: SocketAddr,
+    /// `None` for a target that could not be parsed.
+    pub target: Option<&'a Target>,
+    /// As shown in the log line.
+    pub shown: &'a str,
+    pub outcome: Outcome,
+    pub reason: &'a str,
+    pub rule: &'a str,
 }
 
 /// An allowed request's decision, counted when this is dropped unless something else was
