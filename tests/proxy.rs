@@ -171,13 +171,12 @@ async fn curl_reaches_an_allowed_tls_host_and_is_refused_a_denied_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_connect_gets_403_with_proxy_status_and_a_reason() {
     let p = start_proxy("").await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"CONNECT notpytorch.org:443 HTTP/1.1\r\nHost: notpytorch.org:443\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    let resp = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    let (_, resp) = exchange(
+        p.addr,
+        "CONNECT notpytorch.org:443 HTTP/1.1\r\nHost: notpytorch.org:443\r\n\r\n",
+    )
+    .await;
+    let resp = resp.to_lowercase();
     assert!(resp.starts_with("http/1.1 403"), "{resp}");
     assert!(
         resp.contains(
@@ -248,13 +247,7 @@ async fn the_address_guard_refuses_loopback_unless_exempted() {
         body.contains("could not reach") && body.contains("upstream.allow_cidrs"),
         "{body}"
     );
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 2048];
-    let n = s.read(&mut buf).await.unwrap();
-    let resp = String::from_utf8_lossy(&buf[..n]);
+    let (_, resp) = exchange(p.addr, &format!("CONNECT {echo} HTTP/1.1\r\n\r\n")).await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     assert!(
         resp.contains("error=destination_ip_prohibited; details=\"forbidden_address\""),
@@ -266,12 +259,7 @@ async fn the_address_guard_refuses_loopback_unless_exempted() {
         "{rule}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\n"
     ))
     .await;
-    let mut s = TcpStream::connect(p2.addr).await.unwrap();
-    s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", p2.addr).as_bytes())
-        .await
-        .unwrap();
-    let n = s.read(&mut buf).await.unwrap();
-    let resp = String::from_utf8_lossy(&buf[..n]);
+    let (_, resp) = exchange(p2.addr, &format!("CONNECT {} HTTP/1.1\r\n\r\n", p2.addr)).await;
     assert!(resp.contains("forbidden_address"), "{resp}");
 }
 
@@ -314,18 +302,7 @@ async fn an_oversized_head_gets_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_drains_an_open_tunnel() {
-    let echo = echo_upstream().await;
-    let p = start_proxy(&format!(
-        "[proxy]\ntls_ports = []\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
-    ))
-    .await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (p, mut s) = open_echo_tunnel("").await;
 
     p.stop.send(true).unwrap();
     // The open tunnel keeps working during the grace period.
