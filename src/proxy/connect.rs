@@ -38,29 +38,18 @@ pub(super) async fn handle(
     };
     let shown = target.to_string();
     let v = live.judge(&target, PathView::Hidden);
-    // One decision is counted per request: refusals and audit passes at once (whatever the
-    // dial does next); allowed tunnels once the dial worked and, on TLS ports, once the
-    // name inside has been checked.
-    let counted = !v.pass || v.would_deny;
-    if counted {
-        live.note_verdict(ListenerKind::Connect, peer, Some(&target), &shown, &v);
-    }
-    if !v.pass {
-        return live.forbidden(&shown, &v.decision);
-    }
-    // Counted when dropped (the client may leave during the dial), unless replaced.
-    let pending = (!counted).then(|| AllowCount::new(&live, ListenerKind::Connect, &v));
+    // An allowed tunnel is counted once the dial worked and, on TLS ports, once the name
+    // inside has been checked.
+    let pending = match live.admit(ListenerKind::Connect, peer, &target, || shown.clone(), &v) {
+        Ok(pending) => pending,
+        Err(refused) => return refused,
+    };
     let started = Instant::now();
     let dialled = dial(&target, v.decision.is_allowed(), &live.config.dial).await;
     live.metrics.dial(dialled.is_ok(), started.elapsed());
     let (upstream, addr) = match dialled {
         Ok(x) => x,
-        Err(e) => {
-            if let Some(p) = pending {
-                p.instead();
-            }
-            return dial_failed(&live, ListenerKind::Connect, peer, &target, &e, counted);
-        }
+        Err(e) => return dial_failed(&live, ListenerKind::Connect, peer, &target, &e, pending),
     };
     // On TLS ports the count waits for the name inside; elsewhere it is an allow now.
     let pending = pending.filter(|_| live.config.tls_ports.contains(&target.port));
@@ -99,15 +88,20 @@ pub(super) async fn handle(
 
 /// The response (count and log line) for a dial that failed after the policy allowed it:
 /// the address guard's refusals are denials; DNS and connection failures are errors.
-/// `counted` says the request's decision was already counted (an audit pass).
+/// `pending` is the request's uncounted allow, replaced by this outcome; `None` when the
+/// decision was counted already (an audit pass).
 pub(super) fn dial_failed(
     live: &Live,
     via: ListenerKind,
     peer: SocketAddr,
     target: &Target,
     e: &DialError,
-    counted: bool,
+    pending: Option<AllowCount>,
 ) -> Response<Body> {
+    let counted = pending.is_none();
+    if let Some(p) = pending {
+        p.instead();
+    }
     let (error, details) = e.proxy_status();
     let guard = matches!(e, DialError::Forbidden(_) | DialError::SelfConnection(_));
     let status = match e {

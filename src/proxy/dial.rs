@@ -238,10 +238,7 @@ impl DialConfig {
         if self.is_self(addr) {
             return Err(DialError::SelfConnection(addr));
         }
-        let ip = match addr.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = addr.ip().to_canonical(); // ::ffff:a.b.c.d is matched as a.b.c.d
         if self
             .allow_cidrs
             .iter()

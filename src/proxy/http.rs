@@ -101,17 +101,16 @@ pub(super) async fn forward(
         return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
     };
     let v = live.judge(&target, PathView::Visible(&path));
-    // One decision per request: refusals and audit passes now, allowed requests when the
-    // upstream answers, fails, or the client leaves (`pending`, counted when dropped).
-    let counted = !v.pass || v.would_deny;
-    if counted {
-        let with_path = format!("{shown}{path}");
-        live.note_verdict(ListenerKind::Http, peer, Some(&target), &with_path, &v);
-        if !v.pass {
-            return live.forbidden(&with_path, &v.decision);
-        }
-    }
-    let pending = (!counted).then(|| AllowCount::new(&live, ListenerKind::Http, &v));
+    let pending = match live.admit(
+        ListenerKind::Http,
+        peer,
+        &target,
+        || format!("{shown}{path}"),
+        &v,
+    ) {
+        Ok(pending) => pending,
+        Err(refused) => return refused,
+    };
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
     if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
@@ -178,12 +177,7 @@ pub(super) async fn forward(
             resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => {
-                if let Some(p) = pending {
-                    p.instead();
-                }
-                dial_failed(&live, ListenerKind::Http, peer, &target, d, counted)
-            }
+            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d, pending),
             None => {
                 upstream_failed(pending);
                 refuse(

@@ -24,7 +24,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -71,9 +71,8 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// From checked settings; `own` are the bound listening sockets. The resolver is set
-    /// by [`Live::new`].
-    pub fn from_settings(s: &Settings, own: Vec<SocketAddr>) -> Self {
+    /// From checked settings; `own` are the bound listening sockets.
+    pub fn from_settings(s: &Settings, own: Vec<SocketAddr>, resolver: Resolver) -> Self {
         let secs = Duration::from_secs_f64;
         let p = &s.proxy;
         ProxyConfig {
@@ -114,7 +113,7 @@ impl ProxyConfig {
                 deny_private: s.upstream.private_ranges == "deny",
                 timeout: secs(s.upstream.dial_timeout_secs),
                 own,
-                resolver: None,
+                resolver: Some(resolver),
             }),
         }
     }
@@ -207,16 +206,13 @@ impl Live {
         own: Vec<SocketAddr>,
         metrics: Arc<Metrics>,
     ) -> Result<Live, String> {
-        let mut config = ProxyConfig::from_settings(s, own);
         let servers: Vec<SocketAddr> = s
             .upstream
             .name_servers
             .iter()
             .filter_map(|n| parse_name_server(n))
             .collect();
-        let mut dial = (*config.dial).clone();
-        dial.resolver = Some(Resolver::new(&servers)?);
-        config.dial = Arc::new(dial);
+        let config = ProxyConfig::from_settings(s, own, Resolver::new(&servers)?);
         // Loaded whenever configured, so that a reload that drops tls_listen (which only
         // a restart changes) still has the certificate for the bound TLS listeners.
         let tls = match (&s.proxy.tls_cert, &s.proxy.tls_key) {
@@ -359,6 +355,31 @@ impl Live {
         });
         self.note_verdict(via, peer, None, shown, &v);
         self.forbidden(shown, &v.decision)
+    }
+
+    /// One decision per request: a refusal or an audit pass is counted (and logged) now,
+    /// whatever the dial does next, and a refusal is answered `403` (`Err`). An allow is
+    /// returned uncounted, to be counted when the request ends ([`AllowCount`]).
+    // The refusal is handed straight back to hyper; boxing it would only add an allocation.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn admit(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: &Target,
+        shown: impl FnOnce() -> String,
+        v: &Verdict,
+    ) -> Result<Option<AllowCount>, hyper::Response<Body>> {
+        if v.pass && !v.would_deny {
+            return Ok(Some(AllowCount::new(self, via, v)));
+        }
+        let shown = shown();
+        self.note_verdict(via, client, Some(target), &shown, v);
+        if v.pass {
+            Ok(None)
+        } else {
+            Err(self.forbidden(&shown, &v.decision))
+        }
     }
 
     /// Count a policy verdict; denials and would-be denials are also recorded and logged.
@@ -584,10 +605,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let peer_ip = match peer.ip() {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
-            ip => ip,
-        };
+        let peer_ip = peer.ip().to_canonical(); // an IPv4 client on a dual-stack socket
         let live = shared.live();
         if !live
             .config
@@ -756,7 +774,6 @@ async fn serve_connection<S>(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .header_read_timeout(None) // see keepalive: ours answers 408
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
