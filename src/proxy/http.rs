@@ -12,8 +12,9 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpInfo;
 
 use super::connect::dial_failed;
+use super::pool::UploadBody;
 use super::pool::dial_error;
-use super::pool::{Activity, UploadBody};
+use super::relay::Activity;
 use super::respond::{Body, BodyError, refuse};
 use super::{AllowCount, Live};
 use crate::metrics::{ListenerKind, Outcome};

@@ -5,9 +5,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -18,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::dial::{DialConfig, DialError, dial};
+use super::relay::Activity;
 use crate::metrics::Metrics;
 use crate::policy::{InvalidTarget, Target};
 
@@ -53,39 +53,6 @@ impl tower_service::Service<Uri> for Connector {
             metrics.dial(dialled.is_ok(), started.elapsed());
             Ok(TokioIo::new(dialled?.0))
         })
-    }
-}
-
-/// When the client last sent request bytes (milliseconds since `start`).
-pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    /// Active now.
-    pub fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// How long since the last request bytes.
-    pub fn quiet_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

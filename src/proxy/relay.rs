@@ -20,32 +20,63 @@ pub struct Counters<'a> {
     pub down: &'a IntCounter,
 }
 
-/// When each direction last moved bytes, shared by both, so that a tunnel busy one way is
-/// not closed for being quiet the other way.
-struct Activity {
+/// When bytes last moved, for idle timeouts measured from activity that happens
+/// elsewhere: both directions of a tunnel, or a request body on its way upstream.
+pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
-    idle: Duration,
 }
 
 impl Activity {
-    fn new(idle: Duration) -> Self {
+    /// Active now.
+    pub fn new() -> Self {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
-            idle,
         }
     }
 
-    fn touch(&self) {
+    /// Bytes moved just now.
+    pub fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// How long since bytes last moved.
+    pub fn quiet_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A tunnel's activity, shared by both directions so that a tunnel busy one way is not
+/// closed for being quiet the other way, and its idle timeout.
+struct Idle {
+    activity: Activity,
+    limit: Duration,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Self {
+        Idle {
+            activity: Activity::new(),
+            limit,
+        }
+    }
+
+    fn touch(&self) {
+        self.activity.touch();
+    }
+
     /// Whether neither direction has moved bytes for the idle timeout.
     fn expired(&self) -> bool {
-        let quiet = self.start.elapsed().as_millis() as u64 - self.last_ms.load(Ordering::Relaxed);
-        quiet >= self.idle.as_millis() as u64
+        self.activity.quiet_for() >= self.limit
     }
 }
 
@@ -55,7 +86,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Activity::new(idle);
+    let activity = Idle::new(idle);
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     tokio::join!(
@@ -64,7 +95,7 @@ where
     )
 }
 
-async fn copy_one<R, W>(r: &mut R, w: &mut W, activity: &Activity, counter: &IntCounter) -> u64
+async fn copy_one<R, W>(r: &mut R, w: &mut W, activity: &Idle, counter: &IntCounter) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -72,13 +103,13 @@ where
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        match tokio::time::timeout(activity.idle, r.read(&mut buf)).await {
+        match tokio::time::timeout(activity.limit, r.read(&mut buf)).await {
             Err(_) if activity.expired() => break,
             Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => {
                 // A peer that stops reading for the idle timeout ends the tunnel too.
-                match tokio::time::timeout(activity.idle, w.write_all(&buf[..n])).await {
+                match tokio::time::timeout(activity.limit, w.write_all(&buf[..n])).await {
                     Ok(Ok(())) => {}
                     _ => break,
                 }
@@ -89,7 +120,7 @@ where
         }
     }
     // Passing the end on can itself wait on a peer that does not read (a TLS client).
-    let _ = tokio::time::timeout(activity.idle, w.shutdown()).await;
+    let _ = tokio::time::timeout(activity.limit, w.shutdown()).await;
     total
 }
 
@@ -102,7 +133,7 @@ pub async fn splice_both(
     idle: Duration,
     counters: Counters<'_>,
 ) -> (u64, u64) {
-    let activity = Activity::new(idle);
+    let activity = Idle::new(idle);
     tokio::join!(
         splice_one(&a, &b, &activity, counters.up),
         splice_one(&b, &a, &activity, counters.down)
@@ -135,14 +166,14 @@ const CHUNK: usize = 1 << 20;
 async fn splice_one(
     from: &TcpStream,
     to: &TcpStream,
-    activity: &Activity,
+    activity: &Idle,
     counter: &IntCounter,
 ) -> u64 {
     let mut mover: Option<Mover> = None;
     let mut total = 0u64;
     loop {
         // Wait for data, at most the idle timeout at a time.
-        match tokio::time::timeout(activity.idle, from.readable()).await {
+        match tokio::time::timeout(activity.limit, from.readable()).await {
             Err(_) if activity.expired() => break,
             Err(_) => continue,
             Ok(Err(_)) => break,
@@ -159,7 +190,7 @@ async fn splice_one(
                 Mover::Buffer(buf) => copy_once(from, to, buf).await,
             }
         };
-        let Ok(moved) = tokio::time::timeout(activity.idle, round).await else {
+        let Ok(moved) = tokio::time::timeout(activity.limit, round).await else {
             break;
         };
         match moved {
