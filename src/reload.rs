@@ -31,6 +31,21 @@ pub struct Reloader {
     pub started: Settings,
     /// Counts finished reload attempts (successful or not), for whoever waits on one.
     pub attempts: watch::Sender<u64>,
+    /// The files the configuration in force was read from ([`watched_files`]).
+    pub files: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+/// The files whose contents decide a configuration: the config file and the files it
+/// names (catalog, certificate, key). None when serving the embedded defaults.
+pub fn watched_files(path: Option<&std::path::Path>, s: &Settings) -> Vec<PathBuf> {
+    let Some(path) = path else {
+        return Vec::new();
+    };
+    let mut files = vec![path.to_owned()];
+    files.extend(s.catalog.file.clone());
+    files.extend(s.proxy.tls_cert.clone());
+    files.extend(s.proxy.tls_key.clone());
+    files
 }
 
 /// Settings a reload cannot change, as `(key, value)` pairs.
@@ -84,6 +99,8 @@ impl Reloader {
                 for w in &live.built.warnings {
                     tracing::warn!(note = %w, "policy note");
                 }
+                *self.files.lock().unwrap_or_else(|p| p.into_inner()) =
+                    watched_files(self.path.as_deref(), &s);
                 self.metrics
                     .set_lines_per_minute(s.log.denied_lines_per_minute);
                 self.metrics.set_max_denied(s.metrics.max_denied_targets);
@@ -104,18 +121,9 @@ impl Reloader {
         }
     }
 
-    /// The files whose contents decide the configuration, as currently configured.
+    /// The files of the configuration in force (a failed reload keeps the last list).
     fn watched(&self) -> Vec<PathBuf> {
-        let Some(path) = &self.path else {
-            return Vec::new();
-        };
-        let mut files = vec![path.clone()];
-        if let Ok(s) = Settings::load(Some(path)) {
-            files.extend(s.catalog.file);
-            files.extend(s.proxy.tls_cert);
-            files.extend(s.proxy.tls_key);
-        }
-        files
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The watched files and their fingerprint now: taken when the proxy starts, so that
@@ -165,8 +173,7 @@ impl Reloader {
             }
             let me = self.clone();
             let _ = blocking(move || me.reload(why)).await;
-            let me = self.clone();
-            let listed = blocking(move || me.watched()).await.unwrap_or_default();
+            let listed = self.watched();
             if listed == files {
                 seen = now;
             } else {

@@ -114,12 +114,13 @@ pub async fn start(
         tokio::spawn(admin::serve(l, admin, admin_stop));
     }
     let reloader = Arc::new(Reloader {
-        path,
         shared: shared.clone(),
         metrics: metrics.clone(),
         own: own.clone(),
-        started: settings.clone(),
         attempts: tokio::sync::watch::Sender::new(0),
+        files: std::sync::Mutex::new(crate::reload::watched_files(path.as_deref(), &settings)),
+        path,
+        started: settings.clone(),
     });
     let interval = Duration::from_secs_f64(settings.reload.watch_interval_secs);
     let baseline = reloader.baseline();
