@@ -46,7 +46,6 @@ pub struct Running {
     pub addrs: Vec<std::net::SocketAddr>,
     pub admin_addr: Option<std::net::SocketAddr>,
     pub reloader: Arc<Reloader>,
-    pub metrics: Arc<Metrics>,
     /// Resolves with the number of connections still open when the grace period ended.
     pub done: tokio::task::JoinHandle<usize>,
 }
@@ -152,7 +151,6 @@ pub async fn start(
         addrs: own,
         admin_addr,
         reloader,
-        metrics,
         done,
     })
 }

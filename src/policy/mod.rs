@@ -55,7 +55,7 @@ impl PortSet {
     /// Whether the set holds `port`.
     #[inline]
     pub fn contains(&self, port: u16) -> bool {
-        self.0.is_empty() || self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+        self.is_any() || self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
     }
 
     /// Whether this is the every-port set.
@@ -66,7 +66,7 @@ impl PortSet {
 
 impl fmt::Display for PortSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
+        if self.is_any() {
             return f.write_str("any");
         }
         for (i, (lo, hi)) in self.0.iter().enumerate() {
