@@ -51,7 +51,7 @@ impl Turn {
         .boxed()
     }
 
-    /// The connection is now a tunnel (a CONNECT was answered 2xx).
+    /// The connection is now a tunnel (its CONNECT was answered and upgraded).
     pub fn detach(&self) {
         self.detached.store(true, Ordering::Release);
     }
