@@ -337,3 +337,30 @@ fn the_nearest_rule_hint_stays_within_the_domain_in_large_policies() {
     let why = b.policy.explain("svc1.example.orgx:443", &d);
     assert_eq!(why, "no rule matches");
 }
+
+/// A path an upstream server might normalise out of the allowed prefix (`;` parameters,
+/// `\`, percent-encoded `/`, `\` or `.`) is refused instead of matched.
+#[test]
+fn path_rules_refuse_paths_a_server_could_normalise_elsewhere() {
+    let b = built("[catalog]\nrevision = \"2021-11\"\nfeatures = [\"vscode\"]\n");
+    let base = "/microsoft/vscode-tools-for-ai/master/azureml_remote_websocket_server/";
+    for rest in [
+        "..;/..;/..;/..;/evil",
+        "x;a=b/../../../../../evil",
+        "..\\..\\..\\..\\evil",
+        "..%2F..%2F..%2F..%2Fevil",
+        "..%5c..%5c..%5c..%5cevil",
+        "%2e%2e/%2E%2E/%2e%2e/%2e%2e/evil",
+        "server.tar.gz;x",
+    ] {
+        let d = b.policy.decide_str(
+            "raw.githubusercontent.com:80",
+            PathView::Visible(&format!("{base}{rest}")),
+        );
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::Deny, Reason::PathNotAllowed),
+            "{rest}"
+        );
+    }
+}

@@ -48,11 +48,13 @@ pub struct PathPattern {
 }
 
 impl PathPattern {
-    /// Whether a request path (without query) is within this pattern. Paths are compared
-    /// byte for byte; `..` segments are refused so that a prefix cannot be escaped.
+    /// Whether a request path (the query, if any, is ignored) is within this pattern.
+    /// Paths are compared byte for byte, so anything an upstream server might normalise
+    /// into another path never matches: `.`/`..` segments, `\`, `;` parameters (`..;`)
+    /// and any percent-encoding (`%2e`, `%2f`, `%5c`, ...).
     pub fn matches(&self, path: &str) -> bool {
         let path = path.split(['?', '#']).next().unwrap_or("");
-        if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains('%') {
+        if path.contains(['%', '\\', ';']) || path.split('/').any(|seg| seg == ".." || seg == ".") {
             return false;
         }
         if self.prefix {
@@ -309,6 +311,61 @@ mod tests {
         assert!(!path.matches("/microsoft/other/x"));
         assert!(!path.matches("/microsoft/vscode-tools-for-ai/master/x/../../../evil"));
         assert!(!path.matches("/microsoft/vscode-tools-for-ai/master/x/%2e%2e/evil"));
+    }
+
+    /// Every form an upstream server might normalise out of the allowed prefix is refused
+    /// (`path_not_allowed`), while ordinary paths under the prefix still match.
+    #[test]
+    fn paths_that_could_be_normalised_never_match() {
+        let prefix = parse_pattern("h.example/allowed/*").unwrap().1.unwrap();
+        let exact = parse_pattern("h.example/allowed/file").unwrap().1.unwrap();
+        for ok in [
+            "/allowed/",
+            "/allowed/file",
+            "/allowed/a/b.tar.gz",
+            "/allowed/v1.2/x",
+            "/allowed/x?a=1;b=2&p=%2F..",
+            "/allowed/x#frag;..",
+        ] {
+            assert!(prefix.matches(ok), "{ok}");
+        }
+        assert!(exact.matches("/allowed/file"));
+        assert!(exact.matches("/allowed/file?q=%2e;x"));
+        let refused = [
+            // dot segments
+            "/allowed/../evil",
+            "/allowed/./file",
+            "/allowed/x/..",
+            // backslash
+            "/allowed/..\\evil",
+            "/allowed\\..\\evil",
+            "/allowed/file\\",
+            // `;` parameters, with and without dot-dot
+            "/allowed/..;/evil",
+            "/allowed/x;a=b/../evil",
+            "/allowed/.;/file",
+            "/allowed/file;jsessionid=1",
+            "/allowed/;",
+            // percent-encoded `/`, `\` and `.`, either case
+            "/allowed/..%2Fevil",
+            "/allowed/..%2fevil",
+            "/allowed/..%5Cevil",
+            "/allowed/..%5cevil",
+            "/allowed/%2E%2E/evil",
+            "/allowed/%2e%2e/evil",
+            "/allowed/fil%65",
+        ];
+        for bad in refused {
+            assert!(!prefix.matches(bad), "{bad}");
+        }
+        for bad in [
+            "/allowed/file;x",
+            "/allowed/file\\",
+            "/allowed/fil%65",
+            "/allowed/./file",
+        ] {
+            assert!(!exact.matches(bad), "{bad}");
+        }
     }
 
     #[test]
