@@ -25,6 +25,10 @@ pub struct CheckTarget<'a> {
 
 /// Split a `check` argument. `http://host[:port]/path` checks the path as plain HTTP would;
 /// `https://host[:port]/...` checks as a TLS tunnel (the path is invisible).
+///
+/// URLs are split as the proxy's URI parser (hyper's) splits them: the authority ends at the
+/// first `/`, `?` or `#` (RFC 3986 §3.2), the fragment is dropped, and the path is what the
+/// proxy hands the policy, its `path_and_query` (`/` when empty, `?q` for `http://h?q`).
 pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
     let (rest, default_port, visible) = if let Some(r) = input.strip_prefix("http://") {
         (r, "80", true)
@@ -36,9 +40,11 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
             path: None,
         };
     };
-    let (auth, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    // Otherwise `http://a:8080?@b/` would read as userinfo `a:8080?` and host `b`.
+    let (auth, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let path = match path.split('#').next() {
+        Some("") | None => "/",
+        Some(p) => p,
     };
     let has_port = if auth.starts_with('[') {
         auth.contains("]:")
@@ -328,5 +334,67 @@ mod tests {
             (t.authority.as_ref(), t.path),
             ("example.com:80", Some("/"))
         );
+    }
+
+    fn split(input: &str) -> (String, Option<&str>) {
+        let t = parse_check_target(input);
+        (t.authority.into_owned(), t.path)
+    }
+
+    /// The authority ends at the first `/`, `?` or `#`, as in the proxy's URI parser; an `@`
+    /// after that is part of the path, not userinfo.
+    #[test]
+    fn check_targets_end_the_authority_where_the_proxy_does() {
+        assert_eq!(
+            split("http://allowed.example:8080?@evil.example/"),
+            ("allowed.example:8080".into(), Some("?@evil.example/"))
+        );
+        assert_eq!(
+            split("http://a.example#@evil.example/"),
+            ("a.example:80".into(), Some("/"))
+        );
+        assert_eq!(
+            split("http://a.example/p?x=1"),
+            ("a.example:80".into(), Some("/p?x=1"))
+        );
+        assert_eq!(split("https://h.example?x"), ("h.example:443".into(), None));
+        assert_eq!(
+            split("https://h.example:8443#@evil.example/"),
+            ("h.example:8443".into(), None)
+        );
+        // hyper keeps a query-only rest as it is (no `/` is added) and drops the fragment.
+        assert_eq!(
+            split("http://h.example?x"),
+            ("h.example:80".into(), Some("?x"))
+        );
+        assert_eq!(
+            split("http://h.example?x#y"),
+            ("h.example:80".into(), Some("?x"))
+        );
+        assert_eq!(
+            split("http://h.example/a#b?c"),
+            ("h.example:80".into(), Some("/a"))
+        );
+    }
+
+    /// A real `user@host` authority is still passed on whole, and refused like the proxy
+    /// refuses it.
+    #[test]
+    fn check_targets_with_userinfo_are_invalid() {
+        assert_eq!(
+            split("http://user@evil.example/x"),
+            ("user@evil.example:80".into(), Some("/x"))
+        );
+        let settings =
+            crate::config::Settings::load_with_env(None, Some(Default::default())).unwrap();
+        let built = crate::loader::build(&settings).unwrap();
+        for input in [
+            "http://user@evil.example/x",
+            "http://user:pw@evil.example/",
+            "https://pypi.org@evil.example/",
+        ] {
+            let (d, _) = check_one(&built, input);
+            assert_eq!(d.reason.code(), "invalid_target", "{input}");
+        }
     }
 }

@@ -263,3 +263,38 @@ fn usage_errors_exit_2() {
     assert_eq!(run(&["check", "--bogus"]).status.code(), Some(2));
     assert_eq!(run(&["validate"]).status.code(), Some(2));
 }
+
+/// `check` ends a URL's authority at the first `/`, `?` or `#`, as the proxy does, so a
+/// `?@host` in the query does not turn the allowed authority into userinfo; a real
+/// `user@host` authority is still refused.
+#[test]
+fn check_splits_a_url_where_the_proxy_does() {
+    let cfg = TempFile::new(
+        "c.toml",
+        "[[allow]]\nhost = \"allowed.example\"\nports = [8080]\n",
+    );
+    let out = run(&[
+        "check",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "http://allowed.example:8080?@evil.example/",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("allow http://allowed.example:8080?@evil.example/ allowed.example"),
+        "{stdout}"
+    );
+
+    let out = run(&[
+        "check",
+        "--json",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "http://allowed.example:8080@evil.example/",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["reason"], "invalid_target", "{stdout}");
+}
