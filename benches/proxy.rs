@@ -134,7 +134,7 @@ fn main() {
 
 fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
     let toml = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nmax_connections = 100000\n\
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [8443, 9443]\nmax_connections = 100000\nmax_connections_per_client = 0\n\
          [[allow]]\nhost = \"bench.example.com\"\nports = [\"8443\", \"9443\"]\n\
          [upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\n\
          connect_to = {{ \"bench.example.com:8443\" = \"{echo}\", \"bench.example.com:9443\" = \"{source}\" }}\n"

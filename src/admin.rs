@@ -39,9 +39,14 @@ pub fn read_token(path: &std::path::Path) -> Result<String, String> {
         })
 }
 
+/// Most admin connections served at once. Idle ones cost a task and a socket each, so the
+/// bound is high: a load balancer's health probe must get through while scrapers, or
+/// anyone who can reach the port, hold connections open.
+const MAX_ADMIN_CONNECTIONS: usize = 8192;
+
 /// Serve admin requests until `stopping` flips.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch::Receiver<bool>) {
-    let limit = Arc::new(Semaphore::new(64));
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -52,7 +57,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch
             continue;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue; // over 64 concurrent scrapes: drop the connection
+            continue; // over the bound: drop the connection
         };
         let admin = admin.clone();
         tokio::spawn(async move {
@@ -62,7 +67,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
             drop(permit);

@@ -26,6 +26,7 @@ const ENV_LIST_KEYS: &[&str] = &[
     "proxy.listen",
     "proxy.allow_clients",
     "proxy.tls_ports",
+    "proxy.opaque_ports",
     "proxy.tls_listen",
     "upstream.allow_cidrs",
     "upstream.name_servers",
@@ -71,6 +72,8 @@ pub struct ProxySettings {
     pub allow_clients: Vec<String>,
     /// Concurrent client connections; more are answered 503 at once.
     pub max_connections: usize,
+    /// Concurrent connections from one client address (IPv6 by /64); `0` means no limit.
+    pub max_connections_per_client: usize,
     /// Largest request head accepted (bytes); larger heads get 431.
     pub max_header_bytes: usize,
     /// Seconds a client has to send a whole request head; slower ones get 408.
@@ -81,9 +84,13 @@ pub struct ProxySettings {
     pub grace_period_secs: f64,
     /// Ports whose tunnels must carry a TLS ClientHello naming an allowed host.
     pub tls_ports: Vec<u16>,
-    /// What a tunnel on a TLS port without a readable server name gets: `allow` or `deny`.
+    /// Ports whose tunnels are relayed without inspection, on the CONNECT's decision alone
+    /// (protocols that are neither TLS nor HTTP, such as SMB on 445).
+    pub opaque_ports: Vec<u16>,
+    /// What a well-formed ClientHello without a server name gets: `deny` or `allow` (on the
+    /// CONNECT's decision).
     pub sni_missing: String,
-    /// Seconds to wait for the first TLS record of a tunnel.
+    /// Seconds a tunnel's client has to send its whole ClientHello (or its first bytes).
     pub sni_timeout_secs: f64,
     /// Addresses where clients reach the proxy over TLS (`curl --proxy https://...`).
     pub tls_listen: Vec<String>,
@@ -110,12 +117,14 @@ impl Default for ProxySettings {
             .map(String::from)
             .to_vec(),
             max_connections: 4096,
+            max_connections_per_client: 1024,
             max_header_bytes: 16 * 1024,
             header_timeout_secs: 10.0,
             idle_timeout_secs: 300.0,
             grace_period_secs: 30.0,
             tls_ports: vec![443],
-            sni_missing: "allow".into(),
+            opaque_ports: Vec::new(),
+            sni_missing: "deny".into(),
             sni_timeout_secs: 10.0,
             tls_listen: Vec::new(),
             tls_cert: None,
@@ -342,11 +351,13 @@ const SCHEMA: &[(&str, Shape)] = &[
             ("mode", Shape::Leaf),
             ("allow_clients", Shape::Leaf),
             ("max_connections", Shape::Leaf),
+            ("max_connections_per_client", Shape::Leaf),
             ("max_header_bytes", Shape::Leaf),
             ("header_timeout_secs", Shape::Leaf),
             ("idle_timeout_secs", Shape::Leaf),
             ("grace_period_secs", Shape::Leaf),
             ("tls_ports", Shape::Leaf),
+            ("opaque_ports", Shape::Leaf),
             ("sni_missing", Shape::Leaf),
             ("sni_timeout_secs", Shape::Leaf),
             ("tls_listen", Shape::Leaf),
@@ -838,12 +849,35 @@ impl Settings {
                 ));
             }
         }
-        if p.tls_ports.contains(&0) {
+        for (key, ports) in [
+            ("proxy.tls_ports", &p.tls_ports),
+            ("proxy.opaque_ports", &p.opaque_ports),
+        ] {
+            if ports.contains(&0) {
+                issues.push((
+                    key,
+                    "0".into(),
+                    "port 0".into(),
+                    Some("use ports from 1 to 65535".into()),
+                ));
+            }
+        }
+        for port in p.opaque_ports.iter().filter(|o| p.tls_ports.contains(o)) {
             issues.push((
-                "proxy.tls_ports",
-                "0".into(),
-                "port 0".into(),
-                Some("use ports from 1 to 65535".into()),
+                "proxy.opaque_ports",
+                port.to_string(),
+                "also in proxy.tls_ports: a tunnel cannot be both inspected and not".into(),
+                Some(format!(
+                    "remove {port} from one of the two lists (TLS tunnels on it are checked only while it is in proxy.tls_ports)"
+                )),
+            ));
+        }
+        if p.max_connections_per_client > 1_000_000 {
+            issues.push((
+                "proxy.max_connections_per_client",
+                p.max_connections_per_client.to_string(),
+                "out of range".into(),
+                Some("use 0 (no limit) to 1000000".into()),
             ));
         }
         let u = &self.upstream;

@@ -75,7 +75,7 @@ impl Outcome {
 }
 
 /// Every reason code a decision can carry (policy reasons, then the proxy's own).
-pub const REASONS: [&str; 15] = [
+pub const REASONS: [&str; 21] = [
     "rule",
     "rule_widened",
     "deny_rule",
@@ -91,12 +91,19 @@ pub const REASONS: [&str; 15] = [
     "dial_timeout",
     "dial_failed",
     "upstream_response",
+    "tls_hello_invalid",
+    "tls_hello_timeout",
+    "no_server_name",
+    "sni_changed_after_retry",
+    "tunnel_protocol_not_allowed",
+    "host_mismatch",
 ];
 
 /// A limit that turned a client away.
 #[derive(Debug, Clone, Copy)]
 pub enum Limit {
     Connections,
+    ConnectionsPerClient,
     HeaderTimeout,
     HeaderSize,
     ClientNotAllowed,
@@ -108,6 +115,7 @@ impl Limit {
     pub fn as_str(self) -> &'static str {
         match self {
             Limit::Connections => "connections",
+            Limit::ConnectionsPerClient => "connections_per_client",
             Limit::HeaderTimeout => "header_timeout",
             Limit::HeaderSize => "header_size",
             Limit::ClientNotAllowed => "client_not_allowed",
@@ -135,6 +143,12 @@ fn reason_index(reason: &str) -> Option<usize> {
         "dial_timeout" => 12,
         "dial_failed" => 13,
         "upstream_response" => 14,
+        "tls_hello_invalid" => 15,
+        "tls_hello_timeout" => 16,
+        "no_server_name" => 17,
+        "sni_changed_after_retry" => 18,
+        "tunnel_protocol_not_allowed" => 19,
+        "host_mismatch" => 20,
         _ => return None,
     })
 }
@@ -281,7 +295,7 @@ impl Metrics {
             limits: counter_vec(
                 &r,
                 "aml_egress_limits_hit_total",
-                "Clients turned away by a limit: connections (503), header_timeout (408), header_size (431), client_not_allowed, tls_handshake.",
+                "Clients turned away by a limit: connections (503), connections_per_client (503), header_timeout (408), header_size (431), client_not_allowed, tls_handshake.",
                 &["limit"],
             ),
             reloads: counter_vec(

@@ -74,7 +74,7 @@ pub async fn start(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Running, ServeError> {
     let listeners = proxy::bind(&settings.proxy).await?;
-    let own: Vec<_> = listeners
+    let addrs: Vec<_> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
@@ -83,6 +83,9 @@ pub async fn start(
     } else {
         Some(admin::bind(&settings.admin.listen).await?)
     };
+    // The self check refuses every listener of ours, the admin one included.
+    let mut own = addrs.clone();
+    own.extend(admin_listener.as_ref().map(|(_, a)| *a));
     let token = match &settings.admin.token_file {
         Some(f) => Some(admin::read_token(f).map_err(ServeError::Setup)?),
         None => None,
@@ -126,7 +129,7 @@ pub async fn start(
     tokio::spawn(reloader.clone().watch(interval, stop.clone(), baseline));
 
     tracing::info!(
-        listen = ?own,
+        listen = ?addrs,
         admin = ?admin_addr,
         mode = %settings.proxy.mode,
         cloud = %cloud,
@@ -148,7 +151,7 @@ pub async fn start(
         left
     });
     Ok(Running {
-        addrs: own,
+        addrs,
         admin_addr,
         reloader,
         done,

@@ -48,8 +48,7 @@ async fn start(path: &Path) -> Proxy {
 }
 
 /// Listeners on loopback port 0; `[proxy]` comes last so that tests can add proxy keys.
-const LISTEN: &str =
-    "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\n";
+const LISTEN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [443]\n";
 
 /// GET from the admin listener; status and body.
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {

@@ -373,8 +373,10 @@ async fn names_are_resolved_once_by_the_configured_dns_and_failures_are_answered
     assert!(dns.asked_for("loop.example.test") >= 1);
 
     // With loopback exempted, the tunnel goes to exactly the address the DNS gave.
+    // The echo speaks neither TLS nor HTTP: its port is opaque (relayed uninspected).
     let p = start_proxy(&format!(
-        "[proxy]\ntls_ports = []\n{allow}[upstream]\nname_servers = [\"{}\"]\nallow_cidrs = [\"127.0.0.1/32\"]\n",
+        "[proxy]\ntls_ports = []\nopaque_ports = [{}]\n{allow}[upstream]\nname_servers = [\"{}\"]\nallow_cidrs = [\"127.0.0.1/32\"]\n",
+        echo.port(),
         dns.addr
     ))
     .await;
@@ -518,11 +520,12 @@ async fn plain_http_reuses_pooled_upstream_connections() {
 }
 
 /// A proxy (with `proxy_keys` in its `[proxy]` section) pinning pypi.org:443 to a TCP echo,
-/// and a tunnel through it that has carried one byte each way.
+/// and a tunnel through it that has carried one byte each way. Port 443 is opaque there:
+/// the echo speaks no TLS.
 async fn open_echo_tunnel(proxy_keys: &str) -> (Proxy, TcpStream) {
     let echo = echo_upstream().await;
     let p = start_proxy(&format!(
-        "[proxy]\ntls_ports = []\n{proxy_keys}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+        "[proxy]\ntls_ports = []\nopaque_ports = [443]\n{proxy_keys}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
     ))
     .await;
     let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
@@ -612,7 +615,7 @@ async fn a_tunnel_through_the_tls_listener_outlives_the_header_timeout() {
     let echo = echo_upstream().await;
     let pc = proxy_cert();
     let p = start_proxy(&format!(
-        "[proxy]\nheader_timeout_secs = 0.2\ntls_ports = []\n{}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n",
+        "[proxy]\nheader_timeout_secs = 0.2\ntls_ports = []\nopaque_ports = [443]\n{}[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n",
         pc.keys
     ))
     .await;

@@ -514,6 +514,18 @@ impl Policy {
         }
     }
 
+    /// The networks of `[[deny]]` CIDR rules with their ports and their text, in rule order,
+    /// so that the dialler refuses resolved addresses inside them as well as literals.
+    pub fn deny_networks(&self) -> Vec<(IpNet, PortSet, String)> {
+        self.rules
+            .iter()
+            .filter_map(|r| match (r.action, &r.what) {
+                (Action::Deny, Matchable::Cidr(n)) => Some((*n, r.ports.clone(), r.display())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The rule behind an id from a [`Decision`] of this policy.
     pub fn rule(&self, id: RuleId) -> &Rule {
         &self.rules[id.0 as usize]

@@ -1,11 +1,14 @@
 //! Upstream dialling: resolve once, guard every address, dial exactly what was checked.
 //!
-//! The address guard refuses loopback, link-local (cloud metadata included), unspecified,
-//! broadcast, multicast and reserved addresses, whatever IPv6 form carries them (IPv4-mapped,
-//! IPv4-compatible, NAT64, 6to4, Teredo), and the proxy's own listening sockets. Private
-//! ranges pass only for names the allowlist matched (Azure private endpoints resolve to
-//! them). `upstream.allow_cidrs` exempts networks from the guard, never from the
-//! self-connection check.
+//! Every address is first put in its canonical form: an IPv6 address that carries an IPv4
+//! one (IPv4-mapped, IPv4-translated, IPv4-compatible, NAT64, 6to4, Teredo) is checked as
+//! that IPv4 address. Then, in this order: the proxy's own listening sockets (proxy, TLS
+//! and admin listeners, on every local address) are refused whatever any setting says;
+//! `[[deny]]` CIDR rules refuse the addresses inside them, resolved or literal;
+//! `upstream.allow_cidrs` exempts networks from the guard; and the guard refuses loopback,
+//! link-local (cloud metadata included), Azure's platform address 168.63.129.16,
+//! unspecified, broadcast, multicast and reserved addresses. Private ranges pass only for
+//! names the allowlist matched (Azure private endpoints resolve to them).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -13,7 +16,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
-use crate::policy::{Host, Target};
+use crate::policy::{Host, PortSet, Target};
+
+/// Azure's platform address (wire server and DNS, RFC-less but documented by Azure as
+/// "168.63.129.16"): on an NVA, a path to the VM's own platform identity and extensions.
+pub const AZURE_PLATFORM: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
 
 /// How an address is treated by the guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +47,7 @@ pub fn classify(ip: IpAddr) -> AddressClass {
 fn classify_v4(ip: Ipv4Addr) -> AddressClass {
     let o = ip.octets();
     if ip.is_loopback()
+        || ip == AZURE_PLATFORM
         || ip.is_link_local()
         || ip.is_unspecified()
         || o[0] == 0
@@ -73,13 +81,26 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     }
 }
 
-/// The IPv4 address an IPv6 address carries: mapped, compatible, NAT64 (well-known and
-/// local-use), 6to4, and Teredo (the client address).
+/// The address as the guard and the self check see it: an IPv6 address that carries an
+/// IPv4 one becomes that IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The IPv4 address an IPv6 address carries: mapped (`::ffff:0:0/96`), translated
+/// (`::ffff:0:0:0/96`, RFC 2765), compatible, NAT64 (well-known and local-use), 6to4, and
+/// Teredo (the client address).
 pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
+    }
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return Some(low); // IPv4-translated ::ffff:0:a.b.c.d
     }
     if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
         return Some(low); // IPv4-compatible ::a.b.c.d
@@ -113,6 +134,8 @@ pub enum DialError {
     Forbidden(IpAddr),
     #[error("the destination is the proxy itself ({0})")]
     SelfConnection(SocketAddr),
+    #[error("{0} is inside the [[deny]] entry {1}")]
+    DenyRule(IpAddr, String),
     #[error("connecting timed out after {0:?}")]
     Timeout(Duration),
     #[error("connection failed: {0}")]
@@ -127,6 +150,7 @@ impl DialError {
             DialError::NoAddress => ("dns_error", "no_address"),
             DialError::Forbidden(_) => ("destination_ip_prohibited", "forbidden_address"),
             DialError::SelfConnection(_) => ("destination_ip_prohibited", "forbidden_address"),
+            DialError::DenyRule(..) => ("destination_ip_prohibited", "deny_rule"),
             DialError::Timeout(_) => ("connection_timeout", "dial_timeout"),
             DialError::Refused(_) => ("connection_refused", "dial_failed"),
         }
@@ -195,8 +219,11 @@ impl Resolver {
 
     /// Every address of `name`, with `port`.
     pub async fn lookup(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, DialError> {
-        let fqdn = format!("{name}.");
-        match self.0.lookup_ip(fqdn.as_str()).await {
+        // Parsed as ASCII, not as IDNA: names that policy accepts (`x_y.example`, RFC 2181
+        // §11) must resolve, so that policy and dialler agree.
+        let fqdn = hickory_resolver::proto::rr::Name::from_ascii(format!("{name}."))
+            .map_err(|e| DialError::Dns(e.to_string()))?;
+        match self.0.lookup_ip(fqdn).await {
             Ok(found) => Ok(found.iter().map(|ip| SocketAddr::new(ip, port)).collect()),
             Err(e) if e.is_no_records_found() => Err(DialError::NoAddress),
             Err(e) => Err(DialError::Dns(e.to_string())),
@@ -209,44 +236,48 @@ impl Resolver {
 pub struct DialConfig {
     pub connect_to: Vec<(String, SocketAddr)>,
     pub allow_cidrs: Vec<IpNet>,
+    /// `[[deny]]` CIDR rules: network, ports, and the rule as shown.
+    pub deny_cidrs: Vec<(IpNet, PortSet, String)>,
     pub deny_private: bool,
     pub timeout: Duration,
-    /// The proxy's own listening sockets.
+    /// The proxy's own listening sockets (proxy, TLS and admin listeners).
     pub own: Vec<SocketAddr>,
     /// `None` only in unit tests of the guard.
     pub resolver: Option<Resolver>,
 }
 
 impl DialConfig {
-    /// Whether dialling `addr` would connect the proxy to itself.
+    /// Whether dialling `addr` (canonical) would connect the proxy to itself.
     fn is_self(&self, addr: SocketAddr) -> bool {
         self.own.iter().any(|own| {
             if own.port() != addr.port() {
                 return false;
             }
-            if own.ip() == addr.ip() {
+            let own_ip = canonical(own.ip());
+            if own_ip == addr.ip() {
                 return true;
             }
-            // A wildcard listener answers on every local address: ask the kernel which
-            // source it would use for `addr`; a local address is its own source.
-            own.ip().is_unspecified() && is_local_address(addr.ip())
+            // A wildcard listener answers on every local address (a dual-stack `[::]` one
+            // on IPv4 addresses too): ask the kernel whether `addr` is local.
+            own_ip.is_unspecified() && is_local_address(addr.ip())
         })
     }
 
-    /// Check one address against the guard.
+    /// Check one address against the self check, the deny rules and the guard.
     pub fn check(&self, addr: SocketAddr, name_allowlisted: bool) -> Result<(), DialError> {
-        if self.is_self(addr) {
+        let ip = canonical(addr.ip());
+        if self.is_self(SocketAddr::new(ip, addr.port())) {
             return Err(DialError::SelfConnection(addr));
         }
-        let ip = addr.ip().to_canonical(); // ::ffff:a.b.c.d is matched as a.b.c.d
-        if self
-            .allow_cidrs
-            .iter()
-            .any(|n| n.contains(&ip) || n.contains(&addr.ip()))
-        {
+        if let Some((_, _, rule)) = self.deny_cidrs.iter().find(|(net, ports, _)| {
+            ports.contains(addr.port()) && (net.contains(&ip) || net.contains(&addr.ip()))
+        }) {
+            return Err(DialError::DenyRule(addr.ip(), rule.clone()));
+        }
+        if self.allow_cidrs.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
-        match classify(addr.ip()) {
+        match classify(ip) {
             AddressClass::Public => Ok(()),
             AddressClass::Private if name_allowlisted && !self.deny_private => Ok(()),
             _ => Err(DialError::Forbidden(addr.ip())),
@@ -443,6 +474,11 @@ mod tests {
             ("2002:a00:1::", Private),
             ("2001:0:4136:e378:8000:63bf:80ff:fffe", Forbidden), // Teredo client 127.0.0.1
             ("::ffff:20.1.2.3", Public),
+            ("168.63.129.16", Forbidden),
+            ("::ffff:168.63.129.16", Forbidden),
+            ("::ffff:0:127.0.0.1", Forbidden),
+            ("::ffff:0:a9fe:a9fe", Forbidden),
+            ("::ffff:0:14.1.2.3", Public),
         ];
         for (ip, want) in cases {
             assert_eq!(class(ip), want, "{ip}");
@@ -471,5 +507,50 @@ mod tests {
             cfg.check(lo, true),
             Err(DialError::SelfConnection(_))
         ));
+        // Every IPv6 form of the proxy's own address is the proxy, whatever allow_cidrs say.
+        cfg.own = vec!["127.0.0.1:9".parse().unwrap()];
+        cfg.allow_cidrs = vec!["::/0".parse().unwrap(), "0.0.0.0/0".parse().unwrap()];
+        for form in [
+            "[::ffff:127.0.0.1]:9",
+            "[::ffff:0:127.0.0.1]:9",
+            "[::127.0.0.1]:9",
+            "[64:ff9b::7f00:1]:9",
+        ] {
+            let a: SocketAddr = form.parse().unwrap();
+            assert!(
+                matches!(cfg.check(a, true), Err(DialError::SelfConnection(_))),
+                "{form}"
+            );
+        }
+        cfg.own = vec!["[::]:9".parse().unwrap()];
+        assert!(matches!(
+            cfg.check(lo, true),
+            Err(DialError::SelfConnection(_))
+        ));
+    }
+
+    #[test]
+    fn deny_cidrs_apply_to_every_form_of_an_address() {
+        let cfg = DialConfig {
+            deny_cidrs: vec![(
+                "127.0.0.1/32".parse().unwrap(),
+                PortSet::any(),
+                "127.0.0.1/32 port any".into(),
+            )],
+            allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+            ..DialConfig::default()
+        };
+        for form in [
+            "127.0.0.1:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:0:127.0.0.1]:80",
+        ] {
+            let a: SocketAddr = form.parse().unwrap();
+            assert!(
+                matches!(cfg.check(a, true), Err(DialError::DenyRule(..))),
+                "{form}"
+            );
+        }
+        assert!(cfg.check("127.0.0.2:80".parse().unwrap(), true).is_ok());
     }
 }

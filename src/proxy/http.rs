@@ -56,7 +56,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 pub(super) async fn forward(
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     live: Arc<Live>,
 ) -> Response<Body> {
@@ -90,6 +90,82 @@ pub(super) async fn forward(
         Ok(t) => t,
         Err(e) => return live.refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e),
     };
+    send(req, peer, live, target, authority.as_str(), started).await
+}
+
+/// A request inside a CONNECT tunnel to `tunnel` (RFC 9112 §3.2: origin form, or absolute
+/// form, whose authority then wins over `Host`): the host it names must be the tunnel's,
+/// and a port it names the tunnel's port. HTTP/1.0 without `Host` means the tunnel's host.
+pub(super) async fn forward_in_tunnel(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    live: Arc<Live>,
+    tunnel: Target,
+) -> Response<Body> {
+    let started = Instant::now();
+    let named = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => Some(String::from_utf8_lossy(h.as_bytes()).into_owned()),
+            None if req.version() == hyper::Version::HTTP_10 => None,
+            None => Some(String::new()),
+        },
+    };
+    let same = match &named {
+        None => true,
+        Some(n) => match n.parse::<hyper::http::uri::Authority>() {
+            Ok(a) if req.method() != hyper::Method::CONNECT && !a.as_str().contains('@') => {
+                let port_ok = match a.port() {
+                    None => true,
+                    Some(_) => a.port_u16() == Some(tunnel.port),
+                };
+                port_ok && Target::from_parts(a.host(), tunnel.port).is_ok_and(|t| t == tunnel)
+            }
+            _ => false,
+        },
+    };
+    if !same {
+        let shown = named.unwrap_or_default();
+        let seen = shown.as_bytes()[..shown.len().min(256)]
+            .escape_ascii()
+            .to_string();
+        live.note(&super::Seen {
+            via: ListenerKind::Http,
+            client: peer,
+            target: Some(&tunnel),
+            shown: &format!("{tunnel} (request inside the tunnel)"),
+            seen: &seen,
+            outcome: Outcome::Deny,
+            reason: "host_mismatch",
+            rule: "",
+        });
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            "host_mismatch",
+            &format!(
+                "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
+            ),
+        );
+    }
+    // The authority sent upstream: the tunnel's host, and its port unless it is 80.
+    let authority = match tunnel.port {
+        80 => tunnel.host.to_string(),
+        _ => tunnel.to_string(),
+    };
+    send(req, peer, live, tunnel, &authority, started).await
+}
+
+/// Decide on host, port and path, then forward (absolute-form and in-tunnel requests alike):
+/// hop-by-hop headers removed, `Host` set to `authority`, bodies streamed both ways.
+async fn send(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    live: Arc<Live>,
+    target: Target,
+    authority: &str,
+    started: Instant,
+) -> Response<Body> {
     let shown = target.to_string();
     let path = req
         .uri()
@@ -114,7 +190,7 @@ pub(super) async fn forward(
     };
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
-    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+    if let Ok(v) = HeaderValue::from_str(authority) {
         req.headers_mut().insert(header::HOST, v);
     }
     *req.uri_mut() = uri;

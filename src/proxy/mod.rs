@@ -6,15 +6,18 @@
 //! that shutdown can drain them with a deadline.
 
 mod connect;
+pub mod detect;
 pub mod dial;
 pub mod head;
 mod http;
 pub mod keepalive;
+pub mod per_client;
 pub mod pool;
 pub mod relay;
 pub mod respond;
 pub mod sni;
 pub mod tls;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,19 +63,28 @@ pub struct ProxyConfig {
     pub mode: Mode,
     pub allow_clients: Vec<IpNet>,
     pub max_connections: usize,
+    /// `0`: no limit.
+    pub max_connections_per_client: usize,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub grace_period: Duration,
     pub tls_ports: Vec<u16>,
+    pub opaque_ports: Vec<u16>,
     pub sni_missing_allowed: bool,
     pub sni_timeout: Duration,
     pub dial: Arc<DialConfig>,
 }
 
 impl ProxyConfig {
-    /// From checked settings; `own` are the bound listening sockets.
-    pub fn from_settings(s: &Settings, own: Vec<SocketAddr>, resolver: Resolver) -> Self {
+    /// From checked settings; `own` are the bound listening sockets, `deny_cidrs` the
+    /// policy's `[[deny]]` networks.
+    pub fn from_settings(
+        s: &Settings,
+        own: Vec<SocketAddr>,
+        resolver: Resolver,
+        deny_cidrs: Vec<(IpNet, crate::policy::PortSet, String)>,
+    ) -> Self {
         let secs = Duration::from_secs_f64;
         let p = &s.proxy;
         ProxyConfig {
@@ -87,11 +99,13 @@ impl ProxyConfig {
                 .filter_map(|c| parse_cidr(c))
                 .collect(),
             max_connections: p.max_connections,
+            max_connections_per_client: p.max_connections_per_client,
             max_header_bytes: p.max_header_bytes,
             header_timeout: secs(p.header_timeout_secs),
             idle_timeout: secs(p.idle_timeout_secs),
             grace_period: secs(p.grace_period_secs),
             tls_ports: p.tls_ports.clone(),
+            opaque_ports: p.opaque_ports.clone(),
             sni_missing_allowed: p.sni_missing == "allow",
             sni_timeout: secs(p.sni_timeout_secs),
             dial: Arc::new(DialConfig {
@@ -110,6 +124,7 @@ impl ProxyConfig {
                     .iter()
                     .filter_map(|c| parse_cidr(c))
                     .collect(),
+                deny_cidrs,
                 deny_private: s.upstream.private_ranges == "deny",
                 timeout: secs(s.upstream.dial_timeout_secs),
                 own,
@@ -212,7 +227,8 @@ impl Live {
             .iter()
             .filter_map(|n| parse_name_server(n))
             .collect();
-        let config = ProxyConfig::from_settings(s, own, Resolver::new(&servers)?);
+        let deny = built.policy.deny_networks();
+        let config = ProxyConfig::from_settings(s, own, Resolver::new(&servers)?, deny);
         // Loaded whenever configured, so that a reload that drops tls_listen (which only
         // a restart changes) still has the certificate for the bound TLS listeners.
         let tls = match (&s.proxy.tls_cert, &s.proxy.tls_key) {
@@ -243,6 +259,8 @@ pub struct Shared {
     max_connections: AtomicUsize,
     /// Permits a lowered limit still has to take back from open connections.
     owed: Arc<AtomicUsize>,
+    /// Open connections by client address.
+    per_client: Arc<per_client::PerClient>,
 }
 
 impl Shared {
@@ -253,6 +271,7 @@ impl Shared {
         Arc::new(Shared {
             max_connections: AtomicUsize::new(max),
             owed: Arc::default(),
+            per_client: Arc::default(),
             live: ArcSwap::from_pointee(live),
             tracker: Default::default(),
             stopping,
@@ -409,6 +428,7 @@ impl Live {
             client,
             target,
             shown,
+            seen: "",
             outcome,
             reason,
             rule: &rule,
@@ -432,6 +452,7 @@ impl Live {
             client,
             target,
             shown,
+            seen,
             outcome,
             reason,
             rule,
@@ -454,6 +475,7 @@ impl Live {
                 listener = via.as_str(),
                 client = %client,
                 target = shown,
+                seen,
                 decision = outcome.as_str(),
                 reason,
                 rule,
@@ -473,6 +495,8 @@ pub(crate) struct Seen<'a> {
     pub target: Option<&'a Target>,
     /// As shown in the log line.
     pub shown: &'a str,
+    /// What the client sent that was refused (a TLS name, escaped bytes), or empty.
+    pub seen: &'a str,
     pub outcome: Outcome,
     pub reason: &'a str,
     pub rule: &'a str,
@@ -519,6 +543,19 @@ fn allow_entry(t: &Target, reason: &str) -> String {
             "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
         ),
         ("deny_rule", _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
+        ("tls_hello_invalid" | "tls_hello_timeout" | "sni_changed_after_retry", _) => format!(
+            "nothing: the client's TLS handshake through CONNECT {t} could not be checked, and such tunnels are always refused"
+        ),
+        ("tunnel_protocol_not_allowed", _) => format!(
+            "the tunnel to {t} carried neither TLS nor HTTP/1: list port {} in proxy.opaque_ports only if that protocol must pass uninspected",
+            t.port
+        ),
+        ("no_server_name", _) => format!(
+            "the client sent no TLS server name through CONNECT {t}: proxy.sni_missing = \"allow\" lets such tunnels through on the CONNECT's decision"
+        ),
+        ("host_mismatch", _) => format!(
+            "nothing: a request inside the tunnel to {t} named another host; send requests for other hosts through their own CONNECT or as absolute-form requests"
+        ),
         (_, crate::policy::Host::Name(n)) => {
             format!("[[allow]]\nhost = \"{}\"\nports = [{}]", n.as_str(), t.port)
         }
@@ -619,24 +656,35 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             drop(stream);
             continue;
         }
+        let limit = live.config.max_connections_per_client;
+        let place = match limit {
+            0 => None,
+            _ => match shared.per_client.take(peer_ip, limit) {
+                Some(p) => Some(p),
+                None => {
+                    if live.metrics.limit(Limit::ConnectionsPerClient) {
+                        tracing::warn!(client = %peer, reason = "connection_limit_per_client", limit, "over proxy.max_connections_per_client; answered 503");
+                    }
+                    refuse_at_limit(
+                        stream,
+                        "connection_limit_per_client",
+                        "this client has as many connections open as proxy.max_connections_per_client allows; close some or retry shortly",
+                    );
+                    continue;
+                }
+            },
+        };
         let permit = match shared.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 if live.metrics.limit(Limit::Connections) {
                     tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
                 }
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let body = respond::raw(
-                        503,
-                        "Service Unavailable",
-                        "connection_limit_reached",
-                        "connection_limit",
-                        "aml-egress is at its connection limit (proxy.max_connections); retry shortly",
-                    );
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), stream.write_all(&body)).await;
-                });
+                refuse_at_limit(
+                    stream,
+                    "connection_limit",
+                    "aml-egress is at its connection limit (proxy.max_connections); retry shortly",
+                );
                 continue;
             }
         };
@@ -660,6 +708,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let permit = Arc::new(Slot {
             permit: Some(permit),
             owed: shared.owed.clone(),
+            _client: place,
         });
         tokio::spawn(async move {
             match tls.filter(|_| listener_tls) {
@@ -699,6 +748,23 @@ pub(crate) struct ConnHandles {
 pub(crate) struct Slot {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     owed: Arc<AtomicUsize>,
+    /// The place under `proxy.max_connections_per_client`, when that limit is on.
+    _client: Option<per_client::ClientPlace>,
+}
+
+/// Answer `503` to a connection turned away by a limit, off the accept loop.
+fn refuse_at_limit(stream: tokio::net::TcpStream, details: &'static str, message: &'static str) {
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let body = respond::raw(
+            503,
+            "Service Unavailable",
+            "connection_limit_reached",
+            details,
+            message,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&body)).await;
+    });
 }
 
 impl Drop for Slot {
@@ -749,9 +815,37 @@ async fn serve_connection<S>(
         }
         Err(_) => return,
     };
+    drop(live);
+    serve_requests(
+        head::Rewind::new(prefix, stream),
+        peer,
+        shared,
+        Some(permit),
+        route,
+    )
+    .await;
+}
+
+/// Serve HTTP/1 requests on a client stream until it closes or shutdown closes it, with
+/// the keep-alive timers of [`keepalive`]; `handle` answers each request (at the proxy
+/// itself, or inside a tunnel). `permit` is the connection's place under
+/// `proxy.max_connections`, handed on to tunnels.
+pub(crate) async fn serve_requests<S, H, F>(
+    stream: head::Rewind<S>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Option<Arc<Slot>>,
+    handle: H,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<hyper::body::Incoming>, SocketAddr, Arc<Shared>) -> F + Copy + Send + 'static,
+    F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let live = shared.live();
+    let cfg = &live.config;
     let turn = Arc::new(keepalive::Turn::default());
     let io = TokioIo::new(keepalive::Watched::new(
-        head::Rewind::new(prefix, stream),
+        stream,
         turn.clone(),
         cfg.header_timeout,
         cfg.idle_timeout,
@@ -763,12 +857,14 @@ async fn serve_connection<S>(
         let shared = svc_shared.clone();
         let turn = turn.clone();
         turn.begin();
-        req.extensions_mut().insert(ConnHandles {
-            slot: permit.clone(),
-            turn: turn.clone(),
-        });
+        if let Some(slot) = &permit {
+            req.extensions_mut().insert(ConnHandles {
+                slot: slot.clone(),
+                turn: turn.clone(),
+            });
+        }
         async move {
-            let resp = route(req, peer, shared).await;
+            let resp = handle(req, peer, shared).await;
             Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b, idle)))
         }
     });

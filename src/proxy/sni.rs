@@ -1,146 +1,653 @@
-//! The server name of a TLS ClientHello, read from the first bytes of a tunnel.
+//! The first TLS flight of a tunnel, read strictly: the client's ClientHello (and its
+//! server name), and the start of the server's answer (a ServerHello, or a
+//! HelloRetryRequest after which the client sends a second ClientHello).
 //!
-//! A pure function over the bytes received so far: it reassembles handshake fragments
-//! across TLS records (a ClientHello may be split across TCP segments and across several
-//! records) and answers [`SniError::Incomplete`] until it has enough. Sizes are bounded.
+//! Both readers are incremental: they are handed the stream's bytes received so far and
+//! examine each byte once (the record headers and the handshake bytes they carry), so that a
+//! hello sent one byte per record and one record per write costs no more than one sent
+//! whole. Anything that is not exactly a well-formed ClientHello is refused: the proxy
+//! relays only what it has understood (RFC 8446 §4.1.2, RFC 6066 §3).
 
 use crate::policy::Name;
 
-/// Largest ClientHello handshake message accepted (post-quantum key shares make them grow).
+/// Largest ClientHello handshake message accepted, in bytes (post-quantum key shares make
+/// them grow past 1 KiB; 64 KiB is the most a real client sends).
 pub const MAX_HELLO: usize = 64 * 1024;
 
-/// Why no server name could be read (yet).
+/// Largest TLS plaintext record body, in bytes (RFC 8446 §5.1: 2^14).
+const MAX_RECORD: usize = 16 * 1024;
+
+/// Most stream bytes a hello may take, record headers included: a hello split into tiny
+/// records grows six-fold, and more than this is not a client that wants to be served.
+pub const MAX_HELLO_STREAM: usize = 2 * MAX_HELLO;
+
+/// TLS record content types (RFC 8446 §5.1).
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+
+/// The `random` of a ServerHello that is a HelloRetryRequest: SHA-256 of
+/// "HelloRetryRequest" (RFC 8446 §4.1.3).
+const HELLO_RETRY_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+
+/// A fatal `access_denied` alert (RFC 8446 §6.2), sent to a client before its tunnel is
+/// closed so that its TLS library reports a refusal rather than a broken connection.
+pub const ACCESS_DENIED_ALERT: [u8; 7] = [ALERT, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+
+/// Why the client's bytes are not a ClientHello the proxy will relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SniError {
-    /// More bytes are needed.
+    /// More bytes are needed (only from [`server_name`]).
     Incomplete,
-    /// The stream does not start with a TLS handshake record.
+    /// The stream does not start with a TLS record at all.
     NotTls,
-    /// A TLS handshake that is not a well-formed ClientHello, or one over [`MAX_HELLO`].
-    Malformed,
-    /// The server_name is not a valid host name.
+    /// A TLS stream, but not one well-formed ClientHello: the text says what is wrong.
+    Malformed(&'static str),
+    /// The server_name extension holds no valid DNS host name.
     BadName,
 }
 
-/// The server name, validated and normalised (`Ok(Some)`), the absence of the extension
-/// (`Ok(None)`), or why not. Allocates only when the hello spans several records.
-pub fn server_name(buf: &[u8]) -> Result<Option<Name>, SniError> {
-    // Reassemble the handshake message from consecutive handshake records. The common
-    // case (one record) borrows; several records are copied into a bounded buffer.
-    let mut pos = 0;
-    let mut single: Option<&[u8]> = None;
-    let mut joined: Vec<u8> = Vec::new();
-    loop {
-        let Some(header) = buf.get(pos..pos + 5) else {
-            if pos == 0 && !buf.is_empty() && buf[0] != 0x16 {
-                return Err(SniError::NotTls);
-            }
-            return Err(SniError::Incomplete);
-        };
-        if header[0] != 0x16 || header[1] != 0x03 {
-            return Err(if pos == 0 {
-                SniError::NotTls
-            } else {
-                SniError::Malformed
-            });
-        }
-        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
-        if len == 0 || len > 16384 + 2048 {
-            return Err(SniError::Malformed);
-        }
-        let body = buf
-            .get(pos + 5..pos + 5 + len)
-            .ok_or(SniError::Incomplete)?;
-        pos += 5 + len;
-        let msg: &[u8] = match single {
-            None if joined.is_empty() => {
-                single = Some(body);
-                body
-            }
-            _ => {
-                if joined.is_empty() {
-                    joined.extend_from_slice(single.take().unwrap_or_default());
-                }
-                joined.extend_from_slice(body);
-                &joined
-            }
-        };
-        if msg.len() >= 4 {
-            if msg[0] != 0x01 {
-                return Err(SniError::Malformed);
-            }
-            let need = 4 + (u32::from_be_bytes([0, msg[1], msg[2], msg[3]]) as usize);
-            if need > MAX_HELLO {
-                return Err(SniError::Malformed);
-            }
-            if msg.len() >= need {
-                let hello = &msg[4..need];
-                return match parse_hello(hello) {
-                    Some(Some((start, end))) => std::str::from_utf8(&hello[start..end])
-                        .ok()
-                        .and_then(|s| Name::parse(s).ok())
-                        .map(Some)
-                        .ok_or(SniError::BadName),
-                    Some(None) => Ok(None),
-                    None => Err(SniError::Malformed),
-                };
-            }
-        }
-        if pos > MAX_HELLO + 5 * 8 {
-            return Err(SniError::Malformed);
+impl std::fmt::Display for SniError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SniError::Incomplete => f.write_str("the ClientHello is incomplete"),
+            SniError::NotTls => f.write_str("the stream does not start with a TLS record"),
+            SniError::Malformed(what) => write!(f, "malformed ClientHello: {what}"),
+            SniError::BadName => f.write_str(
+                "the server name is not a valid DNS host name (RFC 6066: no IP literal, no trailing dot, at most 253 octets)",
+            ),
         }
     }
 }
 
-/// Offsets of the host_name within the ClientHello body, `Some(None)` when there is no
-/// server_name extension, `None` when malformed.
-fn parse_hello(h: &[u8]) -> Option<Option<(usize, usize)>> {
-    let mut p = 2 + 32; // legacy_version, random
-    let sid = *h.get(p)? as usize;
-    p += 1 + sid;
-    let suites = u16::from_be_bytes([*h.get(p)?, *h.get(p + 1)?]) as usize;
-    p += 2 + suites;
-    let comp = *h.get(p)? as usize;
-    p += 1 + comp;
-    if p == h.len() {
-        return Some(None); // no extensions at all
-    }
-    let ext_len = u16::from_be_bytes([*h.get(p)?, *h.get(p + 1)?]) as usize;
-    p += 2;
-    let end = p.checked_add(ext_len)?;
-    if end > h.len() {
-        return None;
-    }
-    while p + 4 <= end {
-        let ty = u16::from_be_bytes([h[p], h[p + 1]]);
-        let len = u16::from_be_bytes([h[p + 2], h[p + 3]]) as usize;
-        p += 4;
-        if p + len > end {
-            return None;
+/// A complete, well-formed ClientHello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The one `host_name` of the server_name extension, normalised; `None` without one.
+    pub server_name: Option<Name>,
+    /// Offset in the stream just past the hello's last record.
+    pub end: usize,
+}
+
+/// Reads one ClientHello from the start of a stream, record by record.
+#[derive(Debug, Default)]
+pub struct HelloReader {
+    /// Stream offset of the next record header not yet read.
+    pos: usize,
+    /// The current record's body length, once its header is read.
+    record: Option<usize>,
+    /// Handshake bytes reassembled from earlier records (empty while the hello sits in
+    /// one record, which is borrowed instead).
+    joined: Vec<u8>,
+    /// Bytes examined so far, for tests that check nothing is read twice.
+    examined: usize,
+}
+
+impl HelloReader {
+    /// A reader for a hello starting at stream offset `start` (after a retry, the second
+    /// hello follows the first and an optional ChangeCipherSpec).
+    pub fn at(start: usize) -> Self {
+        HelloReader {
+            pos: start,
+            ..Self::default()
         }
+    }
+
+    /// Stream bytes examined so far (each byte once at most).
+    pub fn examined(&self) -> usize {
+        self.examined
+    }
+
+    /// Stream offset up to which bytes have been consumed.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Read on from where the last call stopped. `stream` is every byte received so far,
+    /// from the start of the stream. `Ok(None)`: more bytes are needed.
+    pub fn read(&mut self, stream: &[u8]) -> Result<Option<ClientHello>, SniError> {
+        loop {
+            let len = match self.record {
+                Some(r) => r,
+                None => {
+                    let Some(h) = stream.get(self.pos..self.pos + 5) else {
+                        // A first byte that is no record type says so before 5 bytes come.
+                        if self.pos == 0 && stream.first().is_some_and(|b| !(20..=24).contains(b)) {
+                            return Err(SniError::NotTls);
+                        }
+                        return Ok(None);
+                    };
+                    self.examined += 5;
+                    let r = record_header(h, self.pos == 0)?;
+                    if r.0 != HANDSHAKE {
+                        return Err(SniError::Malformed(
+                            "a record other than handshake before the ClientHello",
+                        ));
+                    }
+                    self.record = Some(r.1);
+                    r.1
+                }
+            };
+            let start = self.pos + 5;
+            let Some(body) = stream.get(start..start + len) else {
+                return Ok(None);
+            };
+            self.examined += len;
+            self.record = None;
+            self.pos = start + len;
+            if self.pos > MAX_HELLO_STREAM {
+                return Err(SniError::Malformed(
+                    "the ClientHello takes too many records",
+                ));
+            }
+            // Borrow the common case, a hello in one record; copy only when split.
+            let whole_here =
+                self.joined.is_empty() && handshake_len(body)?.is_some_and(|n| body.len() >= n);
+            let msg: &[u8] = if whole_here {
+                body
+            } else {
+                if self.joined.len() + body.len() > MAX_HELLO + 4 {
+                    return Err(SniError::Malformed("the ClientHello is larger than 64 KiB"));
+                }
+                self.joined.extend_from_slice(body);
+                &self.joined
+            };
+            let Some(need) = handshake_len(msg)? else {
+                continue;
+            };
+            if msg.len() < need {
+                continue;
+            }
+            if msg.len() > need {
+                return Err(SniError::Malformed(
+                    "bytes after the ClientHello in its record",
+                ));
+            }
+            let server_name = parse_client_hello(&msg[4..])?;
+            return Ok(Some(ClientHello {
+                server_name,
+                end: self.pos,
+            }));
+        }
+    }
+}
+
+/// Check a record header; returns its content type and body length.
+fn record_header(h: &[u8], first: bool) -> Result<(u8, usize), SniError> {
+    let ty = h[0];
+    if !(20..=24).contains(&ty) {
+        return Err(if first {
+            SniError::NotTls
+        } else {
+            SniError::Malformed("not a TLS record")
+        });
+    }
+    // legacy_record_version: 0x0300 to 0x0303 (RFC 8446 §5.1, appendix D).
+    if h[1] != 0x03 || h[2] > 0x03 {
+        return Err(SniError::Malformed("unknown record version"));
+    }
+    let len = u16::from_be_bytes([h[3], h[4]]) as usize;
+    if len == 0 {
+        return Err(SniError::Malformed("an empty record"));
+    }
+    if len > MAX_RECORD {
+        return Err(SniError::Malformed("a record longer than 16 KiB"));
+    }
+    Ok((ty, len))
+}
+
+/// The whole length (header included) of the ClientHello message starting `msg`, once its
+/// 4-byte header is there.
+fn handshake_len(msg: &[u8]) -> Result<Option<usize>, SniError> {
+    if msg.is_empty() {
+        return Ok(None);
+    }
+    if msg[0] != 1 {
+        return Err(SniError::Malformed(
+            "a handshake message other than ClientHello",
+        ));
+    }
+    if msg.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([0, msg[1], msg[2], msg[3]]) as usize;
+    if len > MAX_HELLO {
+        return Err(SniError::Malformed("the ClientHello is larger than 64 KiB"));
+    }
+    Ok(Some(4 + len))
+}
+
+/// A cursor over a handshake body that fails on any short read.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SniError> {
+        if self.0.len() < n {
+            return Err(SniError::Malformed(
+                "a length runs past the end of the ClientHello",
+            ));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<usize, SniError> {
+        Ok(self.take(1)?[0] as usize)
+    }
+    fn u16(&mut self) -> Result<usize, SniError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]) as usize)
+    }
+    /// A vector with a 1- or 2-byte length prefix.
+    fn vec8(&mut self) -> Result<&'a [u8], SniError> {
+        let n = self.u8()?;
+        self.take(n)
+    }
+    fn vec16(&mut self) -> Result<&'a [u8], SniError> {
+        let n = self.u16()?;
+        self.take(n)
+    }
+}
+
+/// The ClientHello body (RFC 8446 §4.1.2), every length consistent, each extension type
+/// once (§4.2), and at most one server_name extension with exactly one `host_name`.
+fn parse_client_hello(body: &[u8]) -> Result<Option<Name>, SniError> {
+    let mut c = Cursor(body);
+    c.take(2 + 32)?; // legacy_version, random
+    if c.vec8()?.len() > 32 {
+        return Err(SniError::Malformed("a session id longer than 32 bytes"));
+    }
+    let suites = c.vec16()?;
+    if suites.is_empty() || suites.len() % 2 != 0 {
+        return Err(SniError::Malformed("a malformed cipher suite list"));
+    }
+    if c.vec8()?.is_empty() {
+        return Err(SniError::Malformed("no compression method"));
+    }
+    if c.0.is_empty() {
+        return Ok(None); // no extensions: an old client that names no server
+    }
+    let mut exts = Cursor(c.vec16()?);
+    if !c.0.is_empty() {
+        return Err(SniError::Malformed("bytes after the extensions"));
+    }
+    let mut seen = [0u64; 1024]; // one bit per extension type
+    let mut name = None;
+    while !exts.0.is_empty() {
+        let ty = exts.u16()?;
+        let data = exts.vec16()?;
+        let (word, bit) = (ty / 64, 1u64 << (ty % 64));
+        if seen[word] & bit != 0 {
+            return Err(SniError::Malformed("an extension appears twice"));
+        }
+        seen[word] |= bit;
         if ty == 0 {
-            let ext = &h[p..p + len];
-            let list = u16::from_be_bytes([*ext.first()?, *ext.get(1)?]) as usize;
-            let mut q = 2;
-            let list_end = 2 + list;
-            if list_end > ext.len() {
-                return None;
-            }
-            while q + 3 <= list_end {
-                let kind = ext[q];
-                let n = u16::from_be_bytes([ext[q + 1], ext[q + 2]]) as usize;
-                q += 3;
-                if q + n > list_end {
-                    return None;
-                }
-                if kind == 0 {
-                    return Some(Some((p + q, p + q + n)));
-                }
-                q += n;
-            }
-            return Some(None);
+            name = Some(parse_server_name(data)?);
         }
-        p += len;
     }
-    Some(None)
+    Ok(name)
+}
+
+/// The server_name extension (RFC 6066 §3): a list holding exactly one `host_name`.
+fn parse_server_name(ext: &[u8]) -> Result<Name, SniError> {
+    let mut c = Cursor(ext);
+    let mut list = Cursor(c.vec16()?);
+    if !c.0.is_empty() {
+        return Err(SniError::Malformed("bytes after the server name list"));
+    }
+    if list.u8()? != 0 {
+        return Err(SniError::Malformed("a server name that is not a host_name"));
+    }
+    let host = list.vec16()?;
+    if !list.0.is_empty() {
+        return Err(SniError::Malformed("more than one server name"));
+    }
+    host_name(host)
+}
+
+/// A DNS host name as RFC 6066 allows it: ASCII, no trailing dot, not an IP literal, at
+/// most 253 octets; then the same normalisation as every other name.
+fn host_name(raw: &[u8]) -> Result<Name, SniError> {
+    if raw.is_empty() || raw.len() > 253 || raw.ends_with(b".") {
+        return Err(SniError::BadName);
+    }
+    if !raw
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(SniError::BadName);
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| SniError::BadName)?;
+    // Name::parse refuses a numeric last label, which covers IPv4 literals; `:` above
+    // already refused IPv6 ones.
+    Name::parse(text).map_err(|_| SniError::BadName)
+}
+
+/// The server name of the ClientHello at the start of `buf`: `Ok(Some)` for the one
+/// `host_name`, `Ok(None)` for a hello without the extension, [`SniError::Incomplete`]
+/// while more bytes are needed. A convenience over [`HelloReader`] for one whole buffer.
+pub fn server_name(buf: &[u8]) -> Result<Option<Name>, SniError> {
+    match HelloReader::default().read(buf)? {
+        Some(h) => Ok(h.server_name),
+        None => Err(SniError::Incomplete),
+    }
+}
+
+/// Whether a ChangeCipherSpec record starts at `buf[at..]` (RFC 8446 §D.4: a client in
+/// middlebox compatibility mode sends one before its second ClientHello): `Ok(Some(6))`
+/// for one, `Ok(Some(0))` when another byte starts there, `Ok(None)` while more bytes are
+/// needed to tell, `Err` for a malformed one.
+pub fn change_cipher_spec(buf: &[u8], at: usize) -> Result<Option<usize>, SniError> {
+    let rest = buf.get(at..).unwrap_or_default();
+    match rest.first() {
+        None => return Ok(None),
+        Some(&CHANGE_CIPHER_SPEC) => {}
+        Some(_) => return Ok(Some(0)),
+    }
+    match rest.get(..6) {
+        None => Ok(None),
+        Some([CHANGE_CIPHER_SPEC, 0x03, 0x01..=0x03, 0x00, 0x01, 0x01]) => Ok(Some(6)),
+        Some(_) => Err(SniError::Malformed("a malformed ChangeCipherSpec record")),
+    }
+}
+
+/// How one of the server's first handshake messages begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFirst {
+    /// A ServerHello: the server has committed to the client's hello.
+    ServerHello,
+    /// A HelloRetryRequest: the client will send a second ClientHello.
+    HelloRetry,
+    /// An alert: the server refused the handshake.
+    Alert,
+    /// Anything else: not a TLS server answering a ClientHello.
+    Invalid,
+}
+
+/// Most handshake bytes kept from the server: a HelloRetryRequest (with a cookie) and the
+/// head of the message after it.
+const MAX_SERVER_HANDSHAKE: usize = 16 * 1024;
+
+/// Bytes of a ServerHello that tell it from a HelloRetryRequest: type, length, version,
+/// random.
+const SERVER_HELLO_HEAD: usize = 4 + 2 + 32;
+
+/// Reads the server's first handshake messages from its bytes as they pass, fed chunk by
+/// chunk (the caller forwards and drops them): record headers are checked, handshake
+/// bytes are reassembled across records, and one ChangeCipherSpec after the first message
+/// is allowed (RFC 8446 §D.4).
+#[derive(Debug, Default)]
+pub struct ServerReader {
+    header: [u8; 5],
+    have: usize,
+    /// Content type and bytes left of the record being read.
+    body: Option<(u8, usize)>,
+    handshake: Vec<u8>,
+    ccs: bool,
+    /// Set by an alert or anything unreadable: nothing after it counts.
+    end: Option<ServerFirst>,
+}
+
+impl ServerReader {
+    /// Take the next bytes the server sent.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() && self.end.is_none() {
+            let Some((ty, left)) = self.body else {
+                let n = (5 - self.have).min(chunk.len());
+                self.header[self.have..self.have + n].copy_from_slice(&chunk[..n]);
+                self.have += n;
+                chunk = &chunk[n..];
+                if self.have == 5 {
+                    self.have = 0;
+                    self.start_record();
+                }
+                continue;
+            };
+            let n = left.min(chunk.len());
+            let (part, rest) = chunk.split_at(n);
+            chunk = rest;
+            match ty {
+                HANDSHAKE if self.handshake.len() + n <= MAX_SERVER_HANDSHAKE => {
+                    self.handshake.extend_from_slice(part)
+                }
+                CHANGE_CIPHER_SPEC if part == [1] => {}
+                _ => self.end = Some(ServerFirst::Invalid),
+            }
+            self.body = (left > n).then_some((ty, left - n));
+        }
+    }
+
+    fn start_record(&mut self) {
+        let first = self.handshake.is_empty() && !self.ccs;
+        let (ty, len) = match record_header(&self.header, first) {
+            Ok(r) => r,
+            Err(_) => {
+                self.end = Some(ServerFirst::Invalid);
+                return;
+            }
+        };
+        match ty {
+            HANDSHAKE => {}
+            CHANGE_CIPHER_SPEC if !self.ccs && !self.handshake.is_empty() && len == 1 => {
+                self.ccs = true
+            }
+            ALERT => self.end = Some(ServerFirst::Alert),
+            _ => self.end = Some(ServerFirst::Invalid),
+        }
+        self.body = Some((ty, len));
+    }
+
+    /// How handshake message `index` begins (0 the first, 1 the one after a
+    /// HelloRetryRequest); `None` while more bytes are needed.
+    pub fn message(&self, index: usize) -> Option<ServerFirst> {
+        let mut start = 0;
+        for i in 0..=index {
+            let Some(head) = self.handshake.get(start..start + SERVER_HELLO_HEAD) else {
+                return self.end;
+            };
+            let kind = if head[0] != 2 || head[4] != 0x03 {
+                ServerFirst::Invalid
+            } else if head[6..] == HELLO_RETRY_RANDOM {
+                ServerFirst::HelloRetry
+            } else {
+                ServerFirst::ServerHello
+            };
+            if i == index || kind != ServerFirst::HelloRetry {
+                return Some(if i == index {
+                    kind
+                } else {
+                    ServerFirst::Invalid
+                });
+            }
+            start += 4 + u32::from_be_bytes([0, head[1], head[2], head[3]]) as usize;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut r = vec![ty, 0x03, 0x01];
+        r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    /// A minimal ClientHello body with the given extensions (type, data).
+    fn hello(exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut b = vec![0x03, 0x03];
+        b.extend_from_slice(&[7; 32]);
+        b.push(0); // session id
+        b.extend_from_slice(&[0, 2, 0x13, 0x01]);
+        b.extend_from_slice(&[1, 0]);
+        let mut e = Vec::new();
+        for (ty, data) in exts {
+            e.extend_from_slice(&ty.to_be_bytes());
+            e.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            e.extend_from_slice(data);
+        }
+        b.extend_from_slice(&(e.len() as u16).to_be_bytes());
+        b.extend_from_slice(&e);
+        let mut m = vec![1, 0, (b.len() >> 8) as u8, b.len() as u8];
+        m.extend_from_slice(&b);
+        record(HANDSHAKE, &m)
+    }
+
+    fn sni(names: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for n in names {
+            list.push(0);
+            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            list.extend_from_slice(n);
+        }
+        let mut d = (list.len() as u16).to_be_bytes().to_vec();
+        d.extend_from_slice(&list);
+        (0, d)
+    }
+
+    #[test]
+    fn one_name_is_read_and_others_are_refused() {
+        let ok = hello(&[sni(&[b"Pypi.org"])]);
+        assert_eq!(server_name(&ok).unwrap().unwrap().as_str(), "pypi.org");
+        assert_eq!(server_name(&hello(&[])), Ok(None));
+        let bad: [(&str, Vec<u8>); 9] = [
+            ("two names", hello(&[sni(&[b"a.example", b"b.example"])])),
+            (
+                "two extensions",
+                hello(&[sni(&[b"a.example"]), sni(&[b"b.example"])]),
+            ),
+            ("NUL", hello(&[sni(&[b"a.example\0"])])),
+            ("dot dot", hello(&[sni(&[b"a.example.."])])),
+            ("trailing dot", hello(&[sni(&[b"a.example."])])),
+            ("IPv4", hello(&[sni(&[b"10.0.0.1"])])),
+            ("IPv6", hello(&[sni(&[b"::1"])])),
+            ("long", hello(&[sni(&[&[b'a'; 300]])])),
+            ("empty", hello(&[sni(&[b""])])),
+        ];
+        for (what, h) in bad {
+            assert!(
+                matches!(
+                    server_name(&h),
+                    Err(SniError::BadName | SniError::Malformed(_))
+                ),
+                "{what}: {:?}",
+                server_name(&h)
+            );
+        }
+        let dup = hello(&[(10, vec![0, 0]), (10, vec![0, 0])]);
+        assert_eq!(
+            server_name(&dup),
+            Err(SniError::Malformed("an extension appears twice"))
+        );
+    }
+
+    #[test]
+    fn records_before_the_hello_are_refused() {
+        let h = hello(&[sni(&[b"a.example"])]);
+        let mut empty = vec![HANDSHAKE, 3, 1, 0, 0];
+        empty.extend_from_slice(&h);
+        assert_eq!(
+            server_name(&empty),
+            Err(SniError::Malformed("an empty record"))
+        );
+        let mut ccs = record(CHANGE_CIPHER_SPEC, &[1]);
+        ccs.extend_from_slice(&h);
+        assert!(matches!(server_name(&ccs), Err(SniError::Malformed(_))));
+        let mut trailing = h.clone();
+        trailing.push(0);
+        let n = trailing.len() - 5;
+        trailing[3..5].copy_from_slice(&((n as u16).to_be_bytes()));
+        assert!(matches!(
+            server_name(&trailing),
+            Err(SniError::Malformed(_))
+        ));
+        assert_eq!(server_name(b"SSH-2.0-x\r\n"), Err(SniError::NotTls));
+    }
+
+    #[test]
+    fn one_byte_records_are_each_examined_once() {
+        let h = hello(&[sni(&[b"a.example"])]);
+        let body = &h[5..];
+        let stream: Vec<u8> = body.iter().flat_map(|b| record(HANDSHAKE, &[*b])).collect();
+        let mut r = HelloReader::default();
+        // The stream as a client writing one byte at a time delivers it.
+        let got = (1..=stream.len()).find_map(|n| r.read(&stream[..n]).unwrap());
+        assert_eq!(got.unwrap().server_name.unwrap().as_str(), "a.example");
+        assert_eq!(got.unwrap().end, stream.len());
+        assert_eq!(r.examined(), stream.len());
+    }
+
+    fn server_first(bytes: &[u8], index: usize) -> Option<ServerFirst> {
+        let mut r = ServerReader::default();
+        r.feed(bytes);
+        r.message(index)
+    }
+
+    #[test]
+    fn server_hello_and_retry_are_told_apart() {
+        let mut sh = vec![2, 0, 0, 70, 0x03, 0x03];
+        sh.extend_from_slice(&[9; 32]);
+        sh.extend_from_slice(&[0; 36]);
+        let mut hrr = sh.clone();
+        hrr[6..38].copy_from_slice(&HELLO_RETRY_RANDOM);
+        let whole = record(HANDSHAKE, &sh);
+        assert_eq!(server_first(&whole, 0), Some(ServerFirst::ServerHello));
+        assert_eq!(server_first(&whole[..30], 0), None);
+        // A retry split across records and fed byte by byte, a ChangeCipherSpec, then
+        // the ServerHello that answers the second ClientHello.
+        let mut stream = Vec::new();
+        for part in hrr.chunks(5) {
+            stream.extend_from_slice(&record(HANDSHAKE, part));
+        }
+        stream.extend_from_slice(&record(CHANGE_CIPHER_SPEC, &[1]));
+        stream.extend_from_slice(&whole);
+        let mut r = ServerReader::default();
+        let mut firsts = Vec::new();
+        for b in &stream {
+            r.feed(std::slice::from_ref(b));
+            firsts.push((r.message(0), r.message(1)));
+        }
+        assert_eq!(
+            firsts.last(),
+            Some(&(
+                Some(ServerFirst::HelloRetry),
+                Some(ServerFirst::ServerHello)
+            ))
+        );
+        // The second message is told exactly when its first 38 bytes are in.
+        let told = firsts.iter().position(|(_, second)| second.is_some());
+        assert_eq!(
+            told,
+            Some(stream.len() - whole.len() + 5 + SERVER_HELLO_HEAD - 1)
+        );
+        let mut twice = record(HANDSHAKE, &hrr);
+        twice.extend_from_slice(&record(HANDSHAKE, &hrr));
+        assert_eq!(server_first(&twice, 1), Some(ServerFirst::HelloRetry));
+        assert_eq!(
+            server_first(&record(ALERT, &[2, 40]), 0),
+            Some(ServerFirst::Alert)
+        );
+        assert_eq!(
+            server_first(b"HTTP/1.1 400 Bad Request\r\n", 0),
+            Some(ServerFirst::Invalid)
+        );
+        let mut ccs_first = record(CHANGE_CIPHER_SPEC, &[1]);
+        ccs_first.extend_from_slice(&whole);
+        assert_eq!(server_first(&ccs_first, 0), Some(ServerFirst::Invalid));
+    }
+
+    #[test]
+    fn change_cipher_spec_between_hellos() {
+        assert_eq!(change_cipher_spec(&[20, 3, 3, 0, 1, 1, 22], 0), Ok(Some(6)));
+        assert_eq!(change_cipher_spec(&[20, 3, 3], 0), Ok(None));
+        assert_eq!(change_cipher_spec(&[22, 3, 3], 0), Ok(Some(0)));
+        assert_eq!(change_cipher_spec(&[], 0), Ok(None));
+        assert!(change_cipher_spec(&[20, 3, 3, 0, 2, 1, 1], 0).is_err());
+    }
 }
