@@ -11,41 +11,12 @@ use std::sync::Arc;
 use aml_egress::loader;
 use aml_egress::metrics::Metrics;
 use aml_egress::proxy::Live;
-use aml_egress::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use support::net::{echo_upstream, exchange, read_request_head, upstream};
+use support::proxy::{Proxy, start_proxy};
 use support::{TempFile, settings};
-
-struct Proxy {
-    addr: SocketAddr,
-    /// The first TLS listener, when `proxy.tls_listen` is set.
-    tls_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    done: tokio::task::JoinHandle<usize>,
-}
-
-/// Start the proxy with a config (TOML); `{HTTP}`, `{TLS}` and `{ECHO}` in it are replaced
-/// by the upstream addresses.
-async fn start_proxy(toml: &str) -> Proxy {
-    let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
-    s.proxy.listen = vec!["127.0.0.1:0".into()];
-    s.admin.listen = "127.0.0.1:0".into();
-    let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
-    let tls = !s.proxy.tls_listen.is_empty();
-    let (stop, stopping) = watch::channel(false);
-    let running = server::start(None, s, built, stopping)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    Proxy {
-        addr: running.addrs[0],
-        tls_addr: tls.then(|| running.addrs[1]),
-        stop,
-        done: running.done,
-    }
-}
 
 /// A plain HTTP upstream answering with what it received.
 async fn http_upstream() -> SocketAddr {

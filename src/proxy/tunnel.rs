@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hyper_util::rt::TokioIo;
@@ -220,6 +220,7 @@ impl Tunnel {
                 }
                 Carried::Other | Carried::Incomplete => {
                     self.refuse(Refusal::ProtocolNotAllowed, &buf, None, &mut pending);
+                    linger(&mut client).await;
                     return;
                 }
             }
@@ -302,7 +303,9 @@ impl Tunnel {
         let first = self
             .read_hello(client, held.buf, HelloReader::default(), deadline, pending)
             .await?;
-        let audit = self.judge_name(first.server_name, pending)?;
+        let Ok(audit) = self.judge_name(first.server_name, pending) else {
+            return Err(self.alert(client).await);
+        };
         let idle = self.live.config.idle_timeout;
         let mut server = ServerReader::default();
         held.forward(upstream, first.end, idle).await?;
@@ -389,7 +392,8 @@ impl Tunnel {
             };
             self.refuse(refusal, buf, None, pending);
             if refusal == Refusal::ProtocolNotAllowed {
-                return Err(Stop::Refused); // not TLS: an alert would mean nothing to it
+                linger(client).await; // not TLS: an alert would mean nothing to it
+                return Err(Stop::Refused);
             }
             return Err(self.alert(client).await);
         }
@@ -484,13 +488,13 @@ impl Tunnel {
     /// Tell a TLS client its tunnel is refused, then close.
     async fn alert(&self, client: &mut ClientSide) -> Stop {
         let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
+            Duration::from_secs(1),
             client.write_all(&ACCESS_DENIED_ALERT),
         )
         .await;
+        linger(client).await;
         Stop::Refused
     }
-
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
     /// one, its `Host` held to the CONNECT target.
     async fn serve_http(&self, client: ClientSide, buf: BytesMut) {
@@ -508,6 +512,28 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// Before closing a refused tunnel, read and drop what the client is still sending (bounded
+/// in bytes and time), so that the kernel does not answer it with a reset that destroys the
+/// alert before the client reads it.
+async fn linger(client: &mut ClientSide) {
+    let _ = match client {
+        ClientSide::Tcp(s) => s.shutdown().await,
+        ClientSide::Upgraded(s) => s.shutdown().await,
+    };
+    let mut sink = BytesMut::with_capacity(8192);
+    let drain = async {
+        let mut left = 256 * 1024usize;
+        while left > 0 {
+            sink.clear();
+            match client.read_buf(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// The client's bytes of a TLS tunnel: those up to `sent` have gone upstream, the rest are

@@ -11,6 +11,8 @@ use aml_egress::loader::{self, Built};
 
 pub mod dns;
 pub mod net;
+pub mod proxy;
+pub mod tls;
 
 /// A file in a per-process temporary folder, removed when dropped.
 pub struct TempFile(pub PathBuf);

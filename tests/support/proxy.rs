@@ -1,0 +1,63 @@
+//! A proxy started in-process from TOML, exactly as `serve` starts it, on 127.0.0.1:0 with
+//! its admin listener on 127.0.0.1:0 too.
+
+use std::net::SocketAddr;
+
+use aml_egress::{loader, server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::settings;
+
+/// A running proxy and how to stop it.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    /// The first TLS listener, when `proxy.tls_listen` is set.
+    pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub stop: watch::Sender<bool>,
+    pub done: tokio::task::JoinHandle<usize>,
+}
+
+/// Start the proxy with a config (TOML); its listeners are moved to 127.0.0.1:0.
+pub async fn start_proxy(toml: &str) -> Proxy {
+    let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
+    s.proxy.listen = vec!["127.0.0.1:0".into()];
+    s.admin.listen = "127.0.0.1:0".into();
+    let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
+    let tls = !s.proxy.tls_listen.is_empty();
+    let (stop, stopping) = watch::channel(false);
+    let running = server::start(None, s, built, stopping)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Proxy {
+        addr: running.addrs[0],
+        tls_addr: tls.then(|| running.addrs[1]),
+        admin_addr: running.admin_addr.expect("an admin listener"),
+        stop,
+        done: running.done,
+    }
+}
+
+impl Proxy {
+    /// The metrics exposition, from the admin listener.
+    pub async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin_addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        raw
+    }
+
+    /// The value of one sample of the exposition (`name{labels}` exactly as printed, labels
+    /// in alphabetical order), 0 when absent.
+    pub async fn sample(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
