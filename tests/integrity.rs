@@ -706,3 +706,25 @@ async fn one_client_cannot_hold_every_connection() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_without_a_name_to_an_ip_literal_is_judged_by_the_cidr_rules() {
+    let (raw, rec) = recorder().await;
+    let port = raw.port();
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = [{port}]\n[[allow]]\ncidr = \"127.0.0.1/32\"\nports = [{port}]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\n"
+    ))
+    .await;
+    // No name for an address (RFC 6066): the CIDR rule that allowed the CONNECT decides.
+    let nameless = crafted_hello(&[], 0);
+    let mut s = tunnel(&p, &format!("127.0.0.1:{port}")).await;
+    s.write_all(&nameless).await.unwrap();
+    s.shutdown().await.unwrap();
+    read_to_close(&mut s).await;
+    assert_eq!(rec.bytes(), nameless);
+    // A name, if sent, must still be allowed.
+    let mut s = tunnel(&p, &format!("127.0.0.1:{port}")).await;
+    s.write_all(&client_hello("denied.test")).await.unwrap();
+    assert_eq!(read_to_close(&mut s).await, ACCESS_DENIED);
+    assert_eq!(rec.bytes(), nameless, "nothing more went upstream");
+}
