@@ -167,7 +167,7 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
 }
 
 /// Bind the admin listener, with the setting named in the error.
-pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),

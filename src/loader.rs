@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use crate::catalog::{Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection};
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
-use crate::policy::{Policy, PolicyOptions, TlsPathRules, did_you_mean};
+use crate::policy::{Policy, PolicyOptions, did_you_mean};
 
 /// A compiled policy and what an operator should know about it.
 #[derive(Debug)]
@@ -101,10 +101,18 @@ pub fn build(s: &Settings) -> Result<Built, ConfigError> {
             ConfigError(issues)
         })?;
     let selection = Selection {
-        cloud: s.cloud(),
-        region: s.catalog.region.clone(),
+        cloud: s.catalog.cloud,
+        region: s
+            .catalog
+            .region
+            .as_deref()
+            .map(crate::config::checks::region_name),
         storage_account: s.catalog.storage_account.clone(),
-        container_registry: s.catalog.container_registry.clone(),
+        container_registry: s
+            .catalog
+            .container_registry
+            .as_deref()
+            .map(str::to_ascii_lowercase),
     };
     let rendered = catalog.render(&selection, &features);
     let mut specs = rendered.rules;
@@ -115,10 +123,7 @@ pub fn build(s: &Settings) -> Result<Built, ConfigError> {
         }
     }
     let options = PolicyOptions {
-        tls_path_rules: match s.policy.tls_path_rules.as_deref() {
-            Some("deny") => TlsPathRules::Deny,
-            _ => TlsPathRules::Widen,
-        },
+        tls_path_rules: s.policy.tls_path_rules,
     };
     let policy = Policy::compile(specs, options).map_err(|e| {
         ConfigError(vec![ConfigIssue {

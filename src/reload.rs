@@ -48,22 +48,6 @@ pub fn watched_files(path: Option<&std::path::Path>, s: &Settings) -> Vec<PathBu
     files
 }
 
-/// Settings a reload cannot change, as `(key, value)` pairs.
-fn restart_only(s: &Settings) -> Vec<(&'static str, String)> {
-    vec![
-        ("proxy.listen", format!("{:?}", s.proxy.listen)),
-        ("proxy.tls_listen", format!("{:?}", s.proxy.tls_listen)),
-        ("admin.listen", s.admin.listen.clone()),
-        ("admin.token_file", format!("{:?}", s.admin.token_file)),
-        ("log.level", s.log.level.clone()),
-        ("log.format", s.log.format.clone()),
-        (
-            "reload.watch_interval_secs",
-            s.reload.watch_interval_secs.to_string(),
-        ),
-    ]
-}
-
 impl Reloader {
     /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
     /// new configuration is in force.
@@ -90,11 +74,8 @@ impl Reloader {
                 false
             }
             Ok((s, live, counts, revision, cloud)) => {
-                let before = restart_only(&self.started);
-                for ((key, old), (_, new)) in before.iter().zip(restart_only(&s)) {
-                    if *old != new {
-                        tracing::warn!(key, running = %old, file = %new, "this setting changes only on restart; the running value stays");
-                    }
+                for (key, old, new) in self.started.restart_changes(&s) {
+                    tracing::warn!(key, running = %old, file = %new, "this setting changes only on restart; the running value stays");
                 }
                 for w in &live.built.warnings {
                     tracing::warn!(note = %w, "policy note");

@@ -5,7 +5,6 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::admin::{self, Admin};
 use crate::config::{LogSettings, Settings};
@@ -18,13 +17,13 @@ use crate::reload::Reloader;
 /// `tracing` filter syntax) and `log.format`, on standard error.
 pub fn init_logging(log: &LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AML_EGRESS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log.level.as_str()));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(io::stderr().is_terminal())
         .with_writer(io::stderr);
-    if log.format == "text" {
+    if log.format == crate::config::LogFormat::Text {
         builder.init();
     } else {
         builder.json().with_current_span(false).init();
@@ -78,10 +77,9 @@ pub async fn start(
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let admin_listener = if settings.admin.listen.is_empty() {
-        None
-    } else {
-        Some(admin::bind(&settings.admin.listen).await?)
+    let admin_listener = match settings.admin.listen {
+        None => None,
+        Some(addr) => Some(admin::bind(addr).await?),
     };
     // The self check refuses every listener of ours, the admin one included.
     let mut own = addrs.clone();
@@ -124,7 +122,7 @@ pub async fn start(
         path,
         started: settings.clone(),
     });
-    let interval = Duration::from_secs_f64(settings.reload.watch_interval_secs);
+    let interval = settings.reload.watch_interval_secs;
     let baseline = reloader.baseline();
     tokio::spawn(reloader.clone().watch(interval, stop.clone(), baseline));
 

@@ -34,28 +34,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Settings, parse_cidr, parse_name_server};
+use crate::config::Settings;
 use crate::loader::Built;
 use crate::metrics::{Limit, ListenerKind, Metrics, Outcome};
 use crate::policy::{Decision, PathView, Reason, Target};
 use dial::{DialConfig, Resolver};
 use respond::{Body, refuse};
 
-/// `enforce` refuses what the policy denies; `audit` lets it through and logs `would_deny`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Enforce,
-    Audit,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        }
-    }
-}
+pub use crate::config::Mode;
 
 /// Runtime settings of the proxy, derived once from [`Settings`].
 #[derive(Debug, Clone)]
@@ -85,48 +71,32 @@ impl ProxyConfig {
         resolver: Resolver,
         deny_cidrs: Vec<(IpNet, crate::policy::PortSet, String)>,
     ) -> Self {
-        let secs = Duration::from_secs_f64;
         let p = &s.proxy;
         ProxyConfig {
-            mode: if p.mode == "audit" {
-                Mode::Audit
-            } else {
-                Mode::Enforce
-            },
-            allow_clients: p
-                .allow_clients
-                .iter()
-                .filter_map(|c| parse_cidr(c))
-                .collect(),
+            mode: p.mode,
+            allow_clients: p.allow_clients.clone(),
             max_connections: p.max_connections,
             max_connections_per_client: p.max_connections_per_client,
             max_header_bytes: p.max_header_bytes,
-            header_timeout: secs(p.header_timeout_secs),
-            idle_timeout: secs(p.idle_timeout_secs),
-            grace_period: secs(p.grace_period_secs),
+            header_timeout: p.header_timeout_secs,
+            idle_timeout: p.idle_timeout_secs,
+            grace_period: p.grace_period_secs,
             tls_ports: p.tls_ports.clone(),
             opaque_ports: p.opaque_ports.clone(),
-            sni_missing_allowed: p.sni_missing == "allow",
-            sni_timeout: secs(p.sni_timeout_secs),
+            sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
+            sni_timeout: p.sni_timeout_secs,
             dial: Arc::new(DialConfig {
                 connect_to: s
                     .upstream
                     .connect_to
+                    .0
                     .iter()
-                    .filter_map(|(k, v)| {
-                        let t = Target::parse(k).ok()?;
-                        Some((t.to_string(), v.parse().ok()?))
-                    })
+                    .map(|(t, a)| (t.to_string(), *a))
                     .collect(),
-                allow_cidrs: s
-                    .upstream
-                    .allow_cidrs
-                    .iter()
-                    .filter_map(|c| parse_cidr(c))
-                    .collect(),
+                allow_cidrs: s.upstream.allow_cidrs.clone(),
                 deny_cidrs,
-                deny_private: s.upstream.private_ranges == "deny",
-                timeout: secs(s.upstream.dial_timeout_secs),
+                deny_private: s.upstream.private_ranges == crate::config::PrivateRanges::Deny,
+                timeout: s.upstream.dial_timeout_secs,
                 own,
                 resolver: Some(resolver),
             }),
@@ -221,12 +191,7 @@ impl Live {
         own: Vec<SocketAddr>,
         metrics: Arc<Metrics>,
     ) -> Result<Live, String> {
-        let servers: Vec<SocketAddr> = s
-            .upstream
-            .name_servers
-            .iter()
-            .filter_map(|n| parse_name_server(n))
-            .collect();
+        let servers: Vec<SocketAddr> = s.upstream.name_servers.iter().map(|n| n.0).collect();
         let deny = built.policy.deny_networks();
         let config = ProxyConfig::from_settings(s, own, Resolver::new(&servers)?, deny);
         // Loaded whenever configured, so that a reload that drops tls_listen (which only

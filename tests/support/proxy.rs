@@ -23,8 +23,8 @@ pub struct Proxy {
 /// Start the proxy with a config (TOML); its listeners are moved to 127.0.0.1:0.
 pub async fn start_proxy(toml: &str) -> Proxy {
     let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
-    s.proxy.listen = vec!["127.0.0.1:0".into()];
-    s.admin.listen = "127.0.0.1:0".into();
+    s.proxy.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+    s.admin.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
     let tls = !s.proxy.tls_listen.is_empty();
     let (stop, stopping) = watch::channel(false);
