@@ -115,21 +115,16 @@ impl Reloader {
         (files, seen)
     }
 
-    /// Reload on SIGHUP, and when a watched file differs from `baseline` or the last load
-    /// (looked at every `interval`; never when it is zero), until `stopping` flips.
+    /// Reload on SIGHUP (`hup`, from [`hangup`]), and when a watched file differs from
+    /// `baseline` or the last load (looked at every `interval`; never when it is zero),
+    /// until `stopping` flips.
     pub async fn watch(
         self: Arc<Self>,
         interval: Duration,
         mut stopping: watch::Receiver<bool>,
         baseline: (Vec<PathBuf>, u64),
+        mut hup: Option<tokio::signal::unix::Signal>,
     ) {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by signal is off");
-                None
-            }
-        };
         // Loading, compiling and reading files block: keep them off the runtime's workers.
         let (mut files, mut seen) = baseline;
         let polling = !interval.is_zero() && self.path.is_some();
@@ -162,6 +157,19 @@ impl Reloader {
                 let f = files.clone();
                 seen = blocking(move || fingerprint(&f)).await.unwrap_or_default();
             }
+        }
+    }
+}
+
+/// Listen for SIGHUP. Called before the proxy says it is serving: until a handler is
+/// installed, SIGHUP's default action ends the process, so a reload sent right after
+/// start-up (systemd's `ExecReload`) would stop the proxy.
+pub fn hangup() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload by signal is off");
+            None
         }
     }
 }

@@ -124,7 +124,12 @@ pub async fn start(
     });
     let interval = settings.reload.watch_interval_secs;
     let baseline = reloader.baseline();
-    tokio::spawn(reloader.clone().watch(interval, stop.clone(), baseline));
+    let hup = crate::reload::hangup();
+    tokio::spawn(
+        reloader
+            .clone()
+            .watch(interval, stop.clone(), baseline, hup),
+    );
 
     tracing::info!(
         listen = ?addrs,

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 
-use super::dial::{DialError, dial};
-use super::respond::{Body, full, refuse};
+use super::admit::dial_failed;
+use super::dial::dial;
+use super::respond::{Body, full};
 use super::tunnel::Tunnel;
-use super::{AllowCount, Live, Seen, Shared};
-use crate::metrics::{ListenerKind, Outcome};
+use super::{Live, Shared};
+use crate::metrics::ListenerKind;
 use crate::policy::{PathView, Target};
 
 pub(super) async fn handle(
@@ -78,65 +79,4 @@ pub(super) async fn handle(
         }
     });
     Response::new(full(""))
-}
-
-/// The response (count and log line) for a dial that failed after the policy allowed it:
-/// the address guard's refusals are denials; DNS and connection failures are errors.
-/// `pending` is the request's uncounted allow, replaced by this outcome; `None` when the
-/// decision was counted already (an audit pass).
-pub(super) fn dial_failed(
-    live: &Live,
-    via: ListenerKind,
-    peer: SocketAddr,
-    target: &Target,
-    e: &DialError,
-    pending: Option<AllowCount>,
-) -> Response<Body> {
-    let counted = pending.is_none();
-    if let Some(p) = pending {
-        p.instead();
-    }
-    let (error, details) = e.proxy_status();
-    let guard = matches!(
-        e,
-        DialError::Forbidden(_) | DialError::SelfConnection(_) | DialError::DenyRule(..)
-    );
-    let status = match e {
-        _ if guard => StatusCode::FORBIDDEN,
-        DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    let shown = target.to_string();
-    if guard && !counted {
-        live.note(&Seen {
-            via,
-            client: peer,
-            target: Some(target),
-            shown: &shown,
-            seen: "",
-            outcome: Outcome::Deny,
-            reason: details,
-            rule: "",
-        });
-    } else {
-        if !counted {
-            live.metrics.decision(via, Outcome::Error, details);
-        }
-        if live.metrics.line_allowed() {
-            tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
-        }
-    }
-    let hint = if matches!(e, DialError::DenyRule(..)) {
-        " (remove or narrow that [[deny]] entry if the destination must be reached)"
-    } else if guard {
-        " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
-    } else {
-        ""
-    };
-    refuse(
-        status,
-        error,
-        details,
-        &format!("aml-egress could not reach {shown}: {e}{hint}"),
-    )
 }

@@ -11,10 +11,10 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpInfo;
 
-use super::connect::dial_failed;
+use super::activity::Activity;
+use super::admit::dial_failed;
 use super::pool::UploadBody;
 use super::pool::dial_error;
-use super::relay::Activity;
 use super::respond::{Body, BodyError, refuse};
 use super::{AllowCount, Live};
 use crate::metrics::{ListenerKind, Outcome};

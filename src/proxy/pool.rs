@@ -16,8 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::activity::Activity;
 use super::dial::{DialConfig, DialError, dial};
-use super::relay::Activity;
 use crate::metrics::Metrics;
 use crate::policy::{InvalidTarget, Target};
 

@@ -3,13 +3,14 @@
 //! case), a buffered copy otherwise (clients on a TLS listener).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+
+use super::activity::Activity;
 
 /// Where each direction's bytes are counted as they move (the tunnel-bytes metric).
 #[derive(Clone, Copy)]
@@ -18,41 +19,6 @@ pub struct Counters<'a> {
     pub up: &'a IntCounter,
     /// Upstream to client.
     pub down: &'a IntCounter,
-}
-
-/// When bytes last moved, for idle timeouts measured from activity that happens
-/// elsewhere: both directions of a tunnel, or a request body on its way upstream.
-pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    /// Active now.
-    pub fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Bytes moved just now.
-    pub fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// How long since bytes last moved.
-    pub fn quiet_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// A tunnel's activity, shared by both directions so that a tunnel busy one way is not

@@ -1,0 +1,332 @@
+//! Admission and counting: the policy's verdict with the mode applied, one decision counted
+//! per request, refusals recorded in the denied-target table and logged (rate-limited), and
+//! the responses a refusal or a failed dial gets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::{Response, StatusCode};
+
+use super::dial::DialError;
+use super::respond::{Body, refuse};
+use super::state::{Live, Mode};
+use crate::metrics::{ListenerKind, Metrics, Outcome};
+use crate::policy::{Decision, PathView, Reason, Target};
+
+/// The outcome of asking the policy, with the mode applied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verdict {
+    pub decision: Decision,
+    /// Let through (allowed, or denied but in audit mode).
+    pub pass: bool,
+    /// Denied by the policy but let through by audit mode.
+    pub would_deny: bool,
+}
+
+impl Live {
+    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Verdict {
+        let decision = self.built.policy.decide(target, view);
+        self.apply_mode(decision)
+    }
+
+    pub(crate) fn apply_mode(&self, decision: Decision) -> Verdict {
+        let allowed = decision.is_allowed();
+        // Operator deny rules and invalid targets hold even in audit mode.
+        let auditable = !matches!(
+            decision.reason,
+            Reason::DeniedByRule | Reason::InvalidTarget(_)
+        );
+        let would_deny = !allowed && auditable && self.config.mode == Mode::Audit;
+        Verdict {
+            decision,
+            pass: allowed || would_deny,
+            would_deny,
+        }
+    }
+
+    pub(crate) fn rule_text(&self, d: &Decision) -> String {
+        d.rule
+            .map(|id| self.built.policy.rule(id).display())
+            .unwrap_or_default()
+    }
+
+    /// The 403 for a policy refusal.
+    pub(crate) fn forbidden(&self, target: &str, d: &Decision) -> hyper::Response<Body> {
+        let why = self.built.policy.explain(target, d);
+        refuse(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            d.reason.code(),
+            &format!(
+                "aml-egress refused {target}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+            ),
+        )
+    }
+
+    /// Refuse a target that could not be parsed (counted and logged like any denial).
+    pub(crate) fn refuse_invalid(
+        &self,
+        via: ListenerKind,
+        peer: SocketAddr,
+        shown: &str,
+        e: crate::policy::InvalidTarget,
+    ) -> hyper::Response<Body> {
+        let v = self.apply_mode(Decision {
+            verdict: crate::policy::Verdict::Deny,
+            reason: Reason::InvalidTarget(e),
+            rule: None,
+        });
+        self.note_verdict(via, peer, None, shown, &v);
+        self.forbidden(shown, &v.decision)
+    }
+
+    /// One decision per request: a refusal or an audit pass is counted (and logged) now,
+    /// whatever the dial does next, and a refusal is answered `403` (`Err`). An allow is
+    /// returned uncounted, to be counted when the request ends ([`AllowCount`]).
+    // The refusal is handed straight back to hyper; boxing it would only add an allocation.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn admit(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: &Target,
+        shown: impl FnOnce() -> String,
+        v: &Verdict,
+    ) -> Result<Option<AllowCount>, hyper::Response<Body>> {
+        if v.pass && !v.would_deny {
+            return Ok(Some(AllowCount::new(self, via, v)));
+        }
+        let shown = shown();
+        self.note_verdict(via, client, Some(target), &shown, v);
+        if v.pass {
+            Ok(None)
+        } else {
+            Err(self.forbidden(&shown, &v.decision))
+        }
+    }
+
+    /// Count a policy verdict; denials and would-be denials are also recorded and logged.
+    pub(crate) fn note_verdict(
+        &self,
+        via: ListenerKind,
+        client: SocketAddr,
+        target: Option<&Target>,
+        shown: &str,
+        v: &Verdict,
+    ) {
+        let outcome = if v.would_deny {
+            Outcome::WouldDeny
+        } else if v.pass {
+            Outcome::Allow
+        } else {
+            Outcome::Deny
+        };
+        let reason = v.decision.reason.code();
+        if outcome == Outcome::Allow {
+            self.metrics.decision(via, outcome, reason); // no rule text needed
+            return;
+        }
+        let rule = self.rule_text(&v.decision);
+        self.note(&Seen {
+            via,
+            client,
+            target,
+            shown,
+            seen: "",
+            outcome,
+            reason,
+            rule: &rule,
+        });
+    }
+
+    /// Count one decision. Denials and would-be denials go into the denied-target table and
+    /// get one log line each, at most `log.denied_lines_per_minute` per target.
+    pub(crate) fn note(&self, seen: &Seen<'_>) {
+        self.metrics.decision(seen.via, seen.outcome, seen.reason);
+        if seen.outcome != Outcome::Allow {
+            self.record(seen); // allowed connections are logged once, when they finish
+        }
+    }
+
+    /// Put a refusal in the denied-target table and log it (rate-limited), without
+    /// counting a decision: for a second refusal within a request already counted.
+    pub(crate) fn record(&self, seen: &Seen<'_>) {
+        let Seen {
+            via,
+            client,
+            target,
+            shown,
+            seen,
+            outcome,
+            reason,
+            rule,
+        } = *seen;
+        let log = match target {
+            Some(t) => {
+                let host = match t.host {
+                    crate::policy::Host::Name(n) => n.as_str().to_owned(),
+                    crate::policy::Host::Ip(ip) => ip.to_string(),
+                };
+                self.metrics
+                    .denied(&host, t.port, || allow_entry(t, reason))
+            }
+            None => self.metrics.denied("(invalid target)", 0, || {
+                "nothing: the request did not name a valid host:port".to_owned()
+            }),
+        };
+        if log {
+            tracing::warn!(
+                listener = via.as_str(),
+                client = %client,
+                target = shown,
+                seen,
+                decision = outcome.as_str(),
+                reason,
+                rule,
+                mode = self.config.mode.as_str(),
+                "destination denied"
+            );
+        }
+    }
+}
+
+/// One decision about one destination, as counted and logged.
+#[derive(Clone, Copy)]
+pub(crate) struct Seen<'a> {
+    pub via: ListenerKind,
+    pub client: SocketAddr,
+    /// `None` for a target that could not be parsed.
+    pub target: Option<&'a Target>,
+    /// As shown in the log line.
+    pub shown: &'a str,
+    /// What the client sent that was refused (a TLS name, escaped bytes), or empty.
+    pub seen: &'a str,
+    pub outcome: Outcome,
+    pub reason: &'a str,
+    pub rule: &'a str,
+}
+
+/// An allowed request's decision, counted when this is dropped unless something else was
+/// counted in its place ([`AllowCount::instead`]). A request whose client leaves while
+/// the proxy dials or waits for the upstream is then still counted, once.
+pub(crate) struct AllowCount {
+    metrics: Arc<Metrics>,
+    via: ListenerKind,
+    reason: &'static str,
+    armed: bool,
+}
+
+impl AllowCount {
+    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Verdict) -> Self {
+        AllowCount {
+            metrics: live.metrics.clone(),
+            via,
+            reason: v.decision.reason.code(),
+            armed: true,
+        }
+    }
+
+    /// Another outcome (a failed dial, a refused TLS name) is counted instead.
+    pub(crate) fn instead(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AllowCount {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.decision(self.via, Outcome::Allow, self.reason);
+        }
+    }
+}
+
+/// The configuration entry that would let a refused target through.
+fn allow_entry(t: &Target, reason: &str) -> String {
+    match (reason, t.host) {
+        ("forbidden_address", _) => format!(
+            "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
+        ),
+        ("deny_rule", _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
+        ("tls_hello_invalid" | "tls_hello_timeout" | "sni_changed_after_retry", _) => format!(
+            "nothing: the client's TLS handshake through CONNECT {t} could not be checked, and such tunnels are always refused"
+        ),
+        ("tunnel_protocol_not_allowed", _) => format!(
+            "the tunnel to {t} carried neither TLS nor HTTP/1: list port {} in proxy.opaque_ports only if that protocol must pass uninspected",
+            t.port
+        ),
+        ("no_server_name", _) => format!(
+            "the client sent no TLS server name through CONNECT {t}: proxy.sni_missing = \"allow\" lets such tunnels through on the CONNECT's decision"
+        ),
+        ("host_mismatch", _) => format!(
+            "nothing: a request inside the tunnel to {t} named another host; send requests for other hosts through their own CONNECT or as absolute-form requests"
+        ),
+        (_, crate::policy::Host::Name(n)) => {
+            format!("[[allow]]\nhost = \"{}\"\nports = [{}]", n.as_str(), t.port)
+        }
+        (_, crate::policy::Host::Ip(ip)) => {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            format!("[[allow]]\ncidr = \"{ip}/{bits}\"\nports = [{}]", t.port)
+        }
+    }
+}
+
+/// The response (count and log line) for a dial that failed after the policy allowed it:
+/// the address guard's refusals are denials; DNS and connection failures are errors.
+/// `pending` is the request's uncounted allow, replaced by this outcome; `None` when the
+/// decision was counted already (an audit pass).
+pub(crate) fn dial_failed(
+    live: &Live,
+    via: ListenerKind,
+    peer: SocketAddr,
+    target: &Target,
+    e: &DialError,
+    pending: Option<AllowCount>,
+) -> Response<Body> {
+    let counted = pending.is_none();
+    if let Some(p) = pending {
+        p.instead();
+    }
+    let (error, details) = e.proxy_status();
+    let guard = matches!(
+        e,
+        DialError::Forbidden(_) | DialError::SelfConnection(_) | DialError::DenyRule(..)
+    );
+    let status = match e {
+        _ if guard => StatusCode::FORBIDDEN,
+        DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let shown = target.to_string();
+    if guard && !counted {
+        live.note(&Seen {
+            via,
+            client: peer,
+            target: Some(target),
+            shown: &shown,
+            seen: "",
+            outcome: Outcome::Deny,
+            reason: details,
+            rule: "",
+        });
+    } else {
+        if !counted {
+            live.metrics.decision(via, Outcome::Error, details);
+        }
+        if live.metrics.line_allowed() {
+            tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
+        }
+    }
+    let hint = if matches!(e, DialError::DenyRule(..)) {
+        " (remove or narrow that [[deny]] entry if the destination must be reached)"
+    } else if guard {
+        " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
+    } else {
+        ""
+    };
+    refuse(
+        status,
+        error,
+        details,
+        &format!("aml-egress could not reach {shown}: {e}{hint}"),
+    )
+}

@@ -1,0 +1,203 @@
+//! Serving one client connection: the first request head read with its bounds (408, 431),
+//! then hyper with the keep-alive timers, each request routed to CONNECT or absolute-form
+//! forwarding (or, inside a tunnel, to in-tunnel forwarding).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::listen::{ConnHandles, Slot, stopped};
+use super::respond::{Body, refuse};
+use super::state::Shared;
+use super::{connect, head, http, keepalive, respond};
+use crate::metrics::{Limit, ListenerKind};
+
+pub(super) async fn serve_connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<Slot>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let live = shared.live();
+    let cfg = &live.config;
+    let prefix = match head::read_head(&mut stream, cfg.max_header_bytes, cfg.header_timeout).await
+    {
+        Ok(p) => p,
+        Err(head::HeadError::Timeout) => {
+            if live.metrics.limit(Limit::HeaderTimeout) {
+                tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
+            }
+            refuse_raw(stream, respond::request_timeout()).await;
+            return;
+        }
+        Err(head::HeadError::TooLarge) => {
+            if live.metrics.limit(Limit::HeaderSize) {
+                tracing::warn!(client = %peer, reason = "header_too_large", "request head larger than proxy.max_header_bytes; answered 431");
+            }
+            let body = respond::raw(
+                431,
+                "Request Header Fields Too Large",
+                "http_request_error",
+                "header_too_large",
+                "the request head is larger than proxy.max_header_bytes",
+            );
+            refuse_raw(stream, &body).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    drop(live);
+    serve_requests(
+        head::Rewind::new(prefix, stream),
+        peer,
+        shared,
+        Some(permit),
+        route,
+    )
+    .await;
+}
+
+/// Serve HTTP/1 requests on a client stream until it closes or shutdown closes it, with
+/// the keep-alive timers of [`keepalive`]; `handle` answers each request (at the proxy
+/// itself, or inside a tunnel). `permit` is the connection's place under
+/// `proxy.max_connections`, handed on to tunnels.
+pub(crate) async fn serve_requests<S, H, F>(
+    stream: head::Rewind<S>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Option<Arc<Slot>>,
+    handle: H,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<hyper::body::Incoming>, SocketAddr, Arc<Shared>) -> F + Copy + Send + 'static,
+    F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let live = shared.live();
+    let cfg = &live.config;
+    let turn = Arc::new(keepalive::Turn::default());
+    let io = TokioIo::new(keepalive::Watched::new(
+        stream,
+        turn.clone(),
+        cfg.header_timeout,
+        cfg.idle_timeout,
+        respond::request_timeout(),
+    ));
+    let svc_shared = shared.clone();
+    let idle = cfg.idle_timeout;
+    let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let shared = svc_shared.clone();
+        let turn = turn.clone();
+        turn.begin();
+        if let Some(slot) = &permit {
+            req.extensions_mut().insert(ConnHandles {
+                slot: slot.clone(),
+                turn: turn.clone(),
+            });
+        }
+        async move {
+            let resp = handle(req, peer, shared).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| turn.wrap(b, idle)))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .header_read_timeout(None) // see keepalive: ours answers 408
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let metrics = live.metrics.clone();
+    drop(live);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    let mut stopping = shared.stopping.clone();
+    tokio::select! {
+        done = conn.as_mut() => {
+            let hit = match &done {
+                Err(e) if keepalive::is_head_timeout(e) => Some((
+                    Limit::HeaderTimeout,
+                    "a later request head on a keep-alive connection was not completed in time; answered 408",
+                )),
+                Err(e) if e.is_parse_too_large() => Some((
+                    Limit::HeaderSize,
+                    "a later request head was larger than proxy.max_header_bytes; answered 431",
+                )),
+                _ => None,
+            };
+            if let Some((which, what)) = hit
+                && metrics.limit(which)
+            {
+                tracing::warn!(client = %peer, reason = which.as_str(), "{what}");
+            }
+        }
+        _ = stopped(&mut stopping) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shared.tracker.closed() => {}
+            }
+        }
+    }
+}
+
+/// Write a raw refusal, then read and discard what the client is still sending (bounded in
+/// bytes and time) before closing, so that the kernel does not reset the connection and
+/// destroy the answer before the client reads it.
+async fn refuse_raw<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    if stream.write_all(body).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 8192];
+    let mut left = 256 * 1024usize;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+async fn route(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> hyper::Response<Body> {
+    let live = shared.live();
+    let start = std::time::Instant::now();
+    if req.method() == Method::CONNECT {
+        let resp = connect::handle(req, peer, live.clone(), shared).await;
+        live.metrics
+            .request_duration(ListenerKind::Connect, start.elapsed());
+        return resp;
+    }
+    match req.uri().scheme_str() {
+        Some("http") => {
+            let resp = http::forward(req, peer, live.clone()).await;
+            live.metrics
+                .request_duration(ListenerKind::Http, start.elapsed());
+            resp
+        }
+        Some("https") => refuse(
+            StatusCode::BAD_REQUEST,
+            "http_request_error",
+            "https_absolute_form",
+            "aml-egress tunnels TLS with CONNECT: use this proxy as HTTPS_PROXY (https://host URLs are then sent as CONNECT host:443)",
+        ),
+        _ => refuse(
+            StatusCode::BAD_REQUEST,
+            "http_request_error",
+            "not_a_proxy_request",
+            "aml-egress is a forwarding proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port, for example by setting HTTP_PROXY and HTTPS_PROXY to http://<this proxy>:3128",
+        ),
+    }
+}

@@ -1,0 +1,230 @@
+//! Listeners and the accept loop: bind, admit a client (ACL, connection limits), hand the
+//! connection to its task (TLS handshake first on TLS listeners), and on shutdown stop
+//! accepting and drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::conn::serve_connection;
+use super::state::Shared;
+use super::{keepalive, per_client, respond};
+use crate::metrics::Limit;
+
+/// A bound listening socket, plain or TLS.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: bool,
+}
+
+impl Listener {
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Bind every configured listener, plain then TLS (before reporting ready).
+pub async fn bind(proxy: &crate::config::ProxySettings) -> std::io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    let all = proxy.listen.iter().map(|a| (a, false));
+    for (a, tls) in all.chain(proxy.tls_listen.iter().map(|a| (a, true))) {
+        let tcp = TcpListener::bind(a)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+        out.push(Listener { tcp, tls });
+    }
+    Ok(out)
+}
+
+/// Serve until `stop` flips to `true`, then drain open connections and tunnels for up to
+/// the grace period. Returns the number of connections still open at the deadline.
+pub async fn run(listeners: Vec<Listener>, shared: Arc<Shared>) -> usize {
+    let mut accepts = Vec::new();
+    for l in listeners {
+        accepts.push(tokio::spawn(accept_loop(l, shared.clone())));
+    }
+    let mut stopping = shared.stopping.clone();
+    stopped(&mut stopping).await;
+    for a in &accepts {
+        a.abort();
+    }
+    for a in accepts {
+        let _ = a.await; // the listeners are closed once these return
+    }
+    let grace = shared.live().config.grace_period;
+    if tokio::time::timeout(grace, shared.tracker.drained())
+        .await
+        .is_err()
+    {
+        let left = shared.tracker.live();
+        tracing::warn!(
+            open = left,
+            grace_secs = grace.as_secs_f64(),
+            "grace period over; closing what is still open"
+        );
+        shared.tracker.close_all();
+        // Each closes at its next poll; wait briefly so that their sockets are gone.
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tracker.drained()).await;
+        return left;
+    }
+    0
+}
+
+/// Resolves once shutdown has started (or its sender is gone).
+pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let peer_ip = peer.ip().to_canonical(); // an IPv4 client on a dual-stack socket
+        let live = shared.live();
+        if !live
+            .config
+            .allow_clients
+            .iter()
+            .any(|n| n.contains(&peer_ip))
+        {
+            if live.metrics.limit(Limit::ClientNotAllowed) {
+                tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
+            }
+            drop(stream);
+            continue;
+        }
+        let limit = live.config.max_connections_per_client;
+        let place = match limit {
+            0 => None,
+            _ => match shared.per_client.take(peer_ip, limit) {
+                Some(p) => Some(p),
+                None => {
+                    if live.metrics.limit(Limit::ConnectionsPerClient) {
+                        tracing::warn!(client = %peer, reason = "connection_limit_per_client", limit, "over proxy.max_connections_per_client; answered 503");
+                    }
+                    refuse_at_limit(
+                        stream,
+                        "connection_limit_per_client",
+                        "this client has as many connections open as proxy.max_connections_per_client allows; close some or retry shortly",
+                    );
+                    continue;
+                }
+            },
+        };
+        let permit = match shared.limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if live.metrics.limit(Limit::Connections) {
+                    tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
+                }
+                refuse_at_limit(
+                    stream,
+                    "connection_limit",
+                    "aml-egress is at its connection limit (proxy.max_connections); retry shortly",
+                );
+                continue;
+            }
+        };
+        let guard = shared.tracker.track();
+        let shared = shared.clone();
+        let listener_tls = listener.tls;
+        let _ = stream.set_nodelay(true);
+        let tls = live.tls.clone();
+        if listener.tls && tls.is_none() {
+            // A reload dropped the certificate; never serve plain HTTP on a TLS port.
+            if live.metrics.limit(Limit::TlsHandshake) {
+                tracing::error!(client = %peer, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
+            }
+            continue;
+        }
+        let open = live.metrics.open(false, live.config.mode.as_str());
+        let metrics = live.metrics.clone();
+        let handshake_timeout = live.config.header_timeout;
+        drop(live);
+        // Tunnels take a clone, so that they count against the limit until they close.
+        let permit = Arc::new(Slot {
+            permit: Some(permit),
+            owed: shared.owed.clone(),
+            _client: place,
+        });
+        tokio::spawn(async move {
+            match tls.filter(|_| listener_tls) {
+                None => serve_connection(stream, peer, shared, permit).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, shared, permit).await,
+                        Ok(Err(e)) => {
+                            if metrics.limit(Limit::TlsHandshake) {
+                                tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                            }
+                        }
+                        Err(_) => {
+                            if metrics.limit(Limit::TlsHandshake) {
+                                tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
+                            }
+                        }
+                    }
+                }
+            }
+            drop(open);
+            drop(guard);
+        });
+    }
+}
+
+/// A connection's place under `proxy.max_connections`, shared with its tunnel, and the
+/// turn that tells its stream when it becomes a tunnel.
+#[derive(Clone)]
+pub(crate) struct ConnHandles {
+    #[allow(dead_code)] // held, not read: the place is given back when the last holder drops
+    pub slot: Arc<Slot>,
+    pub turn: Arc<keepalive::Turn>,
+}
+
+/// A permit that, when given back while a lowered limit is owed permits, is kept instead.
+pub(crate) struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    owed: Arc<AtomicUsize>,
+    /// The place under `proxy.max_connections_per_client`, when that limit is on.
+    _client: Option<per_client::ClientPlace>,
+}
+
+/// Answer `503` to a connection turned away by a limit, off the accept loop.
+fn refuse_at_limit(stream: tokio::net::TcpStream, details: &'static str, message: &'static str) {
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let body = respond::raw(
+            503,
+            "Service Unavailable",
+            "connection_limit_reached",
+            details,
+            message,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&body)).await;
+    });
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let paid = self
+            .owed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| o.checked_sub(1))
+            .is_ok();
+        if paid && let Some(p) = self.permit.take() {
+            p.forget();
+        }
+    }
+}
