@@ -66,7 +66,7 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
 struct CheckLine<'a> {
     target: &'a str,
     decision: Verdict,
-    reason: &'static str,
+    reason: crate::reason::ReasonCode,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -394,7 +394,7 @@ mod tests {
             "https://pypi.org@evil.example/",
         ] {
             let (d, _) = check_one(&built, input);
-            assert_eq!(d.reason.code(), "invalid_target", "{input}");
+            assert_eq!(d.reason.code().as_str(), "invalid_target", "{input}");
         }
     }
 }

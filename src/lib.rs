@@ -15,6 +15,7 @@ pub mod loader;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
 pub mod reload;
 pub mod server;
 pub mod shutdown;

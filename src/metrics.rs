@@ -7,6 +7,7 @@
 //! the fixed label sets are created once and kept, so that counting a decision is one
 //! atomic add.
 
+use crate::reason::ReasonCode;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -74,31 +75,6 @@ impl Outcome {
     }
 }
 
-/// Every reason code a decision can carry (policy reasons, then the proxy's own).
-pub const REASONS: [&str; 21] = [
-    "rule",
-    "rule_widened",
-    "deny_rule",
-    "no_matching_rule",
-    "port_not_allowed",
-    "path_not_allowed",
-    "path_hidden_by_tls",
-    "invalid_target",
-    "sni_not_allowed",
-    "forbidden_address",
-    "dns_failed",
-    "no_address",
-    "dial_timeout",
-    "dial_failed",
-    "upstream_response",
-    "tls_hello_invalid",
-    "tls_hello_timeout",
-    "no_server_name",
-    "sni_changed_after_retry",
-    "tunnel_protocol_not_allowed",
-    "host_mismatch",
-];
-
 /// A limit that turned a client away.
 #[derive(Debug, Clone, Copy)]
 pub enum Limit {
@@ -124,36 +100,7 @@ impl Limit {
     }
 }
 
-/// The position of a reason code in [`REASONS`] (a `match` compiles to a length switch
-/// and one comparison, cheaper than a search).
-fn reason_index(reason: &str) -> Option<usize> {
-    Some(match reason {
-        "rule" => 0,
-        "rule_widened" => 1,
-        "deny_rule" => 2,
-        "no_matching_rule" => 3,
-        "port_not_allowed" => 4,
-        "path_not_allowed" => 5,
-        "path_hidden_by_tls" => 6,
-        "invalid_target" => 7,
-        "sni_not_allowed" => 8,
-        "forbidden_address" => 9,
-        "dns_failed" => 10,
-        "no_address" => 11,
-        "dial_timeout" => 12,
-        "dial_failed" => 13,
-        "upstream_response" => 14,
-        "tls_hello_invalid" => 15,
-        "tls_hello_timeout" => 16,
-        "no_server_name" => 17,
-        "sni_changed_after_retry" => 18,
-        "tunnel_protocol_not_allowed" => 19,
-        "host_mismatch" => 20,
-        _ => return None,
-    })
-}
-
-const DECISION_SLOTS: usize = ListenerKind::ALL.len() * Outcome::ALL.len() * REASONS.len();
+const DECISION_SLOTS: usize = ListenerKind::ALL.len() * Outcome::ALL.len() * ReasonCode::ALL.len();
 
 /// Every metric the proxy exports, on one registry.
 pub struct Metrics {
@@ -341,18 +288,15 @@ impl Metrics {
     }
 
     /// Count one decision (an atomic add once the handle exists).
-    pub fn decision(&self, listener: ListenerKind, outcome: Outcome, reason: &str) {
-        let Some(r) = reason_index(reason) else {
-            return;
-        };
+    pub fn decision(&self, listener: ListenerKind, outcome: Outcome, reason: ReasonCode) {
         let (l, o) = (listener as usize, outcome as usize);
-        let slot = (l * Outcome::ALL.len() + o) * REASONS.len() + r;
+        let slot = (l * Outcome::ALL.len() + o) * ReasonCode::ALL.len() + reason.index();
         self.decisions[slot]
             .get_or_init(|| {
                 self.decisions_vec.with_label_values(&[
                     listener.as_str(),
                     outcome.as_str(),
-                    REASONS[r],
+                    reason.as_str(),
                 ])
             })
             .inc();
@@ -654,10 +598,6 @@ mod tests {
 
     #[test]
     fn every_reason_and_kind_has_its_own_slot() {
-        for (i, r) in REASONS.iter().enumerate() {
-            assert_eq!(reason_index(r), Some(i), "{r}");
-        }
-        assert_eq!(reason_index("nonsense"), None);
         for (i, k) in ListenerKind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -8,7 +8,7 @@ use support::{build_error, built};
 
 fn decide(b: &aml_egress::loader::Built, target: &str) -> (Verdict, &'static str) {
     let d = b.policy.decide_str(target, PathView::Hidden);
-    (d.verdict, d.reason.code())
+    (d.verdict, d.reason.code().as_str())
 }
 
 fn allowed(b: &aml_egress::loader::Built, target: &str) -> bool {

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::reason::ReasonCode;
 use cidr::CidrTable;
 use matcher::NameTable;
 pub use pattern::{HostPattern, PathPattern, PatternError, parse_pattern};
@@ -235,17 +236,17 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// Stable snake_case label.
-    pub fn code(&self) -> &'static str {
+    /// The stable reason code (metrics, logs, `Proxy-Status`, `check --json`).
+    pub fn code(&self) -> ReasonCode {
         match self {
-            Reason::Allowed => "rule",
-            Reason::AllowedWidened => "rule_widened",
-            Reason::DeniedByRule => "deny_rule",
-            Reason::NoMatchingRule => "no_matching_rule",
-            Reason::PortNotAllowed => "port_not_allowed",
-            Reason::PathNotAllowed => "path_not_allowed",
-            Reason::PathHiddenByTls => "path_hidden_by_tls",
-            Reason::InvalidTarget(_) => "invalid_target",
+            Reason::Allowed => ReasonCode::Rule,
+            Reason::AllowedWidened => ReasonCode::RuleWidened,
+            Reason::DeniedByRule => ReasonCode::DenyRule,
+            Reason::NoMatchingRule => ReasonCode::NoMatchingRule,
+            Reason::PortNotAllowed => ReasonCode::PortNotAllowed,
+            Reason::PathNotAllowed => ReasonCode::PathNotAllowed,
+            Reason::PathHiddenByTls => ReasonCode::PathHiddenByTls,
+            Reason::InvalidTarget(_) => ReasonCode::InvalidTarget,
         }
     }
 

@@ -12,6 +12,7 @@ use super::respond::{Body, refuse};
 use super::state::{Live, Mode};
 use crate::metrics::{ListenerKind, Metrics, Outcome};
 use crate::policy::{Decision, PathView, Reason, Target};
+use crate::reason::ReasonCode;
 
 /// The outcome of asking the policy, with the mode applied.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +57,7 @@ impl Live {
         refuse(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
-            d.reason.code(),
+            d.reason.code().as_str(),
             &format!(
                 "aml-egress refused {target}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
             ),
@@ -181,7 +182,7 @@ impl Live {
                 target = shown,
                 seen,
                 decision = outcome.as_str(),
-                reason,
+                reason = reason.as_str(),
                 rule,
                 mode = self.config.mode.as_str(),
                 "destination denied"
@@ -202,7 +203,7 @@ pub(crate) struct Seen<'a> {
     /// What the client sent that was refused (a TLS name, escaped bytes), or empty.
     pub seen: &'a str,
     pub outcome: Outcome,
-    pub reason: &'a str,
+    pub reason: ReasonCode,
     pub rule: &'a str,
 }
 
@@ -212,7 +213,7 @@ pub(crate) struct Seen<'a> {
 pub(crate) struct AllowCount {
     metrics: Arc<Metrics>,
     via: ListenerKind,
-    reason: &'static str,
+    reason: ReasonCode,
     armed: bool,
 }
 
@@ -241,23 +242,28 @@ impl Drop for AllowCount {
 }
 
 /// The configuration entry that would let a refused target through.
-fn allow_entry(t: &Target, reason: &str) -> String {
+fn allow_entry(t: &Target, reason: ReasonCode) -> String {
     match (reason, t.host) {
-        ("forbidden_address", _) => format!(
+        (ReasonCode::ForbiddenAddress, _) => format!(
             "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
         ),
-        ("deny_rule", _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
-        ("tls_hello_invalid" | "tls_hello_timeout" | "sni_changed_after_retry", _) => format!(
+        (ReasonCode::DenyRule, _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
+        (
+            ReasonCode::TlsHelloInvalid
+            | ReasonCode::TlsHelloTimeout
+            | ReasonCode::SniChangedAfterRetry,
+            _,
+        ) => format!(
             "nothing: the client's TLS handshake through CONNECT {t} could not be checked, and such tunnels are always refused"
         ),
-        ("tunnel_protocol_not_allowed", _) => format!(
+        (ReasonCode::TunnelProtocolNotAllowed, _) => format!(
             "the tunnel to {t} carried neither TLS nor HTTP/1: list port {} in proxy.opaque_ports only if that protocol must pass uninspected",
             t.port
         ),
-        ("no_server_name", _) => format!(
+        (ReasonCode::NoServerName, _) => format!(
             "the client sent no TLS server name through CONNECT {t}: proxy.sni_missing = \"allow\" lets such tunnels through on the CONNECT's decision"
         ),
-        ("host_mismatch", _) => format!(
+        (ReasonCode::HostMismatch, _) => format!(
             "nothing: a request inside the tunnel to {t} named another host; send requests for other hosts through their own CONNECT or as absolute-form requests"
         ),
         (_, crate::policy::Host::Name(n)) => {
@@ -313,7 +319,7 @@ pub(crate) fn dial_failed(
             live.metrics.decision(via, Outcome::Error, details);
         }
         if live.metrics.line_allowed() {
-            tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details, mode = live.config.mode.as_str(), error = %e, "upstream not reached");
+            tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details.as_str(), mode = live.config.mode.as_str(), error = %e, "upstream not reached");
         }
     }
     let hint = if matches!(e, DialError::DenyRule(..)) {
@@ -326,7 +332,7 @@ pub(crate) fn dial_failed(
     refuse(
         status,
         error,
-        details,
+        details.as_str(),
         &format!("aml-egress could not reach {shown}: {e}{hint}"),
     )
 }

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use tokio::net::TcpStream;
 
 use crate::policy::{Host, PortSet, Target};
+use crate::reason::ReasonCode;
 
 /// Azure's platform address (wire server and DNS, RFC-less but documented by Azure as
 /// "168.63.129.16"): on an NVA, a path to the VM's own platform identity and extensions.
@@ -143,22 +144,18 @@ pub enum DialError {
 }
 
 impl DialError {
-    /// The `Proxy-Status` error token (RFC 9209) and our own detail.
-    pub fn proxy_status(&self) -> (&'static str, &'static str) {
+    /// The `Proxy-Status` error token (RFC 9209) and our own reason.
+    pub fn proxy_status(&self) -> (&'static str, ReasonCode) {
         match self {
-            DialError::Dns(_) => ("dns_error", "dns_failed"),
-            DialError::NoAddress => ("dns_error", "no_address"),
-            DialError::Forbidden(_) => ("destination_ip_prohibited", "forbidden_address"),
-            DialError::SelfConnection(_) => ("destination_ip_prohibited", "forbidden_address"),
-            DialError::DenyRule(..) => ("destination_ip_prohibited", "deny_rule"),
-            DialError::Timeout(_) => ("connection_timeout", "dial_timeout"),
-            DialError::Refused(_) => ("connection_refused", "dial_failed"),
+            DialError::Dns(_) => ("dns_error", ReasonCode::DnsFailed),
+            DialError::NoAddress => ("dns_error", ReasonCode::NoAddress),
+            DialError::Forbidden(_) | DialError::SelfConnection(_) => {
+                ("destination_ip_prohibited", ReasonCode::ForbiddenAddress)
+            }
+            DialError::DenyRule(..) => ("destination_ip_prohibited", ReasonCode::DenyRule),
+            DialError::Timeout(_) => ("connection_timeout", ReasonCode::DialTimeout),
+            DialError::Refused(_) => ("connection_refused", ReasonCode::DialFailed),
         }
-    }
-
-    /// The reason label used in logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        self.proxy_status().1
     }
 }
 

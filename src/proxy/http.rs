@@ -19,6 +19,7 @@ use super::respond::{Body, BodyError, refuse};
 use super::{AllowCount, Live};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
+use crate::reason::ReasonCode;
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -136,13 +137,13 @@ pub(super) async fn forward_in_tunnel(
             shown: &format!("{tunnel} (request inside the tunnel)"),
             seen: &seen,
             outcome: Outcome::Deny,
-            reason: "host_mismatch",
+            reason: ReasonCode::HostMismatch,
             rule: "",
         });
         return refuse(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
-            "host_mismatch",
+            ReasonCode::HostMismatch.as_str(),
             &format!(
                 "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
             ),
@@ -201,8 +202,11 @@ async fn send(
     let upstream_failed = |pending: Option<AllowCount>| {
         if let Some(p) = pending {
             p.instead();
-            live.metrics
-                .decision(ListenerKind::Http, Outcome::Error, "upstream_response");
+            live.metrics.decision(
+                ListenerKind::Http,
+                Outcome::Error,
+                ReasonCode::UpstreamResponse,
+            );
         }
     };
     // The response head must come within idle_timeout_secs of the last request bytes, so
@@ -224,7 +228,7 @@ async fn send(
         return refuse(
             StatusCode::GATEWAY_TIMEOUT,
             "http_response_timeout",
-            "upstream_response",
+            ReasonCode::UpstreamResponse.as_str(),
             &format!("aml-egress got no response head from {shown} within proxy.idle_timeout_secs"),
         );
     };
@@ -260,7 +264,7 @@ async fn send(
                 refuse(
                     StatusCode::BAD_GATEWAY,
                     "http_response_incomplete",
-                    "upstream_response",
+                    ReasonCode::UpstreamResponse.as_str(),
                     &format!("aml-egress got no valid response from {shown}: {e}"),
                 )
             }

@@ -36,6 +36,7 @@ use super::sni::{
 use super::{AllowCount, ConnHandles, Live, Seen, Shared, Verdict};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, Name, PathView, Target};
+use crate::reason::ReasonCode;
 
 /// Most client bytes held while the server's first flight is awaited; past it the client
 /// is simply not read (TCP pushes back).
@@ -64,14 +65,14 @@ pub(crate) enum Refusal {
 
 impl Refusal {
     /// The reason code.
-    pub(crate) fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> ReasonCode {
         match self {
-            Refusal::HelloInvalid => "tls_hello_invalid",
-            Refusal::HelloTimeout => "tls_hello_timeout",
-            Refusal::SniNotAllowed => "sni_not_allowed",
-            Refusal::NoServerName => "no_server_name",
-            Refusal::SniChangedAfterRetry => "sni_changed_after_retry",
-            Refusal::ProtocolNotAllowed => "tunnel_protocol_not_allowed",
+            Refusal::HelloInvalid => ReasonCode::TlsHelloInvalid,
+            Refusal::HelloTimeout => ReasonCode::TlsHelloTimeout,
+            Refusal::SniNotAllowed => ReasonCode::SniNotAllowed,
+            Refusal::NoServerName => ReasonCode::NoServerName,
+            Refusal::SniChangedAfterRetry => ReasonCode::SniChangedAfterRetry,
+            Refusal::ProtocolNotAllowed => ReasonCode::TunnelProtocolNotAllowed,
         }
     }
 

@@ -1,0 +1,92 @@
+//! Every reason a decision can carry, the policy's and the proxy's, as one enum: the
+//! metrics index by it, and logs, `Proxy-Status` (RFC 9209 `details`) and `check --json`
+//! print its stable code.
+
+use serde::{Serialize, Serializer};
+
+/// Declares the enum with its codes (the strings on the wire, which never change).
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $code:literal,)+) => {
+        /// Why a request was allowed or refused; [`ReasonCode::as_str`] is the stable code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ReasonCode { $($(#[$doc])* $variant,)+ }
+
+        impl ReasonCode {
+            /// Every reason, in metric-slot order.
+            pub const ALL: &'static [ReasonCode] = &[$(ReasonCode::$variant,)+];
+
+            /// The machine-readable code.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ReasonCode::$variant => $code,)+ }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Allowed by a rule.
+    Rule = "rule",
+    /// Allowed by a path rule widened to its host over TLS.
+    RuleWidened = "rule_widened",
+    /// Refused by an operator `[[deny]]` entry (a name, or an address inside a CIDR).
+    DenyRule = "deny_rule",
+    NoMatchingRule = "no_matching_rule",
+    PortNotAllowed = "port_not_allowed",
+    PathNotAllowed = "path_not_allowed",
+    PathHiddenByTls = "path_hidden_by_tls",
+    InvalidTarget = "invalid_target",
+    /// The TLS name inside a tunnel is not allowed on its port.
+    SniNotAllowed = "sni_not_allowed",
+    /// The address guard or the self check refused every address.
+    ForbiddenAddress = "forbidden_address",
+    DnsFailed = "dns_failed",
+    NoAddress = "no_address",
+    DialTimeout = "dial_timeout",
+    DialFailed = "dial_failed",
+    /// The upstream gave no (valid) response.
+    UpstreamResponse = "upstream_response",
+    /// A tunnel's TLS bytes are not one well-formed ClientHello.
+    TlsHelloInvalid = "tls_hello_invalid",
+    TlsHelloTimeout = "tls_hello_timeout",
+    /// A ClientHello without a server name, under `proxy.sni_missing = "deny"`.
+    NoServerName = "no_server_name",
+    SniChangedAfterRetry = "sni_changed_after_retry",
+    /// Neither TLS nor HTTP/1 in a tunnel outside `proxy.opaque_ports`.
+    TunnelProtocolNotAllowed = "tunnel_protocol_not_allowed",
+    /// A request inside a tunnel names another host or port than the CONNECT.
+    HostMismatch = "host_mismatch",
+}
+
+impl ReasonCode {
+    /// The position among [`ReasonCode::ALL`] (a metric slot).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ReasonCode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_are_positions_and_codes_are_unique() {
+        for (i, r) in ReasonCode::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let codes: std::collections::BTreeSet<&str> =
+            ReasonCode::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), ReasonCode::ALL.len());
+    }
+}
