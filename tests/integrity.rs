@@ -436,6 +436,11 @@ async fn http_inside_a_tunnel_is_decided_per_request_like_absolute_form() {
             "CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n",
             "host_mismatch",
         ),
+        (
+            "asterisk form",
+            "OPTIONS * HTTP/1.1\r\nHost: web.test\r\n\r\n",
+            "invalid_target",
+        ),
     ] {
         let resp = ask(&mut s, request).await;
         assert!(resp.starts_with("HTTP/1.1 403"), "{what}: {resp}");
@@ -572,13 +577,13 @@ async fn audit_mode_passes_policy_refusals_but_never_unreadable_hellos() {
 /// from the guard: only the self check stands between a client and the proxy itself.
 const LOOPBACK_OPEN: &str = r#"
 [[allow]]
-cidr = "127.0.0.0/8"
+cidr = "0.0.0.0/0"
 ports = ["1-65535"]
 [[allow]]
 cidr = "::/0"
 ports = ["1-65535"]
 [upstream]
-allow_cidrs = ["127.0.0.0/8", "::/0"]
+allow_cidrs = ["0.0.0.0/0", "::/0"]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,6 +598,10 @@ async fn the_proxy_and_its_admin_listener_are_never_reached_through_the_proxy() 
             "[::127.0.0.1]".to_owned(),
             "[64:ff9b::7f00:1]".to_owned(),
             "[2002:7f00:1::]".to_owned(),
+            // The unspecified address: the kernel connects it to loopback.
+            "0.0.0.0".to_owned(),
+            "[::]".to_owned(),
+            "[::ffff:0.0.0.0]".to_owned(),
         ] {
             let (_, resp) =
                 exchange(p.addr, &format!("CONNECT {host}:{port} HTTP/1.1\r\n\r\n")).await;
@@ -612,6 +621,12 @@ async fn the_proxy_and_its_admin_listener_are_never_reached_through_the_proxy() 
     .await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     assert!(resp.contains("forbidden_address"), "{resp}");
+    let (_, resp) = exchange(
+        p.addr,
+        &format!("GET http://[::]:{admin}/metrics HTTP/1.1\r\nHost: [::]:{admin}\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     // The same config does reach another loopback service.
     let echo = echo_upstream().await;
     let (_, resp) = exchange(

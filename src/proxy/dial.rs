@@ -263,7 +263,9 @@ impl DialConfig {
     /// Check one address against the self check, the deny rules and the guard.
     pub fn check(&self, addr: SocketAddr, name_allowlisted: bool) -> Result<(), DialError> {
         let ip = canonical(addr.ip());
-        if self.is_self(SocketAddr::new(ip, addr.port())) {
+        // The unspecified address is never a destination: the kernel connects it to this
+        // host (0.0.0.0 to 127.0.0.1, :: to ::1), whatever allow_cidrs say.
+        if ip.is_unspecified() || self.is_self(SocketAddr::new(ip, addr.port())) {
             return Err(DialError::SelfConnection(addr));
         }
         if let Some((_, _, rule)) = self.deny_cidrs.iter().find(|(net, ports, _)| {

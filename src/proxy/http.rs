@@ -173,7 +173,12 @@ async fn send(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    // The absolute URI the pool is given (it sends origin form upstream).
+    // The absolute URI the pool is given (it sends origin form upstream). Only an
+    // origin-form path may follow the authority: anything else (`OPTIONS *`) would be
+    // glued onto the host and name another one.
+    if !path.starts_with('/') {
+        return live.refuse_invalid(ListenerKind::Http, peer, &path, InvalidTarget::BadCharacter);
+    }
     let uri = format!("http://{authority}{path}");
     let Ok(uri) = uri.parse::<Uri>() else {
         return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
