@@ -12,7 +12,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_ma
 use regex::{RegexSet, RegexSetBuilder};
 
 use aml_egress::config::Settings;
-use aml_egress::loader;
+use aml_egress::config::build_policy;
 use aml_egress::policy::{
     Action, HostPattern, Matchable, PathView, Policy, PolicyOptions, PortSet, Rule, RuleSpec,
     Source, Target,
@@ -25,7 +25,7 @@ fn catalog_rules() -> Vec<Rule> {
     s.catalog.storage_account = Some("amlstore".into());
     s.catalog.container_registry = Some("amlregistry".into());
     s.catalog.features = vec!["all".into()];
-    loader::build(&s)
+    build_policy(&s)
         .expect("catalog builds")
         .policy
         .rules()

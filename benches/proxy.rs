@@ -9,9 +9,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aml_egress::config::Settings;
-use aml_egress::loader;
-use aml_egress::proxy::{self, Live, Shared};
+use aml_egress::config::{self, Settings};
+use aml_egress::proxy::{self, Shared};
+use aml_egress::runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -159,12 +159,12 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let built = loader::build(&settings).unwrap();
-            let listeners = proxy::bind(&settings.proxy).await.unwrap();
+            let compiled = config::compile(settings).unwrap();
+            let listeners = proxy::bind(&compiled.proxy).await.unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
             tx.send(own[0]).unwrap();
             let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000, 10));
-            let live = Live::new(&settings, built, own, metrics).unwrap();
+            let live = runtime::live(compiled, own, metrics).unwrap();
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             proxy::run(listeners, Shared::new(live, stopping)).await;
         });

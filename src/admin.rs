@@ -28,14 +28,13 @@ pub struct Admin {
 }
 
 /// Read a bearer token file (surrounding whitespace ignored).
-pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+pub fn read_token(path: &std::path::Path) -> Result<String, crate::runtime::SetupError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
-        .map_err(|e| {
-            format!(
-                "admin.token_file {}: cannot read the token: {e}",
-                path.display()
-            )
+        .map_err(|e| crate::runtime::SetupError::File {
+            key: "admin.token_file",
+            path: path.to_owned(),
+            problem: format!("cannot read the token: {e}"),
         })
 }
 
@@ -167,14 +166,16 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
 }
 
 /// Bind the admin listener, with the setting named in the error.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen on admin.listen {addr}: {e}"),
-        )
-    })?;
-    let a = l.local_addr()?;
+pub async fn bind(
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), crate::runtime::SetupError> {
+    let listen = |source| crate::runtime::SetupError::Listen {
+        key: "admin.listen",
+        addr,
+        source,
+    };
+    let l = TcpListener::bind(addr).await.map_err(listen)?;
+    let a = l.local_addr().map_err(listen)?;
     Ok((l, a))
 }
 

@@ -6,7 +6,7 @@ use std::io::{self, BufRead, Write};
 use serde::Serialize;
 
 use crate::catalog::ReferenceEntry;
-use crate::loader::Built;
+use crate::config::Built;
 use crate::policy::{Decision, PathView, Rule, Source, Verdict};
 
 /// Exit code: every target allowed / the file is valid.
@@ -387,7 +387,7 @@ mod tests {
         );
         let settings =
             crate::config::Settings::load_with_env(None, Some(Default::default())).unwrap();
-        let built = crate::loader::build(&settings).unwrap();
+        let built = crate::config::build_policy(&settings).unwrap();
         for input in [
             "http://user@evil.example/x",
             "http://user:pw@evil.example/",

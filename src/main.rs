@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use aml_egress::cli::{self, EXIT_USAGE};
-use aml_egress::config::Settings;
-use aml_egress::loader;
+use aml_egress::config::{self, Compiled};
 
 #[derive(Parser)]
 #[command(
@@ -82,13 +81,11 @@ enum Command {
 
 /// Load settings and build the policy; on failure print the problems for `command` and
 /// give the exit code.
-fn load(command: &str, config: Option<&PathBuf>) -> Result<(Settings, loader::Built), i32> {
-    Settings::load(config.map(PathBuf::as_path))
-        .and_then(|s| loader::build(&s).map(|b| (s, b)))
-        .map_err(|e| {
-            eprintln!("aml-egress {command}: {e}");
-            EXIT_USAGE
-        })
+fn load(command: &str, path: Option<&PathBuf>) -> Result<Compiled, i32> {
+    config::load(path.map(PathBuf::as_path)).map_err(|e| {
+        eprintln!("aml-egress {command}: {e}");
+        EXIT_USAGE
+    })
 }
 
 fn run(args: Args) -> anyhow::Result<i32> {
@@ -103,7 +100,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             targets,
         } => {
             let built = match load("check", config.as_ref()) {
-                Ok((_, b)) => b,
+                Ok(c) => c.built,
                 Err(code) => return Ok(code),
             };
             if verbose {
@@ -119,7 +116,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             features,
         } => {
             let built = match load("catalog", config.as_ref()) {
-                Ok((_, b)) => b,
+                Ok(c) => c.built,
                 Err(code) => return Ok(code),
             };
             if features {
@@ -160,8 +157,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
             }
         }
         Command::Validate { config } => match load("validate", Some(&config)) {
-            Ok((_, built)) => {
-                cli::print_summary(&built, &config.display().to_string(), &mut out)?;
+            Ok(c) => {
+                cli::print_summary(&c.built, &config.display().to_string(), &mut out)?;
                 0
             }
             Err(code) => code,
@@ -172,15 +169,15 @@ fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
-    let (settings, built) = match load("serve", config.as_ref()) {
-        Ok(x) => x,
+    let compiled = match load("serve", config.as_ref()) {
+        Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    aml_egress::server::init_logging(&settings.log);
+    aml_egress::server::init_logging(&compiled.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match rt.block_on(aml_egress::server::serve(config, settings, built)) {
+    match rt.block_on(aml_egress::server::serve(compiled)) {
         Ok(()) => Ok(0),
         Err(e) => {
             eprintln!("aml-egress serve: {e}");

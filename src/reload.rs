@@ -14,82 +14,129 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::Settings;
-use crate::loader;
+use crate::config::compile::RestartOnly;
+use crate::config::{self, Compiled};
 use crate::metrics::Metrics;
-use crate::proxy::{Live, Shared};
+use crate::proxy::Shared;
+use crate::runtime;
+
+/// What started a reload (logged as its `trigger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP (systemd's `ExecReload`, `kill -HUP`).
+    Hangup,
+    /// A watched file's contents changed.
+    FileChanged,
+    /// Asked for by the embedding program or a test.
+    Requested,
+}
+
+impl Trigger {
+    /// The log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Hangup => "SIGHUP",
+            Trigger::FileChanged => "file changed",
+            Trigger::Requested => "requested",
+        }
+    }
+}
 
 /// Reloads the configuration of a running proxy.
 pub struct Reloader {
     /// The config file; `None` when serving the embedded defaults.
-    pub path: Option<PathBuf>,
-    pub shared: Arc<Shared>,
-    pub metrics: Arc<Metrics>,
+    path: Option<PathBuf>,
+    shared: Option<Arc<Shared>>,
+    metrics: Arc<Metrics>,
     /// The proxy's own listening sockets (for the self-connection guard).
-    pub own: Vec<SocketAddr>,
-    /// The settings the process started with, to tell which changes need a restart.
-    pub started: Settings,
+    own: Vec<SocketAddr>,
+    /// The restart-only values the process started with, to tell which changes need a
+    /// restart.
+    started: RestartOnly,
     /// Counts finished reload attempts (successful or not), for whoever waits on one.
     pub attempts: watch::Sender<u64>,
-    /// The files the configuration in force was read from ([`watched_files`]).
-    pub files: std::sync::Mutex<Vec<PathBuf>>,
-}
-
-/// The files whose contents decide a configuration: the config file and the files it
-/// names (catalog, certificate, key). None when serving the embedded defaults.
-pub fn watched_files(path: Option<&std::path::Path>, s: &Settings) -> Vec<PathBuf> {
-    let Some(path) = path else {
-        return Vec::new();
-    };
-    let mut files = vec![path.to_owned()];
-    files.extend(s.catalog.file.clone());
-    files.extend(s.proxy.tls_cert.clone());
-    files.extend(s.proxy.tls_key.clone());
-    files
+    /// The files the configuration in force was read from.
+    files: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Reloader {
+    /// A reloader for the configuration the proxy starts with; `own` are its listening
+    /// sockets. It serves once given the proxy's state ([`Reloader::serving`]).
+    pub fn new(started: &Compiled, own: Vec<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+        Reloader {
+            path: started.file.clone(),
+            shared: None,
+            metrics,
+            own,
+            started: started.restart.clone(),
+            attempts: watch::Sender::new(0),
+            files: std::sync::Mutex::new(started.watched_files()),
+        }
+    }
+
+    /// The reloader, swapping into `shared`.
+    pub fn serving(self, shared: Arc<Shared>) -> Self {
+        Reloader {
+            shared: Some(shared),
+            ..self
+        }
+    }
+
     /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
     /// new configuration is in force.
-    pub fn reload(&self, why: &str) -> bool {
+    pub fn reload(&self, why: Trigger) -> bool {
         let ok = self.load_and_swap(why);
         self.attempts.send_modify(|n| *n += 1);
         ok
     }
 
-    fn load_and_swap(&self, why: &str) -> bool {
-        let loaded = Settings::load(self.path.as_deref())
+    fn load_and_swap(&self, why: Trigger) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        let loaded = config::load(self.path.as_deref())
             .map_err(|e| e.to_string())
-            .and_then(|s| loader::build(&s).map(|b| (s, b)).map_err(|e| e.to_string()))
-            .and_then(|(s, b)| {
-                let counts = b.policy.counts();
-                let (revision, cloud) = (b.revision.clone(), b.cloud.name());
-                Live::new(&s, b, self.own.clone(), self.metrics.clone())
-                    .map(|live| (s, live, counts, revision, cloud))
+            .and_then(|c| {
+                let counts = c.built.policy.counts();
+                let (revision, cloud) = (c.built.revision.clone(), c.built.cloud.name());
+                let changes = self.started.diff(&c.restart);
+                let files = c.watched_files();
+                let (lines, denied) = (c.log.denied_lines_per_minute, c.metrics.max_denied_targets);
+                runtime::live(c, self.own.clone(), self.metrics.clone())
+                    .map(|live| {
+                        (
+                            live,
+                            changes,
+                            files,
+                            (lines, denied),
+                            counts,
+                            revision,
+                            cloud,
+                        )
+                    })
+                    .map_err(|e| e.to_string())
             });
         match loaded {
             Err(e) => {
                 self.metrics.loaded(false, None);
-                tracing::error!(trigger = why, error = %e, "configuration reload failed; the previous configuration stays in force");
+                tracing::error!(trigger = why.as_str(), error = %e, "configuration reload failed; the previous configuration stays in force");
                 false
             }
-            Ok((s, live, counts, revision, cloud)) => {
-                for (key, old, new) in self.started.restart_changes(&s) {
-                    tracing::warn!(key, running = %old, file = %new, "this setting changes only on restart; the running value stays");
+            Ok((live, changes, files, (lines, denied), counts, revision, cloud)) => {
+                for c in changes {
+                    tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
                 for w in &live.built.warnings {
                     tracing::warn!(note = %w, "policy note");
                 }
-                *self.files.lock().unwrap_or_else(|p| p.into_inner()) =
-                    watched_files(self.path.as_deref(), &s);
-                self.metrics
-                    .set_lines_per_minute(s.log.denied_lines_per_minute);
-                self.metrics.set_max_denied(s.metrics.max_denied_targets);
-                self.shared.replace(live);
+                *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
+                self.metrics.set_lines_per_minute(lines);
+                self.metrics.set_max_denied(denied);
+                shared.replace(live);
                 self.metrics
                     .loaded(true, Some((counts, revision.as_str(), cloud)));
                 tracing::info!(
-                    trigger = why,
+                    trigger = why.as_str(),
                     revision = %revision,
                     cloud,
                     exact = counts.exact,
@@ -137,14 +184,14 @@ impl Reloader {
             };
             let why = tokio::select! {
                 _ = stopping.wait_for(|s| *s) => return,
-                _ = hup_recv => "SIGHUP",
-                _ = tokio::time::sleep(interval), if polling => "file changed",
+                _ = hup_recv => Trigger::Hangup,
+                _ = tokio::time::sleep(interval), if polling => Trigger::FileChanged,
             };
             // What the files hold now, before loading them: an edit that lands during the
             // reload is then seen as a change at the next look.
             let f = files.clone();
             let now = blocking(move || fingerprint(&f)).await.unwrap_or_default();
-            if why == "file changed" && now == seen {
+            if why == Trigger::FileChanged && now == seen {
                 continue;
             }
             let me = self.clone();

@@ -2,16 +2,15 @@
 //! the signal handler, serve until stopped, drain, exit.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::admin::{self, Admin};
-use crate::config::{LogSettings, Settings};
-use crate::loader::Built;
+use crate::config::{Compiled, LogSettings};
 use crate::metrics::Metrics;
-use crate::proxy::{self, Live, Shared};
+use crate::proxy::{self, Shared};
 use crate::reload::Reloader;
+use crate::runtime::{self, SetupError};
 
 /// Install the log subscriber: `log.level` (or `AML_EGRESS_LOG`, which wins, with
 /// `tracing` filter syntax) and `log.format`, on standard error.
@@ -33,10 +32,8 @@ pub fn init_logging(log: &LogSettings) {
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
 }
 
 /// A started proxy: its addresses, its reloader, and the task that ends after the drain.
@@ -49,15 +46,11 @@ pub struct Running {
     pub done: tokio::task::JoinHandle<usize>,
 }
 
-/// Serve with checked settings and a compiled policy until SIGTERM or SIGINT, then drain.
-/// `path` is the config file, watched and re-read on reload.
-pub async fn serve(
-    path: Option<PathBuf>,
-    settings: Settings,
-    built: Built,
-) -> Result<(), ServeError> {
+/// Serve a compiled configuration until SIGTERM or SIGINT, then drain. Its config file,
+/// if any, is watched and re-read on reload.
+pub async fn serve(compiled: Compiled) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = crate::shutdown::channel();
-    let running = start(path, settings, built, stop_rx).await?;
+    let running = start(compiled, stop_rx).await?;
     tokio::spawn(crate::shutdown::on_signal(stop_tx));
     let _ = running.done.await;
     tracing::info!("stopped");
@@ -67,38 +60,38 @@ pub async fn serve(
 /// Bind, start serving, and return at once; everything stops when `stop` flips. Reloads
 /// come from SIGHUP and the file watch, or [`Reloader::reload`].
 pub async fn start(
-    path: Option<PathBuf>,
-    settings: Settings,
-    built: Built,
+    compiled: Compiled,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Running, ServeError> {
-    let listeners = proxy::bind(&settings.proxy).await?;
+    let listeners = proxy::bind(&compiled.proxy).await?;
     let addrs: Vec<_> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let admin_listener = match settings.admin.listen {
+    let admin_listener = match compiled.admin.listen {
         None => None,
         Some(addr) => Some(admin::bind(addr).await?),
     };
     // The self check refuses every listener of ours, the admin one included.
     let mut own = addrs.clone();
     own.extend(admin_listener.as_ref().map(|(_, a)| *a));
-    let token = match &settings.admin.token_file {
-        Some(f) => Some(admin::read_token(f).map_err(ServeError::Setup)?),
+    let token = match &compiled.admin.token_file {
+        Some(f) => Some(admin::read_token(f)?),
         None => None,
     };
     let metrics = Arc::new(Metrics::new(
-        settings.metrics.max_denied_targets,
-        settings.log.denied_lines_per_minute,
+        compiled.metrics.max_denied_targets,
+        compiled.log.denied_lines_per_minute,
     ));
+    let built = &compiled.built;
     let counts = built.policy.counts();
     let (cloud, revision) = (built.cloud, built.revision.clone());
     for w in &built.warnings {
         tracing::warn!(note = %w, "policy note");
     }
-    let live =
-        Live::new(&settings, built, own.clone(), metrics.clone()).map_err(ServeError::Setup)?;
+    let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
+    let reloader = Reloader::new(&compiled, own.clone(), metrics.clone());
+    let live = runtime::live(compiled, own, metrics.clone())?;
     metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));
 
     let shared = Shared::new(live, stop.clone());
@@ -113,16 +106,7 @@ pub async fn start(
         });
         tokio::spawn(admin::serve(l, admin, admin_stop));
     }
-    let reloader = Arc::new(Reloader {
-        shared: shared.clone(),
-        metrics: metrics.clone(),
-        own: own.clone(),
-        attempts: tokio::sync::watch::Sender::new(0),
-        files: std::sync::Mutex::new(crate::reload::watched_files(path.as_deref(), &settings)),
-        path,
-        started: settings.clone(),
-    });
-    let interval = settings.reload.watch_interval_secs;
+    let reloader = Arc::new(reloader.serving(shared.clone()));
     let baseline = reloader.baseline();
     let hup = crate::reload::hangup();
     tokio::spawn(
@@ -134,7 +118,7 @@ pub async fn start(
     tracing::info!(
         listen = ?addrs,
         admin = ?admin_addr,
-        mode = %settings.proxy.mode,
+        mode = %mode,
         cloud = %cloud,
         revision = %revision,
         exact = counts.exact,

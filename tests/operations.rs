@@ -11,41 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use aml_egress::config::Settings;
-use aml_egress::loader;
-use aml_egress::server::{self, Running};
+use aml_egress::config::{self, Settings};
+use aml_egress::reload::Trigger;
+use aml_egress::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use support::TempFile;
 use support::net::{echo_upstream, exchange};
-
-struct Proxy {
-    running: Running,
-    stop: watch::Sender<bool>,
-}
-
-impl Proxy {
-    fn addr(&self) -> SocketAddr {
-        self.running.addrs[0]
-    }
-    fn admin(&self) -> SocketAddr {
-        self.running.admin_addr.expect("admin listener")
-    }
-}
-
-/// Start from a config file (so that reload re-reads it); listeners on loopback port 0.
-async fn start(path: &Path) -> Proxy {
-    let s = Settings::load_with_env(Some(path), Some(Default::default()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
-    let (stop, stopping) = watch::channel(false);
-    let running = server::start(Some(path.to_owned()), s, built, stopping)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    Proxy { running, stop }
-}
+use support::proxy::{Proxy, start_file as start};
 
 /// Listeners on loopback port 0; `[proxy]` comes last so that tests can add proxy keys.
 const LISTEN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [443]\n";
@@ -128,7 +103,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 }
 
 async fn scrape(p: &Proxy) -> (Vec<Sample>, BTreeSet<String>) {
-    let (status, body) = get(p.admin(), "/metrics", None).await;
+    let (status, body) = get(p.admin_addr, "/metrics", None).await;
     assert_eq!(status, 200, "{body}");
     parse_metrics(&body)
 }
@@ -143,20 +118,20 @@ async fn metrics_count_decisions_denied_targets_tunnels_and_limits() {
         ),
     );
     let p = start(&cfg.0).await;
-    let (mut s, resp) = exchange(p.addr(), "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     s.write_all(b"ping").await.unwrap();
     let mut got = [0u8; 4];
     s.read_exact(&mut got).await.unwrap();
     for _ in 0..2 {
-        let (_, resp) = exchange(p.addr(), "CONNECT Evil.Example.COM.:443 HTTP/1.1\r\n\r\n").await;
+        let (_, resp) = exchange(p.addr, "CONNECT Evil.Example.COM.:443 HTTP/1.1\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     }
     let big = format!(
         "GET http://pypi.org/ HTTP/1.1\r\nX: {}\r\n\r\n",
         "a".repeat(9000)
     );
-    let _ = exchange(p.addr(), &big).await;
+    let _ = exchange(p.addr, &big).await;
 
     let (m, _) = scrape(&p).await;
     let d = |decision, reason| {
@@ -254,7 +229,7 @@ async fn denied_series_are_bounded_with_the_least_recent_evicted_and_counted() {
     let p = start(&cfg.0).await;
     for host in ["a", "b", "c", "a", "d", "e"] {
         let (_, resp) = exchange(
-            p.addr(),
+            p.addr,
             &format!("CONNECT {host}.example.net:443 HTTP/1.1\r\n\r\n"),
         )
         .await;
@@ -281,7 +256,7 @@ async fn denied_series_are_bounded_with_the_least_recent_evicted_and_counted() {
         Some(1.0)
     );
 
-    let (status, body) = get(p.admin(), "/denied", None).await;
+    let (status, body) = get(p.admin_addr, "/denied", None).await;
     assert_eq!(status, 200);
     let list: serde_json::Value = serde_json::from_str(&body).unwrap();
     let first = &list[0];
@@ -295,7 +270,7 @@ async fn denied_series_are_bounded_with_the_least_recent_evicted_and_counted() {
     assert_eq!(list.as_array().unwrap().len(), 3);
 
     // The same, as a table, from the command line.
-    let admin = format!("http://{}", p.admin());
+    let admin = format!("http://{}", p.admin_addr);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_aml-egress"))
             .args(["denied", "--admin", &admin])
@@ -329,21 +304,21 @@ async fn the_admin_token_guards_everything_but_health() {
         ),
     );
     let p = start(&cfg.0).await;
-    assert_eq!(get(p.admin(), "/metrics", None).await.0, 401);
+    assert_eq!(get(p.admin_addr, "/metrics", None).await.0, 401);
     assert_eq!(
-        get(p.admin(), "/metrics", Some("wrong-token-wrong-token"))
+        get(p.admin_addr, "/metrics", Some("wrong-token-wrong-token"))
             .await
             .0,
         401
     );
     let good = "0123456789abcdef0123456789abcdef";
-    assert_eq!(get(p.admin(), "/metrics", Some(good)).await.0, 200);
-    assert_eq!(get(p.admin(), "/denied", None).await.0, 401);
-    assert_eq!(get(p.admin(), "/healthz", None).await.0, 200);
-    assert_eq!(get(p.admin(), "/readyz", None).await.0, 200);
+    assert_eq!(get(p.admin_addr, "/metrics", Some(good)).await.0, 200);
+    assert_eq!(get(p.admin_addr, "/denied", None).await.0, 401);
+    assert_eq!(get(p.admin_addr, "/healthz", None).await.0, 200);
+    assert_eq!(get(p.admin_addr, "/readyz", None).await.0, 200);
 
     // The command line says what to do without the token, and works with it.
-    let admin = format!("http://{}", p.admin());
+    let admin = format!("http://{}", p.admin_addr);
     let token_path = token.0.clone();
     let (without, with) = tokio::task::spawn_blocking(move || {
         let bin = env!("CARGO_BIN_EXE_aml-egress");
@@ -386,23 +361,23 @@ async fn readiness_drops_while_draining_and_health_stays() {
         ),
     );
     let p = start(&cfg.0).await;
-    assert_eq!(get(p.admin(), "/readyz", None).await.0, 200);
-    let (tunnel, resp) = exchange(p.addr(), "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(get(p.admin_addr, "/readyz", None).await.0, 200);
+    let (tunnel, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     p.stop.send(true).unwrap();
     // The stop is seen by a task; wait for readiness to follow (bounded).
     let mut status = 200;
     for _ in 0..200 {
-        status = get(p.admin(), "/readyz", None).await.0;
+        status = get(p.admin_addr, "/readyz", None).await.0;
         if status == 503 {
             break;
         }
         tokio::task::yield_now().await;
     }
     assert_eq!(status, 503);
-    assert_eq!(get(p.admin(), "/healthz", None).await.0, 200);
+    assert_eq!(get(p.admin_addr, "/healthz", None).await.0, 200);
     drop(tunnel);
-    assert_eq!(p.running.done.await.unwrap(), 0);
+    assert_eq!(p.done.await.unwrap(), 0);
 }
 
 fn allow_b(echo: SocketAddr, with_b: bool) -> String {
@@ -421,14 +396,14 @@ async fn a_reload_that_adds_a_host_takes_effect_without_dropping_an_open_tunnel(
     let echo = echo_upstream().await;
     let cfg = TempFile::new("reload.toml", &allow_b(echo, false));
     let p = start(&cfg.0).await;
-    let (mut tunnel, resp) = exchange(p.addr(), "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    let (mut tunnel, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let (_, resp) = exchange(p.addr(), "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
+    let (_, resp) = exchange(p.addr, "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
 
     std::fs::write(&cfg.0, allow_b(echo, true)).unwrap();
-    assert!(p.running.reloader.reload("test"));
-    let (_, resp) = exchange(p.addr(), "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (_, resp) = exchange(p.addr, "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // The tunnel opened before the reload still carries bytes.
     tunnel.write_all(b"still").await.unwrap();
@@ -456,10 +431,10 @@ async fn a_broken_file_keeps_the_old_policy_and_is_counted() {
     let cfg = TempFile::new("broken.toml", &allow_b(echo, true));
     let p = start(&cfg.0).await;
     std::fs::write(&cfg.0, "[proxy\nmode = \"enforce\"\n").unwrap();
-    assert!(!p.running.reloader.reload("test"));
+    assert!(!p.reloader.reload(Trigger::Requested));
     std::fs::write(&cfg.0, allow_b(echo, false) + "[[allow]]\nhost = \"x\"\n").unwrap();
-    assert!(!p.running.reloader.reload("test")); // an allow entry without ports
-    let (_, resp) = exchange(p.addr(), "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(!p.reloader.reload(Trigger::Requested)); // an allow entry without ports
+    let (_, resp) = exchange(p.addr, "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(
         resp.starts_with("HTTP/1.1 200"),
         "old policy not serving: {resp}"
@@ -477,7 +452,7 @@ async fn a_broken_file_keeps_the_old_policy_and_is_counted() {
         value(&m, "aml_egress_config_last_reload_successful", &[]),
         Some(0.0)
     );
-    assert_eq!(get(p.admin(), "/readyz", None).await.0, 200);
+    assert_eq!(get(p.admin_addr, "/readyz", None).await.0, 200);
 }
 
 /// Point `link` at `target` atomically, as Kubernetes does with a ConfigMap's `..data`.
@@ -500,16 +475,16 @@ async fn a_configmap_style_symlink_swap_is_picked_up_by_the_watch() {
     swap_symlink(&dir.join("v1"), &dir.join("..data"));
     std::os::unix::fs::symlink("..data/config.toml", dir.join("config.toml")).unwrap();
     let p = start(&dir.join("config.toml")).await;
-    let (_, resp) = exchange(p.addr(), "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
+    let (_, resp) = exchange(p.addr, "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
 
-    let mut attempts = p.running.reloader.attempts.subscribe();
+    let mut attempts = p.reloader.attempts.subscribe();
     swap_symlink(&dir.join("v2"), &dir.join("..data"));
     tokio::time::timeout(Duration::from_secs(20), attempts.wait_for(|n| *n >= 1))
         .await
         .expect("the watch reloaded within 20 s")
         .unwrap();
-    let (_, resp) = exchange(p.addr(), "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
+    let (_, resp) = exchange(p.addr, "CONNECT b.example.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -525,13 +500,13 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     );
     let p = start(&cfg.0).await;
     // Traffic that makes every labelled family appear.
-    let (tunnel, _) = exchange(p.addr(), "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
-    let _ = exchange(p.addr(), "CONNECT denied.example.net:443 HTTP/1.1\r\n\r\n").await;
+    let (tunnel, _) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    let _ = exchange(p.addr, "CONNECT denied.example.net:443 HTTP/1.1\r\n\r\n").await;
     let big = format!(
         "GET http://pypi.org/ HTTP/1.1\r\nX: {}\r\n\r\n",
         "a".repeat(9000)
     );
-    let _ = exchange(p.addr(), &big).await;
+    let _ = exchange(p.addr, &big).await;
     let (_, families) = scrape(&p).await;
     drop(tunnel);
 
@@ -645,9 +620,10 @@ async fn several_listeners_ipv4_and_ipv6_serve_the_same_policy() {
         "[admin]\nlisten = \"\"\n[proxy]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\n",
     );
     let s = Settings::load_with_env(Some(&cfg.0), Some(Default::default())).unwrap();
-    let built = loader::build(&s).unwrap();
     let (_stop, stopping) = watch::channel(false);
-    let running = server::start(None, s, built, stopping).await.unwrap();
+    let running = server::start(config::compile(s).unwrap(), stopping)
+        .await
+        .unwrap();
     assert_eq!(running.addrs.len(), 2);
     assert!(running.addrs[0].is_ipv4() && running.addrs[1].is_ipv6());
     assert!(running.admin_addr.is_none());

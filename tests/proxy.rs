@@ -8,15 +8,14 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 
-use aml_egress::loader;
 use aml_egress::metrics::Metrics;
-use aml_egress::proxy::Live;
+use aml_egress::runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::TempFile;
 use support::net::{echo_upstream, exchange, read_request_head, upstream};
 use support::proxy::{Proxy, start_proxy};
-use support::{TempFile, settings};
 
 /// A plain HTTP upstream answering with what it received.
 async fn http_upstream() -> SocketAddr {
@@ -430,15 +429,14 @@ async fn curl_reaches_the_proxy_over_tls() {
 #[test]
 fn a_bad_proxy_certificate_is_a_clear_startup_error() {
     let junk = TempFile::new("junk.pem", "not a certificate\n");
-    let s = settings(&format!(
+    let c = support::compiled(&format!(
         "[proxy]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n",
         junk.0, junk.0
-    ))
-    .unwrap();
-    let built = loader::build(&s).unwrap();
-    let err = Live::new(&s, built, vec![], Arc::new(Metrics::new(10, 10)))
+    ));
+    let err = runtime::live(c, vec![], Arc::new(Metrics::new(10, 10)))
         .err()
-        .expect("refused");
+        .expect("refused")
+        .to_string();
     assert!(
         err.contains("proxy.tls_cert") && err.contains("junk.pem"),
         "{err}"

@@ -6,12 +6,12 @@ mod support;
 use aml_egress::policy::{PathView, Reason, Verdict};
 use support::{build_error, built};
 
-fn decide(b: &aml_egress::loader::Built, target: &str) -> (Verdict, &'static str) {
+fn decide(b: &aml_egress::config::Built, target: &str) -> (Verdict, &'static str) {
     let d = b.policy.decide_str(target, PathView::Hidden);
     (d.verdict, d.reason.code().as_str())
 }
 
-fn allowed(b: &aml_egress::loader::Built, target: &str) -> bool {
+fn allowed(b: &aml_egress::config::Built, target: &str) -> bool {
     b.policy.decide_str(target, PathView::Hidden).is_allowed()
 }
 

@@ -8,6 +8,7 @@
 //! all problems are reported at once, so that an operator fixes a file in one pass.
 
 pub mod checks;
+pub mod compile;
 pub mod schema;
 pub mod settings;
 
@@ -20,11 +21,17 @@ use ipnet::IpNet;
 
 use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
+pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, LogFormat, LogLevel, LogSettings, MetricsSettings,
     Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings, ReloadSettings, RuleEntry,
     Settings, SniMissing, UpstreamSettings,
 };
+
+/// Load a config file (if given) and the process environment, check and compile it.
+pub fn load(path: Option<&Path>) -> Result<Compiled, ConfigError> {
+    compile(Settings::load(path)?)
+}
 
 /// Prefix of environment overrides: `AML_EGRESS__CATALOG__REGION=westeurope`.
 pub const ENV_PREFIX: &str = "AML_EGRESS";

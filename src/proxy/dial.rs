@@ -178,17 +178,14 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// A resolver asking `name_servers` (UDP, TCP for long answers), or those of
     /// `/etc/resolv.conf` when the list is empty.
-    pub fn new(name_servers: &[SocketAddr]) -> Result<Self, String> {
+    pub fn new(name_servers: &[SocketAddr]) -> Result<Self, crate::runtime::SetupError> {
         use hickory_resolver::config::{
             ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
         };
         use hickory_resolver::net::runtime::TokioRuntimeProvider;
         let mut builder = if name_servers.is_empty() {
-            hickory_resolver::TokioResolver::builder_tokio().map_err(|e| {
-                format!(
-                    "cannot read the system's DNS settings (/etc/resolv.conf): {e}; list DNS servers in upstream.name_servers"
-                )
-            })?
+            hickory_resolver::TokioResolver::builder_tokio()
+                .map_err(|e| crate::runtime::SetupError::SystemDns(e.to_string()))?
         } else {
             let servers = name_servers
                 .iter()
@@ -211,7 +208,7 @@ impl Resolver {
         builder
             .build()
             .map(Resolver)
-            .map_err(|e| format!("cannot start the DNS resolver: {e}"))
+            .map_err(|e| crate::runtime::SetupError::Resolver(e.to_string()))
     }
 
     /// Every address of `name`, with `port`.

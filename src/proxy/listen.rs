@@ -30,13 +30,24 @@ impl Listener {
 }
 
 /// Bind every configured listener, plain then TLS (before reporting ready).
-pub async fn bind(proxy: &crate::config::ProxySettings) -> std::io::Result<Vec<Listener>> {
+pub async fn bind(
+    proxy: &crate::config::ProxySettings,
+) -> Result<Vec<Listener>, crate::runtime::SetupError> {
     let mut out = Vec::new();
     let all = proxy.listen.iter().map(|a| (a, false));
     for (a, tls) in all.chain(proxy.tls_listen.iter().map(|a| (a, true))) {
-        let tcp = TcpListener::bind(a)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+        let tcp =
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| crate::runtime::SetupError::Listen {
+                    key: if tls {
+                        "proxy.tls_listen"
+                    } else {
+                        "proxy.listen"
+                    },
+                    addr: *a,
+                    source,
+                })?;
         out.push(Listener { tcp, tls });
     }
     Ok(out)

@@ -13,14 +13,14 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::dial::{DialConfig, Resolver};
-use super::{per_client, pool, tls};
-use crate::config::Settings;
-use crate::loader::Built;
+use super::{per_client, pool};
+use crate::config::Built;
+use crate::config::Compiled;
 use crate::metrics::Metrics;
 
 pub use crate::config::Mode;
 
-/// Runtime settings of the proxy, derived once from [`Settings`].
+/// Runtime settings of the proxy, derived once from a [`Compiled`] configuration.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub mode: Mode,
@@ -40,10 +40,10 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// From checked settings; `own` are the bound listening sockets, `deny_cidrs` the
-    /// policy's `[[deny]]` networks.
-    pub fn from_settings(
-        s: &Settings,
+    /// From a compiled configuration; `own` are the bound listening sockets, `deny_cidrs`
+    /// the policy's `[[deny]]` networks.
+    pub fn new(
+        s: &Compiled,
         own: Vec<SocketAddr>,
         resolver: Resolver,
         deny_cidrs: Vec<(IpNet, crate::policy::PortSet, String)>,
@@ -156,37 +156,6 @@ pub struct Live {
     pub tls: Option<TlsAcceptor>,
     /// The process's metrics (the same registry across reloads).
     pub metrics: Arc<Metrics>,
-}
-
-impl Live {
-    /// Build the runtime state for checked settings and a compiled policy; `own` are the
-    /// proxy's bound listening sockets. Fails (with a message naming the setting) when the
-    /// DNS resolver or the TLS certificate cannot be set up.
-    pub fn new(
-        s: &Settings,
-        built: Built,
-        own: Vec<SocketAddr>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Live, String> {
-        let servers: Vec<SocketAddr> = s.upstream.name_servers.iter().map(|n| n.0).collect();
-        let deny = built.policy.deny_networks();
-        let config = ProxyConfig::from_settings(s, own, Resolver::new(&servers)?, deny);
-        // Loaded whenever configured, so that a reload that drops tls_listen (which only
-        // a restart changes) still has the certificate for the bound TLS listeners.
-        let tls = match (&s.proxy.tls_cert, &s.proxy.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
-            _ => None,
-        };
-        let upstream =
-            pool::Upstream::new(config.dial.clone(), config.idle_timeout, metrics.clone());
-        Ok(Live {
-            built,
-            config,
-            upstream,
-            tls,
-            metrics,
-        })
-    }
 }
 
 /// State shared by every connection: the live configuration (swapped on reload without a

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use aml_egress::config::{ConfigError, Settings};
-use aml_egress::loader::{self, Built};
+use aml_egress::config::{self, Built, Compiled, ConfigError, Settings};
 
 pub mod dns;
 pub mod net;
@@ -50,17 +49,23 @@ pub fn settings_env(toml: &str, env: &[(&str, &str)]) -> Result<Settings, Config
     Settings::load_with_env(Some(&file.0), Some(env))
 }
 
-/// Build the policy for a config, panicking with the error text when it is invalid.
-pub fn built(toml: &str) -> Built {
+/// Compile a config exactly as `serve` does, panicking with the error text when it is
+/// invalid.
+pub fn compiled(toml: &str) -> Compiled {
     let s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
-    loader::build(&s).unwrap_or_else(|e| panic!("{e}"))
+    config::compile(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The compiled policy of a config.
+pub fn built(toml: &str) -> Built {
+    compiled(toml).built
 }
 
 /// Build and report every problem as one string.
 pub fn build_error(toml: &str) -> String {
     match settings(toml) {
         Err(e) => e.to_string(),
-        Ok(s) => match loader::build(&s) {
+        Ok(s) => match config::compile(s) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("expected the config to be refused:\n{toml}"),
         },

@@ -2,13 +2,15 @@
 //! its admin listener on 127.0.0.1:0 too.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 
-use aml_egress::{loader, server};
+use aml_egress::config::{self, Compiled, Settings};
+use aml_egress::reload::Reloader;
+use aml_egress::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-use super::settings;
 
 /// A running proxy and how to stop it.
 pub struct Proxy {
@@ -16,25 +18,38 @@ pub struct Proxy {
     /// The first TLS listener, when `proxy.tls_listen` is set.
     pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    pub reloader: Arc<Reloader>,
     pub stop: watch::Sender<bool>,
     pub done: tokio::task::JoinHandle<usize>,
 }
 
 /// Start the proxy with a config (TOML); its listeners are moved to 127.0.0.1:0.
 pub async fn start_proxy(toml: &str) -> Proxy {
-    let mut s = settings(toml).unwrap_or_else(|e| panic!("{e}"));
-    s.proxy.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
-    s.admin.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let built = loader::build(&s).unwrap_or_else(|e| panic!("{e}"));
-    let tls = !s.proxy.tls_listen.is_empty();
+    let mut c = super::compiled(toml);
+    c.proxy.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+    c.admin.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    start_compiled(c).await
+}
+
+/// Start from a config file (so that reload re-reads it), with an empty environment; the
+/// file chooses the listeners.
+pub async fn start_file(path: &Path) -> Proxy {
+    let s = Settings::load_with_env(Some(path), Some(Default::default()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    start_compiled(config::compile(s).unwrap_or_else(|e| panic!("{e}"))).await
+}
+
+async fn start_compiled(c: Compiled) -> Proxy {
+    let tls = !c.proxy.tls_listen.is_empty();
     let (stop, stopping) = watch::channel(false);
-    let running = server::start(None, s, built, stopping)
+    let running = server::start(c, stopping)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     Proxy {
         addr: running.addrs[0],
         tls_addr: tls.then(|| running.addrs[1]),
         admin_addr: running.admin_addr.expect("an admin listener"),
+        reloader: running.reloader,
         stop,
         done: running.done,
     }

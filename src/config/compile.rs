@@ -1,10 +1,17 @@
-//! From checked [`Settings`] to a compiled [`Policy`]: the catalog rendered for the chosen
-//! cloud and features, plus the operator's own rules.
+//! From checked [`Settings`] to a [`Compiled`] configuration: the policy compiled (the
+//! catalog rendered for the chosen cloud and features, plus the operator's own rules) and
+//! the typed options of every other part. After this step nothing sees `Settings`.
 //!
 //! This is the one place that joins config, catalog and policy, used at start-up, by the
-//! CLI commands and (later) by reload, so that all of them enforce the same rule set.
+//! CLI commands and by reload, so that all of them enforce the same rule set.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use super::schema::{Reload, key};
+use super::settings::{
+    AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings, UpstreamSettings,
+};
 
 use crate::catalog::{Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection};
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
@@ -74,7 +81,7 @@ fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
 }
 
 /// Render the catalog and compile it with the operator rules.
-pub fn build(s: &Settings) -> Result<Built, ConfigError> {
+pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
     let features = catalog
         .resolve_features(&s.catalog.features)
@@ -149,4 +156,94 @@ pub fn build(s: &Settings) -> Result<Built, ConfigError> {
         reference: rendered.reference,
         warnings,
     })
+}
+
+/// A configuration ready for the runtime: the compiled policy and the typed options of
+/// every part.
+#[derive(Debug)]
+pub struct Compiled {
+    pub built: Built,
+    pub proxy: ProxySettings,
+    pub upstream: UpstreamSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub reload: ReloadSettings,
+    /// The config file, when there is one (watched and re-read on reload).
+    pub file: Option<PathBuf>,
+    /// The catalog file it names, if any (watched too).
+    pub catalog_file: Option<PathBuf>,
+    /// The values of the keys a reload cannot change.
+    pub restart: RestartOnly,
+}
+
+/// The values of the keys the schema marks restart-only, as shown in messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartOnly(Vec<(&'static str, String)>);
+
+/// A restart-only key whose value differs: the running value stays until a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: &'static str,
+    pub running: String,
+    pub new: String,
+}
+
+impl RestartOnly {
+    /// What differs in `new` from `self` (the running values).
+    pub fn diff(&self, new: &RestartOnly) -> Vec<Change> {
+        self.0
+            .iter()
+            .zip(&new.0)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|((key, running), (_, new))| Change {
+                key,
+                running: running.clone(),
+                new: new.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Compile checked settings.
+pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
+    let built = build_policy(&s)?;
+    let restart = RestartOnly(
+        s.shown()
+            .into_iter()
+            .filter(|(k, _)| key(k).is_some_and(|k| k.reload == Reload::Restart))
+            .collect(),
+    );
+    Ok(Compiled {
+        built,
+        proxy: s.proxy,
+        upstream: s.upstream,
+        admin: s.admin,
+        log: s.log,
+        metrics: s.metrics,
+        reload: s.reload,
+        file: s.file,
+        catalog_file: s.catalog.file,
+        restart,
+    })
+}
+
+impl Compiled {
+    /// What a reload from `old` to `self` cannot change (restart-only keys that differ).
+    pub fn diff(&self, old: &Compiled) -> Vec<Change> {
+        old.restart.diff(&self.restart)
+    }
+
+    /// The files whose contents decide this configuration: the config file and the files
+    /// it names (catalog, certificate, key). None when serving the embedded defaults.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let Some(path) = &self.file else {
+            return Vec::new();
+        };
+        let mut files = vec![path.clone()];
+        files.extend(self.catalog_file.clone());
+        files.extend(self.proxy.tls_cert.clone());
+        files.extend(self.proxy.tls_key.clone());
+        files
+    }
 }
