@@ -150,7 +150,7 @@ fn bench_set(c: &mut Criterion, label: &str, rules: Vec<Rule>, allowed: &str, de
             b.iter(|| policy.decide(black_box(&t), PathView::Hidden))
         });
         // What the proxy adds per decision: one counter increment through a kept handle.
-        let metrics = aml_egress::metrics::Metrics::new(1000, 10);
+        let metrics = aml_egress::metrics::Metrics::new(1000);
         g.bench_function(BenchmarkId::new("matcher+count", case), |b| {
             b.iter(|| {
                 let d = policy.decide(black_box(&t), PathView::Hidden);

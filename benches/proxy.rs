@@ -163,8 +163,12 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             let listeners = proxy::bind(&compiled.proxy).await.unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
             tx.send(own[0]).unwrap();
-            let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000, 10));
-            let live = runtime::live(compiled, own, metrics).unwrap();
+            let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000));
+            let logs = std::sync::Arc::new(aml_egress::logs::LogBudget::new(
+                10,
+                metrics.suppressed_lines(),
+            ));
+            let live = runtime::live(compiled, own, metrics, logs).unwrap();
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             proxy::run(listeners, Shared::new(live, stopping)).await;
         });

@@ -9,7 +9,6 @@
 
 use crate::reason::ReasonCode;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -126,12 +125,6 @@ pub struct Metrics {
     build_info: IntGaugeVec,
     suppressed: IntCounter,
     denied: Mutex<DeniedTable>,
-    lines_per_minute: AtomicU64,
-    /// Minute (since start) and lines written in it: client and upstream-error lines, and
-    /// denial lines in all (each target also has its own limit).
-    error_lines: Mutex<(u64, u64)>,
-    denial_lines: Mutex<(u64, u64)>,
-    started: Instant,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -173,7 +166,7 @@ fn histogram_vec(
 
 impl Metrics {
     /// A fresh registry with every metric; `max_denied` bounds the denied-target series.
-    pub fn new(max_denied: usize, lines_per_minute: u32) -> Self {
+    pub fn new(max_denied: usize) -> Self {
         let r = Registry::new();
         let latency = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -279,10 +272,6 @@ impl Metrics {
                 "Denial log lines not written because their target was over log.denied_lines_per_minute.",
             ),
             denied: Mutex::new(DeniedTable::new(max_denied)),
-            lines_per_minute: AtomicU64::new(u64::from(lines_per_minute)),
-            error_lines: Mutex::new((0, 0)),
-            denial_lines: Mutex::new((0, 0)),
-            started: Instant::now(),
             registry: r,
         }
     }
@@ -302,12 +291,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Record a denied (or would-be denied) destination; says whether its log line should
-    /// be written (at most `log.denied_lines_per_minute` per target per minute).
-    pub fn denied(&self, host: &str, port: u16, suggestion: impl FnOnce() -> String) -> bool {
-        let per_minute = self.lines_per_minute.load(Ordering::Relaxed);
+    /// Record a denied (or would-be denied) destination; returns how often it was denied in
+    /// the current minute (which the log budget, [`crate::logs::LogBudget`], judges).
+    pub fn denied(&self, host: &str, port: u16, suggestion: impl FnOnce() -> String) -> u64 {
         let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-        let note = t.note(host, port, per_minute, suggestion, |h, p| {
+        let note = t.note(host, port, suggestion, |h, p| {
             self.denied_vec.with_label_values(&[h, &p.to_string()])
         });
         // Unregister evicted series under the table's lock: a target evicted here and
@@ -318,12 +306,12 @@ impl Metrics {
             self.denials_evicted.inc_by(count);
         }
         drop(t);
-        if !note.log {
-            self.suppressed.inc();
-            return false;
-        }
-        // Random names each get their own allowance; the total is bounded too.
-        self.budget(&self.denial_lines, 100)
+        note.this_minute
+    }
+
+    /// The counter of log lines not written, for the log budget to count into.
+    pub fn suppressed_lines(&self) -> IntCounter {
+        self.suppressed.clone()
     }
 
     /// The most denied targets, most first.
@@ -345,28 +333,6 @@ impl Metrics {
         v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.target.cmp(&b.target)));
         v.truncate(limit);
         v
-    }
-
-    /// Whether a line about a client or an upstream failure (limits hit, refused clients,
-    /// DNS errors) may be written: at most ten times `log.denied_lines_per_minute` per
-    /// minute in all, so that no flood can fill a disk. Suppressed lines are counted.
-    pub fn line_allowed(&self) -> bool {
-        self.budget(&self.error_lines, 10)
-    }
-
-    fn budget(&self, window: &Mutex<(u64, u64)>, times: u64) -> bool {
-        let minute = self.started.elapsed().as_secs() / 60;
-        let budget = self.lines_per_minute.load(Ordering::Relaxed) * times;
-        let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0 != minute {
-            *w = (minute, 0);
-        }
-        w.1 += 1;
-        let ok = w.1 <= budget;
-        if !ok {
-            self.suppressed.inc();
-        }
-        ok
     }
 
     /// Time spent before the proxy answered a request head.
@@ -394,10 +360,9 @@ impl Metrics {
         OpenGuard(g)
     }
 
-    /// A client turned away by a limit; says whether to log it (see [`Metrics::line_allowed`]).
-    pub fn limit(&self, which: Limit) -> bool {
+    /// A client turned away by a limit.
+    pub fn limit(&self, which: Limit) {
         self.limits.with_label_values(&[which.as_str()]).inc();
-        self.line_allowed()
     }
 
     /// A configuration load: the rules and build labels when it succeeded.
@@ -427,11 +392,6 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), revision, cloud])
             .set(1);
-    }
-
-    /// Settings a reload may change.
-    pub fn set_lines_per_minute(&self, n: u32) {
-        self.lines_per_minute.store(u64::from(n), Ordering::Relaxed);
     }
 
     /// Change the bound on denied targets (a reload); evicts down to it at once.
@@ -485,12 +445,13 @@ struct DeniedEntry {
     tick: u64,
     series: IntCounter,
     suggestion: String,
+    /// Start of the current minute, and denials within it.
     window: Instant,
-    logged: u64,
+    in_window: u64,
 }
 
 struct Noted {
-    log: bool,
+    this_minute: u64,
     evicted: Vec<(String, u16, u64)>,
 }
 
@@ -522,7 +483,6 @@ impl DeniedTable {
         &mut self,
         host: &str,
         port: u16,
-        per_minute: u64,
         suggestion: impl FnOnce() -> String,
         series: impl FnOnce(&str, u16) -> IntCounter,
     ) -> Noted {
@@ -544,13 +504,16 @@ impl DeniedTable {
                     series: series(host, port),
                     suggestion: suggestion(),
                     window: now,
-                    logged: 0,
+                    in_window: 0,
                 },
             );
         }
         let tick = self.tick;
         let Some(e) = self.entries.get_mut(&key) else {
-            return Noted { log: true, evicted };
+            return Noted {
+                this_minute: 1,
+                evicted,
+            };
         };
         self.by_tick.remove(&e.tick);
         self.by_tick.insert(tick, key);
@@ -560,13 +523,13 @@ impl DeniedTable {
         e.series.inc();
         if now.duration_since(e.window) >= Duration::from_secs(60) {
             e.window = now;
-            e.logged = 0;
+            e.in_window = 0;
         }
-        let log = e.logged < per_minute;
-        if log {
-            e.logged += 1;
+        e.in_window += 1;
+        Noted {
+            this_minute: e.in_window,
+            evicted,
         }
-        Noted { log, evicted }
     }
 }
 
@@ -617,11 +580,12 @@ mod tests {
 
     #[test]
     fn the_denied_table_evicts_the_least_recently_denied_and_counts_it() {
-        let m = Metrics::new(2, 1);
-        assert!(m.denied("a.example", 443, String::new));
-        assert!(m.denied("b.example", 443, String::new));
-        assert!(!m.denied("a.example", 443, String::new)); // over 1 line per minute
-        assert!(m.denied("c.example", 443, String::new)); // evicts b (least recent)
+        let m = Metrics::new(2);
+        let logs = crate::logs::LogBudget::new(1, m.suppressed_lines());
+        assert!(logs.denial(m.denied("a.example", 443, String::new)));
+        assert!(logs.denial(m.denied("b.example", 443, String::new)));
+        assert!(!logs.denial(m.denied("a.example", 443, String::new))); // over 1 line per minute
+        assert!(logs.denial(m.denied("c.example", 443, String::new))); // evicts b (least recent)
         let top: Vec<String> = m.top_denied(10).into_iter().map(|r| r.target).collect();
         assert_eq!(top, ["a.example:443", "c.example:443"]);
         let text = m.render();

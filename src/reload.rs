@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::compile::RestartOnly;
 use crate::config::{self, Compiled};
+use crate::logs::LogBudget;
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
 use crate::runtime;
@@ -48,6 +49,7 @@ pub struct Reloader {
     path: Option<PathBuf>,
     shared: Option<Arc<Shared>>,
     metrics: Arc<Metrics>,
+    logs: Arc<LogBudget>,
     /// The proxy's own listening sockets (for the self-connection guard).
     own: Vec<SocketAddr>,
     /// The restart-only values the process started with, to tell which changes need a
@@ -62,11 +64,17 @@ pub struct Reloader {
 impl Reloader {
     /// A reloader for the configuration the proxy starts with; `own` are its listening
     /// sockets. It serves once given the proxy's state ([`Reloader::serving`]).
-    pub fn new(started: &Compiled, own: Vec<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        started: &Compiled,
+        own: Vec<SocketAddr>,
+        metrics: Arc<Metrics>,
+        logs: Arc<LogBudget>,
+    ) -> Self {
         Reloader {
             path: started.file.clone(),
             shared: None,
             metrics,
+            logs,
             own,
             started: started.restart.clone(),
             attempts: watch::Sender::new(0),
@@ -102,7 +110,7 @@ impl Reloader {
                 let changes = self.started.diff(&c.restart);
                 let files = c.watched_files();
                 let (lines, denied) = (c.log.denied_lines_per_minute, c.metrics.max_denied_targets);
-                runtime::live(c, self.own.clone(), self.metrics.clone())
+                runtime::live(c, self.own.clone(), self.metrics.clone(), self.logs.clone())
                     .map(|live| {
                         (
                             live,
@@ -130,7 +138,7 @@ impl Reloader {
                     tracing::warn!(note = %w, "policy note");
                 }
                 *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
-                self.metrics.set_lines_per_minute(lines);
+                self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);
                 shared.replace(live);
                 self.metrics

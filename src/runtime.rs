@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Compiled;
+use crate::logs::LogBudget;
 use crate::metrics::Metrics;
 use crate::proxy::dial::Resolver;
 use crate::proxy::{Live, ProxyConfig, pool, tls};
@@ -42,7 +43,12 @@ pub enum SetupError {
 
 /// Build the live configuration; `own` are the proxy's bound listening sockets (proxy, TLS
 /// and admin), which the dialler refuses.
-pub fn live(c: Compiled, own: Vec<SocketAddr>, metrics: Arc<Metrics>) -> Result<Live, SetupError> {
+pub fn live(
+    c: Compiled,
+    own: Vec<SocketAddr>,
+    metrics: Arc<Metrics>,
+    logs: Arc<LogBudget>,
+) -> Result<Live, SetupError> {
     let servers: Vec<SocketAddr> = c.upstream.name_servers.iter().map(|n| n.0).collect();
     let resolver = Resolver::new(&servers)?;
     let deny = c.built.policy.deny_networks();
@@ -60,5 +66,6 @@ pub fn live(c: Compiled, own: Vec<SocketAddr>, metrics: Arc<Metrics>) -> Result<
         upstream,
         tls,
         metrics,
+        logs,
     })
 }

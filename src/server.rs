@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::admin::{self, Admin};
 use crate::config::{Compiled, LogSettings};
+use crate::logs::LogBudget;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Shared};
 use crate::reload::Reloader;
@@ -79,9 +80,10 @@ pub async fn start(
         Some(f) => Some(admin::read_token(f)?),
         None => None,
     };
-    let metrics = Arc::new(Metrics::new(
-        compiled.metrics.max_denied_targets,
+    let metrics = Arc::new(Metrics::new(compiled.metrics.max_denied_targets));
+    let logs = Arc::new(LogBudget::new(
         compiled.log.denied_lines_per_minute,
+        metrics.suppressed_lines(),
     ));
     let built = &compiled.built;
     let counts = built.policy.counts();
@@ -90,8 +92,8 @@ pub async fn start(
         tracing::warn!(note = %w, "policy note");
     }
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
-    let reloader = Reloader::new(&compiled, own.clone(), metrics.clone());
-    let live = runtime::live(compiled, own, metrics.clone())?;
+    let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());
+    let live = runtime::live(compiled, own, metrics.clone(), logs)?;
     metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));
 
     let shared = Shared::new(live, stop.clone());

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 
+use aml_egress::logs::LogBudget;
 use aml_egress::metrics::Metrics;
 use aml_egress::runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -433,7 +434,9 @@ fn a_bad_proxy_certificate_is_a_clear_startup_error() {
         "[proxy]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = {:?}\ntls_key = {:?}\n",
         junk.0, junk.0
     ));
-    let err = runtime::live(c, vec![], Arc::new(Metrics::new(10, 10)))
+    let metrics = Arc::new(Metrics::new(10));
+    let logs = Arc::new(LogBudget::new(10, metrics.suppressed_lines()));
+    let err = runtime::live(c, vec![], metrics, logs)
         .err()
         .expect("refused")
         .to_string();

@@ -162,7 +162,7 @@ impl Live {
             reason,
             rule,
         } = *seen;
-        let log = match target {
+        let this_minute = match target {
             Some(t) => {
                 let host = match t.host {
                     crate::policy::Host::Name(n) => n.as_str().to_owned(),
@@ -175,7 +175,7 @@ impl Live {
                 "nothing: the request did not name a valid host:port".to_owned()
             }),
         };
-        if log {
+        if self.logs.denial(this_minute) {
             tracing::warn!(
                 listener = via.as_str(),
                 client = %client,
@@ -318,7 +318,7 @@ pub(crate) fn dial_failed(
         if !counted {
             live.metrics.decision(via, Outcome::Error, details);
         }
-        if live.metrics.line_allowed() {
+        if live.logs.line() {
             tracing::warn!(client = %peer, target = %shown, decision = "error", reason = details.as_str(), mode = live.config.mode.as_str(), error = %e, "upstream not reached");
         }
     }

@@ -31,14 +31,14 @@ pub(super) async fn serve_connection<S>(
     {
         Ok(p) => p,
         Err(head::HeadError::Timeout) => {
-            if live.metrics.limit(Limit::HeaderTimeout) {
+            if live.limit_hit(Limit::HeaderTimeout) {
                 tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
             }
             refuse_raw(stream, respond::request_timeout()).await;
             return;
         }
         Err(head::HeadError::TooLarge) => {
-            if live.metrics.limit(Limit::HeaderSize) {
+            if live.limit_hit(Limit::HeaderSize) {
                 tracing::warn!(client = %peer, reason = "header_too_large", "request head larger than proxy.max_header_bytes; answered 431");
             }
             let body = respond::raw(
@@ -111,7 +111,7 @@ pub(crate) async fn serve_requests<S, H, F>(
         .header_read_timeout(None) // see keepalive: ours answers 408
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
-    let metrics = live.metrics.clone();
+    let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
     drop(live);
     let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
@@ -129,10 +129,11 @@ pub(crate) async fn serve_requests<S, H, F>(
                 )),
                 _ => None,
             };
-            if let Some((which, what)) = hit
-                && metrics.limit(which)
-            {
-                tracing::warn!(client = %peer, reason = which.as_str(), "{what}");
+            if let Some((which, what)) = hit {
+                metrics.limit(which);
+                if logs.line() {
+                    tracing::warn!(client = %peer, reason = which.as_str(), "{what}");
+                }
             }
         }
         _ = stopped(&mut stopping) => {

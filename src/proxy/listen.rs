@@ -111,7 +111,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             .iter()
             .any(|n| n.contains(&peer_ip))
         {
-            if live.metrics.limit(Limit::ClientNotAllowed) {
+            if live.limit_hit(Limit::ClientNotAllowed) {
                 tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
             }
             drop(stream);
@@ -123,7 +123,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             _ => match shared.per_client.take(peer_ip, limit) {
                 Some(p) => Some(p),
                 None => {
-                    if live.metrics.limit(Limit::ConnectionsPerClient) {
+                    if live.limit_hit(Limit::ConnectionsPerClient) {
                         tracing::warn!(client = %peer, reason = "connection_limit_per_client", limit, "over proxy.max_connections_per_client; answered 503");
                     }
                     refuse_at_limit(
@@ -138,7 +138,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let permit = match shared.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if live.metrics.limit(Limit::Connections) {
+                if live.limit_hit(Limit::Connections) {
                     tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
                 }
                 refuse_at_limit(
@@ -156,13 +156,13 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let tls = live.tls.clone();
         if listener.tls && tls.is_none() {
             // A reload dropped the certificate; never serve plain HTTP on a TLS port.
-            if live.metrics.limit(Limit::TlsHandshake) {
+            if live.limit_hit(Limit::TlsHandshake) {
                 tracing::error!(client = %peer, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
             }
             continue;
         }
         let open = live.metrics.open(false, live.config.mode.as_str());
-        let metrics = live.metrics.clone();
+        let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
         let handshake_timeout = live.config.header_timeout;
         drop(live);
         // Tunnels take a clone, so that they count against the limit until they close.
@@ -178,12 +178,14 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => serve_connection(s, peer, shared, permit).await,
                         Ok(Err(e)) => {
-                            if metrics.limit(Limit::TlsHandshake) {
+                            metrics.limit(Limit::TlsHandshake);
+                            if logs.line() {
                                 tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
                             }
                         }
                         Err(_) => {
-                            if metrics.limit(Limit::TlsHandshake) {
+                            metrics.limit(Limit::TlsHandshake);
+                            if logs.line() {
                                 tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
                             }
                         }

@@ -16,7 +16,8 @@ use super::dial::{DialConfig, Resolver};
 use super::{per_client, pool};
 use crate::config::Built;
 use crate::config::Compiled;
-use crate::metrics::Metrics;
+use crate::logs::LogBudget;
+use crate::metrics::{Limit, Metrics};
 
 pub use crate::config::Mode;
 
@@ -156,6 +157,16 @@ pub struct Live {
     pub tls: Option<TlsAcceptor>,
     /// The process's metrics (the same registry across reloads).
     pub metrics: Arc<Metrics>,
+    /// The process's log budget (kept across reloads).
+    pub logs: Arc<LogBudget>,
+}
+
+impl Live {
+    /// Count a client turned away by `which`; says whether to log it.
+    pub(crate) fn limit_hit(&self, which: Limit) -> bool {
+        self.metrics.limit(which);
+        self.logs.line()
+    }
 }
 
 /// State shared by every connection: the live configuration (swapped on reload without a
