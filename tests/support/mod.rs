@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aml_egress::config::{self, Built, Compiled, ConfigError, Settings};
 
+pub mod clients;
 pub mod dns;
 pub mod net;
+pub mod peers;
 pub mod proxy;
 pub mod tls;
 
