@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::net::{echo_upstream, exchange, read_request_head, upstream};
+use support::net::{echo_upstream, exchange, get, read_request_head, upstream};
 use support::proxy::{Proxy, start_proxy};
 use support::tls::{
     ACCESS_DENIED, client_hello, crafted_hello, record, server_hello, split_records,
@@ -30,6 +30,17 @@ impl Recorded {
     fn bytes(&self) -> Vec<u8> {
         self.bytes.lock().unwrap().clone()
     }
+
+    /// Record what `s` sends until it closes.
+    async fn until_closed(&self, s: &mut TcpStream) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            self.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    }
 }
 
 /// An upstream that records what it is sent until the client closes, and answers nothing.
@@ -40,13 +51,7 @@ async fn recorder() -> (SocketAddr, Recorded) {
         let r = r.clone();
         async move {
             r.accepted.fetch_add(1, Ordering::SeqCst);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = s.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                r.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
+            r.until_closed(&mut s).await;
         }
     })
     .await;
@@ -207,13 +212,7 @@ async fn scripted_server(
             let mut probe = [0u8; 1];
             *e.lock().unwrap() = Some(s.try_read(&mut probe).is_ok());
             s.write_all(&reply).await.unwrap();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = s.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                r.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
+            r.until_closed(&mut s).await;
         }
     })
     .await;
@@ -683,22 +682,12 @@ async fn health_probes_are_answered_while_a_thousand_admin_connections_idle() {
         idle.push(TcpStream::connect(p.admin_addr).await.unwrap());
     }
     for path in ["/healthz", "/readyz"] {
-        let probe = async {
-            let mut s = TcpStream::connect(p.admin_addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut raw = String::new();
-            s.read_to_string(&mut raw).await.unwrap();
-            raw
-        };
         // A bound on a hang, not a speed measurement: the acceptance is "answered".
-        let raw = tokio::time::timeout(Duration::from_secs(10), probe)
+        let probe = get(p.admin_addr, path, None);
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), probe)
             .await
             .expect("the probe is answered");
-        assert!(raw.starts_with("HTTP/1.1 200"), "{path}: {raw}");
+        assert_eq!(status, 200, "{path}: {body}");
     }
     drop(idle);
 }

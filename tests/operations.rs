@@ -15,31 +15,14 @@ use aml_egress::config::{self, Settings};
 use aml_egress::reload::Trigger;
 use aml_egress::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use support::TempFile;
-use support::net::{echo_upstream, exchange};
+use support::net::{echo_upstream, exchange, get};
 use support::proxy::{Proxy, start_file as start};
 
 /// Listeners on loopback port 0; `[proxy]` comes last so that tests can add proxy keys.
 const LISTEN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [443]\n";
-
-/// GET from the admin listener; status and body.
-async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
 
 /// One sample of the exposition: metric name, labels, value.
 type Sample = (String, BTreeMap<String, String>, f64);

@@ -54,3 +54,20 @@ pub async fn exchange(addr: SocketAddr, head: &str) -> (TcpStream, String) {
     let n = s.read(&mut buf).await.unwrap();
     (s, String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// `GET path` (with a bearer token, if given) on a plain HTTP listener such as the admin
+/// one, `Connection: close`; the status and the body.
+pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use aml_egress::config::{self, Compiled, Settings};
 use aml_egress::reload::Reloader;
 use aml_egress::server;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// A running proxy and how to stop it.
@@ -58,13 +56,7 @@ async fn start_compiled(c: Compiled) -> Proxy {
 impl Proxy {
     /// The metrics exposition, from the admin listener.
     pub async fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.admin_addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await.unwrap();
-        raw
+        super::net::get(self.admin_addr, "/metrics", None).await.1
     }
 
     /// The value of one sample of the exposition (`name{labels}` exactly as printed, labels
