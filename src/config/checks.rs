@@ -7,8 +7,25 @@ use super::{ConfigIssue, operator_rule};
 use crate::catalog::regions;
 use crate::policy::did_you_mean;
 
-/// A problem before its origin is known: key, value as shown, problem, fix.
-type Problem = (&'static str, String, String, Option<String>);
+/// A problem before its origin is known.
+struct Problem {
+    key: &'static str,
+    /// The value as shown.
+    value: String,
+    problem: String,
+    fix: Option<String>,
+}
+
+impl Problem {
+    fn new(key: &'static str, value: String, problem: String, fix: Option<String>) -> Self {
+        Problem {
+            key,
+            value,
+            problem,
+            fix,
+        }
+    }
+}
 
 /// An Azure region's programmatic name as the catalog lists it (`West Europe` and
 /// `west-europe` become `westeurope`).
@@ -25,7 +42,7 @@ fn range<T: PartialOrd + std::fmt::Display>(
     fix: &str,
 ) {
     if value < low || value > high {
-        out.push((
+        out.push(Problem::new(
             key,
             value.to_string(),
             "out of range".into(),
@@ -42,12 +59,12 @@ pub fn check(s: &Settings) -> Vec<ConfigIssue> {
     operations(s, &mut out);
     let mut issues: Vec<ConfigIssue> = out
         .into_iter()
-        .map(|(key, value, problem, fix)| ConfigIssue {
-            origin: s.origin_of(key),
-            key: key.to_owned(),
-            value: Some(value),
-            problem,
-            fix,
+        .map(|p| ConfigIssue {
+            origin: s.origin_of(p.key),
+            key: p.key.to_owned(),
+            value: Some(p.value),
+            problem: p.problem,
+            fix: p.fix,
         })
         .collect();
     for (list, entries) in [("allow", &s.allow), ("deny", &s.deny)] {
@@ -78,7 +95,7 @@ fn catalog(s: &Settings, out: &mut Vec<Problem>) {
             } else {
                 format!("did you mean {}?", near.join(" or "))
             };
-            out.push((
+            out.push(Problem::new(
                 "catalog.region",
                 format!("{region:?}"),
                 format!("not an Azure region of the {} cloud", c.cloud),
@@ -92,7 +109,7 @@ fn catalog(s: &Settings, out: &mut Vec<Problem>) {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !ok {
-            out.push((
+            out.push(Problem::new(
                 "catalog.storage_account",
                 format!("{sa:?}"),
                 "not a storage account name".to_owned(),
@@ -106,7 +123,7 @@ fn catalog(s: &Settings, out: &mut Vec<Problem>) {
     if let Some(acr) = &c.container_registry {
         let ok = (5..=50).contains(&acr.len()) && acr.bytes().all(|b| b.is_ascii_alphanumeric());
         if !ok {
-            out.push((
+            out.push(Problem::new(
                 "catalog.container_registry",
                 format!("{acr:?}"),
                 "not a container registry name".to_owned(),
@@ -122,7 +139,7 @@ fn catalog(s: &Settings, out: &mut Vec<Problem>) {
 fn proxy(s: &Settings, out: &mut Vec<Problem>) {
     let p = &s.proxy;
     if p.listen.is_empty() && p.tls_listen.is_empty() {
-        out.push((
+        out.push(Problem::new(
             "proxy.listen",
             "[]".into(),
             "no listener".into(),
@@ -135,7 +152,7 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
             ("proxy.tls_key", &p.tls_key),
         ] {
             if file.is_none() {
-                out.push((
+                out.push(Problem::new(
                     key,
                     "(unset)".into(),
                     "proxy.tls_listen needs a certificate and a key".into(),
@@ -176,7 +193,7 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
         ("upstream.dial_timeout_secs", s.upstream.dial_timeout_secs),
     ] {
         if d.is_zero() || d.as_secs_f64() > 86_400.0 {
-            out.push((
+            out.push(Problem::new(
                 key,
                 d.as_secs_f64().to_string(),
                 "not a duration".into(),
@@ -189,7 +206,7 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
         ("proxy.opaque_ports", &p.opaque_ports),
     ] {
         if ports.contains(&0) {
-            out.push((
+            out.push(Problem::new(
                 key,
                 "0".into(),
                 "port 0".into(),
@@ -198,7 +215,7 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
         }
     }
     for port in p.opaque_ports.iter().filter(|o| p.tls_ports.contains(o)) {
-        out.push((
+        out.push(Problem::new(
             "proxy.opaque_ports",
             port.to_string(),
             "also in proxy.tls_ports: a tunnel cannot be both inspected and not".into(),
@@ -215,7 +232,7 @@ fn operations(s: &Settings, out: &mut Vec<Problem>) {
         && !addr.ip().is_loopback()
         && a.token_file.is_none()
     {
-        out.push((
+        out.push(Problem::new(
             "admin.listen",
             format!("\"{addr}\""),
             "an admin listener off loopback needs a bearer token".into(),
@@ -225,7 +242,7 @@ fn operations(s: &Settings, out: &mut Vec<Problem>) {
     if let Some(f) = &a.token_file {
         let token = std::fs::read_to_string(f).unwrap_or_default();
         if token.trim().len() < 16 {
-            out.push((
+            out.push(Problem::new(
                 "admin.token_file",
                 format!("{:?}", f.display().to_string()),
                 "missing, unreadable, or holding a token shorter than 16 characters".into(),
@@ -242,7 +259,7 @@ fn operations(s: &Settings, out: &mut Vec<Problem>) {
         "use 1 to 100000 (each is one series per scrape)",
     );
     if s.reload.watch_interval_secs.as_secs_f64() > 3600.0 {
-        out.push((
+        out.push(Problem::new(
             "reload.watch_interval_secs",
             s.reload.watch_interval_secs.as_secs_f64().to_string(),
             "not a duration".into(),

@@ -16,7 +16,7 @@ use crate::reason::ReasonCode;
 
 /// The outcome of asking the policy, with the mode applied.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Verdict {
+pub(crate) struct Judged {
     pub decision: Decision,
     /// Let through (allowed, or denied but in audit mode).
     pub pass: bool,
@@ -25,12 +25,12 @@ pub(crate) struct Verdict {
 }
 
 impl Live {
-    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Verdict {
+    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Judged {
         let decision = self.built.policy.decide(target, view);
         self.apply_mode(decision)
     }
 
-    pub(crate) fn apply_mode(&self, decision: Decision) -> Verdict {
+    pub(crate) fn apply_mode(&self, decision: Decision) -> Judged {
         let allowed = decision.is_allowed();
         // Operator deny rules and invalid targets hold even in audit mode.
         let auditable = !matches!(
@@ -38,7 +38,7 @@ impl Live {
             Reason::DeniedByRule | Reason::InvalidTarget(_)
         );
         let would_deny = !allowed && auditable && self.config.mode == Mode::Audit;
-        Verdict {
+        Judged {
             decision,
             pass: allowed || would_deny,
             would_deny,
@@ -92,7 +92,7 @@ impl Live {
         client: SocketAddr,
         target: &Target,
         shown: impl FnOnce() -> String,
-        v: &Verdict,
+        v: &Judged,
     ) -> Result<Option<AllowCount>, hyper::Response<Body>> {
         if v.pass && !v.would_deny {
             return Ok(Some(AllowCount::new(self, via, v)));
@@ -113,7 +113,7 @@ impl Live {
         client: SocketAddr,
         target: Option<&Target>,
         shown: &str,
-        v: &Verdict,
+        v: &Judged,
     ) {
         let outcome = if v.would_deny {
             Outcome::WouldDeny
@@ -218,7 +218,7 @@ pub(crate) struct AllowCount {
 }
 
 impl AllowCount {
-    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Verdict) -> Self {
+    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Judged) -> Self {
         AllowCount {
             metrics: live.metrics.clone(),
             via,

@@ -30,7 +30,7 @@ mod state;
 pub mod tls;
 mod tunnel;
 
-pub(crate) use admit::{AllowCount, Seen, Verdict};
+pub(crate) use admit::{AllowCount, Judged, Seen};
 pub(crate) use conn::serve_requests;
 pub(crate) use listen::ConnHandles;
 pub use listen::{Listener, bind, run};

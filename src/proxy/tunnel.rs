@@ -33,7 +33,7 @@ use super::sni::{
     ACCESS_DENIED_ALERT, ClientHello, HelloReader, ServerFirst, ServerReader, SniError,
     change_cipher_spec,
 };
-use super::{AllowCount, ConnHandles, Live, Seen, Shared, Verdict};
+use super::{AllowCount, ConnHandles, Judged, Live, Seen, Shared};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, Name, PathView, Target};
 use crate::reason::ReasonCode;
@@ -165,7 +165,7 @@ impl Tunnel {
         &self,
         upgraded: hyper::upgrade::Upgraded,
         mut upstream: TcpStream,
-        mut v: Verdict,
+        mut v: Judged,
         mut pending: Option<AllowCount>,
     ) {
         let cfg = &self.live.config;
