@@ -17,6 +17,7 @@ mod conn;
 mod connect;
 pub mod detect;
 pub mod dial;
+mod handshake;
 pub mod head;
 mod http;
 pub mod keepalive;
