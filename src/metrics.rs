@@ -25,14 +25,16 @@ use crate::policy::RuleCounts;
 pub enum ListenerKind {
     Connect,
     Http,
-    Transparent,
+    TransparentTls,
+    TransparentHttp,
 }
 
 impl ListenerKind {
-    const ALL: [ListenerKind; 3] = [
+    const ALL: [ListenerKind; 4] = [
         ListenerKind::Connect,
         ListenerKind::Http,
-        ListenerKind::Transparent,
+        ListenerKind::TransparentTls,
+        ListenerKind::TransparentHttp,
     ];
 
     /// The label value.
@@ -40,7 +42,8 @@ impl ListenerKind {
         match self {
             ListenerKind::Connect => "connect",
             ListenerKind::Http => "http",
-            ListenerKind::Transparent => "transparent",
+            ListenerKind::TransparentTls => "transparent_tls",
+            ListenerKind::TransparentHttp => "transparent_http",
         }
     }
 }

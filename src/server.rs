@@ -64,7 +64,7 @@ pub async fn start(
     compiled: Compiled,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Running, ServeError> {
-    let listeners = proxy::bind(&compiled.proxy).await?;
+    let listeners = proxy::bind(&compiled).await?;
     let addrs: Vec<_> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())

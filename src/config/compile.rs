@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use super::schema::{Reload, key};
 use super::settings::{
-    AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings, UpstreamSettings,
+    AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
+    TransparentSettings, UpstreamSettings,
 };
 
 use crate::catalog::{Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection};
@@ -165,6 +166,7 @@ pub struct Compiled {
     pub built: Built,
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
+    pub transparent: TransparentSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
@@ -218,6 +220,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
         built,
         proxy: s.proxy,
         upstream: s.upstream,
+        transparent: s.transparent,
         admin: s.admin,
         log: s.log,
         metrics: s.metrics,

@@ -25,7 +25,7 @@ pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, LogFormat, LogLevel, LogSettings, MetricsSettings,
     Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings, ReloadSettings, RuleEntry,
-    Settings, SniMissing, UpstreamSettings,
+    Settings, SniMissing, TransparentDial, TransparentMode, TransparentSettings, UpstreamSettings,
 };
 
 /// Load a config file (if given) and the process environment, check and compile it.

@@ -85,6 +85,25 @@ choice! {
 }
 
 choice! {
+    /// `transparent.mode`: how redirected connections arrive. Only `redirect` (nftables or
+    /// iptables `REDIRECT`, the original destination read with `SO_ORIGINAL_DST`) is built;
+    /// `tproxy` is not.
+    TransparentMode {
+        Redirect = "redirect",
+    }
+}
+
+choice! {
+    /// `transparent.dial`: which address a redirected TLS connection is dialled at.
+    TransparentDial {
+        /// The addresses its server name resolves to: never one the client chose.
+        Name = "name",
+        /// The original destination when it is among the name's resolved addresses.
+        OriginalIfResolved = "original_if_resolved",
+    }
+}
+
+choice! {
     /// `log.level`.
     LogLevel {
         Error = "error",
@@ -337,6 +356,21 @@ section! {
 }
 
 section! {
+    /// The `[transparent]` section: listeners for connections redirected to this host by a
+    /// network virtual appliance's firewall (off unless a listener is set).
+    TransparentSettings = "transparent" {
+        /// Where redirected TLS arrives; decided on the ClientHello's server name.
+        tls_listen: Vec<SocketAddr> = Vec::new(); List, Restart;
+        /// Where redirected plain HTTP arrives; decided on `Host` and the path.
+        http_listen: Vec<SocketAddr> = Vec::new(); List, Restart;
+        /// How connections are redirected.
+        mode: TransparentMode = TransparentMode::Redirect; Scalar, Restart;
+        /// Which address a redirected TLS connection is dialled at.
+        dial: TransparentDial = TransparentDial::Name; Scalar, Live;
+    }
+}
+
+section! {
     /// The `[admin]` section: the listener for metrics, health and the denied list.
     AdminSettings = "admin" {
         /// `host:port`, or `None` (`""`) to serve no admin endpoints.
@@ -381,6 +415,7 @@ pub const SECTIONS: &[(&str, &[Key])] = &[
     ("policy", PolicySettings::KEYS),
     ("proxy", ProxySettings::KEYS),
     ("upstream", UpstreamSettings::KEYS),
+    ("transparent", TransparentSettings::KEYS),
     ("admin", AdminSettings::KEYS),
     ("metrics", MetricsSettings::KEYS),
     ("log", LogSettings::KEYS),
@@ -405,6 +440,7 @@ pub struct Settings {
     pub policy: PolicySettings,
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
+    pub transparent: TransparentSettings,
     pub admin: AdminSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
@@ -425,6 +461,7 @@ impl Settings {
             policy: PolicySettings::read(r),
             proxy: ProxySettings::read(r),
             upstream: UpstreamSettings::read(r),
+            transparent: TransparentSettings::read(r),
             admin: AdminSettings::read(r),
             metrics: MetricsSettings::read(r),
             log: LogSettings::read(r),
@@ -443,6 +480,7 @@ impl Settings {
         self.policy.shown(&mut out);
         self.proxy.shown(&mut out);
         self.upstream.shown(&mut out);
+        self.transparent.shown(&mut out);
         self.admin.shown(&mut out);
         self.metrics.shown(&mut out);
         self.log.shown(&mut out);

@@ -17,13 +17,18 @@ use super::state::Shared;
 use super::{connect, head, http, keepalive, respond};
 use crate::metrics::{Limit, ListenerKind};
 
-pub(super) async fn serve_connection<S>(
+/// Serve one client connection: its first request head read with the proxy's bounds
+/// (408, 431), then its requests answered by `handle`.
+pub(super) async fn serve_connection<S, H, F>(
     mut stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
+    handle: H,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<hyper::body::Incoming>, SocketAddr, Arc<Shared>) -> F + Copy + Send + 'static,
+    F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
 {
     let live = shared.live();
     let cfg = &live.config;
@@ -59,7 +64,7 @@ pub(super) async fn serve_connection<S>(
         peer,
         shared,
         Some(permit),
-        route,
+        handle,
     )
     .await;
 }
@@ -168,7 +173,7 @@ async fn refuse_raw<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: &[u8
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-async fn route(
+pub(super) async fn route(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,

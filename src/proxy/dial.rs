@@ -257,6 +257,13 @@ impl DialConfig {
         })
     }
 
+    /// Whether a connection to `addr` would reach the proxy itself: one of its listeners
+    /// (on any local address for a wildcard one), or the unspecified address.
+    pub fn is_proxy_itself(&self, addr: SocketAddr) -> bool {
+        let ip = canonical(addr.ip());
+        ip.is_unspecified() || self.is_self(SocketAddr::new(ip, addr.port()))
+    }
+
     /// Check one address against the self check, the deny rules and the guard.
     pub fn check(&self, addr: SocketAddr, name_allowlisted: bool) -> Result<(), DialError> {
         let ip = canonical(addr.ip());
@@ -305,6 +312,18 @@ pub async fn dial(
     name_allowlisted: bool,
     cfg: &DialConfig,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
+    dial_preferring(target, None, name_allowlisted, cfg).await
+}
+
+/// As [`dial`]; when `prefer` is among the addresses the target resolves to (and passes
+/// the guard), only it is dialled. For `transparent.dial = "original_if_resolved"`: the
+/// address the client chose is used only when the name really has it.
+pub async fn dial_preferring(
+    target: &Target,
+    prefer: Option<std::net::IpAddr>,
+    name_allowlisted: bool,
+    cfg: &DialConfig,
+) -> Result<(TcpStream, SocketAddr), DialError> {
     let key = target.to_string();
     let addrs: Vec<SocketAddr> =
         if let Some((_, to)) = cfg.connect_to.iter().find(|(k, _)| *k == key) {
@@ -337,6 +356,11 @@ pub async fn dial(
     }
     if allowed.is_empty() {
         return Err(refusal.unwrap_or(DialError::NoAddress));
+    }
+    if let Some(p) = prefer.map(canonical)
+        && let Some(a) = allowed.iter().find(|a| canonical(a.ip()) == p)
+    {
+        return race(vec![*a], cfg.timeout).await;
     }
     race(interleave(allowed), cfg.timeout).await
 }

@@ -91,7 +91,16 @@ pub(super) async fn forward(
         Ok(t) => t,
         Err(e) => return live.refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e),
     };
-    send(req, peer, live, target, authority.as_str(), started).await
+    send(
+        req,
+        peer,
+        live,
+        ListenerKind::Http,
+        target,
+        authority.as_str(),
+        started,
+    )
+    .await
 }
 
 /// A request inside a CONNECT tunnel to `tunnel` (RFC 9112 §3.2: origin form, or absolute
@@ -154,7 +163,111 @@ pub(super) async fn forward_in_tunnel(
         80 => tunnel.host.to_string(),
         _ => tunnel.to_string(),
     };
-    send(req, peer, live, tunnel, &authority, started).await
+    send(
+        req,
+        peer,
+        live,
+        ListenerKind::Http,
+        tunnel,
+        &authority,
+        started,
+    )
+    .await
+}
+
+/// A request redirected to the transparent HTTP listener from `orig`: decided on the host
+/// its `Host` (or absolute-form authority) names, on the original port (a port it names
+/// must be that one) and on the path. Without `Host`, only the CIDR rules on the original
+/// destination can allow it.
+pub(super) async fn forward_transparent(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    live: Arc<Live>,
+    orig: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let via = ListenerKind::TransparentHttp;
+    let named = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
+    };
+    let port = orig.port();
+    let Some(named) = named.filter(|n| !n.is_empty()) else {
+        let target = Target {
+            host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
+            port,
+        };
+        let v = live.judge(&target, PathView::Hidden);
+        if !v.pass {
+            let shown = format!("{target} (no Host)");
+            live.note(&super::Seen {
+                via,
+                client: peer,
+                target: Some(&target),
+                shown: &shown,
+                seen: "(no Host)",
+                outcome: Outcome::Deny,
+                reason: ReasonCode::NoServerName,
+                rule: "",
+            });
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "destination_not_allowed",
+                ReasonCode::NoServerName.as_str(),
+                &format!(
+                    "aml-egress refused a request to {target} without a Host header: only a CIDR rule for the address could allow it"
+                ),
+            );
+        }
+        return send(req, peer, live, via, target, &target.to_string(), started).await;
+    };
+    let parsed = named
+        .parse::<hyper::http::uri::Authority>()
+        .ok()
+        .filter(|a| {
+            req.method() != hyper::Method::CONNECT
+                && !a.as_str().contains('@')
+                && a.port().is_none_or(|_| a.port_u16() == Some(port))
+        });
+    let Some(authority) = parsed else {
+        let seen = named.as_bytes()[..named.len().min(256)]
+            .escape_ascii()
+            .to_string();
+        let dst = Target {
+            host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
+            port,
+        };
+        live.note(&super::Seen {
+            via,
+            client: peer,
+            target: Some(&dst),
+            shown: &format!("{dst} (redirected; Host {seen})"),
+            seen: &seen,
+            outcome: Outcome::Deny,
+            reason: ReasonCode::HostMismatch,
+            rule: "",
+        });
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            ReasonCode::HostMismatch.as_str(),
+            &format!(
+                "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
+            ),
+        );
+    };
+    let target = match Target::from_parts(authority.host(), port) {
+        Ok(t) => t,
+        Err(e) => return live.refuse_invalid(via, peer, authority.as_str(), e),
+    };
+    let shown = match port {
+        80 => target.host.to_string(),
+        _ => target.to_string(),
+    };
+    send(req, peer, live, via, target, &shown, started).await
 }
 
 /// Decide on host, port and path, then forward (absolute-form and in-tunnel requests alike):
@@ -163,6 +276,7 @@ async fn send(
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     live: Arc<Live>,
+    via: ListenerKind,
     target: Target,
     authority: &str,
     started: Instant,
@@ -177,20 +291,14 @@ async fn send(
     // origin-form path may follow the authority: anything else (`OPTIONS *`) would be
     // glued onto the host and name another one.
     if !path.starts_with('/') {
-        return live.refuse_invalid(ListenerKind::Http, peer, &path, InvalidTarget::BadCharacter);
+        return live.refuse_invalid(via, peer, &path, InvalidTarget::BadCharacter);
     }
     let uri = format!("http://{authority}{path}");
     let Ok(uri) = uri.parse::<Uri>() else {
-        return live.refuse_invalid(ListenerKind::Http, peer, &uri, InvalidTarget::BadCharacter);
+        return live.refuse_invalid(via, peer, &uri, InvalidTarget::BadCharacter);
     };
     let v = live.judge(&target, PathView::Visible(&path));
-    let pending = match live.admit(
-        ListenerKind::Http,
-        peer,
-        &target,
-        || format!("{shown}{path}"),
-        &v,
-    ) {
+    let pending = match live.admit(via, peer, &target, || format!("{shown}{path}"), &v) {
         Ok(pending) => pending,
         Err(refused) => return refused,
     };
@@ -207,11 +315,8 @@ async fn send(
     let upstream_failed = |pending: Option<AllowCount>| {
         if let Some(p) = pending {
             p.instead();
-            live.metrics.decision(
-                ListenerKind::Http,
-                Outcome::Error,
-                ReasonCode::UpstreamResponse,
-            );
+            live.metrics
+                .decision(via, Outcome::Error, ReasonCode::UpstreamResponse);
         }
     };
     // The response head must come within idle_timeout_secs of the last request bytes, so
@@ -247,7 +352,7 @@ async fn send(
                 .map(|i| i.remote_addr().to_string())
                 .unwrap_or_default();
             tracing::info!(
-                listener = "http",
+                listener = via.as_str(),
                 client = %peer,
                 target = %shown,
                 upstream,
@@ -263,7 +368,7 @@ async fn send(
             resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, ListenerKind::Http, peer, &target, d, pending),
+            Some(d) => dial_failed(&live, via, peer, &target, d, pending),
             None => {
                 upstream_failed(pending);
                 refuse(

@@ -11,15 +11,41 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::conn::serve_connection;
+use super::conn::{route, serve_connection};
 use super::state::Shared;
+use super::transparent;
 use super::{keepalive, per_client, respond};
 use crate::metrics::Limit;
 
 /// A bound listening socket, plain or TLS.
 pub struct Listener {
     pub tcp: TcpListener,
-    pub tls: bool,
+    pub role: Role,
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `proxy.listen`: the forward proxy.
+    Proxy,
+    /// `proxy.tls_listen`: the forward proxy over TLS.
+    ProxyTls,
+    /// `transparent.tls_listen`: redirected TLS.
+    TransparentTls,
+    /// `transparent.http_listen`: redirected plain HTTP.
+    TransparentHttp,
+}
+
+impl Role {
+    /// The configuration key that names this listener.
+    pub fn key(self) -> &'static str {
+        match self {
+            Role::Proxy => "proxy.listen",
+            Role::ProxyTls => "proxy.tls_listen",
+            Role::TransparentTls => "transparent.tls_listen",
+            Role::TransparentHttp => "transparent.http_listen",
+        }
+    }
 }
 
 impl Listener {
@@ -29,26 +55,29 @@ impl Listener {
     }
 }
 
-/// Bind every configured listener, plain then TLS (before reporting ready).
+/// Bind every configured listener (before reporting ready): the proxy's plain ones, then
+/// its TLS ones, then the transparent TLS and HTTP ones.
 pub async fn bind(
-    proxy: &crate::config::ProxySettings,
+    c: &crate::config::Compiled,
 ) -> Result<Vec<Listener>, crate::runtime::SetupError> {
     let mut out = Vec::new();
-    let all = proxy.listen.iter().map(|a| (a, false));
-    for (a, tls) in all.chain(proxy.tls_listen.iter().map(|a| (a, true))) {
-        let tcp =
-            TcpListener::bind(a)
-                .await
-                .map_err(|source| crate::runtime::SetupError::Listen {
-                    key: if tls {
-                        "proxy.tls_listen"
-                    } else {
-                        "proxy.listen"
-                    },
+    let all = [
+        (Role::Proxy, &c.proxy.listen),
+        (Role::ProxyTls, &c.proxy.tls_listen),
+        (Role::TransparentTls, &c.transparent.tls_listen),
+        (Role::TransparentHttp, &c.transparent.http_listen),
+    ];
+    for (role, addrs) in all {
+        for a in addrs {
+            let tcp = TcpListener::bind(a).await.map_err(|source| {
+                crate::runtime::SetupError::Listen {
+                    key: role.key(),
                     addr: *a,
                     source,
-                })?;
-        out.push(Listener { tcp, tls });
+                }
+            })?;
+            out.push(Listener { tcp, role });
+        }
     }
     Ok(out)
 }
@@ -151,10 +180,10 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let guard = shared.tracker.track();
         let shared = shared.clone();
-        let listener_tls = listener.tls;
+        let role = listener.role;
         let _ = stream.set_nodelay(true);
         let tls = live.tls.clone();
-        if listener.tls && tls.is_none() {
+        if role == Role::ProxyTls && tls.is_none() {
             // A reload dropped the certificate; never serve plain HTTP on a TLS port.
             if live.limit_hit(Limit::TlsHandshake) {
                 tracing::error!(client = %peer, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
@@ -172,11 +201,14 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             _client: place,
         });
         tokio::spawn(async move {
-            match tls.filter(|_| listener_tls) {
-                None => serve_connection(stream, peer, shared, permit).await,
-                Some(acceptor) => {
+            match (role, tls) {
+                (Role::Proxy, _) => serve_connection(stream, peer, shared, permit, route).await,
+                (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
+                (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
+                (Role::ProxyTls, None) => {} // refused above
+                (Role::ProxyTls, Some(acceptor)) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(s, peer, shared, permit).await,
+                        Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
                         Ok(Err(e)) => {
                             metrics.limit(Limit::TlsHandshake);
                             if logs.line() {

@@ -29,10 +29,11 @@ pub mod respond;
 pub mod sni;
 mod state;
 pub mod tls;
+pub mod transparent;
 mod tunnel;
 
 pub(crate) use admit::{AllowCount, Judged, Seen};
 pub(crate) use conn::serve_requests;
 pub(crate) use listen::ConnHandles;
-pub use listen::{Listener, bind, run};
+pub use listen::{Listener, Role, bind, run};
 pub use state::{Live, Mode, ProxyConfig, Shared, TrackGuard, Tracker};

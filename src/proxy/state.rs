@@ -36,6 +36,8 @@ pub struct ProxyConfig {
     pub tls_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
     pub sni_missing_allowed: bool,
+    /// Which address a redirected TLS connection is dialled at.
+    pub transparent_dial: crate::config::TransparentDial,
     pub sni_timeout: Duration,
     pub dial: Arc<DialConfig>,
 }
@@ -62,6 +64,7 @@ impl ProxyConfig {
             tls_ports: p.tls_ports.clone(),
             opaque_ports: p.opaque_ports.clone(),
             sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
+            transparent_dial: s.transparent.dial,
             sni_timeout: p.sni_timeout_secs,
             dial: Arc::new(DialConfig {
                 connect_to: s

@@ -1,0 +1,230 @@
+//! Transparent mode, for a network virtual appliance: connections that the firewall
+//! redirected here (`REDIRECT`), with their original destination read from the socket
+//! (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`).
+//!
+//! - TLS: the ClientHello is read exactly as inside a CONNECT tunnel (bounded, fail closed,
+//!   HelloRetryRequest followed) and decided on its server name and the original port; the
+//!   proxy then dials what the name resolves to, never an address the client chose
+//!   (`transparent.dial`). Without a name only the CIDR rules on the original destination
+//!   can allow it.
+//! - HTTP: each request is decided on `Host`, the original port and the path, and
+//!   forwarded by the same code as absolute-form requests.
+//!
+//! A connection whose original destination is the proxy itself is refused, never dialled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::time::Instant as Deadline;
+
+use super::conn::serve_connection;
+use super::dial::{canonical, dial_preferring};
+use super::handshake::{self, ClientSide, Held, Refusal, Start, Unread, read_hello};
+use super::listen::Slot;
+use super::sni::HelloReader;
+use super::{Live, Seen, Shared};
+use crate::config::TransparentDial;
+use crate::metrics::{ListenerKind, Outcome};
+use crate::policy::{Host, PathView, Target};
+use crate::reason::ReasonCode;
+
+/// The destination the client connected to before the firewall redirected it. IPv4 flows
+/// (also those accepted on a dual-stack `[::]` listener, whose peer is `::ffff:a.b.c.d`)
+/// carry it in `SO_ORIGINAL_DST`, IPv6 flows in `IP6T_SO_ORIGINAL_DST`.
+pub fn original_destination(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
+    use rustix::net::sockopt::{ip_original_dst, ipv6_original_dst};
+    if peer.ip().to_canonical().is_ipv4() {
+        Ok(SocketAddr::V4(ip_original_dst(stream)?))
+    } else {
+        Ok(SocketAddr::V6(ipv6_original_dst(stream)?))
+    }
+}
+
+/// The original destination as a target, or `None` (logged and counted) when it cannot be
+/// read or is the proxy itself: a client that connected to the listener directly, or a
+/// redirect loop.
+fn destination(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    live: &Live,
+    via: ListenerKind,
+) -> Option<(SocketAddr, Target)> {
+    let orig = match original_destination(stream, peer) {
+        Ok(o) => o,
+        Err(e) => {
+            if live.logs.line() {
+                tracing::warn!(listener = via.as_str(), client = %peer, error = %e, "no original destination on a transparent connection (was it redirected here?); closed");
+            }
+            return None;
+        }
+    };
+    let target = Target {
+        host: Host::Ip(canonical(orig.ip())),
+        port: orig.port(),
+    };
+    if live.config.dial.is_proxy_itself(orig) {
+        let shown = target.to_string();
+        live.note(&Seen {
+            via,
+            client: peer,
+            target: Some(&target),
+            shown: &shown,
+            seen: "(the original destination is this proxy)",
+            outcome: Outcome::Deny,
+            reason: ReasonCode::ForbiddenAddress,
+            rule: "",
+        });
+        return None;
+    }
+    Some((orig, target))
+}
+
+/// A redirected TLS connection: read the ClientHello, decide, dial, follow the handshake,
+/// relay.
+pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let started = Instant::now();
+    let live = shared.live();
+    let via = ListenerKind::TransparentTls;
+    let Some((orig, dst)) = destination(&stream, peer, &live, via) else {
+        return;
+    };
+    let cfg = &live.config;
+    let mut client = ClientSide::Tcp(stream);
+    let mut buf = BytesMut::new();
+    let deadline = Deadline::now() + cfg.sni_timeout;
+    let refuse = |r: Refusal, seen: &str, target: &Target, rule: &str, pass: bool| {
+        let shown = format!("{target} (redirected to {dst})");
+        live.note(&Seen {
+            via,
+            client: peer,
+            target: Some(target),
+            shown: &shown,
+            seen,
+            outcome: if pass {
+                Outcome::WouldDeny
+            } else {
+                Outcome::Deny
+            },
+            reason: r.code(),
+            rule,
+        });
+    };
+    let first = match read_hello(&mut client, &mut buf, HelloReader::default(), deadline).await {
+        Ok(h) => h,
+        Err(Unread::Gone) => return,
+        Err(Unread::Refused(r, seen)) => {
+            refuse(r, &seen, &dst, "", false);
+            handshake::refuse(&mut client, r).await;
+            return;
+        }
+    };
+    // By its server name on the original port; without one, only the CIDR rules on the
+    // original destination can allow it.
+    let (target, refusal) = match first.server_name {
+        Some(name) => (
+            Target {
+                host: Host::Name(name),
+                port: orig.port(),
+            },
+            Refusal::SniNotAllowed,
+        ),
+        None => (dst, Refusal::NoServerName),
+    };
+    let v = live.judge(&target, PathView::Hidden);
+    let counted = if v.pass && !v.would_deny {
+        Some(super::AllowCount::new(&live, via, &v))
+    } else {
+        let pass = v.pass && refusal.auditable();
+        let rule = live.rule_text(&v.decision);
+        refuse(refusal, &target.to_string(), &target, &rule, pass);
+        if !pass {
+            handshake::refuse(&mut client, refusal).await;
+            return;
+        }
+        None
+    };
+    let prefer = match (cfg.transparent_dial, first.server_name) {
+        (TransparentDial::OriginalIfResolved, Some(_)) => Some(orig.ip()),
+        _ => None,
+    };
+    let dial_started = Instant::now();
+    let dialled = dial_preferring(&target, prefer, v.decision.is_allowed(), &cfg.dial).await;
+    live.metrics.dial(dialled.is_ok(), dial_started.elapsed());
+    let (mut upstream, addr) = match dialled {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = super::admit::dial_failed(&live, via, peer, &target, &e, counted);
+            handshake::refuse(&mut client, Refusal::SniNotAllowed).await;
+            return;
+        }
+    };
+    let mut held = Held::new(&mut buf);
+    let followed = held
+        .follow(
+            &mut client,
+            &mut upstream,
+            &first,
+            cfg.idle_timeout,
+            cfg.sni_timeout,
+        )
+        .await;
+    let (sent, client_done, down) = (held.sent, held.client_done, held.down);
+    match followed {
+        Ok(()) => {}
+        Err(Unread::Gone) => return,
+        Err(Unread::Refused(r, seen)) => {
+            if let Some(c) = counted {
+                c.instead();
+            }
+            refuse(r, &seen, &target, "", false);
+            handshake::refuse(&mut client, r).await;
+            return;
+        }
+    }
+    drop(counted); // an allow
+    let _open = live.metrics.open(true, cfg.mode.as_str());
+    let start = Start {
+        buf,
+        sent,
+        client_done,
+        down,
+    };
+    let (up, down) =
+        handshake::relay(client, upstream, start, cfg.idle_timeout, &live.metrics).await;
+    tracing::info!(
+        listener = via.as_str(),
+        client = %peer,
+        target = %target,
+        original_destination = %orig,
+        upstream = %addr,
+        decision = if v.would_deny { "would_deny" } else { "allow" },
+        rule = %live.rule_text(&v.decision),
+        mode = cfg.mode.as_str(),
+        bytes_up = up,
+        bytes_down = down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "transparent connection closed"
+    );
+}
+
+/// A redirected plain HTTP connection: requests decided on `Host`, the original port and
+/// the path, forwarded like absolute-form requests.
+pub(super) async fn http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<Slot>,
+) {
+    let live = shared.live();
+    let Some((orig, _)) = destination(&stream, peer, &live, ListenerKind::TransparentHttp) else {
+        return;
+    };
+    drop(live);
+    let handle = move |req, peer, shared: Arc<Shared>| {
+        super::http::forward_transparent(req, peer, shared.live(), orig)
+    };
+    serve_connection(stream, peer, shared, permit, handle).await;
+}

@@ -1,0 +1,414 @@
+//! Transparent mode end to end, in two network namespaces this test creates: a client
+//! namespace with no proxy setting whose default route is the "appliance" namespace, where
+//! nftables redirects its HTTPS and HTTP to the proxy's transparent listeners (the binary,
+//! run there with `ip netns exec`). The upstreams listen in the appliance namespace on
+//! documentation addresses (203.0.113.0/24, 198.51.100.0/24) of its own; a decoy
+//! records every connection, and the test asserts that none reached it.
+//!
+//! Needs root, `ip` and `nft`. Outside CI the test skips with a reason when they are
+//! missing; with `CI=true` it fails instead.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::AsyncWriteExt;
+
+use support::TempFile;
+use support::net::read_request_head;
+
+/// Run a command; panic with its output when it fails.
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this machine can run the test; otherwise why not.
+fn unable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "nft"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// The two namespaces and their veth pair, removed when dropped.
+struct Namespaces {
+    client: String,
+    appliance: String,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.appliance] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+const REAL: &str = "203.0.113.10";
+const DECOY: &str = "203.0.113.66";
+const BY_ADDRESS: &str = "198.51.100.7";
+const UNLISTED: &str = "198.51.100.9";
+
+fn namespaces() -> Namespaces {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let id = (std::process::id() % 10_000) * 10 + N.fetch_add(1, Ordering::Relaxed) as u32;
+    let ns = Namespaces {
+        client: format!("amlc{id}"),
+        appliance: format!("amln{id}"),
+    };
+    let (c, n) = (ns.client.as_str(), ns.appliance.as_str());
+    let (vc, vn) = (format!("vc{id}"), format!("vn{id}"));
+    run(&["ip", "netns", "add", c]);
+    run(&["ip", "netns", "add", n]);
+    run(&[
+        "ip", "link", "add", &vc, "type", "veth", "peer", "name", &vn,
+    ]);
+    run(&["ip", "link", "set", &vc, "netns", c]);
+    run(&["ip", "link", "set", &vn, "netns", n]);
+    run(&["ip", "-n", c, "addr", "add", "10.231.0.2/24", "dev", &vc]);
+    run(&["ip", "-n", n, "addr", "add", "10.231.0.1/24", "dev", &vn]);
+    for (ns, dev) in [(c, vc.as_str()), (n, vn.as_str())] {
+        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    run(&[
+        "ip",
+        "-n",
+        c,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.231.0.1",
+    ]);
+    // The upstreams' addresses are the appliance's own (on its loopback device), so that
+    // what reaches them is delivered there, recorded, and goes nowhere else.
+    for a in [REAL, DECOY, BY_ADDRESS] {
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+    let rules = TempFile::new(
+        "redirect.nft",
+        &format!(
+            "table ip aml {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    iifname \"{vn}\" tcp dport {{ 443, 8443 }} redirect to :15443\n    iifname \"{vn}\" tcp dport 80 redirect to :15080\n  }}\n}}\n"
+        ),
+    );
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        n,
+        "nft",
+        "-f",
+        rules.0.to_str().unwrap(),
+    ]);
+    ns
+}
+
+/// Bind listeners inside namespace `ns` (a thread enters it; the sockets stay there).
+fn bind_in(ns: &str, addrs: &[String]) -> Vec<tokio::net::TcpListener> {
+    let (ns, addrs) = (ns.to_owned(), addrs.to_vec());
+    let std_listeners = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        rustix::thread::move_into_link_name_space(
+            f.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        addrs
+            .iter()
+            .map(|a| {
+                let l = std::net::TcpListener::bind(a).unwrap();
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    std_listeners
+        .into_iter()
+        .map(|l| tokio::net::TcpListener::from_std(l).unwrap())
+        .collect()
+}
+
+/// A TLS server answering every request with `body`.
+fn serve_tls(l: tokio::net::TcpListener, names: &[&str], body: &'static str) -> TempFile {
+    let ck =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let ca = TempFile::new("ca.pem", &ck.cert.pem());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                if read_request_head(&mut tls).await.is_some() {
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    ca
+}
+
+/// A plain HTTP server answering with `body` and the request line it got.
+fn serve_http(l: tokio::net::TcpListener, body: &'static str) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Some(head) = read_request_head(&mut s).await {
+                    let line = head.lines().next().unwrap_or("").to_owned();
+                    let text = format!("{body} {line}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                        text.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                }
+            });
+        }
+    });
+}
+
+/// A listener that only counts the connections it accepts.
+fn decoy(l: tokio::net::TcpListener, count: Arc<AtomicUsize>) {
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+}
+
+/// The proxy binary serving `config` inside namespace `ns`, once it says it is serving.
+struct Serving(Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(ns: &str, config: &TempFile) -> Serving {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_aml-egress"),
+            "serve",
+        ])
+        .arg("--config")
+        .arg(&config.0)
+        .env_remove("AML_EGRESS_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.contains("aml-egress serving") {
+            // Keep draining the log so that the proxy never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return Serving(child);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the proxy exited before serving");
+}
+
+/// curl inside the client namespace, with no proxy setting at all: status, body, stderr.
+async fn curl_in(ns: &str, args: Vec<String>) -> (i32, String, String) {
+    let ns = ns.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-sS",
+                "--max-time",
+                "15",
+                "--noproxy",
+                "*",
+            ])
+            .args(&args)
+            .env_clear()
+            .output()
+            .expect("curl is installed");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address_the_client_chose()
+{
+    if let Some(why) = unable() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run the namespace tests: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let ns = namespaces();
+    let addrs: Vec<String> = [
+        format!("{REAL}:443"),
+        format!("{REAL}:80"),
+        format!("{DECOY}:443"),
+        format!("{DECOY}:80"),
+        format!("{BY_ADDRESS}:8443"),
+    ]
+    .to_vec();
+    let mut ls = bind_in(&ns.appliance, &addrs).into_iter();
+    let ca = serve_tls(ls.next().unwrap(), &["allowed.test"], "the real upstream");
+    serve_http(ls.next().unwrap(), "the real web upstream");
+    let decoyed = Arc::new(AtomicUsize::new(0));
+    decoy(ls.next().unwrap(), decoyed.clone());
+    decoy(ls.next().unwrap(), decoyed.clone());
+    let _by_address = serve_tls(ls.next().unwrap(), &[BY_ADDRESS], "the address upstream");
+
+    let config = TempFile::new(
+        "nva.toml",
+        &format!(
+            r#"
+[proxy]
+listen = ["127.0.0.1:3128"]
+[transparent]
+tls_listen = ["0.0.0.0:15443"]
+http_listen = ["0.0.0.0:15080"]
+[admin]
+listen = "127.0.0.1:9464"
+[[allow]]
+host = "allowed.test"
+ports = [443, 80]
+[[allow]]
+cidr = "{BY_ADDRESS}/32"
+ports = [8443]
+[upstream]
+connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80" }}
+"#
+        ),
+    );
+    let _proxy = serve(&ns.appliance, &config);
+    let ca = ca.0.to_str().unwrap().to_owned();
+    let c = ns.client.as_str();
+
+    // An allowed name aimed at the decoy reaches the real upstream, by name.
+    let (code, body, err) = curl_in(
+        c,
+        vec![
+            "--cacert".into(),
+            ca.clone(),
+            "--resolve".into(),
+            format!("allowed.test:443:{DECOY}"),
+            "https://allowed.test/".into(),
+        ],
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (0, "the real upstream"), "{err}");
+    // A denied name is refused with a TLS alert.
+    let (code, _, err) = curl_in(
+        c,
+        vec![
+            "--cacert".into(),
+            ca.clone(),
+            "--resolve".into(),
+            format!("denied.test:443:{DECOY}"),
+            "https://denied.test/".into(),
+        ],
+    )
+    .await;
+    assert_ne!(code, 0, "a denied name must not get through");
+    assert!(err.contains("alert") || err.contains("SSL"), "{err}");
+    // Plain HTTP by Host.
+    let (code, body, err) = curl_in(
+        c,
+        vec![
+            "--resolve".into(),
+            format!("allowed.test:80:{DECOY}"),
+            "http://allowed.test/x".into(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, "the real web upstream GET /x HTTP/1.1");
+    let (code, body, _) = curl_in(
+        c,
+        vec![
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "--resolve".into(),
+            format!("denied.test:80:{DECOY}"),
+            "http://denied.test/".into(),
+        ],
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (0, "403"));
+    // No server name: only a CIDR rule for the original destination allows it.
+    let (code, body, err) =
+        curl_in(c, vec!["-k".into(), format!("https://{BY_ADDRESS}:8443/")]).await;
+    assert_eq!((code, body.as_str()), (0, "the address upstream"), "{err}");
+    let (code, _, _) = curl_in(c, vec!["-k".into(), format!("https://{UNLISTED}:8443/")]).await;
+    assert_ne!(code, 0, "an address no rule lists must not get through");
+
+    assert_eq!(decoyed.load(Ordering::SeqCst), 0, "the decoy was reached");
+}
