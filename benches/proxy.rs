@@ -160,7 +160,7 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let compiled = config::compile(settings).unwrap();
-            let listeners = proxy::bind(&compiled.proxy).await.unwrap();
+            let listeners = proxy::bind(&compiled).await.unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
             tx.send(own[0]).unwrap();
             let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000));

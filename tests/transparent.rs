@@ -331,7 +331,7 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
 [proxy]
 listen = ["127.0.0.1:3128"]
 [transparent]
-tls_listen = ["0.0.0.0:15443"]
+tls_listen = ["[::]:15443"]
 http_listen = ["0.0.0.0:15080"]
 [admin]
 listen = "127.0.0.1:9464"
@@ -346,6 +346,8 @@ connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:8
 "#
         ),
     );
+    // TLS arrives on a dual-stack listener, where an IPv4 flow still carries its original
+    // destination in the IPv4 option.
     let _proxy = serve(&ns.appliance, &config);
     let ca = ca.0.to_str().unwrap().to_owned();
     let c = ns.client.as_str();
