@@ -184,7 +184,83 @@ fn bench_set(c: &mut Criterion, label: &str, rules: Vec<Rule>, allowed: &str, de
     g.finish();
 }
 
+/// A Service Tags file of the public file's size and shape (about 50,000 prefixes, IPv4
+/// and IPv6), its prefixes spread over the tags the catalog names, so that every one of
+/// them becomes a rule.
+fn service_tags_file() -> (std::path::PathBuf, usize) {
+    const TAGS: [&str; 8] = [
+        "AzureActiveDirectory",
+        "AzureMachineLearning",
+        "Storage.WestEurope",
+        "AzureResourceManager",
+        "AzureFrontDoor.Frontend",
+        "MicrosoftContainerRegistry",
+        "AzureFrontDoor.FirstParty",
+        "BatchNodeManagement.WestEurope",
+    ];
+    let per_tag = 6_250;
+    let mut values = Vec::new();
+    for (t, name) in TAGS.iter().enumerate() {
+        let prefixes: Vec<String> = (0..per_tag)
+            .map(|i| {
+                if i % 5 == 4 {
+                    format!("\"2603:{:x}:{:x}::/48\"", 0x1000 + t, i)
+                } else {
+                    format!("\"{}.{}.{}.0/24\"", 20 + t, (i / 256) % 256, i % 256)
+                }
+            })
+            .collect();
+        values.push(format!(
+            "{{\"name\":\"{name}\",\"id\":\"{name}\",\"properties\":{{\"region\":\"\",\"addressPrefixes\":[{}]}}}}",
+            prefixes.join(",")
+        ));
+    }
+    let text = format!(
+        "{{\"changeNumber\":1,\"cloud\":\"Public\",\"values\":[{}]}}",
+        values.join(",")
+    );
+    let path =
+        std::env::temp_dir().join(format!("aml-egress-bench-tags-{}.json", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    (path, per_tag * TAGS.len())
+}
+
+fn service_tags(c: &mut Criterion) {
+    let (path, prefixes) = service_tags_file();
+    let mut s = Settings::default();
+    s.catalog.region = Some("westeurope".into());
+    s.catalog.service_tags_file = Some(path.clone());
+    let started = Instant::now();
+    let built = build_policy(&s).expect("the policy builds with the tags");
+    eprintln!(
+        "service tags: {prefixes} prefixes loaded and compiled in {:?} ({} CIDR rules)",
+        started.elapsed(),
+        built.policy.counts().cidr
+    );
+    let mut g = c.benchmark_group("service_tags");
+    g.sample_size(10);
+    g.bench_function("load+compile-50k", |b| b.iter(|| build_policy(&s).unwrap()));
+    for (case, target) in [
+        ("allowed-v4", "22.10.7.9:443"),
+        ("allowed-v6", "[2603:1002:4e6::1]:443"),
+        ("denied", "40.1.2.3:443"),
+    ] {
+        let t = Target::parse(target).unwrap();
+        assert_eq!(
+            built.policy.decide(&t, PathView::Hidden).is_allowed(),
+            case != "denied",
+            "{target}"
+        );
+        g.bench_function(BenchmarkId::new("decide", case), |b| {
+            b.iter(|| built.policy.decide(black_box(&t), PathView::Hidden))
+        });
+    }
+    g.finish();
+    let _ = std::fs::remove_file(path);
+}
+
 fn benches(c: &mut Criterion) {
+    service_tags(c);
     bench_set(
         c,
         "catalog",

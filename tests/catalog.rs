@@ -1,7 +1,11 @@
 //! The embedded catalog covers the article: every host, service tag and port of every table,
 //! in each of the three clouds, and both revisions load.
 
+mod support;
+
 use aml_egress::catalog::{Catalog, Cloud, EntryKind, REVISIONS, port_set, regions};
+use aml_egress::policy::PathView;
+use support::TempFile;
 
 fn has(c: &Catalog, cloud: Cloud, pattern: &str, port: u16) -> bool {
     c.entries.iter().any(|e| {
@@ -205,4 +209,60 @@ fn region_lists_cover_each_cloud() {
     assert!(regions(Cloud::Public).iter().any(|r| r == "westeurope"));
     assert!(regions(Cloud::Usgov).iter().any(|r| r == "usgovvirginia"));
     assert!(regions(Cloud::China).iter().any(|r| r == "chinaeast2"));
+}
+
+/// A small Service Tags file in the real format (the weekly download's shape).
+fn service_tags(cloud: &str) -> TempFile {
+    TempFile::new(
+        "ServiceTags.json",
+        &format!(
+            r#"{{"changeNumber":3,"cloud":"{cloud}","values":[
+  {{"name":"Storage.WestEurope","id":"Storage.WestEurope","properties":{{"changeNumber":1,"region":"westeurope","regionId":18,"platform":"Azure","systemService":"AzureStorage","addressPrefixes":["20.38.108.0/23","2603:1020:206::/48"],"networkFeatures":["API","NSG"]}}}},
+  {{"name":"AzureActiveDirectory","id":"AzureActiveDirectory","properties":{{"region":"","addressPrefixes":["20.190.128.0/18"],"networkFeatures":null}}}}
+]}}"#
+        ),
+    )
+}
+
+#[test]
+fn service_tags_become_cidr_rules_that_apply_to_addresses_only() {
+    let tags = service_tags("Public");
+    let b = support::built(&format!(
+        "[catalog]\ncloud = \"public\"\nregion = \"westeurope\"\nservice_tags_file = {:?}\n",
+        tags.0
+    ));
+    let check = |t: &str| {
+        let d = b.policy.decide_str(t, PathView::Hidden);
+        (d.is_allowed(), b.policy.explain(t, &d))
+    };
+    let (ok, why) = check("20.38.109.7:443");
+    assert!(ok, "{why}");
+    assert!(why.contains("service tag Storage.WestEurope"), "{why}");
+    assert!(check("[2603:1020:206::5]:443").0);
+    assert!(check("20.190.130.1:80").0, "AzureActiveDirectory on 80");
+    assert!(!check("20.38.109.7:80").0, "Storage is 443 only");
+    assert!(!check("20.38.110.7:443").0, "outside the tag");
+    // A tag the file lacks is a warning that names it.
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("AzureResourceManager")
+                && w.contains("not in the Service Tags file")),
+        "{:?}",
+        b.warnings
+    );
+    let err = support::build_error(&format!(
+        "[catalog]\ncloud = \"china\"\nservice_tags_file = {:?}\n",
+        tags.0
+    ));
+    assert!(
+        err.contains("catalog.service_tags_file") && err.contains("cloud"),
+        "{err}"
+    );
+    let broken = TempFile::new("broken.json", "{\"cloud\": \"Public\", \"values\": [");
+    let err = support::build_error(&format!("[catalog]\nservice_tags_file = {:?}\n", broken.0));
+    assert!(
+        err.contains("broken.json") && err.contains("not a Service Tags file"),
+        "{err}"
+    );
 }

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 
+pub mod service_tags;
+pub use service_tags::ServiceTags;
+
 /// Catalog revisions built into the binary, oldest first; the last is the default.
 pub const REVISIONS: &[(&str, &str)] = &[
     (
@@ -337,7 +340,15 @@ impl Catalog {
 
     /// Render the entries of one cloud and feature set into enforced rules and reference
     /// entries. `features` must come from [`Catalog::resolve_features`].
-    pub fn render(&self, sel: &Selection, features: &BTreeSet<String>) -> Rendered {
+    /// Render the entries for a cloud, its placeholder values and features. With a Service
+    /// Tags file, outbound TCP service-tag entries become CIDR rules for the tag's prefixes
+    /// (IPv4 and IPv6); without one, and for inbound or UDP entries, they are reference.
+    pub fn render(
+        &self,
+        sel: &Selection,
+        features: &BTreeSet<String>,
+        tags: Option<&ServiceTags>,
+    ) -> Rendered {
         let mut out = Rendered::default();
         for e in &self.entries {
             if !e.clouds.contains(&sel.cloud) {
@@ -354,6 +365,7 @@ impl Catalog {
                 section: e.section.clone(),
                 purpose: e.purpose.clone(),
                 feature: e.feature.clone(),
+                service_tag: None,
             };
             // Checked in `check`, so this cannot fail for a loaded catalog.
             let ports = port_set(&e.ports).unwrap_or_default();
@@ -366,6 +378,46 @@ impl Catalog {
                     }
                     v
                 });
+                let as_tag = e.kind == EntryKind::ServiceTag
+                    && e.direction == Direction::Outbound
+                    && e.protocol == Protocol::Tcp;
+                if let (true, Some(tags)) = (as_tag, tags)
+                    && missing.is_empty()
+                {
+                    match tags.lookup(&filled) {
+                        Some((name, prefixes)) => {
+                            let source = match &source {
+                                Source::Catalog {
+                                    cloud,
+                                    revision,
+                                    section,
+                                    purpose,
+                                    feature,
+                                    ..
+                                } => Source::Catalog {
+                                    cloud: cloud.clone(),
+                                    revision: revision.clone(),
+                                    section: section.clone(),
+                                    purpose: purpose.clone(),
+                                    feature: feature.clone(),
+                                    service_tag: Some(name.to_owned()),
+                                },
+                                other => other.clone(),
+                            };
+                            out.rules.extend(prefixes.iter().map(|net| RuleSpec {
+                                action: Action::Allow,
+                                what: Matchable::Cidr(*net),
+                                ports: ports.clone(),
+                                source: source.clone(),
+                            }));
+                            continue;
+                        }
+                        None => out.warnings.push(format!(
+                            "service tag {filled} ({source}) is not in the Service Tags file (cloud {}); it stays unenforced",
+                            tags.cloud
+                        )),
+                    }
+                }
                 if let Some(why) = e.not_enforced_because() {
                     out.reference.push(ReferenceEntry {
                         pattern: filled,

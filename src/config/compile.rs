@@ -14,7 +14,9 @@ use super::settings::{
     TransparentSettings, UpstreamSettings,
 };
 
-use crate::catalog::{Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection};
+use crate::catalog::{
+    Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection, ServiceTags,
+};
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
 use crate::policy::{Policy, PolicyOptions, did_you_mean};
 
@@ -81,6 +83,34 @@ fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
     })
 }
 
+/// The Service Tags file `catalog.service_tags_file` names, checked against the cloud.
+fn load_service_tags(s: &Settings) -> Result<Option<ServiceTags>, ConfigIssue> {
+    let Some(path) = &s.catalog.service_tags_file else {
+        return Ok(None);
+    };
+    let issue = |problem: String, fix: &str| ConfigIssue {
+        origin: s.origin_of("catalog.service_tags_file"),
+        key: "catalog.service_tags_file".into(),
+        value: Some(format!("{:?}", path.display().to_string())),
+        problem,
+        fix: Some(fix.into()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        issue(
+            format!("cannot read the Service Tags file: {e}"),
+            "check the path",
+        )
+    })?;
+    ServiceTags::parse(&text, s.catalog.cloud)
+        .map(Some)
+        .map_err(|e| {
+            issue(
+                e.to_string(),
+                "use the weekly ServiceTags_<Cloud>_<date>.json download (or the discovery API's answer) for the configured catalog.cloud",
+            )
+        })
+}
+
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
@@ -122,7 +152,8 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             .as_deref()
             .map(str::to_ascii_lowercase),
     };
-    let rendered = catalog.render(&selection, &features);
+    let tags = load_service_tags(s).map_err(|i| ConfigError(vec![i]))?;
+    let rendered = catalog.render(&selection, &features, tags.as_ref());
     let mut specs = rendered.rules;
     for (list, entries) in [("allow", &s.allow), ("deny", &s.deny)] {
         for (i, e) in entries.iter().enumerate() {
@@ -175,6 +206,8 @@ pub struct Compiled {
     pub file: Option<PathBuf>,
     /// The catalog file it names, if any (watched too).
     pub catalog_file: Option<PathBuf>,
+    /// The Service Tags file it names, if any (watched too).
+    pub service_tags_file: Option<PathBuf>,
     /// The values of the keys a reload cannot change.
     pub restart: RestartOnly,
 }
@@ -227,6 +260,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
         reload: s.reload,
         file: s.file,
         catalog_file: s.catalog.file,
+        service_tags_file: s.catalog.service_tags_file,
         restart,
     })
 }
@@ -245,6 +279,7 @@ impl Compiled {
         };
         let mut files = vec![path.clone()];
         files.extend(self.catalog_file.clone());
+        files.extend(self.service_tags_file.clone());
         files.extend(self.proxy.tls_cert.clone());
         files.extend(self.proxy.tls_key.clone());
         files

@@ -284,6 +284,8 @@ section! {
         features: Vec<String> = Vec::new(); List, Live;
         /// A catalog file to read instead of the embedded one.
         file: Option<PathBuf> = None; Scalar, Live;
+        /// A Service Tags file: outbound TCP service-tag entries become CIDR rules.
+        service_tags_file: Option<PathBuf> = None; Scalar, Live;
     }
 }
 

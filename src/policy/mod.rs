@@ -103,6 +103,9 @@ pub enum Source {
         purpose: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         feature: Option<String>,
+        /// The service tag (as the Service Tags file names it) whose prefix this rule is.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        service_tag: Option<String>,
     },
     /// An operator `[[allow]]` or `[[deny]]` entry (1-based index in its list).
     Operator {
@@ -122,10 +125,14 @@ impl fmt::Display for Source {
                 section,
                 purpose,
                 feature,
+                service_tag,
             } => {
                 write!(f, "catalog {revision} {cloud}: {section}: {purpose}")?;
                 if let Some(feat) = feature {
                     write!(f, " [{feat}]")?;
+                }
+                if let Some(tag) = service_tag {
+                    write!(f, ", service tag {tag}")?;
                 }
                 Ok(())
             }
