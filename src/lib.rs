@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod logs;
 pub mod metrics;
+pub mod nva;
 pub mod policy;
 pub mod proxy;
 pub mod reason;

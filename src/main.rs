@@ -77,6 +77,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print an nftables rule set for a network virtual appliance VM (`nft -f` loads it).
+    NvaRules {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A compute subnet whose traffic the VM handles (repeatable).
+        #[arg(long = "from", value_name = "CIDR")]
+        from: Vec<String>,
+        /// Send PORT to the TLS or the HTTP listener instead of the default choice.
+        #[arg(long, value_name = "PORT=tls|http")]
+        redirect: Vec<String>,
+    },
 }
 
 /// Load settings and build the policy; on failure print the problems for `command` and
@@ -152,6 +163,48 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("aml-egress denied: {e}");
+                    EXIT_USAGE
+                }
+            }
+        }
+        Command::NvaRules {
+            config,
+            from,
+            redirect,
+        } => {
+            let compiled = match load("nva-rules", config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let mut nets = Vec::new();
+            for f in &from {
+                match aml_egress::config::parse_cidr(f) {
+                    Some(n) => nets.push(n),
+                    None => {
+                        eprintln!(
+                            "aml-egress nva-rules: --from {f}: not a network; write for example 10.0.1.0/24"
+                        );
+                        return Ok(EXIT_USAGE);
+                    }
+                }
+            }
+            let mut redirects = Vec::new();
+            for r in &redirect {
+                match aml_egress::nva::parse_redirect(r) {
+                    Ok(x) => redirects.push(x),
+                    Err(e) => {
+                        eprintln!("aml-egress nva-rules: {e}");
+                        return Ok(EXIT_USAGE);
+                    }
+                }
+            }
+            match aml_egress::nva::rules(&compiled, &nets, &redirects) {
+                Ok(text) => {
+                    out.write_all(text.as_bytes())?;
+                    0
+                }
+                Err(e) => {
+                    eprintln!("aml-egress nva-rules: {e}");
                     EXIT_USAGE
                 }
             }

@@ -20,33 +20,7 @@ use tokio::io::AsyncWriteExt;
 
 use support::TempFile;
 use support::net::read_request_head;
-
-/// Run a command; panic with its output when it fails.
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Whether this machine can run the test; otherwise why not.
-fn unable() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
+use support::netns::run;
 
 /// The two namespaces and their veth pair, removed when dropped.
 struct Namespaces {
@@ -299,12 +273,7 @@ async fn curl_in(ns: &str, args: Vec<String>) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address_the_client_chose()
 {
-    if let Some(why) = unable() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must run the namespace tests: {why}"
-        );
-        eprintln!("skipped: {why}");
+    if !support::netns::able() {
         return;
     }
     let ns = namespaces();

@@ -378,14 +378,34 @@ impl Catalog {
                     }
                     v
                 });
-                let as_tag = e.kind == EntryKind::ServiceTag
-                    && e.direction == Direction::Outbound
-                    && e.protocol == Protocol::Tcp;
-                if let (true, Some(tags)) = (as_tag, tags)
+                let outbound_tag =
+                    e.kind == EntryKind::ServiceTag && e.direction == Direction::Outbound;
+                if let (true, Some(tags)) = (outbound_tag, tags)
                     && missing.is_empty()
                 {
                     match tags.lookup(&filled) {
                         Some((name, prefixes)) => {
+                            out.network.push(NetworkRule {
+                                tag: name.to_owned(),
+                                protocol: e.protocol,
+                                ports: ports.clone(),
+                                prefixes: prefixes.to_vec(),
+                                source: source.clone(),
+                            });
+                            if e.protocol == Protocol::Udp {
+                                // Firewall guidance only: a proxy carries no UDP.
+                                out.reference.push(ReferenceEntry {
+                                    pattern: filled,
+                                    kind: e.kind,
+                                    protocol: e.protocol,
+                                    direction: e.direction,
+                                    ports: ports.to_string(),
+                                    source: source.clone(),
+                                    note: e.note.clone(),
+                                    not_enforced: "UDP, which an HTTP proxy does not carry",
+                                });
+                                continue;
+                            }
                             let source = match &source {
                                 Source::Catalog {
                                     cloud,
@@ -522,10 +542,24 @@ pub struct ReferenceEntry {
     pub not_enforced: &'static str,
 }
 
+/// An outbound service-tag entry resolved through a Service Tags file: what a firewall in
+/// front of compute forwards (`aml-egress nva-rules`), TCP and UDP alike.
+#[derive(Debug, Clone)]
+pub struct NetworkRule {
+    /// The tag as the file names it.
+    pub tag: String,
+    pub protocol: Protocol,
+    pub ports: PortSet,
+    pub prefixes: Vec<ipnet::IpNet>,
+    pub source: Source,
+}
+
 /// The result of rendering: rules to compile, reference entries, and warnings.
 #[derive(Debug, Clone, Default)]
 pub struct Rendered {
     pub rules: Vec<RuleSpec>,
+    /// Outbound service-tag entries with their prefixes (with a Service Tags file).
+    pub network: Vec<NetworkRule>,
     pub reference: Vec<ReferenceEntry>,
     pub warnings: Vec<String>,
 }

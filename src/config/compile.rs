@@ -15,7 +15,8 @@ use super::settings::{
 };
 
 use crate::catalog::{
-    Catalog, Cloud, DEFAULT_REVISION, REVISIONS, ReferenceEntry, Selection, ServiceTags,
+    Catalog, Cloud, DEFAULT_REVISION, NetworkRule, REVISIONS, ReferenceEntry, Selection,
+    ServiceTags,
 };
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
 use crate::policy::{Policy, PolicyOptions, did_you_mean};
@@ -25,10 +26,14 @@ use crate::policy::{Policy, PolicyOptions, did_you_mean};
 pub struct Built {
     pub policy: Policy,
     pub cloud: Cloud,
+    /// The region the catalog was rendered for, if set.
+    pub region: Option<String>,
     pub revision: String,
     pub features: BTreeSet<String>,
     pub all_features: Vec<(String, String)>,
     pub reference: Vec<ReferenceEntry>,
+    /// Outbound service-tag entries with their prefixes (with a Service Tags file).
+    pub network: Vec<NetworkRule>,
     /// Entries left out and load-time notes, in that order.
     pub warnings: Vec<String>,
 }
@@ -178,6 +183,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     Ok(Built {
         policy,
         cloud: selection.cloud,
+        region: selection.region.clone(),
         revision: catalog.revision.clone(),
         features,
         all_features: catalog
@@ -186,6 +192,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             .map(|f| (f.name.clone(), f.summary.clone()))
             .collect(),
         reference: rendered.reference,
+        network: rendered.network,
         warnings,
     })
 }

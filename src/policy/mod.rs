@@ -59,6 +59,11 @@ impl PortSet {
         self.is_any() || self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
     }
 
+    /// The inclusive ranges (empty: every port).
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.0
+    }
+
     /// Whether this is the every-port set.
     pub fn is_any(&self) -> bool {
         self.0.is_empty()

@@ -11,6 +11,7 @@ use aml_egress::config::{self, Built, Compiled, ConfigError, Settings};
 pub mod clients;
 pub mod dns;
 pub mod net;
+pub mod netns;
 pub mod peers;
 pub mod proxy;
 pub mod tls;
