@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpInfo;
 
 use super::activity::Activity;
 use super::admit::dial_failed;
+use super::host::{self, Named};
 use super::pool::UploadBody;
 use super::pool::dial_error;
 use super::respond::{Body, BodyError, refuse};
@@ -113,32 +114,19 @@ pub(super) async fn forward_in_tunnel(
     tunnel: Target,
 ) -> Response<Body> {
     let started = Instant::now();
-    let named = match req.uri().authority() {
-        Some(a) => Some(a.as_str().to_owned()),
-        None => match req.headers().get(header::HOST) {
-            Some(h) => Some(String::from_utf8_lossy(h.as_bytes()).into_owned()),
-            None if req.version() == hyper::Version::HTTP_10 => None,
-            None => Some(String::new()),
-        },
-    };
-    let same = match &named {
-        None => true,
-        Some(n) => match n.parse::<hyper::http::uri::Authority>() {
-            Ok(a) if req.method() != hyper::Method::CONNECT && !a.as_str().contains('@') => {
-                let port_ok = match a.port() {
-                    None => true,
-                    Some(_) => a.port_u16() == Some(tunnel.port),
-                };
-                port_ok && Target::from_parts(a.host(), tunnel.port).is_ok_and(|t| t == tunnel)
-            }
-            _ => false,
-        },
+    let named = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(header::HOST).map(|h| h.as_bytes()));
+    let same = match (req.method(), host::named(named, tunnel.port)) {
+        (&hyper::Method::CONNECT, _) => false,
+        (_, Named::Host(t)) => t == tunnel,
+        (_, Named::Absent) => named.is_none() && req.version() == hyper::Version::HTTP_10,
+        _ => false,
     };
     if !same {
-        let shown = named.unwrap_or_default();
-        let seen = shown.as_bytes()[..shown.len().min(256)]
-            .escape_ascii()
-            .to_string();
+        let seen = named_text(&req);
         live.note(&super::Seen {
             via: ListenerKind::Http,
             client: peer,
@@ -195,19 +183,30 @@ pub(super) async fn forward_transparent(
             .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
     };
     let port = orig.port();
-    let Some(named) = named.filter(|n| !n.is_empty()) else {
-        let target = Target {
-            host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
-            port,
-        };
-        let v = live.judge(&target, PathView::Hidden);
-        if !v.pass {
-            let shown = format!("{target} (no Host)");
+    let dst = Target {
+        host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
+        port,
+    };
+    let named = match req.method() {
+        // A redirected CONNECT names no host this listener can serve.
+        &hyper::Method::CONNECT => Named::Mismatch,
+        _ => host::named(named.as_deref().map(str::as_bytes), port),
+    };
+    let target = match named {
+        Named::Host(t) => t,
+        Named::Invalid(e) => {
+            return live.refuse_invalid(via, peer, named_text(&req).as_str(), e);
+        }
+        Named::Absent => {
+            let v = live.judge(&dst, PathView::Hidden);
+            if v.pass {
+                return send(req, peer, live, via, dst, &dst.to_string(), started).await;
+            }
             live.note(&super::Seen {
                 via,
                 client: peer,
-                target: Some(&target),
-                shown: &shown,
+                target: Some(&dst),
+                shown: &format!("{dst} (no Host)"),
                 seen: "(no Host)",
                 outcome: Outcome::Deny,
                 reason: ReasonCode::NoServerName,
@@ -218,56 +217,50 @@ pub(super) async fn forward_transparent(
                 "destination_not_allowed",
                 ReasonCode::NoServerName.as_str(),
                 &format!(
-                    "aml-egress refused a request to {target} without a Host header: only a CIDR rule for the address could allow it"
+                    "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
                 ),
             );
         }
-        return send(req, peer, live, via, target, &target.to_string(), started).await;
-    };
-    let parsed = named
-        .parse::<hyper::http::uri::Authority>()
-        .ok()
-        .filter(|a| {
-            req.method() != hyper::Method::CONNECT
-                && !a.as_str().contains('@')
-                && a.port().is_none_or(|_| a.port_u16() == Some(port))
-        });
-    let Some(authority) = parsed else {
-        let seen = named.as_bytes()[..named.len().min(256)]
-            .escape_ascii()
-            .to_string();
-        let dst = Target {
-            host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
-            port,
-        };
-        live.note(&super::Seen {
-            via,
-            client: peer,
-            target: Some(&dst),
-            shown: &format!("{dst} (redirected; Host {seen})"),
-            seen: &seen,
-            outcome: Outcome::Deny,
-            reason: ReasonCode::HostMismatch,
-            rule: "",
-        });
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "destination_not_allowed",
-            ReasonCode::HostMismatch.as_str(),
-            &format!(
-                "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
-            ),
-        );
-    };
-    let target = match Target::from_parts(authority.host(), port) {
-        Ok(t) => t,
-        Err(e) => return live.refuse_invalid(via, peer, authority.as_str(), e),
+        Named::Mismatch => {
+            let seen = named_text(&req);
+            live.note(&super::Seen {
+                via,
+                client: peer,
+                target: Some(&dst),
+                shown: &format!("{dst} (redirected; Host {seen})"),
+                seen: &seen,
+                outcome: Outcome::Deny,
+                reason: ReasonCode::HostMismatch,
+                rule: "",
+            });
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "destination_not_allowed",
+                ReasonCode::HostMismatch.as_str(),
+                &format!(
+                    "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
+                ),
+            );
+        }
     };
     let shown = match port {
         80 => target.host.to_string(),
         _ => target.to_string(),
     };
     send(req, peer, live, via, target, &shown, started).await
+}
+
+/// The authority or `Host` a request names, bounded and escaped for a log line.
+fn named_text(req: &Request<hyper::body::Incoming>) -> String {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str().as_bytes().to_vec(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.as_bytes().to_vec())
+            .unwrap_or_default(),
+    };
+    raw[..raw.len().min(256)].escape_ascii().to_string()
 }
 
 /// Decide on host, port and path, then forward (absolute-form and in-tunnel requests alike):

@@ -19,6 +19,7 @@ pub mod detect;
 pub mod dial;
 mod handshake;
 pub mod head;
+pub mod host;
 mod http;
 pub mod keepalive;
 mod listen;
