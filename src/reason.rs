@@ -58,6 +58,32 @@ reasons! {
 }
 
 impl ReasonCode {
+    /// The reason in a few words, for the status line's reason phrase.
+    pub const fn words(self) -> &'static str {
+        match self {
+            ReasonCode::Rule | ReasonCode::RuleWidened => "allowed",
+            ReasonCode::DenyRule => "denied by a deny entry",
+            ReasonCode::NoMatchingRule => "no rule matches",
+            ReasonCode::PortNotAllowed => "port not allowed",
+            ReasonCode::PathNotAllowed => "path not allowed",
+            ReasonCode::PathHiddenByTls => "path rules cannot see inside TLS",
+            ReasonCode::InvalidTarget => "invalid target",
+            ReasonCode::SniNotAllowed => "TLS name not allowed",
+            ReasonCode::ForbiddenAddress => "address refused by the guard",
+            ReasonCode::DnsFailed => "name does not resolve",
+            ReasonCode::NoAddress => "name has no address",
+            ReasonCode::DialTimeout => "connect timed out",
+            ReasonCode::DialFailed => "connect failed",
+            ReasonCode::UpstreamResponse => "no valid response from the upstream",
+            ReasonCode::TlsHelloInvalid => "malformed TLS hello",
+            ReasonCode::TlsHelloTimeout => "TLS hello too slow",
+            ReasonCode::NoServerName => "no server name",
+            ReasonCode::SniChangedAfterRetry => "TLS name changed after retry",
+            ReasonCode::TunnelProtocolNotAllowed => "protocol not allowed in a tunnel",
+            ReasonCode::HostMismatch => "Host names another host or port",
+        }
+    }
+
     /// The position among [`ReasonCode::ALL`] (a metric slot).
     pub const fn index(self) -> usize {
         self as usize

@@ -59,7 +59,12 @@ pub fn live(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let upstream = pool::Upstream::new(config.dial.clone(), config.idle_timeout, metrics.clone());
+    let upstream = pool::Upstream::new(
+        config.dial.clone(),
+        config.idle_timeout,
+        config.max_header_bytes,
+        metrics.clone(),
+    );
     Ok(Live {
         built: c.built,
         config,

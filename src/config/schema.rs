@@ -153,6 +153,19 @@ pub fn items(v: &Value) -> Vec<&Value> {
     }
 }
 
+impl Setting for bool {
+    fn from_value(v: &Value) -> Result<Self, Bad> {
+        match &v.kind {
+            ValueKind::Boolean(b) => Ok(*b),
+            ValueKind::String(s) if s == "true" || s == "false" => Ok(s == "true"),
+            _ => Err(Bad::new(
+                "not true or false",
+                "write true or false without quotes",
+            )),
+        }
+    }
+}
+
 impl Setting for String {
     fn from_value(v: &Value) -> Result<Self, Bad> {
         text(v)

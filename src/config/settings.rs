@@ -338,6 +338,8 @@ section! {
         tls_cert: Option<PathBuf> = None; Scalar, Live;
         /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the TLS listeners.
         tls_key: Option<PathBuf> = None; Scalar, Live;
+        /// Add `Via: 1.1 aml-egress` to forwarded requests and responses.
+        via: bool = true; Scalar, Live;
     }
 }
 

@@ -54,10 +54,14 @@ impl Live {
     /// The 403 for a policy refusal.
     pub(crate) fn forbidden(&self, target: &str, d: &Decision) -> hyper::Response<Body> {
         let why = self.built.policy.explain(target, d);
+        let code = d.reason.code();
+        // An unparseable target is not repeated in the status line.
+        let shown = (code != ReasonCode::InvalidTarget).then_some(target);
         refuse(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
-            d.reason.code().as_str(),
+            code.as_str(),
+            (shown, code.words()),
             &format!(
                 "aml-egress refused {target}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
             ),
@@ -333,6 +337,7 @@ pub(crate) fn dial_failed(
         status,
         error,
         details.as_str(),
+        (Some(&shown), details.words()),
         &format!("aml-egress could not reach {shown}: {e}{hint}"),
     )
 }

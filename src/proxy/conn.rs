@@ -47,8 +47,8 @@ pub(super) async fn serve_connection<S, H, F>(
                 tracing::warn!(client = %peer, reason = "header_too_large", "request head larger than proxy.max_header_bytes; answered 431");
             }
             let body = respond::raw(
-                431,
-                "Request Header Fields Too Large",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head too large",
                 "http_request_error",
                 "header_too_large",
                 "the request head is larger than proxy.max_header_bytes",
@@ -115,6 +115,8 @@ pub(crate) async fn serve_requests<S, H, F>(
     builder
         .header_read_timeout(None) // see keepalive: ours answers 408
         .max_buf_size(cfg.max_header_bytes.max(8192))
+        // Our byte limit is the only limit on a head: room for as many fields as fit.
+        .max_headers(cfg.max_header_bytes / 4)
         .keep_alive(true);
     let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
     drop(live);
@@ -181,9 +183,17 @@ pub(super) async fn route(
     let live = shared.live();
     let start = std::time::Instant::now();
     if req.method() == Method::CONNECT {
-        let resp = connect::handle(req, peer, live.clone(), shared).await;
+        let mut resp = connect::handle(req, peer, live.clone(), shared).await;
         live.metrics
             .request_duration(ListenerKind::Connect, start.elapsed());
+        if !resp.status().is_success() {
+            // Bytes the client sent behind its CONNECT were meant for the tunnel it expected;
+            // after a refusal they must not be read as a request: answer and close.
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
         return resp;
     }
     match req.uri().scheme_str() {
@@ -197,12 +207,14 @@ pub(super) async fn route(
             StatusCode::BAD_REQUEST,
             "http_request_error",
             "https_absolute_form",
+            (None, "https URLs go through CONNECT"),
             "aml-egress tunnels TLS with CONNECT: use this proxy as HTTPS_PROXY (https://host URLs are then sent as CONNECT host:443)",
         ),
         _ => refuse(
             StatusCode::BAD_REQUEST,
             "http_request_error",
             "not_a_proxy_request",
+            (None, "not a proxy request"),
             "aml-egress is a forwarding proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port, for example by setting HTTP_PROXY and HTTPS_PROXY to http://<this proxy>:3128",
         ),
     }

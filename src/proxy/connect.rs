@@ -78,5 +78,11 @@ pub(super) async fn handle(
             Err(e) => tracing::debug!(client = %peer, error = %e, "CONNECT upgrade failed"),
         }
     });
-    Response::new(full(""))
+    // The reason phrase Squid, tinyproxy and goproxy send, which some clients expect.
+    let mut resp = Response::new(full(""));
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            b"Connection established",
+        ));
+    resp
 }

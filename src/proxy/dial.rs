@@ -289,7 +289,10 @@ impl DialConfig {
 }
 
 fn is_local_address(ip: IpAddr) -> bool {
-    if ip.is_loopback() || ip.is_unspecified() {
+    // An IPv6 link-local address cannot be asked about without its interface: count it
+    // as local (fail closed; the guard refuses link-local destinations anyway).
+    let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+    if ip.is_loopback() || ip.is_unspecified() || link_local {
         return true;
     }
     let bind: SocketAddr = match ip {

@@ -22,8 +22,10 @@ pub enum HeadError {
     Io(io::Error),
 }
 
-/// Read until the end of the first request head (`\r\n\r\n`), within `limit` bytes and
-/// `timeout` in total. Whatever arrived after the head stays in the buffer.
+/// Read until the end of the first request head (an empty line, its line ends CRLF or a
+/// bare LF as RFC 9112 §2.2 lets a recipient accept, as hyper's parser does), within
+/// `limit` bytes and `timeout` in total. Whatever arrived after the head stays in the
+/// buffer.
 pub async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     limit: usize,
@@ -33,10 +35,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut scanned = 0usize;
     loop {
-        if buf[scanned.saturating_sub(3)..]
-            .windows(4)
-            .any(|w| w == b"\r\n\r\n")
-        {
+        if ends_head(&buf[scanned.saturating_sub(2)..]) {
             return Ok(buf);
         }
         scanned = buf.len();
@@ -51,6 +50,15 @@ pub async fn read_head<S: AsyncRead + Unpin>(
             Ok(Err(e)) => return Err(HeadError::Io(e)),
         }
     }
+}
+
+/// Whether `bytes` hold the end of a head: a line end followed by an empty line
+/// (`\n\n` or `\n\r\n`; `\r\n\r\n` contains the latter).
+fn ends_head(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// A stream that first yields bytes already read from it.

@@ -141,6 +141,7 @@ pub(super) async fn forward_in_tunnel(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
             ReasonCode::HostMismatch.as_str(),
+            (Some(&tunnel.to_string()), ReasonCode::HostMismatch.words()),
             &format!(
                 "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
             ),
@@ -216,6 +217,10 @@ pub(super) async fn forward_transparent(
                 StatusCode::FORBIDDEN,
                 "destination_not_allowed",
                 ReasonCode::NoServerName.as_str(),
+                (
+                    Some(&dst.to_string()),
+                    "no Host and no rule for the address",
+                ),
                 &format!(
                     "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
                 ),
@@ -237,6 +242,7 @@ pub(super) async fn forward_transparent(
                 StatusCode::FORBIDDEN,
                 "destination_not_allowed",
                 ReasonCode::HostMismatch.as_str(),
+                (Some(&dst.to_string()), ReasonCode::HostMismatch.words()),
                 &format!(
                     "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
                 ),
@@ -248,6 +254,54 @@ pub(super) async fn forward_transparent(
         _ => target.to_string(),
     };
     send(req, peer, live, via, target, &shown, started).await
+}
+
+/// How a message's body is framed, as far as forwarding is concerned.
+enum Framing {
+    /// By Content-Length, or no body.
+    Length,
+    /// `Transfer-Encoding: chunked` (which hyper decodes).
+    Chunked,
+    /// A transfer coding other than chunked (named).
+    Other(String),
+}
+
+fn framing(h: &HeaderMap) -> Framing {
+    let mut any = false;
+    for value in h.get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding != "chunked" {
+                return Framing::Other(coding.chars().take(64).collect());
+            }
+            any = true;
+        }
+    }
+    if any {
+        Framing::Chunked
+    } else {
+        Framing::Length
+    }
+}
+
+/// `Via: 1.1 aml-egress` after what earlier hops wrote (RFC 9110 §7.6.3).
+fn add_via(h: &mut HeaderMap) {
+    h.append(header::VIA, HeaderValue::from_static("1.1 aml-egress"));
+}
+
+/// Whether a client error is a response head over the size limit.
+fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The authority or `Host` a request names, bounded and escaped for a log line.
@@ -295,8 +349,36 @@ async fn send(
         Ok(pending) => pending,
         Err(refused) => return refused,
     };
+    // Framing (RFC 9112 §6): hyper has decoded `chunked`; any other transfer coding would
+    // be passed on without its label, so it is refused, and a Content-Length beside a
+    // Transfer-Encoding is dropped (the chunked length wins).
+    match framing(req.headers()) {
+        Framing::Other(coding) => {
+            if let Some(p) = pending {
+                p.instead();
+                live.metrics
+                    .decision(via, Outcome::Error, ReasonCode::UpstreamResponse);
+            }
+            return refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "http_request_error",
+                "transfer_coding",
+                (Some(&shown), "request transfer coding not implemented"),
+                &format!(
+                    "aml-egress forwards only the chunked transfer coding; this request used {coding:?}: send it without that coding"
+                ),
+            );
+        }
+        Framing::Chunked => {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        Framing::Length => {}
+    }
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
+    if live.config.via {
+        add_via(req.headers_mut());
+    }
     if let Ok(v) = HeaderValue::from_str(authority) {
         req.headers_mut().insert(header::HOST, v);
     }
@@ -332,13 +414,37 @@ async fn send(
             StatusCode::GATEWAY_TIMEOUT,
             "http_response_timeout",
             ReasonCode::UpstreamResponse.as_str(),
+            (Some(&shown), "no response head in time"),
             &format!("aml-egress got no response head from {shown} within proxy.idle_timeout_secs"),
         );
     };
     match answered {
         Ok(mut resp) => {
+            match framing(resp.headers()) {
+                Framing::Other(coding) => {
+                    upstream_failed(pending);
+                    return refuse(
+                        StatusCode::BAD_GATEWAY,
+                        "http_response_incomplete",
+                        ReasonCode::UpstreamResponse.as_str(),
+                        (Some(&shown), "response transfer coding not implemented"),
+                        &format!(
+                            "aml-egress got a response from {shown} in the transfer coding {coding:?}, which it cannot forward faithfully"
+                        ),
+                    );
+                }
+                Framing::Chunked => {
+                    resp.headers_mut().remove(header::CONTENT_LENGTH);
+                }
+                Framing::Length => {}
+            }
             drop(pending); // an allow
             strip_hop_by_hop(resp.headers_mut());
+            if live.config.via {
+                add_via(resp.headers_mut());
+            }
+            // Our own version in the status line (RFC 9110 §6.2).
+            *resp.version_mut() = hyper::Version::HTTP_11;
             let upstream = resp
                 .extensions()
                 .get::<HttpInfo>()
@@ -362,12 +468,25 @@ async fn send(
         }
         Err(e) => match dial_error(&e) {
             Some(d) => dial_failed(&live, via, peer, &target, d, pending),
+            None if head_too_large(&e) => {
+                upstream_failed(pending);
+                refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "http_response_header_section_size",
+                    ReasonCode::UpstreamResponse.as_str(),
+                    (Some(&shown), "response head too large"),
+                    &format!(
+                        "aml-egress got a response head from {shown} larger than proxy.max_header_bytes"
+                    ),
+                )
+            }
             None => {
                 upstream_failed(pending);
                 refuse(
                     StatusCode::BAD_GATEWAY,
                     "http_response_incomplete",
                     ReasonCode::UpstreamResponse.as_str(),
+                    (Some(&shown), ReasonCode::UpstreamResponse.words()),
                     &format!("aml-egress got no valid response from {shown}: {e}"),
                 )
             }

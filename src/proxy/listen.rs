@@ -252,8 +252,8 @@ fn refuse_at_limit(stream: tokio::net::TcpStream, details: &'static str, message
     tokio::spawn(async move {
         let mut stream = stream;
         let body = respond::raw(
-            503,
-            "Service Unavailable",
+            hyper::StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached",
             "connection_limit_reached",
             details,
             message,

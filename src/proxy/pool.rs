@@ -99,10 +99,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Pools whose idle connections close after `idle`.
-    pub fn new(dial: Arc<DialConfig>, idle: Duration, metrics: Arc<Metrics>) -> Self {
+    /// Pools whose idle connections close after `idle`; a response head may take up to
+    /// `max_head` bytes (`proxy.max_header_bytes`), whatever its field count.
+    pub fn new(
+        dial: Arc<DialConfig>,
+        idle: Duration,
+        max_head: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let client = |allowlisted| {
             Client::builder(TokioExecutor::new())
+                .http1_max_buf_size(max_head.max(8192))
+                .http1_max_headers(max_head / 4)
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(idle)
                 .pool_max_idle_per_host(32)

@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     pub sni_missing_allowed: bool,
     /// Which address a redirected TLS connection is dialled at.
     pub transparent_dial: crate::config::TransparentDial,
+    /// Add `Via` to forwarded messages.
+    pub via: bool,
     pub sni_timeout: Duration,
     pub dial: Arc<DialConfig>,
 }
@@ -65,6 +67,7 @@ impl ProxyConfig {
             opaque_ports: p.opaque_ports.clone(),
             sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
             transparent_dial: s.transparent.dial,
+            via: p.via,
             sni_timeout: p.sni_timeout_secs,
             dial: Arc::new(DialConfig {
                 connect_to: s

@@ -1,0 +1,261 @@
+//! HTTP conformance of what the proxy forwards and answers, against scripted upstreams that
+//! write raw bytes (so that faults no well-behaved library produces can be made), asserting
+//! what the client got and what reached the upstream.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::clients::curl_async;
+use support::net::{exchange, read_request_head, upstream};
+use support::proxy::start_proxy;
+
+/// An upstream that records each request head and answers with `answer` verbatim.
+async fn scripted(answer: &'static [u8]) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let h = heads.clone();
+    let addr = upstream(move |mut s| {
+        let h = h.clone();
+        async move {
+            if let Some(head) = read_request_head(&mut s).await {
+                h.lock().unwrap().push(head);
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+fn config(web: SocketAddr, extra: &str) -> String {
+    format!(
+        "[proxy]\n{extra}\n[[allow]]\nhost = \"web.test\"\nports = [80]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"web.test:80\" = \"{web}\" }}\n"
+    )
+}
+
+/// Send a raw request and read everything until the proxy closes.
+async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_response_with_a_content_length_reaches_the_client_whole() {
+    let (web, _) = scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let p = start_proxy(&config(web, "")).await;
+    let (code, body, err) = curl_async(vec![
+        "-x".into(),
+        format!("http://{}", p.addr),
+        "http://web.test/".into(),
+    ])
+    .await;
+    assert_eq!((code, body.as_str()), (0, "hello"), "{err}");
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        !resp.to_ascii_lowercase().contains("content-length: 2"),
+        "{resp}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_are_refused_not_relabelled() {
+    let (web, heads) = scripted(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    let p = start_proxy(&config(web, "")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+    let resp = raw(
+        p.addr,
+        b"POST http://web.test/up HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 501 "), "{resp}");
+    assert!(resp.contains("details=\"transfer_coding\""), "{resp}");
+    assert_eq!(
+        heads.lock().unwrap().len(),
+        1,
+        "the POST never reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_why_in_the_status_line() {
+    let p = start_proxy("").await;
+    let (_, resp) = exchange(p.addr, "CONNECT pypi.org:8080 HTTP/1.1\r\n\r\n").await;
+    assert!(
+        resp.starts_with(
+            "HTTP/1.1 403 Forbidden by aml-egress: pypi.org:8080 port not allowed\r\n"
+        ),
+        "{resp}"
+    );
+    let (_, resp) = exchange(p.addr, "CONNECT x..y:443 HTTP/1.1\r\n\r\n").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 403 Forbidden by aml-egress: invalid target\r\n"),
+        "{resp}"
+    );
+    // What curl shows a person.
+    let (code, _, err) = curl_async(vec![
+        "-x".into(),
+        format!("http://{}", p.addr),
+        "https://notpytorch.org/".into(),
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+    let (_, resp) = exchange(p.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400 Bad Request by aml-egress: not a proxy request\r\n"),
+        "{resp}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_behind_a_refused_connect_are_never_read_as_a_request() {
+    let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = start_proxy(&config(web, "")).await;
+    let resp = raw(
+        p.addr,
+        b"CONNECT denied.example.com:443 HTTP/1.1\r\n\r\nGET http://web.test/smuggled HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403 "), "{resp}");
+    assert_eq!(
+        resp.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then close: {resp}"
+    );
+    assert!(
+        heads.lock().unwrap().is_empty(),
+        "the smuggled GET reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_limit_is_the_only_limit_on_a_head() {
+    let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = start_proxy(&config(web, "")).await;
+    let fields: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let request = format!(
+        "GET http://web.test/many HTTP/1.1\r\nHost: web.test\r\n{fields}Connection: close\r\n\r\n"
+    );
+    let resp = raw(p.addr, request.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert!(heads.lock().unwrap()[0].contains("x-f119: v"));
+
+    // A response head with many fields passes; one over the byte limit is a 502.
+    let many: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 2\r\n\r\nok",
+            (0..150)
+                .map(|i| format!("X-R{i}: v\r\n"))
+                .collect::<String>()
+        )
+        .into_boxed_str(),
+    );
+    let (web, _) = scripted(many.as_bytes()).await;
+    let p = start_proxy(&config(web, "")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let huge: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+            "a".repeat(20_000)
+        )
+        .into_boxed_str(),
+    );
+    let (web, _) = scripted(huge.as_bytes()).await;
+    let p = start_proxy(&config(web, "")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+    assert!(
+        resp.contains("error=http_response_header_section_size"),
+        "{resp}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_ending_in_bare_line_feeds_is_answered_at_once() {
+    let (web, _) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = start_proxy(&config(web, "header_timeout_secs = 30")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\nHost: web.test\nConnection: close\n\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn via_is_added_both_ways_unless_turned_off_and_connect_says_connection_established() {
+    let (web, heads) = scripted(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = start_proxy(&config(web, "")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nVia: 1.1 inner\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "our version: {resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("via: 1.1 aml-egress"),
+        "{resp}"
+    );
+    let up = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(
+        up.contains("via: 1.1 inner") && up.contains("via: 1.1 aml-egress"),
+        "{up}"
+    );
+
+    let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = start_proxy(&config(web, "via = false")).await;
+    let resp = raw(
+        p.addr,
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!resp.to_ascii_lowercase().contains("via:"), "{resp}");
+    assert!(
+        !heads.lock().unwrap()[0]
+            .to_ascii_lowercase()
+            .contains("via:")
+    );
+
+    let echo = support::net::echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nopaque_ports = [443]\ntls_ports = []\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (_, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 200 Connection established\r\n"),
+        "{resp}"
+    );
+}
