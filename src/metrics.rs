@@ -127,6 +127,8 @@ pub struct Metrics {
     rules: IntGaugeVec,
     build_info: IntGaugeVec,
     suppressed: IntCounter,
+    /// Requests sent again after a reused upstream connection closed without answering.
+    pub upstream_retries: IntCounter,
     denied: Mutex<DeniedTable>,
 }
 
@@ -273,6 +275,11 @@ impl Metrics {
                 &r,
                 "aml_egress_log_lines_suppressed_total",
                 "Denial log lines not written because their target was over log.denied_lines_per_minute.",
+            ),
+            upstream_retries: counter(
+                &r,
+                "aml_egress_upstream_retries_total",
+                "Idempotent requests without a body sent again on a fresh connection after a reused upstream connection closed without answering.",
             ),
             denied: Mutex::new(DeniedTable::new(max_denied)),
             registry: r,

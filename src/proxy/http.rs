@@ -9,7 +9,7 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpInfo;
+use hyper_util::client::legacy::connect::{CaptureConnection, HttpInfo, capture_connection};
 
 use super::activity::Activity;
 use super::admit::dial_failed;
@@ -256,6 +256,68 @@ pub(super) async fn forward_transparent(
     send(req, peer, live, via, target, &shown, started).await
 }
 
+/// The response to `sent`, or `None` when its head did not come within `idle` of the
+/// request's last bytes (so that a long upload is not cut off but a silent upstream is).
+async fn answer<F, T>(sent: F, upload: &Activity, idle: std::time::Duration) -> Option<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    tokio::pin!(sent);
+    loop {
+        let quiet = upload.quiet_for();
+        if quiet >= idle {
+            return None;
+        }
+        tokio::select! {
+            r = &mut sent => return Some(r),
+            _ = tokio::time::sleep(idle - quiet) => {}
+        }
+    }
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(m: &hyper::Method) -> bool {
+    use hyper::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
+/// Whether the upstream closed without sending anything of a response.
+fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether the request went over a connection dialled before it was sent.
+fn reused(captured: &CaptureConnection, sent_at: std::time::Instant) -> bool {
+    let Some(connected) = captured.connection_metadata().as_ref().map(|c| {
+        let mut ext = hyper::http::Extensions::new();
+        c.get_extras(&mut ext);
+        ext
+    }) else {
+        return false;
+    };
+    connected
+        .get::<super::pool::DialledAt>()
+        .is_some_and(|d| d.0 < sent_at)
+}
+
 /// How a message's body is framed, as far as forwarding is concerned.
 enum Framing {
     /// By Content-Length, or no body.
@@ -384,28 +446,42 @@ async fn send(
     }
     *req.uri_mut() = uri;
     let method = req.method().clone();
+    // A request that can be sent again (RFC 9112 §9.3.1): idempotent, without a body.
+    let replay =
+        (is_idempotent(&method) && hyper::body::Body::is_end_stream(req.body())).then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.version(),
+                req.headers().clone(),
+            )
+        });
     let upload = Arc::new(Activity::new());
-    let req = req.map(|body| UploadBody::new(body, upload.clone()));
-    let sent = live.upstream.client(v.decision.is_allowed()).request(req);
+    let mut req = req.map(|body| UploadBody::new(body, upload.clone()));
+    let captured = capture_connection(&mut req);
+    let sent_at = std::time::Instant::now();
+    let client = live.upstream.client(v.decision.is_allowed());
+    let idle = live.config.idle_timeout;
+    let mut answered = answer(client.request(req), &upload, idle).await;
+    // A reused connection the upstream closed without answering: once more on a fresh one,
+    // as nginx and Squid do.
+    if let (Some(Err(e)), Some((m, u, version, headers))) = (&answered, replay)
+        && unanswered(e)
+        && reused(&captured, sent_at)
+    {
+        live.metrics.upstream_retries.inc();
+        let mut again = Request::new(UploadBody::empty(upload.clone()));
+        *again.method_mut() = m;
+        *again.uri_mut() = u;
+        *again.version_mut() = version;
+        *again.headers_mut() = headers;
+        answered = answer(client.request(again), &upload, idle).await;
+    }
     let upstream_failed = |pending: Option<AllowCount>| {
         if let Some(p) = pending {
             p.instead();
             live.metrics
                 .decision(via, Outcome::Error, ReasonCode::UpstreamResponse);
-        }
-    };
-    // The response head must come within idle_timeout_secs of the last request bytes, so
-    // that a long upload is not cut off but a silent upstream is.
-    let idle = live.config.idle_timeout;
-    tokio::pin!(sent);
-    let answered = loop {
-        let quiet = upload.quiet_for();
-        if quiet >= idle {
-            break None;
-        }
-        tokio::select! {
-            r = &mut sent => break Some(r),
-            _ = tokio::time::sleep(idle - quiet) => {}
         }
     };
     let Some(answered) = answered else {

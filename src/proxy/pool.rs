@@ -6,13 +6,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use hyper::Uri;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -30,8 +31,61 @@ pub struct Connector {
     metrics: Arc<Metrics>,
 }
 
+/// When a pooled connection was dialled, in its connection metadata: a request sent at a
+/// later time went over a reused connection (what a retry depends on).
+#[derive(Debug, Clone, Copy)]
+pub struct DialledAt(pub Instant);
+
+/// An upstream connection of the pool: the socket and when it was dialled.
+pub struct Pooled {
+    io: TokioIo<TcpStream>,
+    at: Instant,
+}
+
+impl Connection for Pooled {
+    fn connected(&self) -> Connected {
+        self.io.connected().extra(DialledAt(self.at))
+    }
+}
+
+impl hyper::rt::Read for Pooled {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Pooled {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = Pooled;
     type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
 
@@ -51,20 +105,35 @@ impl tower_service::Service<Uri> for Connector {
             let started = std::time::Instant::now();
             let dialled = dial(&target, allowlisted, &cfg).await;
             metrics.dial(dialled.is_ok(), started.elapsed());
-            Ok(TokioIo::new(dialled?.0))
+            Ok(Pooled {
+                io: TokioIo::new(dialled?.0),
+                at: Instant::now(),
+            })
         })
     }
 }
 
 /// A request body on its way upstream that notes when bytes last went through.
 pub struct UploadBody {
-    inner: Incoming,
+    /// `None`: an empty body (a retried request without one).
+    inner: Option<Incoming>,
     activity: Arc<Activity>,
 }
 
 impl UploadBody {
     pub fn new(inner: Incoming, activity: Arc<Activity>) -> Self {
-        UploadBody { inner, activity }
+        UploadBody {
+            inner: Some(inner),
+            activity,
+        }
+    }
+
+    /// No body.
+    pub fn empty(activity: Arc<Activity>) -> Self {
+        UploadBody {
+            inner: None,
+            activity,
+        }
     }
 }
 
@@ -76,7 +145,10 @@ impl hyper::body::Body for UploadBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &polled {
             self.activity.touch();
         }
@@ -84,11 +156,14 @@ impl hyper::body::Body for UploadBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => hyper::body::SizeHint::with_exact(0),
+        }
     }
 }
 
