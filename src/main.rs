@@ -77,6 +77,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
+    /// every failure (for container health checks).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        admin: String,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
     /// Print an nftables rule set for a network virtual appliance VM (`nft -f` loads it).
     NvaRules {
         #[arg(long, short)]
@@ -167,6 +178,11 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 }
             }
         }
+        Command::Health {
+            admin,
+            token_file,
+            timeout,
+        } => health(&admin, token_file.as_deref(), timeout),
         Command::NvaRules {
             config,
             from,
@@ -219,6 +235,48 @@ fn run(args: Args) -> anyhow::Result<i32> {
     };
     out.flush()?;
     Ok(code)
+}
+
+/// `aml-egress health`: 0 when `/readyz` answers 200, 1 otherwise (never 2, which
+/// Docker's HEALTHCHECK reserves), with one line saying which.
+fn health(admin: &str, token_file: Option<&std::path::Path>, timeout: f64) -> i32 {
+    let token = match token_file.map(aml_egress::admin::read_token) {
+        Some(Err(e)) => {
+            eprintln!("aml-egress health: {e}");
+            return 1;
+        }
+        Some(Ok(t)) => Some(t),
+        None => None,
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("aml-egress health: cannot start a runtime");
+        return 1;
+    };
+    let limit = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 300.0));
+    let asked = rt.block_on(async {
+        tokio::time::timeout(
+            limit,
+            aml_egress::admin::fetch(admin, "/readyz", token.as_deref()),
+        )
+        .await
+    });
+    match asked {
+        Ok(Ok(_)) => {
+            println!("ready: {admin}/readyz answered 200");
+            0
+        }
+        Ok(Err(e)) => {
+            eprintln!("not ready: {e}");
+            1
+        }
+        Err(_) => {
+            eprintln!("not ready: {admin}/readyz did not answer within {timeout} s");
+            1
+        }
+    }
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {

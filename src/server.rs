@@ -30,6 +30,14 @@ pub fn init_logging(log: &LogSettings) {
     }
 }
 
+/// Tell systemd (when it started us with `Type=notify`, `NOTIFY_SOCKET` set) how the
+/// service is; without a notify socket this does nothing.
+pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -96,7 +104,10 @@ pub async fn start(
     let live = runtime::live(compiled, own, metrics.clone(), logs)?;
     metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));
 
-    let shared = Shared::new(live, stop.clone());
+    // The proxy stops accepting only after proxy.shutdown_delay_secs: until then a load
+    // balancer that has not yet seen /readyz fail still gets its connections served.
+    let (listeners_stop, listeners_stopping) = tokio::sync::watch::channel(false);
+    let shared = Shared::new(live, listeners_stopping);
     let ready = Arc::new(AtomicBool::new(false));
     let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
     let (admin_stop_tx, admin_stop) = tokio::sync::watch::channel(false);
@@ -129,12 +140,23 @@ pub async fn start(
         "aml-egress serving"
     );
     ready.store(true, Ordering::Relaxed);
+    notify(&[sd_notify::NotifyState::Ready]);
     let mut stopping = stop;
     let done = tokio::spawn(async move {
+        let delay = shared.live().config.shutdown_delay;
         let run = tokio::spawn(proxy::run(listeners, shared));
         let _ = stopping.wait_for(|s| *s).await;
         // Draining: not ready any more, but metrics and health stay up until the end.
         ready.store(false, Ordering::Relaxed);
+        notify(&[sd_notify::NotifyState::Stopping]);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_secs = delay.as_secs_f64(),
+                "not ready; still accepting for proxy.shutdown_delay_secs"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let _ = listeners_stop.send(true);
         let left = run.await.unwrap_or(0);
         let _ = admin_stop_tx.send(true);
         left

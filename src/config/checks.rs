@@ -201,6 +201,14 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
             ));
         }
     }
+    if p.shutdown_delay_secs.as_secs_f64() > 3600.0 {
+        out.push(Problem::new(
+            "proxy.shutdown_delay_secs",
+            p.shutdown_delay_secs.as_secs_f64().to_string(),
+            "not a duration".into(),
+            Some("use seconds from 0 (stop accepting at once) to 3600".into()),
+        ));
+    }
     for (key, ports) in [
         ("proxy.tls_ports", &p.tls_ports),
         ("proxy.opaque_ports", &p.opaque_ports),

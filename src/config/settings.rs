@@ -324,6 +324,9 @@ section! {
         idle_timeout_secs: Duration = Duration::from_secs(300); Scalar, Live;
         /// Time open tunnels and requests get to finish after SIGTERM/SIGINT.
         grace_period_secs: Duration = Duration::from_secs(30); Scalar, Live;
+        /// After SIGTERM, time `/readyz` says 503 while the listeners still accept, so that a
+        /// load balancer sees the instance go before its connections are refused.
+        shutdown_delay_secs: Duration = Duration::ZERO; Scalar, Live;
         /// Ports whose tunnels must start with a ClientHello naming an allowed host.
         tls_ports: Vec<u16> = vec![443]; List, Live;
         /// Ports whose tunnels are relayed without inspection.

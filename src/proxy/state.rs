@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     pub transparent_dial: crate::config::TransparentDial,
     /// Add `Via` to forwarded messages.
     pub via: bool,
+    /// After SIGTERM, how long the listeners keep accepting while not ready.
+    pub shutdown_delay: Duration,
     pub sni_timeout: Duration,
     pub dial: Arc<DialConfig>,
 }
@@ -68,6 +70,7 @@ impl ProxyConfig {
             sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
             transparent_dial: s.transparent.dial,
             via: p.via,
+            shutdown_delay: p.shutdown_delay_secs,
             sni_timeout: p.sni_timeout_secs,
             dial: Arc::new(DialConfig {
                 connect_to: s
