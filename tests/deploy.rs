@@ -205,3 +205,64 @@ fn health_says_ready_then_not_ready_during_the_shutdown_delay_while_still_accept
     let (code, text) = health(&closed.to_string());
     assert_eq!(code, 1, "{text}");
 }
+
+/// The TOML a manifest's ConfigMap holds, between its begin and end markers, dedented.
+fn embedded_config(manifest: &str) -> String {
+    let start = manifest.find("# config.toml begins").expect("begin marker");
+    let end = manifest.find("# config.toml ends").expect("end marker");
+    manifest[start..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.trim_start())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_use_keys_ports_and_paths_the_product_has() {
+    let token = TempFile::new("token", "0123456789abcdef0123456789abcdef");
+    for (name, manifest) in [
+        ("gateway", include_str!("../deploy/kubernetes/gateway.yaml")),
+        ("sidecar", include_str!("../deploy/kubernetes/sidecar.yaml")),
+    ] {
+        let toml = embedded_config(manifest)
+            .replace("/var/run/aml-egress/admin/token", token.0.to_str().unwrap());
+        let s = support::settings(&toml).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let admin = s.admin.listen.expect("an admin listener");
+        assert!(
+            manifest.contains(&format!("containerPort: {}", admin.port())),
+            "{name}: the admin port"
+        );
+        if name == "gateway" {
+            let proxy = s.proxy.listen[0].port();
+            assert!(
+                manifest.contains(&format!("containerPort: {proxy}")),
+                "{name}"
+            );
+            assert!(
+                manifest.contains(&format!("value: http://127.0.0.1:{proxy}"))
+                    || manifest.contains("port: 3128"),
+                "{name}: the proxy port"
+            );
+        }
+        for line in manifest
+            .lines()
+            .filter(|l| l.trim_start().starts_with("path: "))
+        {
+            let path = line.trim_start().trim_start_matches("path: ");
+            assert!(["/healthz", "/readyz"].contains(&path), "{name}: {path}");
+        }
+    }
+    assert!(
+        include_str!("../deploy/kubernetes/sidecar.yaml").contains("value: http://127.0.0.1:3128")
+    );
+    // The paths the probes and the scrape use are answered.
+    let p = support::proxy::start_proxy("").await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, _) = support::net::get(p.admin_addr, path, None).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    assert!(include_str!("../deploy/kubernetes/prometheus-scrape.yml").contains("port: 9464"));
+    // The container's own configuration is valid as shipped.
+    support::settings(include_str!("../config/docker.toml")).unwrap();
+}
