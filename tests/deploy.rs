@@ -266,3 +266,25 @@ async fn the_manifests_use_keys_ports_and_paths_the_product_has() {
     // The container's own configuration is valid as shipped.
     support::settings(include_str!("../config/docker.toml")).unwrap();
 }
+
+#[test]
+fn the_appliance_cloud_init_holds_a_valid_configuration() {
+    let cloud_init = include_str!("../deploy/azure/cloud-init.yaml");
+    let start = cloud_init.find("[catalog]").expect("a configuration");
+    let end = cloud_init.find("  - path: /etc/sysctl.d").expect("its end");
+    let token = TempFile::new("token", "0123456789abcdef0123456789abcdef");
+    let toml: String = cloud_init[start..end]
+        .lines()
+        .map(|l| l.trim_start())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("/etc/aml-egress/admin-token", token.0.to_str().unwrap());
+    let s = support::settings(&toml).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!s.transparent.tls_listen.is_empty());
+    // The load balancer's probe port is the admin port.
+    let admin = s.admin.listen.expect("an admin listener").port();
+    assert!(
+        include_str!("../deploy/azure/scale-set.sh")
+            .contains(&format!("--port {admin} --path /readyz"))
+    );
+}
