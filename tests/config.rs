@@ -1,6 +1,6 @@
 //! Configuration: a table of rejected configurations (file snippet, key, expected problem),
 //! one row per closed setting and numeric range, in the style of named test cases; every
-//! problem of a file reported at once; and the schema against README's key table.
+//! problem of a file reported at once; and the schema against the documented key table.
 
 mod support;
 
@@ -309,8 +309,8 @@ fn every_problem_of_a_file_is_reported_at_once_with_its_origin() {
 }
 
 #[test]
-fn the_schema_and_readmes_key_table_list_the_same_keys() {
-    let readme = include_str!("../README.md");
+fn the_schema_and_the_documented_key_table_list_the_same_keys() {
+    let readme = include_str!("../docs/configuration.md");
     let documented: BTreeSet<&str> = readme
         .lines()
         .filter_map(|l| l.strip_prefix("| `")?.split_once('`'))
@@ -321,12 +321,12 @@ fn the_schema_and_readmes_key_table_list_the_same_keys() {
     assert_eq!(
         declared.difference(&documented).collect::<Vec<_>>(),
         Vec::<&&str>::new(),
-        "keys missing from README's table"
+        "keys missing from docs/configuration.md"
     );
     assert_eq!(
         documented.difference(&declared).collect::<Vec<_>>(),
         Vec::<&&str>::new(),
-        "README documents keys the schema does not have"
+        "docs/configuration.md documents keys the schema does not have"
     );
 }
 
