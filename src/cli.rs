@@ -74,15 +74,36 @@ struct CheckLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a Source>,
     explanation: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    would_allow_with: Option<String>,
 }
 
 /// Decide one `check` argument.
 pub fn check_one(built: &Built, input: &str) -> (Decision, String) {
+    let (decision, explanation, _) = check_with_hint(built, input);
+    (decision, explanation)
+}
+
+/// As [`check_one`], with the optional part that is off and would allow a denied target.
+pub fn check_with_hint(built: &Built, input: &str) -> (Decision, String, Option<String>) {
     let t = parse_check_target(input);
     let view = t.path.map_or(PathView::Hidden, PathView::Visible);
     let decision = built.policy.decide_str(&t.authority, view);
-    let explanation = built.policy.explain(&t.authority, &decision);
-    (decision, explanation)
+    let mut explanation = built.policy.explain(&t.authority, &decision);
+    let part = (!decision.is_allowed())
+        .then(|| crate::policy::Target::parse(&t.authority).ok())
+        .flatten()
+        .and_then(|target| built.would_allow_with(&target, view))
+        .map(str::to_owned);
+    if let Some(p) = &part {
+        explanation.push_str(&optional_part_hint(p));
+    }
+    (decision, explanation, part)
+}
+
+/// What a denial says when an optional part that is off would allow it.
+pub fn optional_part_hint(part: &str) -> String {
+    format!("; the optional part {part} would allow it: add \"{part}\" to catalog.features")
 }
 
 /// Run `check` over the arguments, or over standard input when there are none.
@@ -94,7 +115,7 @@ pub fn check(
 ) -> io::Result<i32> {
     let mut any_denied = false;
     let mut one = |input: &str, out: &mut dyn Write| -> io::Result<()> {
-        let (d, explanation) = check_one(built, input);
+        let (d, explanation, would_allow_with) = check_with_hint(built, input);
         any_denied |= !d.is_allowed();
         if json {
             let rule: Option<&Rule> = d.rule.map(|id| built.policy.rule(id));
@@ -106,6 +127,7 @@ pub fn check(
                 ports: rule.map(|r| r.ports.to_string()),
                 source: rule.map(|r| &r.source),
                 explanation,
+                would_allow_with,
             };
             serde_json::to_writer(&mut *out, &line)?;
             writeln!(out)

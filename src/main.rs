@@ -95,8 +95,8 @@ enum Command {
         /// A compute subnet whose traffic the VM handles (repeatable).
         #[arg(long = "from", value_name = "CIDR")]
         from: Vec<String>,
-        /// Send PORT to the TLS or the HTTP listener instead of the default choice.
-        #[arg(long, value_name = "PORT=tls|http")]
+        /// Send PORT to the TLS or the HTTP listener, or leave it to the network rules.
+        #[arg(long, value_name = "PORT=tls|http|none")]
         redirect: Vec<String>,
     },
 }

@@ -19,7 +19,13 @@ use crate::policy::{Action, Matchable, PortSet};
 pub enum Via {
     Tls,
     Http,
+    /// Not redirected: left to the network rules (protocols that are neither TLS nor HTTP).
+    None,
 }
+
+/// Ports the host rules name that never carry TLS or HTTP: SMB (445) to storage goes by
+/// the network rules (`Storage.<region>`), not through the proxy.
+const NOT_REDIRECTED: [u16; 1] = [445];
 
 /// Why no rule set can be printed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +61,7 @@ pub fn rules(c: &Compiled, from: &[IpNet], redirect: &[(u16, Via)]) -> Result<St
     let mut to_tls: Vec<(u16, u16)> = ports
         .into_iter()
         .filter(|&(lo, hi)| !(lo == 80 && hi == 80))
+        .filter(|&(lo, hi)| !(lo == hi && NOT_REDIRECTED.contains(&lo)))
         .collect();
     for &(port, via) in redirect {
         to_tls.retain(|&(lo, hi)| !(lo == port && hi == port));
@@ -62,6 +69,7 @@ pub fn rules(c: &Compiled, from: &[IpNet], redirect: &[(u16, Via)]) -> Result<St
         match via {
             Via::Tls => to_tls.push((port, port)),
             Via::Http => to_http.push((port, port)),
+            Via::None => {}
         }
     }
     let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = from.iter().partition(|n| n.addr().is_ipv4());
@@ -195,7 +203,7 @@ fn ports_text(ranges: &[(u16, u16)]) -> String {
         .join(", ")
 }
 
-/// `PORT=tls` or `PORT=http`, for `--redirect`.
+/// `PORT=tls`, `PORT=http` or `PORT=none`, for `--redirect`.
 pub fn parse_redirect(s: &str) -> Result<(u16, Via), String> {
     let (port, via) = s
         .split_once('=')
@@ -208,7 +216,8 @@ pub fn parse_redirect(s: &str) -> Result<(u16, Via), String> {
     let via = match via {
         "tls" => Via::Tls,
         "http" => Via::Http,
-        _ => return Err(format!("--redirect {s}: use tls or http after the =")),
+        "none" => Via::None,
+        _ => return Err(format!("--redirect {s}: use tls, http or none after the =")),
     };
     Ok((port, via))
 }

@@ -130,7 +130,7 @@ pub async fn start(
 
     tracing::info!(
         listen = ?addrs,
-        admin = ?admin_addr,
+        admin = %admin_addr.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         mode = %mode,
         cloud = %cloud,
         revision = %revision,

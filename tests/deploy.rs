@@ -99,12 +99,7 @@ fn serve(toml: &str, notify: Option<&std::path::Path>) -> (Serving, TempFile) {
         if v["fields"]["message"] == "aml-egress serving" {
             let listen = v["fields"]["listen"].as_str().unwrap_or_default();
             let proxy = listen.trim_matches(['[', ']']).to_owned();
-            let admin = v["fields"]["admin"]
-                .as_str()
-                .unwrap_or_default()
-                .trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .to_owned();
+            let admin = v["fields"]["admin"].as_str().unwrap_or_default().to_owned();
             std::thread::spawn(move || lines.for_each(drop));
             return (
                 Serving {

@@ -41,7 +41,7 @@ fn the_printed_rules_load_into_the_kernel_and_say_what_they_should() {
     let config = TempFile::new(
         "nva.toml",
         &format!(
-            "[catalog]\ncloud = \"public\"\nregion = \"westeurope\"\nservice_tags_file = {:?}\n[transparent]\ntls_listen = [\"0.0.0.0:15443\"]\nhttp_listen = [\"0.0.0.0:15080\"]\n[admin]\nlisten = \"127.0.0.1:9464\"\n",
+            "[catalog]\ncloud = \"public\"\nregion = \"westeurope\"\nstorage_account = \"amlstore\"\nservice_tags_file = {:?}\n[transparent]\ntls_listen = [\"0.0.0.0:15443\"]\nhttp_listen = [\"0.0.0.0:15080\"]\n[admin]\nlisten = \"127.0.0.1:9464\"\n",
             tags.0
         ),
     );
@@ -70,6 +70,11 @@ fn the_printed_rules_load_into_the_kernel_and_say_what_they_should() {
     ] {
         assert!(rules.contains(line), "missing {line:?} in:\n{rules}");
     }
+    // SMB (445, allowed to the storage account) is never TLS: left to the network rules.
+    assert!(
+        !rules.lines().any(|l| l.contains("redirect") && l.contains("445")),
+        "{rules}"
+    );
     // Overlapping prefixes (13.66.140.80/28 inside 13.66.140.64/26) are merged by the set.
     assert!(rules.contains("auto-merge"));
 
@@ -82,7 +87,7 @@ fn the_printed_rules_load_into_the_kernel_and_say_what_they_should() {
         &["--from", "10.0.1.0/24", "--redirect", "8443=udp"],
     );
     assert_eq!(code, 2);
-    assert!(err.contains("tls or http"), "{err}");
+    assert!(err.contains("tls, http or none"), "{err}");
 
     if !able() {
         return;

@@ -156,6 +156,9 @@ pub struct Feature {
     pub summary: String,
     #[serde(default)]
     pub implies: Vec<String>,
+    /// For a part the article omits: why it is needed and where it was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_addition: Option<String>,
 }
 
 /// One row of one table of the article.

@@ -138,12 +138,17 @@ fn catalog(s: &Settings, out: &mut Vec<Problem>) {
 
 fn proxy(s: &Settings, out: &mut Vec<Problem>) {
     let p = &s.proxy;
-    if p.listen.is_empty() && p.tls_listen.is_empty() {
+    let t = &s.transparent;
+    if p.listen.is_empty()
+        && p.tls_listen.is_empty()
+        && t.tls_listen.is_empty()
+        && t.http_listen.is_empty()
+    {
         out.push(Problem::new(
             "proxy.listen",
             "[]".into(),
             "no listener".into(),
-            Some("give at least one address, for example \"127.0.0.1:3128\"".into()),
+            Some("give at least one address, for example \"127.0.0.1:3128\" (or transparent listeners)".into()),
         ));
     }
     if !p.tls_listen.is_empty() {

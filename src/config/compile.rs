@@ -19,7 +19,7 @@ use crate::catalog::{
     ServiceTags,
 };
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
-use crate::policy::{Policy, PolicyOptions, did_you_mean};
+use crate::policy::{PathView, Policy, PolicyOptions, Target, did_you_mean};
 
 /// A compiled policy and what an operator should know about it.
 #[derive(Debug)]
@@ -34,6 +34,8 @@ pub struct Built {
     pub reference: Vec<ReferenceEntry>,
     /// Outbound service-tag entries with their prefixes (with a Service Tags file).
     pub network: Vec<NetworkRule>,
+    /// The rules of the optional parts that are off: which part would allow a denial.
+    pub off_parts: Option<Policy>,
     /// Entries left out and load-time notes, in that order.
     pub warnings: Vec<String>,
 }
@@ -119,30 +121,41 @@ fn load_service_tags(s: &Settings) -> Result<Option<ServiceTags>, ConfigIssue> {
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
-    let features = catalog
-        .resolve_features(&s.catalog.features)
-        .map_err(|unknown| {
-            let names = catalog.feature_names();
-            let issues = unknown
-                .iter()
-                .map(|u| {
-                    let near = did_you_mean(u, names.iter().copied());
-                    let hint = if near.is_empty() {
-                        String::new()
-                    } else {
-                        format!("did you mean {}? ", near.join(" or "))
-                    };
-                    ConfigIssue {
-                        origin: s.origin_of("catalog.features"),
-                        key: "catalog.features".into(),
-                        value: Some(format!("{u:?}")),
-                        problem: "not an optional part of this catalog".into(),
-                        fix: Some(format!("{hint}valid names: all, {}", names.join(", "))),
-                    }
-                })
-                .collect();
-            ConfigError(issues)
-        })?;
+    // The default parts apply only where the catalog has them (a catalog file of an
+    // operator's may not); parts named in the configuration must exist.
+    let chosen: Vec<String> = if s.origins.contains_key("catalog.features") {
+        s.catalog.features.clone()
+    } else {
+        let names = catalog.feature_names();
+        s.catalog
+            .features
+            .iter()
+            .filter(|f| names.contains(&f.as_str()))
+            .cloned()
+            .collect()
+    };
+    let features = catalog.resolve_features(&chosen).map_err(|unknown| {
+        let names = catalog.feature_names();
+        let issues = unknown
+            .iter()
+            .map(|u| {
+                let near = did_you_mean(u, names.iter().copied());
+                let hint = if near.is_empty() {
+                    String::new()
+                } else {
+                    format!("did you mean {}? ", near.join(" or "))
+                };
+                ConfigIssue {
+                    origin: s.origin_of("catalog.features"),
+                    key: "catalog.features".into(),
+                    value: Some(format!("{u:?}")),
+                    problem: "not an optional part of this catalog".into(),
+                    fix: Some(format!("{hint}valid names: all, {}", names.join(", "))),
+                }
+            })
+            .collect();
+        ConfigError(issues)
+    })?;
     let selection = Selection {
         cloud: s.catalog.cloud,
         region: s
@@ -178,6 +191,33 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             fix: Some("use fewer or simpler regex rules, or host patterns".into()),
         }])
     })?;
+    // The rules of the optional parts that are off, to tell a denied destination which
+    // part would allow it (never consulted to allow anything).
+    let all = catalog
+        .resolve_features(&["all".to_owned()])
+        .unwrap_or_default();
+    let off_rules: Vec<_> = catalog
+        .render(&selection, &all, tags.as_ref())
+        .rules
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.source, crate::policy::Source::Catalog { feature: Some(f), .. } if !features.contains(f))
+        })
+        .collect();
+    // Field additions first: they name what a compute instance needs, where an article
+    // part may cover the same host for another purpose.
+    let addition = |r: &crate::policy::RuleSpec| match &r.source {
+        crate::policy::Source::Catalog {
+            feature: Some(f), ..
+        } => catalog
+            .features
+            .iter()
+            .any(|x| &x.name == f && x.field_addition.is_some()),
+        _ => false,
+    };
+    let mut off_rules = off_rules;
+    off_rules.sort_by_key(|r| !addition(r));
+    let off_parts = Policy::compile(off_rules, options).ok();
     let mut warnings = rendered.warnings;
     warnings.extend(policy.notes().iter().cloned());
     Ok(Built {
@@ -189,12 +229,37 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
         all_features: catalog
             .features
             .iter()
-            .map(|f| (f.name.clone(), f.summary.clone()))
+            .map(|f| {
+                let mark = if f.field_addition.is_some() {
+                    " [field addition]"
+                } else {
+                    ""
+                };
+                (f.name.clone(), format!("{}{mark}", f.summary))
+            })
             .collect(),
+        off_parts,
         reference: rendered.reference,
         network: rendered.network,
         warnings,
     })
+}
+
+impl Built {
+    /// The optional part (off now) that would allow `target`, for a denial's hint.
+    pub fn would_allow_with(&self, target: &Target, view: PathView<'_>) -> Option<&str> {
+        let off = self.off_parts.as_ref()?;
+        let d = off.decide(target, view);
+        if !d.is_allowed() {
+            return None;
+        }
+        match &off.rule(d.rule?).source {
+            crate::policy::Source::Catalog {
+                feature: Some(f), ..
+            } => Some(f.as_str()),
+            _ => None,
+        }
+    }
 }
 
 /// A configuration ready for the runtime: the compiled policy and the typed options of

@@ -280,8 +280,9 @@ section! {
         storage_account: Option<String> = None; Scalar, Live;
         /// Fills `<acr>`.
         container_registry: Option<String> = None; Scalar, Live;
-        /// Optional parts by name, or `["all"]`.
-        features: Vec<String> = Vec::new(); List, Live;
+        /// Optional parts by name, or `["all"]`; by default the field addition
+        /// `pip_downloads`, which every `pip install` from the default index needs.
+        features: Vec<String> = vec!["pip_downloads".to_owned()]; List, Live;
         /// A catalog file to read instead of the embedded one.
         file: Option<PathBuf> = None; Scalar, Live;
         /// A Service Tags file: outbound TCP service-tag entries become CIDR rules.

@@ -53,7 +53,13 @@ impl Live {
 
     /// The 403 for a policy refusal.
     pub(crate) fn forbidden(&self, target: &str, d: &Decision) -> hyper::Response<Body> {
-        let why = self.built.policy.explain(target, d);
+        let mut why = self.built.policy.explain(target, d);
+        if let Some(part) = crate::policy::Target::parse(target)
+            .ok()
+            .and_then(|t| self.built.would_allow_with(&t, PathView::Hidden))
+        {
+            why.push_str(&crate::cli::optional_part_hint(part));
+        }
         let code = d.reason.code();
         // An unparseable target is not repeated in the status line.
         let shown = (code != ReasonCode::InvalidTarget).then_some(target);
@@ -172,8 +178,13 @@ impl Live {
                     crate::policy::Host::Name(n) => n.as_str().to_owned(),
                     crate::policy::Host::Ip(ip) => ip.to_string(),
                 };
-                self.metrics
-                    .denied(&host, t.port, || allow_entry(t, reason))
+                let part = self.built.would_allow_with(t, PathView::Hidden);
+                self.metrics.denied(&host, t.port, || match part {
+                    Some(p) => format!(
+                        "catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})"
+                    ),
+                    None => allow_entry(t, reason),
+                })
             }
             None => self.metrics.denied("(invalid target)", 0, || {
                 "nothing: the request did not name a valid host:port".to_owned()
