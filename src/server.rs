@@ -43,6 +43,8 @@ pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
 pub enum ServeError {
     #[error(transparent)]
     Setup(#[from] SetupError),
+    #[error("cannot listen for SIGTERM and SIGINT: {0}")]
+    Signal(std::io::Error),
 }
 
 /// A started proxy: its addresses, its reloader, and the task that ends after the drain.
@@ -59,8 +61,9 @@ pub struct Running {
 /// if any, is watched and re-read on reload.
 pub async fn serve(compiled: Compiled) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = crate::shutdown::channel();
+    let signalled = crate::shutdown::on_signal(stop_tx).map_err(ServeError::Signal)?;
     let running = start(compiled, stop_rx).await?;
-    tokio::spawn(crate::shutdown::on_signal(stop_tx));
+    tokio::spawn(signalled);
     let _ = running.done.await;
     tracing::info!("stopped");
     Ok(())

@@ -1,5 +1,7 @@
 //! Turning SIGTERM and SIGINT into the proxy's stop signal.
 
+use std::future::Future;
+
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -8,18 +10,21 @@ pub fn channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
     watch::channel(false)
 }
 
-/// Flip `stop` on the first SIGTERM or SIGINT.
-pub async fn on_signal(stop: watch::Sender<bool>) -> std::io::Result<()> {
+/// Listen for SIGTERM and SIGINT now; the future flips `stop` on the first one. Called
+/// before the proxy says it is ready: until a handler is installed, SIGTERM's default
+/// action ends the process without a drain (and without telling systemd).
+pub fn on_signal(stop: watch::Sender<bool>) -> std::io::Result<impl Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = which,
-        "stopping: no new connections; draining open ones"
-    );
-    let _ = stop.send(true);
-    Ok(())
+    Ok(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            signal = which,
+            "stopping: no new connections; draining open ones"
+        );
+        let _ = stop.send(true);
+    })
 }
