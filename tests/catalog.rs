@@ -266,3 +266,57 @@ fn service_tags_become_cidr_rules_that_apply_to_addresses_only() {
         "{err}"
     );
 }
+
+#[test]
+fn a_workspaces_own_dependencies_are_imported_with_their_source() {
+    let deps = TempFile::new(
+        "dependencies.json",
+        r#"{"value":[{"id":"x","properties":{"category":"Azure Container Registry","endpoints":[{"domainName":"myacr.azurecr.io","endpointDetails":[{"port":443}],"extra":1}]}}]}"#,
+    );
+    let rules = TempFile::new(
+        "outbound-rules.json",
+        r#"[
+  {"name":"pypi-mirror","category":"UserDefined","status":"Active","type":"FQDN","destination":"mirror.example.org"},
+  {"name":"corp-range","category":"UserDefined","type":"service_tag","destination":{"addressPrefixes":["203.0.113.0/24"],"protocol":"TCP","portRanges":"80, 8080-8089"}},
+  {"name":"pe","category":"Required","type":"PrivateEndpoint","destination":{"serviceResourceId":"/subscriptions/x","subresourceTarget":"blob"}}
+]"#,
+    );
+    let b = support::built(&format!(
+        "[catalog]\nimport = [{:?}, {:?}]\n",
+        deps.0, rules.0
+    ));
+    let check = |t: &str| {
+        let d = b.policy.decide_str(t, PathView::Hidden);
+        (d.is_allowed(), b.policy.explain(t, &d))
+    };
+    let (ok, why) = check("myacr.azurecr.io:443");
+    assert!(
+        ok && why.contains("imported from") && why.contains("Azure Container Registry"),
+        "{why}"
+    );
+    let (ok, why) = check("mirror.example.org:80");
+    assert!(
+        ok && why.contains("outbound rule pypi-mirror (UserDefined)"),
+        "{why}"
+    );
+    assert!(check("203.0.113.7:8085").0);
+    assert!(!check("203.0.113.7:8090").0);
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("outbound rule pe") && w.contains("not enforced")),
+        "{:?}",
+        b.warnings
+    );
+    let broken = TempFile::new(
+        "broken-rules.json",
+        r#"[{"name":"a","type":"FQDN","destination":"ok.example"},{"name":"b","type":"FQDN"}]"#,
+    );
+    let err = support::build_error(&format!("[catalog]\nimport = [{:?}]\n", broken.0));
+    assert!(
+        err.contains("catalog.import")
+            && err.contains("broken-rules.json")
+            && err.contains("$[1].destination"),
+        "{err}"
+    );
+}

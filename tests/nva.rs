@@ -72,7 +72,9 @@ fn the_printed_rules_load_into_the_kernel_and_say_what_they_should() {
     }
     // SMB (445, allowed to the storage account) is never TLS: left to the network rules.
     assert!(
-        !rules.lines().any(|l| l.contains("redirect") && l.contains("445")),
+        !rules
+            .lines()
+            .any(|l| l.contains("redirect") && l.contains("445")),
         "{rules}"
     );
     // Overlapping prefixes (13.66.140.80/28 inside 13.66.140.64/26) are merged by the set.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 
+pub mod import;
 pub mod service_tags;
 pub use service_tags::ServiceTags;
 

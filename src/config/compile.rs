@@ -171,8 +171,30 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             .map(str::to_ascii_lowercase),
     };
     let tags = load_service_tags(s).map_err(|i| ConfigError(vec![i]))?;
-    let rendered = catalog.render(&selection, &features, tags.as_ref());
-    let mut specs = rendered.rules;
+    let mut rendered = catalog.render(&selection, &features, tags.as_ref());
+    let mut specs = std::mem::take(&mut rendered.rules);
+    let mut imported_notes = Vec::new();
+    for path in &s.catalog.import {
+        let issue = |problem: String| {
+            ConfigIssue {
+            origin: s.origin_of("catalog.import"),
+            key: "catalog.import".into(),
+            value: Some(format!("{:?}", path.display().to_string())),
+            problem,
+            fix: Some("give the JSON that `az rest` (outbound network dependencies) or `az ml workspace outbound-rule list` prints".into()),
+        }
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![issue(format!("cannot read the file: {e}"))]))?;
+        let file = path.display().to_string();
+        let got = crate::catalog::import::import(&text, &file, tags.as_ref())
+            .map_err(|e| ConfigError(vec![issue(e.to_string())]))?;
+        specs.extend(got.rules);
+        imported_notes.extend(got.warnings);
+        for (what, why) in got.not_enforced {
+            imported_notes.push(format!("{what} in {file} is not enforced: {why}"));
+        }
+    }
     for (list, entries) in [("allow", &s.allow), ("deny", &s.deny)] {
         for (i, e) in entries.iter().enumerate() {
             // Checked by Settings::load; an error here means settings built by hand.
@@ -219,6 +241,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     off_rules.sort_by_key(|r| !addition(r));
     let off_parts = Policy::compile(off_rules, options).ok();
     let mut warnings = rendered.warnings;
+    warnings.extend(imported_notes);
     warnings.extend(policy.notes().iter().cloned());
     Ok(Built {
         policy,
@@ -280,6 +303,8 @@ pub struct Compiled {
     pub catalog_file: Option<PathBuf>,
     /// The Service Tags file it names, if any (watched too).
     pub service_tags_file: Option<PathBuf>,
+    /// The files it imports (watched too).
+    pub imports: Vec<PathBuf>,
     /// The values of the keys a reload cannot change.
     pub restart: RestartOnly,
 }
@@ -333,6 +358,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
         file: s.file,
         catalog_file: s.catalog.file,
         service_tags_file: s.catalog.service_tags_file,
+        imports: s.catalog.import,
         restart,
     })
 }
@@ -352,6 +378,7 @@ impl Compiled {
         let mut files = vec![path.clone()];
         files.extend(self.catalog_file.clone());
         files.extend(self.service_tags_file.clone());
+        files.extend(self.imports.iter().cloned());
         files.extend(self.proxy.tls_cert.clone());
         files.extend(self.proxy.tls_key.clone());
         files

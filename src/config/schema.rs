@@ -184,6 +184,15 @@ impl Setting for PathBuf {
     }
 }
 
+impl Setting for Vec<PathBuf> {
+    fn from_value(v: &Value) -> Result<Self, Bad> {
+        items(v)
+            .into_iter()
+            .map(|i| text(i).map(PathBuf::from))
+            .collect()
+    }
+}
+
 impl Setting for Vec<String> {
     fn from_value(v: &Value) -> Result<Self, Bad> {
         items(v).into_iter().map(text).collect()

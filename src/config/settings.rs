@@ -287,6 +287,9 @@ section! {
         file: Option<PathBuf> = None; Scalar, Live;
         /// A Service Tags file: outbound TCP service-tag entries become CIDR rules.
         service_tags_file: Option<PathBuf> = None; Scalar, Live;
+        /// Files Azure produced for one workspace (its outbound network dependencies, its
+        /// managed network's outbound rules): their rules are added.
+        import: Vec<PathBuf> = Vec::new(); List, Live;
     }
 }
 

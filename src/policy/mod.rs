@@ -119,6 +119,12 @@ pub enum Source {
         #[serde(skip_serializing_if = "Option::is_none")]
         comment: Option<String>,
     },
+    /// A rule imported from a file Azure produced (`catalog.import`).
+    Imported {
+        file: String,
+        /// The category or outbound rule it came from.
+        what: String,
+    },
 }
 
 impl fmt::Display for Source {
@@ -152,6 +158,7 @@ impl fmt::Display for Source {
                 }
                 Ok(())
             }
+            Source::Imported { file, what } => write!(f, "imported from {file}: {what}"),
         }
     }
 }
