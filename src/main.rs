@@ -26,6 +26,26 @@ enum Format {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DiffFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum CatalogAction {
+    /// What changes from catalog A to catalog B (revisions such as 2021-11 and 2026-03, or
+    /// catalog files) for the configured cloud, features and placeholders.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DiffFormat,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (embedded defaults without --config: public cloud, newest catalog, 127.0.0.1:3128).
@@ -56,6 +76,8 @@ enum Command {
         /// List the optional parts (features) instead, marking those switched on.
         #[arg(long)]
         features: bool,
+        #[command(subcommand)]
+        action: Option<CatalogAction>,
     },
     /// Print the most denied destinations of a running proxy, with the entry that would allow each (exit 0, or 2 if the proxy cannot be asked).
     Denied {
@@ -133,9 +155,20 @@ fn run(args: Args) -> anyhow::Result<i32> {
             cli::check(&built, &targets, json, &mut out)?
         }
         Command::Catalog {
+            action:
+                Some(CatalogAction::Diff {
+                    a,
+                    b,
+                    config,
+                    format,
+                }),
+            ..
+        } => catalog_diff(&a, &b, config.as_deref(), format, &mut out)?,
+        Command::Catalog {
             config,
             format,
             features,
+            action: None,
         } => {
             let built = match load("catalog", config.as_ref()) {
                 Ok(c) => c.built,
@@ -235,6 +268,62 @@ fn run(args: Args) -> anyhow::Result<i32> {
     };
     out.flush()?;
     Ok(code)
+}
+
+/// Load a catalog named by revision or by file.
+fn load_catalog(name: &str) -> Result<aml_egress::catalog::Catalog, String> {
+    use aml_egress::catalog::{Catalog, REVISIONS};
+    if let Some(c) = Catalog::embedded(name) {
+        return Ok(c);
+    }
+    let text = std::fs::read_to_string(name).map_err(|e| {
+        let known: Vec<&str> = REVISIONS.iter().map(|(r, _)| *r).collect();
+        format!(
+            "{name}: neither a built-in revision ({}) nor a readable catalog file: {e}",
+            known.join(", ")
+        )
+    })?;
+    Catalog::from_toml(&text, name).map_err(|e| format!("{name}: {e}"))
+}
+
+/// `aml-egress catalog diff A B`: 0 when equal, 1 when they differ, 2 on an error.
+fn catalog_diff(
+    a: &str,
+    b: &str,
+    config: Option<&std::path::Path>,
+    format: DiffFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let settings = match aml_egress::config::Settings::load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aml-egress catalog diff: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let (ca, cb) = match (load_catalog(a), load_catalog(b)) {
+        (Ok(ca), Ok(cb)) => (ca, cb),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("aml-egress catalog diff: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let c = &settings.catalog;
+    let sel = aml_egress::catalog::Selection {
+        cloud: c.cloud,
+        region: c
+            .region
+            .as_deref()
+            .map(aml_egress::config::checks::region_name),
+        storage_account: c.storage_account.clone(),
+        container_registry: c.container_registry.as_deref().map(str::to_ascii_lowercase),
+    };
+    let d = aml_egress::catalog::diff::diff(&ca, &cb, &sel, &c.features);
+    match format {
+        DiffFormat::Text => write!(out, "{}", aml_egress::catalog::diff::text(&d, a, b))?,
+        DiffFormat::Json => writeln!(out, "{}", serde_json::to_string(&d)?)?,
+    }
+    Ok(if d.is_empty() { 0 } else { 1 })
 }
 
 /// `aml-egress health`: 0 when `/readyz` answers 200, 1 otherwise (never 2, which

@@ -298,3 +298,45 @@ fn check_splits_a_url_where_the_proxy_does() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["reason"], "invalid_target", "{stdout}");
 }
+
+#[test]
+fn catalog_diff_shows_what_a_newer_revision_changes() {
+    let out = bin()
+        .args(["catalog", "diff", "2021-11", "2026-03"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "they differ");
+    let t = text(&out.stdout);
+    assert!(
+        t.contains("~ AzureMachineLearning tcp 443 -> AzureMachineLearning tcp 443,8787,18881"),
+        "{t}"
+    );
+    assert!(t.contains("+ BatchNodeManagement.<region> tcp 443"), "{t}");
+    let cfg = TempFile::new("diff.toml", "[catalog]\nregion = \"westeurope\"\n");
+    let out = bin()
+        .args([
+            "catalog", "diff", "2021-11", "2026-03", "--format", "json", "--config",
+        ])
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let added = v["added"].as_array().unwrap();
+    assert!(
+        added
+            .iter()
+            .any(|r| r["pattern"] == "BatchNodeManagement.westeurope"),
+        "placeholders filled from the config: {v}"
+    );
+    let out = bin()
+        .args(["catalog", "diff", "2026-03", "2026-03"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let out = bin()
+        .args(["catalog", "diff", "2026-03", "1999-01"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("1999-01"));
+}

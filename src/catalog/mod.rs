@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 
+pub mod diff;
 pub mod import;
 pub mod service_tags;
 pub use service_tags::ServiceTags;
@@ -82,7 +83,7 @@ pub enum EntryKind {
 }
 
 /// Transport protocol of an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -90,7 +91,9 @@ pub enum Protocol {
 }
 
 /// Direction of traffic; inbound entries are user-defined-route guidance only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     #[default]
