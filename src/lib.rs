@@ -11,6 +11,7 @@ pub mod admin;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod export;
 pub mod logs;
 pub mod metrics;
 pub mod nva;

@@ -27,6 +27,12 @@ enum Format {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    AzureFirewall,
+    Squid,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DiffFormat {
     Text,
     Json,
@@ -98,6 +104,17 @@ enum Command {
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print the enforced rule set for another enforcement point: an Azure Firewall Policy
+    /// rule collection group (ARM JSON), or Squid acl and http_access lines.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Source addresses the rules apply to (repeatable; default any).
+        #[arg(long = "source", value_name = "CIDR")]
+        source: Vec<String>,
     },
     /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
     /// every failure (for container health checks).
@@ -210,6 +227,38 @@ fn run(args: Args) -> anyhow::Result<i32> {
                     EXIT_USAGE
                 }
             }
+        }
+        Command::Export {
+            format,
+            config,
+            source,
+        } => {
+            let settings = match aml_egress::config::Settings::load(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("aml-egress export: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let tls_path_rules = settings.policy.tls_path_rules;
+            let built = match aml_egress::config::build_policy(&settings) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("aml-egress export: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let e = match format {
+                ExportFormat::AzureFirewall => {
+                    aml_egress::export::azure_firewall(&built, tls_path_rules, &source)
+                }
+                ExportFormat::Squid => aml_egress::export::squid(&built, tls_path_rules, &source),
+            };
+            out.write_all(e.text.as_bytes())?;
+            for w in &e.warnings {
+                eprintln!("warning: {w}");
+            }
+            0
         }
         Command::Health {
             admin,

@@ -1,0 +1,304 @@
+//! `aml-egress export`: the enforced rule set for another enforcement point.
+//!
+//! - `azure-firewall`: an Azure Firewall Policy rule collection group (ARM JSON). Host rules
+//!   on HTTP(S) ports become application rules; host rules on other ports network rules with
+//!   `destinationFqdns` (Azure Firewall's DNS proxy must be on); CIDR and service-tag rules
+//!   network rules; `[[deny]]` entries a Deny collection of higher priority. A bare leading
+//!   star (`*contoso.com`, which Azure Firewall would match against `th3re4lcontoso.com`) is
+//!   never written: `name` and `*.name` instead.
+//! - `squid`: `acl` and `http_access` lines that reproduce the decisions (`dstdomain -n` for
+//!   names, `dstdom_regex` for `*.name`, which never matches the apex), with the rules' ports.
+//!
+//! Regex rules cannot be expressed in either; path rules follow `policy.tls_path_rules`
+//! (widened to their host, or left out): a warning names each.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use crate::config::Built;
+use crate::policy::{Action, HostPattern, Matchable, PortSet, Rule, Source, TlsPathRules};
+
+/// An export and what it could not express.
+#[derive(Debug)]
+pub struct Export {
+    pub text: String,
+    pub warnings: Vec<String>,
+}
+
+/// Host names as both exports write them: never a bare leading star.
+fn names(h: &HostPattern) -> Vec<String> {
+    match h {
+        HostPattern::Exact(n) => vec![n.clone()],
+        HostPattern::Subdomains(n) => vec![format!("*.{n}")],
+        HostPattern::ApexAndSubdomains(n) => vec![n.clone(), format!("*.{n}")],
+    }
+}
+
+fn port_list(p: &PortSet) -> Vec<String> {
+    if p.is_any() {
+        return vec!["*".into()];
+    }
+    p.ranges()
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect()
+}
+
+/// The rules to export, path rules handled by `policy.tls_path_rules`; warnings for the
+/// rest.
+fn exportable<'a>(
+    built: &'a Built,
+    tls_path_rules: TlsPathRules,
+    warnings: &mut Vec<String>,
+) -> Vec<&'a Rule> {
+    let mut out = Vec::new();
+    for r in built.policy.rules() {
+        match (&r.what, tls_path_rules) {
+            (Matchable::Regex(_), _) => warnings.push(format!(
+                "left out {} ({}): regex rules cannot be expressed",
+                r.display(),
+                r.source
+            )),
+            (Matchable::Host(_, Some(_)), TlsPathRules::Deny) => warnings.push(format!(
+                "left out {} ({}): path rules cannot be expressed, and policy.tls_path_rules = \"deny\"",
+                r.display(),
+                r.source
+            )),
+            (Matchable::Host(_, Some(_)), TlsPathRules::Widen) => {
+                warnings.push(format!(
+                    "widened {} ({}) to its whole host: paths cannot be expressed",
+                    r.display(),
+                    r.source
+                ));
+                out.push(r);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// A rule name: unique (numbered), at most 80 characters, letters, digits, `-` and `.`.
+fn rule_name(i: usize, what: &str) -> String {
+    let clean: String = what
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut name = format!("r{i}-{clean}");
+    name.truncate(80);
+    name
+}
+
+/// The Azure Firewall Policy rule collection group.
+pub fn azure_firewall(built: &Built, tls_path_rules: TlsPathRules, sources: &[String]) -> Export {
+    let mut warnings = Vec::new();
+    let sources: Vec<String> = if sources.is_empty() {
+        vec!["*".into()]
+    } else {
+        sources.to_vec()
+    };
+    let mut allow = Vec::new();
+    let mut deny = Vec::new();
+    // Service tags with their ports, each exported once by name.
+    let mut tags: BTreeSet<(String, String)> = BTreeSet::new();
+    for (i, r) in exportable(built, tls_path_rules, &mut warnings)
+        .into_iter()
+        .enumerate()
+    {
+        let into = if r.action == Action::Deny {
+            &mut deny
+        } else {
+            &mut allow
+        };
+        match &r.what {
+            Matchable::Host(h, _) => {
+                let fqdns = names(h);
+                let web: Vec<u16> = r
+                    .ports
+                    .ranges()
+                    .iter()
+                    .filter(|(lo, hi)| lo == hi && (*lo == 80 || *lo == 443))
+                    .map(|(lo, _)| *lo)
+                    .collect();
+                let web_only = !r.ports.is_any() && web.len() == r.ports.ranges().len();
+                if web_only || r.ports.is_any() {
+                    let ports = if r.ports.is_any() { vec![80, 443] } else { web };
+                    let protocols: Vec<Value> = ports
+                        .iter()
+                        .map(|p| {
+                            json!({"protocolType": if *p == 443 { "Https" } else { "Http" }, "port": p})
+                        })
+                        .collect();
+                    into.push(json!({
+                        "ruleType": "ApplicationRule",
+                        "name": rule_name(i, &h.to_string()),
+                        "description": r.source.to_string().chars().take(140).collect::<String>(),
+                        "sourceAddresses": sources,
+                        "protocols": protocols,
+                        "targetFqdns": fqdns,
+                    }));
+                } else {
+                    into.push(json!({
+                        "ruleType": "NetworkRule",
+                        "name": rule_name(i, &h.to_string()),
+                        "description": "by name on other ports: needs Azure Firewall's DNS proxy",
+                        "ipProtocols": ["TCP"],
+                        "sourceAddresses": sources,
+                        "destinationFqdns": fqdns,
+                        "destinationPorts": port_list(&r.ports),
+                    }));
+                }
+            }
+            Matchable::Cidr(net) => {
+                // Prefixes of one service tag become one rule naming the tag.
+                if let Source::Catalog {
+                    service_tag: Some(tag),
+                    ..
+                } = &r.source
+                    && r.action == Action::Allow
+                {
+                    tags.insert((tag.clone(), port_list(&r.ports).join(",")));
+                    continue;
+                }
+                into.push(json!({
+                    "ruleType": "NetworkRule",
+                    "name": rule_name(i, &net.to_string()),
+                    "ipProtocols": ["TCP"],
+                    "sourceAddresses": sources,
+                    "destinationAddresses": [net.to_string()],
+                    "destinationPorts": port_list(&r.ports),
+                }));
+            }
+            Matchable::Regex(_) => {}
+        }
+    }
+    for (i, (tag, ports)) in tags.into_iter().enumerate() {
+        allow.push(json!({
+            "ruleType": "NetworkRule",
+            "name": rule_name(10_000 + i, &tag),
+            "ipProtocols": ["TCP"],
+            "sourceAddresses": sources,
+            "destinationAddresses": [tag],
+            "destinationPorts": ports.split(',').collect::<Vec<_>>(),
+        }));
+    }
+    let mut collections = Vec::new();
+    if !deny.is_empty() {
+        collections.push(json!({
+            "ruleCollectionType": "FirewallPolicyFilterRuleCollection",
+            "name": "aml-egress-deny",
+            "priority": 100,
+            "action": {"type": "Deny"},
+            "rules": deny,
+        }));
+    }
+    collections.push(json!({
+        "ruleCollectionType": "FirewallPolicyFilterRuleCollection",
+        "name": "aml-egress-allow",
+        "priority": 200,
+        "action": {"type": "Allow"},
+        "rules": allow,
+    }));
+    let group = json!({
+        "name": "aml-egress",
+        "properties": {
+            "priority": 200,
+            "ruleCollections": collections,
+        }
+    });
+    Export {
+        text: serde_json::to_string_pretty(&group).unwrap_or_default() + "\n",
+        warnings,
+    }
+}
+
+/// A regular expression for `*.name`: one or more labels before `name`, never `name`.
+fn subdomain_regex(name: &str) -> String {
+    format!("\\.{}$", name.replace('.', "\\."))
+}
+
+/// Squid `acl` and `http_access` lines.
+pub fn squid(built: &Built, tls_path_rules: TlsPathRules, sources: &[String]) -> Export {
+    use std::fmt::Write as _;
+    let mut warnings = Vec::new();
+    let mut o = String::from(
+        "# aml-egress rules for Squid (generated by `aml-egress export --format squid`).\n# Include before your own http_access lines; the last line refuses everything else.\n",
+    );
+    let src = if sources.is_empty() {
+        "all".to_owned()
+    } else {
+        let _ = writeln!(o, "acl aml_src src {}", sources.join(" "));
+        "aml_src".to_owned()
+    };
+    let mut access = Vec::new();
+    for (i, r) in exportable(built, tls_path_rules, &mut warnings)
+        .into_iter()
+        .enumerate()
+    {
+        let acl = format!("aml_r{i}");
+        // One ACL per kind of match (a Squid ACL has one type).
+        let mut acls = Vec::new();
+        match &r.what {
+            Matchable::Host(h, _) => {
+                let (exact, sub): (Vec<String>, Vec<String>) =
+                    names(h).into_iter().partition(|n| !n.starts_with("*."));
+                if !exact.is_empty() {
+                    let _ = writeln!(o, "acl {acl} dstdomain -n {}", exact.join(" "));
+                    acls.push(acl.clone());
+                }
+                for s in &sub {
+                    let _ = writeln!(
+                        o,
+                        "acl {acl}_sub dstdom_regex -i {}",
+                        subdomain_regex(&s[2..])
+                    );
+                }
+                if !sub.is_empty() {
+                    acls.push(format!("{acl}_sub"));
+                }
+            }
+            Matchable::Cidr(net) => {
+                let _ = writeln!(o, "acl {acl} dst {net}");
+                acls.push(acl.clone());
+            }
+            Matchable::Regex(_) => continue,
+        }
+        let ports = if r.ports.is_any() {
+            String::new()
+        } else {
+            let _ = writeln!(o, "acl {acl}_ports port {}", port_list(&r.ports).join(" "));
+            format!(" {acl}_ports")
+        };
+        let verb = if r.action == Action::Deny {
+            "deny"
+        } else {
+            "allow"
+        };
+        for a in acls {
+            access.push((
+                r.action == Action::Deny,
+                format!("http_access {verb} {src} {a}{ports}"),
+            ));
+        }
+    }
+    // Deny entries first, as aml-egress applies them first.
+    access.sort_by_key(|(is_deny, _)| !is_deny);
+    for (_, line) in access {
+        let _ = writeln!(o, "{line}");
+    }
+    let _ = writeln!(o, "http_access deny all");
+    Export { text: o, warnings }
+}
