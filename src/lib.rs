@@ -22,3 +22,4 @@ pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod shutdown;
+pub mod suggest;

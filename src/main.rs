@@ -116,6 +116,23 @@ enum Command {
         #[arg(long = "source", value_name = "CIDR")]
         source: Vec<String>,
     },
+    /// Suggest [[allow]] entries from refused (or, in audit mode, would-be refused) traffic:
+    /// a running proxy's /denied, or its JSON log files.
+    Suggest {
+        #[arg(long, conflicts_with = "log")]
+        admin: Option<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// JSON log files of the proxy (repeatable).
+        #[arg(long, value_name = "FILE")]
+        log: Vec<PathBuf>,
+        /// Suggest `*.parent` when at least this many names under it were refused (0: never).
+        #[arg(long, default_value_t = 3)]
+        collapse: usize,
+        /// Suggest CIDR entries for IP destinations too.
+        #[arg(long)]
+        cidrs: bool,
+    },
     /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
     /// every failure (for container health checks).
     Health {
@@ -258,6 +275,58 @@ fn run(args: Args) -> anyhow::Result<i32> {
             for w in &e.warnings {
                 eprintln!("warning: {w}");
             }
+            0
+        }
+        Command::Suggest {
+            admin,
+            token_file,
+            log,
+            collapse,
+            cidrs,
+        } => {
+            let refused = if let Some(admin) = admin {
+                let token = match token_file.as_deref().map(aml_egress::admin::read_token) {
+                    Some(Err(e)) => {
+                        eprintln!("aml-egress suggest: {e}");
+                        return Ok(EXIT_USAGE);
+                    }
+                    Some(Ok(t)) => Some(t),
+                    None => None,
+                };
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let fetched = rt.block_on(aml_egress::admin::fetch(
+                    &admin,
+                    "/denied?limit=100000",
+                    token.as_deref(),
+                ));
+                match fetched.and_then(|body| aml_egress::suggest::from_denied(&body)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("aml-egress suggest: {e}");
+                        return Ok(EXIT_USAGE);
+                    }
+                }
+            } else if !log.is_empty() {
+                let mut r = aml_egress::suggest::Refused::new();
+                for f in &log {
+                    match std::fs::read_to_string(f) {
+                        Ok(text) => aml_egress::suggest::from_log(&text, &mut r),
+                        Err(e) => {
+                            eprintln!("aml-egress suggest: {}: {e}", f.display());
+                            return Ok(EXIT_USAGE);
+                        }
+                    }
+                }
+                r
+            } else {
+                eprintln!(
+                    "aml-egress suggest: give --admin URL (a running proxy's /denied) or --log FILE (its JSON log)"
+                );
+                return Ok(EXIT_USAGE);
+            };
+            out.write_all(aml_egress::suggest::suggest(&refused, collapse, cidrs).as_bytes())?;
             0
         }
         Command::Health {

@@ -340,3 +340,82 @@ fn catalog_diff_shows_what_a_newer_revision_changes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("1999-01"));
 }
+
+/// Log lines as the proxy writes them in audit mode (JSON, one per refusal).
+const AUDIT_LOG: &str = r#"{"timestamp":"2026-11-20T10:00:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.4:50000","target":"a.data.example.com:443","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+{"timestamp":"2026-11-20T10:00:01.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.4:50001","target":"b.data.example.com:443","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+{"timestamp":"2026-11-20T10:00:02.000000Z","level":"INFO","fields":{"message":"tunnel closed","listener":"connect","target":"pypi.org:443"},"target":"aml_egress::proxy::tunnel"}
+{"timestamp":"2026-11-21T09:00:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.5:50002","target":"c.data.example.com:8443 (inside CONNECT c.data.example.com:8443)","seen":"c.data.example.com:8443","decision":"would_deny","reason":"sni_not_allowed","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+{"timestamp":"2026-11-21T09:30:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"http","client":"10.0.1.5:50003","target":"mirror.example.org:80/simple/","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+{"timestamp":"2026-11-21T09:31:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.5:50004","target":"203.0.113.5:443","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+not json at all
+"#;
+
+#[test]
+fn suggest_learns_entries_that_then_allow_every_recorded_target() {
+    let log = TempFile::new("audit.log", AUDIT_LOG);
+    let out = bin()
+        .args(["suggest", "--collapse", "3", "--cidrs", "--log"])
+        .arg(&log.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let suggested = text(&out.stdout);
+    assert!(
+        suggested.contains("host = \"*.data.example.com\"\nports = [443, 8443]"),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains("scope: every name under data.example.com"),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains("host = \"mirror.example.org\"\nports = [80]"),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains("cidr = \"203.0.113.5/32\""),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains("first 2026-11-20T10:00:00"),
+        "{suggested}"
+    );
+    // Deterministic.
+    let again = bin()
+        .args(["suggest", "--collapse", "3", "--cidrs", "--log"])
+        .arg(&log.0)
+        .output()
+        .unwrap();
+    assert_eq!(text(&again.stdout), suggested);
+    // With the suggestion as configuration, every recorded target is allowed.
+    let cfg = TempFile::new("learnt.toml", &suggested);
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&cfg.0)
+        .args([
+            "a.data.example.com:443",
+            "b.data.example.com:443",
+            "c.data.example.com:8443",
+            "http://mirror.example.org/simple/",
+            "203.0.113.5:443",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // Below the collapse threshold, names stay exact; without --cidrs, IPs are left out.
+    let out = bin()
+        .args(["suggest", "--collapse", "4", "--log"])
+        .arg(&log.0)
+        .output()
+        .unwrap();
+    let exact = text(&out.stdout);
+    assert!(
+        exact.contains("host = \"a.data.example.com\"") && !exact.contains("*."),
+        "{exact}"
+    );
+    assert!(
+        exact.contains("IP destinations left out") && !exact.contains("cidr ="),
+        "{exact}"
+    );
+}
