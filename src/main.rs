@@ -132,6 +132,9 @@ enum Command {
         /// Suggest CIDR entries for IP destinations too.
         #[arg(long)]
         cidrs: bool,
+        /// The configuration, to name optional parts that would allow a destination.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
     /// every failure (for container health checks).
@@ -283,7 +286,18 @@ fn run(args: Args) -> anyhow::Result<i32> {
             log,
             collapse,
             cidrs,
+            config,
         } => {
+            let built = match load("suggest", config.as_ref()) {
+                Ok(c) => c.built,
+                Err(code) => return Ok(code),
+            };
+            let part = |host: &str, port: u16| {
+                let t = aml_egress::policy::Target::parse(&format!("{host}:{port}")).ok()?;
+                built
+                    .would_allow_with(&t, aml_egress::policy::PathView::Hidden)
+                    .map(str::to_owned)
+            };
             let refused = if let Some(admin) = admin {
                 let token = match token_file.as_deref().map(aml_egress::admin::read_token) {
                     Some(Err(e)) => {
@@ -326,7 +340,9 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 );
                 return Ok(EXIT_USAGE);
             };
-            out.write_all(aml_egress::suggest::suggest(&refused, collapse, cidrs).as_bytes())?;
+            out.write_all(
+                aml_egress::suggest::suggest(&refused, collapse, cidrs, &part).as_bytes(),
+            )?;
             0
         }
         Command::Health {

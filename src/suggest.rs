@@ -83,8 +83,14 @@ fn parent(name: &str) -> Option<&str> {
     (parent.len() >= registrable.len() && parent.ends_with(registrable)).then_some(parent)
 }
 
-/// The suggested entries, as TOML with comments.
-pub fn suggest(refused: &Refused, collapse: usize, cidrs: bool) -> String {
+/// The suggested entries, as TOML with comments; `part` names the optional part (off now)
+/// that would allow a destination instead.
+pub fn suggest(
+    refused: &Refused,
+    collapse: usize,
+    cidrs: bool,
+    part: &dyn Fn(&str, u16) -> Option<String>,
+) -> String {
     // Group names by the parent they could be collapsed under.
     let mut by_parent: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (host, _) in refused.keys() {
@@ -106,6 +112,7 @@ pub fn suggest(refused: &Refused, collapse: usize, cidrs: bool) -> String {
         last: String,
         names: BTreeSet<&'a str>,
         cidr: bool,
+        parts: BTreeSet<String>,
     }
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     let mut skipped = Vec::new();
@@ -130,6 +137,7 @@ pub fn suggest(refused: &Refused, collapse: usize, cidrs: bool) -> String {
             e.last = seen.last.clone();
         }
         e.names.insert(host);
+        e.parts.extend(part(host, *port));
     }
     let mut o = String::from(
         "# Suggested by `aml-egress suggest` from refused (or, in audit mode, would-be refused)\n# traffic. Review each entry before adding it to the configuration.\n",
@@ -150,6 +158,12 @@ pub fn suggest(refused: &Refused, collapse: usize, cidrs: bool) -> String {
                 "# covers {} names seen ({}); scope: every name under {base}",
                 names.len(),
                 names.join(", ")
+            );
+        }
+        for p in &e.parts {
+            let _ = writeln!(
+                o,
+                "# the optional part {p} would allow it instead: add \"{p}\" to catalog.features"
             );
         }
         let _ = writeln!(o, "[[allow]]");
@@ -208,7 +222,7 @@ mod tests {
         ] {
             r.insert((h.into(), 443), Seen::default());
         }
-        let s = suggest(&r, 2, false);
+        let s = suggest(&r, 2, false, &|_, _| None);
         assert!(!s.contains("*."), "{s}");
     }
 }

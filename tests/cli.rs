@@ -347,6 +347,7 @@ const AUDIT_LOG: &str = r#"{"timestamp":"2026-11-20T10:00:00.000000Z","level":"W
 {"timestamp":"2026-11-20T10:00:02.000000Z","level":"INFO","fields":{"message":"tunnel closed","listener":"connect","target":"pypi.org:443"},"target":"aml_egress::proxy::tunnel"}
 {"timestamp":"2026-11-21T09:00:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.5:50002","target":"c.data.example.com:8443 (inside CONNECT c.data.example.com:8443)","seen":"c.data.example.com:8443","decision":"would_deny","reason":"sni_not_allowed","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
 {"timestamp":"2026-11-21T09:30:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"http","client":"10.0.1.5:50003","target":"mirror.example.org:80/simple/","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
+{"timestamp":"2026-11-21T09:32:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"http","client":"10.0.1.5:50005","target":"archive.ubuntu.com:80/ubuntu/dists/","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
 {"timestamp":"2026-11-21T09:31:00.000000Z","level":"WARN","fields":{"message":"destination denied","listener":"connect","client":"10.0.1.5:50004","target":"203.0.113.5:443","seen":"","decision":"would_deny","reason":"no_matching_rule","rule":"","mode":"audit"},"target":"aml_egress::proxy::admit"}
 not json at all
 "#;
@@ -399,6 +400,7 @@ fn suggest_learns_entries_that_then_allow_every_recorded_target() {
             "c.data.example.com:8443",
             "http://mirror.example.org/simple/",
             "203.0.113.5:443",
+            "archive.ubuntu.com:80",
         ])
         .output()
         .unwrap();
