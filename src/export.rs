@@ -39,16 +39,7 @@ fn port_list(p: &PortSet) -> Vec<String> {
     if p.is_any() {
         return vec!["*".into()];
     }
-    p.ranges()
-        .iter()
-        .map(|&(lo, hi)| {
-            if lo == hi {
-                lo.to_string()
-            } else {
-                format!("{lo}-{hi}")
-            }
-        })
-        .collect()
+    p.range_texts().map(|r| r.to_string()).collect()
 }
 
 /// The rules to export, path rules handled by `policy.tls_path_rules`; warnings for the

@@ -227,19 +227,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
             limit,
             json,
         } => {
-            let token = match token_file.as_deref().map(aml_egress::admin::read_token) {
-                Some(Err(e)) => {
-                    eprintln!("aml-egress denied: {e}");
-                    return Ok(EXIT_USAGE);
-                }
-                Some(Ok(t)) => Some(t),
-                None => None,
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
             let path = format!("/denied?limit={limit}");
-            let fetched = rt.block_on(aml_egress::admin::fetch(&admin, &path, token.as_deref()));
+            let fetched = admin_get(&admin, &path, token_file.as_deref(), None);
             match fetched.and_then(|body| cli::print_denied(&body, json, &mut out)) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -299,22 +288,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
                     .map(str::to_owned)
             };
             let refused = if let Some(admin) = admin {
-                let token = match token_file.as_deref().map(aml_egress::admin::read_token) {
-                    Some(Err(e)) => {
-                        eprintln!("aml-egress suggest: {e}");
-                        return Ok(EXIT_USAGE);
-                    }
-                    Some(Ok(t)) => Some(t),
-                    None => None,
-                };
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let fetched = rt.block_on(aml_egress::admin::fetch(
-                    &admin,
-                    "/denied?limit=100000",
-                    token.as_deref(),
-                ));
+                let fetched =
+                    admin_get(&admin, "/denied?limit=100000", token_file.as_deref(), None);
                 match fetched.and_then(|body| aml_egress::suggest::from_denied(&body)) {
                     Ok(r) => r,
                     Err(e) => {
@@ -463,43 +438,50 @@ fn catalog_diff(
 /// `aml-egress health`: 0 when `/readyz` answers 200, 1 otherwise (never 2, which
 /// Docker's HEALTHCHECK reserves), with one line saying which.
 fn health(admin: &str, token_file: Option<&std::path::Path>, timeout: f64) -> i32 {
-    let token = match token_file.map(aml_egress::admin::read_token) {
-        Some(Err(e)) => {
-            eprintln!("aml-egress health: {e}");
-            return 1;
-        }
-        Some(Ok(t)) => Some(t),
-        None => None,
-    };
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        eprintln!("aml-egress health: cannot start a runtime");
-        return 1;
-    };
     let limit = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 300.0));
-    let asked = rt.block_on(async {
-        tokio::time::timeout(
-            limit,
-            aml_egress::admin::fetch(admin, "/readyz", token.as_deref()),
-        )
-        .await
-    });
-    match asked {
-        Ok(Ok(_)) => {
+    match admin_get(admin, "/readyz", token_file, Some(limit)) {
+        Ok(_) => {
             println!("ready: {admin}/readyz answered 200");
             0
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             eprintln!("not ready: {e}");
             1
         }
-        Err(_) => {
-            eprintln!("not ready: {admin}/readyz did not answer within {timeout} s");
-            1
-        }
     }
+}
+
+/// One GET to the admin listener for the client subcommands (`denied`, `suggest`,
+/// `health`): reads the bearer token file when given, runs the request on a small
+/// runtime and returns the body of a 200 answer, or one line saying what went wrong.
+fn admin_get(
+    admin: &str,
+    path: &str,
+    token_file: Option<&std::path::Path>,
+    timeout: Option<std::time::Duration>,
+) -> Result<String, String> {
+    let token = token_file
+        .map(aml_egress::admin::read_token)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async {
+        let fetch = aml_egress::admin::fetch(admin, path, token.as_deref());
+        match timeout {
+            None => fetch.await,
+            Some(limit) => tokio::time::timeout(limit, fetch)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "{admin}{path} did not answer within {} s",
+                        limit.as_secs_f64()
+                    ))
+                }),
+        }
+    })
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {

@@ -190,15 +190,8 @@ fn set(w: &mut String, name: &str, kind: &str, nets: &[IpNet]) {
 
 fn ports_text(ranges: &[(u16, u16)]) -> String {
     let set = PortSet::from_ranges(ranges.iter().copied());
-    set.ranges()
-        .iter()
-        .map(|&(lo, hi)| {
-            if lo == hi {
-                lo.to_string()
-            } else {
-                format!("{lo}-{hi}")
-            }
-        })
+    set.range_texts()
+        .map(|r| r.to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -68,6 +68,26 @@ impl PortSet {
     pub fn is_any(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The ranges in the form the config uses (`443`, `8000-8080`).
+    pub fn range_texts(&self) -> impl Iterator<Item = PortRange> + '_ {
+        self.0.iter().map(|&(lo, hi)| PortRange(lo, hi))
+    }
+}
+
+/// One inclusive port range, displayed as `443` or `8000-8080`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange(pub u16, pub u16);
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let PortRange(lo, hi) = *self;
+        if lo == hi {
+            write!(f, "{lo}")
+        } else {
+            write!(f, "{lo}-{hi}")
+        }
+    }
 }
 
 impl fmt::Display for PortSet {
@@ -75,15 +95,11 @@ impl fmt::Display for PortSet {
         if self.is_any() {
             return f.write_str("any");
         }
-        for (i, (lo, hi)) in self.0.iter().enumerate() {
+        for (i, range) in self.range_texts().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
-            if lo == hi {
-                write!(f, "{lo}")?;
-            } else {
-                write!(f, "{lo}-{hi}")?;
-            }
+            write!(f, "{range}")?;
         }
         Ok(())
     }
