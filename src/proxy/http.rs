@@ -114,11 +114,7 @@ pub(super) async fn forward_in_tunnel(
     tunnel: Target,
 ) -> Response<Body> {
     let started = Instant::now();
-    let named = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().as_bytes())
-        .or_else(|| req.headers().get(header::HOST).map(|h| h.as_bytes()));
+    let named = named_bytes(&req);
     let same = match (req.method(), host::named(named, tunnel.port)) {
         (&hyper::Method::CONNECT, _) => false,
         (_, Named::Host(t)) => t == tunnel,
@@ -176,13 +172,6 @@ pub(super) async fn forward_transparent(
 ) -> Response<Body> {
     let started = Instant::now();
     let via = ListenerKind::TransparentHttp;
-    let named = match req.uri().authority() {
-        Some(a) => Some(a.as_str().to_owned()),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
-    };
     let port = orig.port();
     let dst = Target {
         host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
@@ -191,7 +180,7 @@ pub(super) async fn forward_transparent(
     let named = match req.method() {
         // A redirected CONNECT names no host this listener can serve.
         &hyper::Method::CONNECT => Named::Mismatch,
-        _ => host::named(named.as_deref().map(str::as_bytes), port),
+        _ => host::named(named_bytes(&req), port),
     };
     let target = match named {
         Named::Host(t) => t,
@@ -368,15 +357,17 @@ fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The authority or `Host` a request names, bounded and escaped for a log line.
 fn named_text(req: &Request<hyper::body::Incoming>) -> String {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str().as_bytes().to_vec(),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .map(|h| h.as_bytes().to_vec())
-            .unwrap_or_default(),
-    };
+    let raw = named_bytes(req).unwrap_or_default();
     raw[..raw.len().min(256)].escape_ascii().to_string()
+}
+
+/// The authority a request names: its absolute-form authority, which wins over `Host`
+/// (RFC 9112 §3.2.2), else its `Host` header.
+fn named_bytes<B>(req: &Request<B>) -> Option<&[u8]> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(header::HOST).map(|h| h.as_bytes()))
 }
 
 /// Decide on host, port and path, then forward (absolute-form and in-tunnel requests alike):
