@@ -413,24 +413,10 @@ impl Catalog {
                                 });
                                 continue;
                             }
-                            let source = match &source {
-                                Source::Catalog {
-                                    cloud,
-                                    revision,
-                                    section,
-                                    purpose,
-                                    feature,
-                                    ..
-                                } => Source::Catalog {
-                                    cloud: cloud.clone(),
-                                    revision: revision.clone(),
-                                    section: section.clone(),
-                                    purpose: purpose.clone(),
-                                    feature: feature.clone(),
-                                    service_tag: Some(name.to_owned()),
-                                },
-                                other => other.clone(),
-                            };
+                            let mut source = source.clone();
+                            if let Source::Catalog { service_tag, .. } = &mut source {
+                                *service_tag = Some(name.to_owned());
+                            }
                             out.rules.extend(prefixes.iter().map(|net| RuleSpec {
                                 action: Action::Allow,
                                 what: Matchable::Cidr(*net),
