@@ -612,7 +612,7 @@ impl Policy {
                 _ => None,
             })
             .collect();
-        scored.sort_by_key(|(s, r)| {
+        scored.sort_by_cached_key(|(s, r)| {
             let wildcard = !matches!(r.what, Matchable::Host(HostPattern::Exact(_), _));
             (*s, wildcard, r.what.to_string())
         });
@@ -679,18 +679,61 @@ fn similarity(name: &str, base: &str) -> Option<usize> {
         .zip(base.bytes().rev())
         .take_while(|(a, b)| a == b)
         .count();
-    let registrable = base
-        .rmatch_indices('.')
-        .nth(1)
-        .map_or(base.len(), |(i, _)| base.len() - i - 1);
-    if common >= registrable && common > 0 {
-        return Some(base.len() - common);
+    if common > 0 {
+        let registrable = base
+            .rmatch_indices('.')
+            .nth(1)
+            .map_or(base.len(), |(i, _)| base.len() - i - 1);
+        if common >= registrable {
+            return Some(base.len() - common);
+        }
     }
-    if name.len().abs_diff(base.len()) > 2 {
-        return None; // the edit distance is at least the difference in length
+    within_two_edits(name.as_bytes(), base.as_bytes()).map(|d| 100 + d)
+}
+
+/// The edit distance between `a` and `b` when it is at most 2, without allocating: only
+/// the diagonal band the answer can lie in is computed (Ukkonen), and a row whose every
+/// cell is over 2 ends the search. Run on every refusal, for its "nearest" hint.
+fn within_two_edits(a: &[u8], b: &[u8]) -> Option<usize> {
+    const K: usize = 2;
+    const OVER: usize = K + 1;
+    if a.len().abs_diff(b.len()) > K {
+        return None; // the distance is at least the difference in length
     }
-    let d = edit_distance(name, base);
-    (d <= 2).then_some(100 + d)
+    // Cell j of a row is the distance between a[..i] and b[..i + j - K], for j in 0..=2K.
+    let mut prev = [OVER; 2 * K + 1];
+    for (j, cell) in prev.iter_mut().enumerate().skip(K) {
+        *cell = (j - K).min(OVER); // row 0: b[..j - K] against nothing
+    }
+    for i in 1..=a.len() {
+        let mut cur = [OVER; 2 * K + 1];
+        for j in 0..=2 * K {
+            let Some(col) = (i + j).checked_sub(K) else {
+                continue; // before b's start
+            };
+            if col > b.len() {
+                break;
+            }
+            let mut best = if col == 0 { i } else { OVER };
+            if col > 0 {
+                let same = usize::from(a[i - 1] != b[col - 1]);
+                best = best.min(prev[j] + same); // diagonal
+            }
+            if j < 2 * K {
+                best = best.min(prev[j + 1] + 1); // a[i - 1] deleted
+            }
+            if j > 0 {
+                best = best.min(cur[j - 1] + 1); // b[col - 1] inserted
+            }
+            cur[j] = best.min(OVER);
+        }
+        if cur.iter().all(|&c| c >= OVER) {
+            return None;
+        }
+        prev = cur;
+    }
+    let d = prev[b.len() + K - a.len()];
+    (d <= K).then_some(d)
 }
 
 /// The candidates closest to `word` (edit distance at most a third of its length, and at
@@ -720,4 +763,50 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+#[cfg(test)]
+mod edit_tests {
+    use super::{edit_distance, within_two_edits};
+
+    #[test]
+    fn the_banded_distance_agrees_with_the_full_one_up_to_two() {
+        let words = [
+            "",
+            "a",
+            "ab",
+            "ba",
+            "abc",
+            "acb",
+            "pypi.org",
+            "pypl.org",
+            "pypi.orgx",
+            "ypi.org",
+            "files.pythonhosted.org",
+            "files.pythonhosted.com",
+            "login.microsoftonline.com",
+            "login.microsoftonIine.com",
+            "blocked.example",
+            "blob.core.windows.net",
+        ];
+        for a in words {
+            for b in words {
+                let full = edit_distance(a, b);
+                let banded = within_two_edits(a.as_bytes(), b.as_bytes());
+                assert_eq!(banded, (full <= 2).then_some(full), "{a:?} {b:?}");
+            }
+        }
+        // Every edit of a word at distance one and two, by construction.
+        let w = "management.azure.com";
+        for i in 0..w.len() {
+            let dropped = format!("{}{}", &w[..i], &w[i + 1..]);
+            assert_eq!(within_two_edits(w.as_bytes(), dropped.as_bytes()), Some(1));
+            let swapped = format!("{}x{}", &w[..i], &w[i + 1..]);
+            let twice = format!("{}y", swapped);
+            assert_eq!(
+                within_two_edits(w.as_bytes(), twice.as_bytes()),
+                Some(edit_distance(w, &twice)).filter(|d| *d <= 2)
+            );
+        }
+    }
 }
