@@ -2,7 +2,7 @@
 //! CONNECT-to-200 latency (p50, p99), allowed connects per second at 1 and 32 clients, the
 //! deny path, and tunnel throughput. `cargo bench --bench proxy`.
 //!
-//! The proxy runs in-process on its own runtime (`PROXY_WORKERS`, default 2 threads);
+//! The proxy runs in-process on its own worker threads (`PROXY_WORKERS`, default 2);
 //! clients and upstreams run on another (`CLIENT_WORKERS`, default 2). Every loop is
 //! bounded in count and time, and all traffic stays on 127.0.0.1.
 
@@ -133,8 +133,12 @@ fn main() {
 }
 
 fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
+    let workers: usize = std::env::var("PROXY_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let toml = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [8443, 9443]\nmax_connections = 100000\nmax_connections_per_client = 0\n\
+        "[proxy]\nworkers = {workers}\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [8443, 9443]\nmax_connections = 100000\nmax_connections_per_client = 0\n\
          [[allow]]\nhost = \"bench.example.com\"\nports = [\"8443\", \"9443\"]\n\
          [upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\n\
          connect_to = {{ \"bench.example.com:8443\" = \"{echo}\", \"bench.example.com:9443\" = \"{source}\" }}\n"
@@ -148,19 +152,15 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(
-                std::env::var("PROXY_WORKERS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2),
-            )
+            .worker_threads(1)
             .thread_name("proxy-worker")
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
             let compiled = config::compile(settings).unwrap();
-            let listeners = proxy::bind(&compiled).await.unwrap();
+            let workers = proxy::Workers::new(compiled.proxy.workers).unwrap();
+            let listeners = proxy::bind(&compiled, workers.len()).unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
             tx.send(own[0]).unwrap();
             let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000));
@@ -170,7 +170,7 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             ));
             let live = runtime::live(compiled, own, metrics, logs).unwrap();
             let (_stop, stopping) = tokio::sync::watch::channel(false);
-            proxy::run(listeners, Shared::new(live, stopping)).await;
+            proxy::run(listeners, workers, Shared::new(live, stopping)).await;
         });
     });
     rx.recv().unwrap()
@@ -285,7 +285,8 @@ fn proxy_cpu_seconds(pid: Option<u32>) -> f64 {
             .flatten()
             .filter(|t| {
                 let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                comm.trim() == "proxy-worker"
+                let comm = comm.trim();
+                comm == "proxy-worker" || comm.starts_with("aml-egress-w")
             })
             .map(|t| t.path().join("stat"))
             .collect(),

@@ -490,7 +490,10 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     aml_egress::server::init_logging(&compiled.log);
+    // Connections are served on the proxy's own worker threads (proxy.workers); this
+    // runtime runs the admin endpoints, reloads and signals.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     match rt.block_on(aml_egress::server::serve(compiled)) {

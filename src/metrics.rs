@@ -117,6 +117,7 @@ pub struct Metrics {
     dial_error: Histogram,
     open_connections: IntGaugeVec,
     open_tunnels: IntGaugeVec,
+    worker_connections: IntGaugeVec,
     /// Bytes client→upstream and upstream→client.
     pub tunnel_up: IntCounter,
     pub tunnel_down: IntCounter,
@@ -234,6 +235,12 @@ impl Metrics {
                 "aml_egress_open_tunnels",
                 "CONNECT tunnels open now, by mode.",
                 &["mode"],
+            ),
+            worker_connections: gauge_vec(
+                &r,
+                "aml_egress_worker_connections",
+                "Client connections open now (tunnels included) on each worker thread.",
+                &["worker"],
             ),
             tunnel_up: tunnel_bytes.with_label_values(&["up"]),
             tunnel_down: tunnel_bytes.with_label_values(&["down"]),
@@ -368,6 +375,12 @@ impl Metrics {
         let g = vec.with_label_values(&[mode]);
         g.inc();
         OpenGuard(g)
+    }
+
+    /// The open-connections gauge of worker `index` (`proxy.workers` bounds the labels).
+    pub fn worker_connections(&self, index: usize) -> IntGauge {
+        self.worker_connections
+            .with_label_values(&[index.to_string().as_str()])
     }
 
     /// A client turned away by a limit.

@@ -33,6 +33,8 @@ pub enum SetupError {
     },
     #[error("{0}")]
     Tls(String),
+    #[error("cannot start the worker threads (proxy.workers): {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {key} {addr}: {source}")]
     Listen {
         key: &'static str,

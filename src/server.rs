@@ -75,7 +75,9 @@ pub async fn start(
     compiled: Compiled,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Running, ServeError> {
-    let listeners = proxy::bind(&compiled).await?;
+    let workers = proxy::Workers::new(compiled.proxy.workers).map_err(SetupError::Workers)?;
+    let worker_count = workers.len();
+    let listeners = proxy::bind(&compiled, worker_count)?;
     let addrs: Vec<_> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -135,6 +137,7 @@ pub async fn start(
         listen = ?addrs,
         admin = %admin_addr.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         mode = %mode,
+        workers = worker_count,
         cloud = %cloud,
         revision = %revision,
         exact = counts.exact,
@@ -147,7 +150,7 @@ pub async fn start(
     let mut stopping = stop;
     let done = tokio::spawn(async move {
         let delay = shared.live().config.shutdown_delay;
-        let run = tokio::spawn(proxy::run(listeners, shared));
+        let run = tokio::spawn(proxy::run(listeners, workers, shared));
         let _ = stopping.wait_for(|s| *s).await;
         // Draining: not ready any more, but metrics and health stay up until the end.
         ready.store(false, Ordering::Relaxed);

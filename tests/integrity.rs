@@ -695,9 +695,11 @@ async fn health_probes_are_answered_while_a_thousand_admin_connections_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_every_connection() {
     let p = start_proxy("[proxy]\nmax_connections_per_client = 2\n").await;
-    // The accept loop takes connections in order: these two hold both places.
+    // These two hold both places once the proxy has accepted them (on any worker).
     let _a = TcpStream::connect(p.addr).await.unwrap();
     let _b = TcpStream::connect(p.addr).await.unwrap();
+    p.until_sample("aml_egress_open_connections{mode=\"enforce\"}", 2.0)
+        .await;
     let (_, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
     assert!(

@@ -184,6 +184,14 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
     );
     range(
         out,
+        "proxy.workers",
+        p.workers,
+        0,
+        256,
+        "use 0 (one per CPU) to 256",
+    );
+    range(
+        out,
         "proxy.max_header_bytes",
         p.max_header_bytes,
         8192,

@@ -347,6 +347,9 @@ section! {
         tls_key: Option<PathBuf> = None; Scalar, Live;
         /// Add `Via: 1.1 aml-egress` to forwarded requests and responses.
         via: bool = true; Scalar, Live;
+        /// Threads serving connections, each with its own socket on every listener
+        /// (`SO_REUSEPORT`); `0`: one per CPU the process may run on.
+        workers: usize = 0; Scalar, Restart;
     }
 }
 

@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::{Response, StatusCode};
+use hyper::StatusCode;
 
 use super::dial::DialError;
-use super::respond::{Body, refuse};
+use super::respond::Refusal;
 use super::state::{Live, Mode};
 use crate::metrics::{ListenerKind, Metrics, Outcome};
 use crate::policy::{Decision, PathView, Reason, Target};
@@ -51,25 +51,23 @@ impl Live {
             .unwrap_or_default()
     }
 
-    /// The 403 for a policy refusal.
-    pub(crate) fn forbidden(&self, target: &str, d: &Decision) -> hyper::Response<Body> {
-        let mut why = self.built.policy.explain(target, d);
-        if let Some(part) = crate::policy::Target::parse(target)
-            .ok()
-            .and_then(|t| self.built.would_allow_with(&t, PathView::Hidden))
-        {
+    /// The 403 for a policy refusal of `target` (`None`: it could not be parsed), shown
+    /// to the client as `shown`.
+    pub(crate) fn forbidden(&self, shown: &str, target: Option<&Target>, d: &Decision) -> Refusal {
+        let mut why = self.built.policy.explain(shown, d);
+        if let Some(part) = target.and_then(|t| self.built.would_allow_with(t, PathView::Hidden)) {
             why.push_str(&crate::cli::optional_part_hint(part));
         }
         let code = d.reason.code();
         // An unparseable target is not repeated in the status line.
-        let shown = (code != ReasonCode::InvalidTarget).then_some(target);
-        refuse(
+        let in_phrase = (code != ReasonCode::InvalidTarget).then_some(shown);
+        Refusal::new(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
             code.as_str(),
-            (shown, code.words()),
-            &format!(
-                "aml-egress refused {target}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+            (in_phrase, code.words()),
+            format!(
+                "aml-egress refused {shown}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
             ),
         )
     }
@@ -81,21 +79,19 @@ impl Live {
         peer: SocketAddr,
         shown: &str,
         e: crate::policy::InvalidTarget,
-    ) -> hyper::Response<Body> {
+    ) -> Refusal {
         let v = self.apply_mode(Decision {
             verdict: crate::policy::Verdict::Deny,
             reason: Reason::InvalidTarget(e),
             rule: None,
         });
         self.note_verdict(via, peer, None, shown, &v);
-        self.forbidden(shown, &v.decision)
+        self.forbidden(shown, None, &v.decision)
     }
 
     /// One decision per request: a refusal or an audit pass is counted (and logged) now,
     /// whatever the dial does next, and a refusal is answered `403` (`Err`). An allow is
     /// returned uncounted, to be counted when the request ends ([`AllowCount`]).
-    // The refusal is handed straight back to hyper; boxing it would only add an allocation.
-    #[allow(clippy::result_large_err)]
     pub(crate) fn admit(
         &self,
         via: ListenerKind,
@@ -103,7 +99,7 @@ impl Live {
         target: &Target,
         shown: impl FnOnce() -> String,
         v: &Judged,
-    ) -> Result<Option<AllowCount>, hyper::Response<Body>> {
+    ) -> Result<Option<AllowCount>, Refusal> {
         if v.pass && !v.would_deny {
             return Ok(Some(AllowCount::new(self, via, v)));
         }
@@ -112,7 +108,7 @@ impl Live {
         if v.pass {
             Ok(None)
         } else {
-            Err(self.forbidden(&shown, &v.decision))
+            Err(self.forbidden(&shown, Some(target), &v.decision))
         }
     }
 
@@ -302,7 +298,7 @@ pub(crate) fn dial_failed(
     target: &Target,
     e: &DialError,
     pending: Option<AllowCount>,
-) -> Response<Body> {
+) -> Refusal {
     let counted = pending.is_none();
     if let Some(p) = pending {
         p.instead();
@@ -344,11 +340,11 @@ pub(crate) fn dial_failed(
     } else {
         ""
     };
-    refuse(
+    Refusal::new(
         status,
         error,
         details.as_str(),
         (Some(&shown), details.words()),
-        &format!("aml-egress could not reach {shown}: {e}{hint}"),
+        format!("aml-egress could not reach {shown}: {e}{hint}"),
     )
 }

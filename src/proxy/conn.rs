@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::listen::{ConnHandles, Slot, stopped};
 use super::respond::{Body, refuse};
@@ -17,10 +19,34 @@ use super::state::Shared;
 use super::{connect, head, http, keepalive, respond};
 use crate::metrics::{Limit, ListenerKind};
 
+/// Serve one plain-TCP client connection of the forward proxy: a first request that is a
+/// plain `CONNECT` is answered directly ([`connect::serve_first`]); anything else goes
+/// through hyper ([`serve_requests`]).
+pub(super) async fn serve_plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<Slot>,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    head::read_arrived(&stream, &mut buf);
+    let (stream, buf) = match first_head(stream, buf, peer, &shared).await {
+        Some(x) => x,
+        None => return,
+    };
+    match head::plain_connect(&buf) {
+        Some(h) => connect::serve_first(stream, buf, h, peer, shared, permit).await,
+        None => {
+            let stream = head::Rewind::new(buf, stream);
+            serve_requests(stream, peer, shared, Some(permit), route).await
+        }
+    }
+}
+
 /// Serve one client connection: its first request head read with the proxy's bounds
 /// (408, 431), then its requests answered by `handle`.
 pub(super) async fn serve_connection<S, H, F>(
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
@@ -30,17 +56,38 @@ pub(super) async fn serve_connection<S, H, F>(
     H: Fn(Request<hyper::body::Incoming>, SocketAddr, Arc<Shared>) -> F + Copy + Send + 'static,
     F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
 {
+    let Some((stream, prefix)) = first_head(stream, BytesMut::new(), peer, &shared).await else {
+        return;
+    };
+    serve_requests(
+        head::Rewind::new(prefix, stream),
+        peer,
+        shared,
+        Some(permit),
+        handle,
+    )
+    .await;
+}
+
+/// Read a connection's first request head (after what `buf` holds) with the proxy's bounds;
+/// a slow client gets `408`, an oversized head `431`, and `None` comes back.
+async fn first_head<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    buf: BytesMut,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(S, BytesMut)> {
     let live = shared.live();
     let cfg = &live.config;
-    let prefix = match head::read_head(&mut stream, cfg.max_header_bytes, cfg.header_timeout).await
-    {
-        Ok(p) => p,
+    let read = head::read_head(&mut stream, buf, cfg.max_header_bytes, cfg.header_timeout).await;
+    match read {
+        Ok(p) => Some((stream, p)),
         Err(head::HeadError::Timeout) => {
             if live.limit_hit(Limit::HeaderTimeout) {
                 tracing::warn!(client = %peer, reason = "header_timeout", "request head not received in time; answered 408");
             }
             refuse_raw(stream, respond::request_timeout()).await;
-            return;
+            None
         }
         Err(head::HeadError::TooLarge) => {
             if live.limit_hit(Limit::HeaderSize) {
@@ -54,19 +101,10 @@ pub(super) async fn serve_connection<S, H, F>(
                 "the request head is larger than proxy.max_header_bytes",
             );
             refuse_raw(stream, &body).await;
-            return;
+            None
         }
-        Err(_) => return,
-    };
-    drop(live);
-    serve_requests(
-        head::Rewind::new(prefix, stream),
-        peer,
-        shared,
-        Some(permit),
-        handle,
-    )
-    .await;
+        Err(_) => None,
+    }
 }
 
 /// Serve HTTP/1 requests on a client stream until it closes or shutdown closes it, with

@@ -1,20 +1,139 @@
 //! `CONNECT host:port`: decide, dial, and only then answer `200`; then inspect what the
 //! tunnel carries and relay it (see [`super::tunnel`]).
+//!
+//! A connection whose first request is a plain `CONNECT` (the common case) is answered here
+//! directly on its socket ([`serve_first`]): no HTTP machinery between the request head and
+//! the `403` or the `200` and the tunnel. A `CONNECT` later on a keep-alive connection, or
+//! on a TLS listener, goes through hyper ([`handle`]). Both decide and dial in [`open`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{Buf, BytesMut};
 use hyper::{Request, Response};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use super::admit::dial_failed;
 use super::dial::dial;
-use super::respond::{Body, full};
+use super::handshake::ClientSide;
+use super::head::ConnectHead;
+use super::listen::Slot;
+use super::respond::{Body, Refusal, full};
 use super::tunnel::Tunnel;
-use super::{Live, Shared};
+use super::{AllowCount, Judged, Live, Shared};
 use crate::metrics::ListenerKind;
 use crate::policy::{PathView, Target};
 
+/// The `200` of an accepted CONNECT, with the reason phrase Squid, tinyproxy and goproxy
+/// send, which some clients expect.
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+/// An allowed CONNECT whose upstream is dialled, before its `200`.
+pub(super) struct Opened {
+    target: Target,
+    upstream: TcpStream,
+    addr: SocketAddr,
+    verdict: Judged,
+    /// The allow, counted when the tunnel's inspection has passed (see [`AllowCount`]).
+    pending: Option<AllowCount>,
+    started: Instant,
+}
+
+/// Decide a CONNECT to `raw` (its request target) and dial it. A refusal (policy, invalid
+/// target, address guard, failed dial) is counted and logged, and comes back as the
+/// answer to send.
+pub(super) async fn open(raw: &str, peer: SocketAddr, live: &Live) -> Result<Opened, Refusal> {
+    let target = match Target::parse(raw) {
+        Ok(t) => t,
+        Err(e) => return Err(live.refuse_invalid(ListenerKind::Connect, peer, raw, e)),
+    };
+    let verdict = live.judge(&target, PathView::Hidden);
+    // An allowed tunnel is counted once the dial worked and, on TLS ports, once the name
+    // inside has been checked.
+    let pending = live.admit(
+        ListenerKind::Connect,
+        peer,
+        &target,
+        || target.to_string(),
+        &verdict,
+    )?;
+    let started = Instant::now();
+    let dialled = dial(&target, verdict.decision.is_allowed(), &live.config.dial).await;
+    live.metrics.dial(dialled.is_ok(), started.elapsed());
+    let (upstream, addr) = match dialled {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(dial_failed(
+                live,
+                ListenerKind::Connect,
+                peer,
+                &target,
+                &e,
+                pending,
+            ));
+        }
+    };
+    // The count waits for the inspection inside, except on opaque ports.
+    let pending = pending.filter(|_| !live.config.opaque_ports.contains(&target.port));
+    Ok(Opened {
+        target,
+        upstream,
+        addr,
+        verdict,
+        pending,
+        started,
+    })
+}
+
+/// The first request of a plain connection, a `CONNECT` whose head `head` is at the
+/// start of `buf`: answered and tunnelled on this task. Bytes the client sent behind the
+/// head are the tunnel's first bytes.
+pub(super) async fn serve_first(
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    head: ConnectHead,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+) {
+    let live = shared.live();
+    let start = Instant::now();
+    // plain_connect checked the target is an authority, so it is ASCII.
+    let raw = std::str::from_utf8(&buf[head.target.clone()]).unwrap_or_default();
+    let opened = open(raw, peer, &live).await;
+    live.metrics
+        .request_duration(ListenerKind::Connect, start.elapsed());
+    match opened {
+        Err(refusal) => {
+            // The bytes behind the CONNECT were meant for the tunnel: never read as a
+            // request; the connection closes after the answer.
+            let mut out = Vec::with_capacity(1024);
+            refusal.write_closing(&mut out);
+            let _ = stream.write_all(&out).await;
+        }
+        Ok(opened) => {
+            if stream.write_all(ESTABLISHED).await.is_err() {
+                return; // the client left: its allow is counted as the request ends
+            }
+            buf.advance(head.len);
+            tunnel(
+                opened,
+                ClientSide::Tcp(stream),
+                buf,
+                live,
+                shared,
+                Some(slot),
+                peer,
+            )
+            .await;
+        }
+    }
+}
+
+/// A `CONNECT` that hyper parsed: answered through hyper, tunnelled once hyper hands the
+/// connection over.
 pub(super) async fn handle(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
@@ -24,65 +143,62 @@ pub(super) async fn handle(
     let raw = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_owned())
+        .map(|a| a.as_str())
         .unwrap_or_default();
-    let target = match Target::parse(&raw) {
-        Ok(t) => t,
-        Err(e) => return live.refuse_invalid(ListenerKind::Connect, peer, &raw, e),
+    let opened = match open(raw, peer, &live).await {
+        Ok(o) => o,
+        Err(refusal) => return refusal.into_response(),
     };
-    let shown = target.to_string();
-    let v = live.judge(&target, PathView::Hidden);
-    // An allowed tunnel is counted once the dial worked and, on TLS ports, once the name
-    // inside has been checked.
-    let pending = match live.admit(ListenerKind::Connect, peer, &target, || shown.clone(), &v) {
-        Ok(pending) => pending,
-        Err(refused) => return refused,
-    };
-    let started = Instant::now();
-    let dialled = dial(&target, v.decision.is_allowed(), &live.config.dial).await;
-    live.metrics.dial(dialled.is_ok(), started.elapsed());
-    let (upstream, addr) = match dialled {
-        Ok(x) => x,
-        Err(e) => return dial_failed(&live, ListenerKind::Connect, peer, &target, &e, pending),
-    };
-    // The count waits for the inspection inside, except on opaque ports.
-    let pending = pending.filter(|_| !live.config.opaque_ports.contains(&target.port));
-    let guard = shared.tracker.track();
-    let open = live.metrics.open(true, live.config.mode.as_str());
     let handles = req.extensions().get::<super::ConnHandles>().cloned();
+    let guard = shared.tracker.track();
     tokio::spawn(async move {
         let _guard = guard;
-        let _open = open;
-        // The tunnel holds its connection's place under proxy.max_connections.
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                if let Some(h) = &handles {
+                let slot = handles.map(|h| {
                     h.turn.detach(); // the stream is a tunnel now: no request timers
-                }
-                let t = Tunnel {
-                    live: live.clone(),
-                    shared: shared.clone(),
-                    handles,
-                    peer,
-                    target,
-                    addr,
-                    started,
-                };
-                tokio::select! {
-                    _ = t.run(upgraded, upstream, v, pending) => {}
-                    _ = shared.tracker.closed() => {
-                        tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
-                    }
-                }
+                    h.slot
+                });
+                let (client, buf) = ClientSide::from_upgraded(upgraded);
+                tunnel(opened, client, buf, live, shared, slot, peer).await;
             }
             Err(e) => tracing::debug!(client = %peer, error = %e, "CONNECT upgrade failed"),
         }
     });
-    // The reason phrase Squid, tinyproxy and goproxy send, which some clients expect.
     let mut resp = Response::new(full(""));
     resp.extensions_mut()
         .insert(hyper::ext::ReasonPhrase::from_static(
             b"Connection established",
         ));
     resp
+}
+
+/// Inspect and relay an answered tunnel until it ends or shutdown's grace period is over.
+/// `slot` is the connection's place under `proxy.max_connections`, which the tunnel holds.
+async fn tunnel(
+    opened: Opened,
+    client: ClientSide,
+    buf: BytesMut,
+    live: Arc<Live>,
+    shared: Arc<Shared>,
+    slot: Option<Arc<Slot>>,
+    peer: SocketAddr,
+) {
+    let _open = live.metrics.open(true, live.config.mode.as_str());
+    let target = opened.target;
+    let t = Tunnel {
+        live,
+        shared: shared.clone(),
+        slot,
+        peer,
+        target,
+        addr: opened.addr,
+        started: opened.started,
+    };
+    tokio::select! {
+        _ = t.run(client, buf, opened.upstream, opened.verdict, opened.pending) => {}
+        _ = shared.tracker.closed() => {
+            tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
+        }
+    }
 }

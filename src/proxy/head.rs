@@ -24,16 +24,19 @@ pub enum HeadError {
 
 /// Read until the end of the first request head (an empty line, its line ends CRLF or a
 /// bare LF as RFC 9112 §2.2 lets a recipient accept, as hyper's parser does), within
-/// `limit` bytes and `timeout` in total. Whatever arrived after the head stays in the
-/// buffer.
+/// `limit` bytes and `timeout` in total, after what `buf` already holds. Whatever arrived
+/// after the head stays in the buffer. No timer is armed when the head is already there.
 pub async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
+    mut buf: BytesMut,
     limit: usize,
     timeout: Duration,
 ) -> Result<BytesMut, HeadError> {
-    let mut buf = BytesMut::with_capacity(4096);
+    if ends_head(&buf) {
+        return Ok(buf);
+    }
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut scanned = 0usize;
+    let mut scanned = buf.len();
     loop {
         if ends_head(&buf[scanned.saturating_sub(2)..]) {
             return Ok(buf);
@@ -50,6 +53,58 @@ pub async fn read_head<S: AsyncRead + Unpin>(
             Ok(Err(e)) => return Err(HeadError::Io(e)),
         }
     }
+}
+
+/// Read what has already arrived on a just-accepted connection into `buf`, without
+/// waiting: a client's first request is usually there by the time it is accepted, and the
+/// runtime would only try to read it after a trip through epoll. `None`: nothing yet.
+pub fn read_arrived(stream: &tokio::net::TcpStream, buf: &mut BytesMut) -> Option<usize> {
+    let old = buf.len();
+    buf.resize(old + 4096, 0);
+    let got = rustix::net::recv(stream, &mut buf[old..], rustix::net::RecvFlags::empty());
+    let n = got.map_or(0, |(n, _)| n);
+    buf.truncate(old + n);
+    // A closed or failed connection is left for the reads that follow to find.
+    (n > 0).then_some(n)
+}
+
+/// A first request head that is a `CONNECT` the proxy answers itself, without hyper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectHead {
+    /// Where the request target (`host:port`) is in the buffer.
+    pub target: std::ops::Range<usize>,
+    /// The length of the head; the tunnel's first bytes follow it.
+    pub len: usize,
+}
+
+/// The head at the start of `buf` when it is a `CONNECT` that needs no HTTP machinery:
+/// HTTP/1.1, a request target in authority form (RFC 9112 §3.2.3) that hyper would read
+/// the same way, at most 32 fields, none of them `Content-Length` or `Transfer-Encoding`
+/// (a CONNECT has no content, RFC 9110 §9.3.6). Anything else is `None`, and hyper parses
+/// and answers it as any request.
+pub fn plain_connect(buf: &[u8]) -> Option<ConnectHead> {
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    if req.method != Some("CONNECT") || req.version != Some(1) {
+        return None;
+    }
+    let framed = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("content-length")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+    });
+    let target = req.path?;
+    if framed || hyper::http::uri::Authority::try_from(target).is_err() {
+        return None;
+    }
+    let at = target.as_ptr() as usize - buf.as_ptr() as usize;
+    Some(ConnectHead {
+        target: at..at + target.len(),
+        len,
+    })
 }
 
 /// Whether `bytes` hold the end of a head: a line end followed by an empty line

@@ -64,33 +64,43 @@ pub(super) async fn forward(
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(authority) = req.uri().authority().cloned() else {
-        return live.refuse_invalid(ListenerKind::Http, peer, "", InvalidTarget::EmptyHost);
+        return live
+            .refuse_invalid(ListenerKind::Http, peer, "", InvalidTarget::EmptyHost)
+            .into();
     };
     if authority.as_str().contains('@') {
-        return live.refuse_invalid(
-            ListenerKind::Http,
-            peer,
-            authority.as_str(),
-            InvalidTarget::UserInfo,
-        );
+        return live
+            .refuse_invalid(
+                ListenerKind::Http,
+                peer,
+                authority.as_str(),
+                InvalidTarget::UserInfo,
+            )
+            .into();
     }
     let port = match authority.port() {
         Some(_) => match authority.port_u16() {
             Some(p) if p > 0 => p,
             _ => {
-                return live.refuse_invalid(
-                    ListenerKind::Http,
-                    peer,
-                    authority.as_str(),
-                    InvalidTarget::BadPort,
-                );
+                return live
+                    .refuse_invalid(
+                        ListenerKind::Http,
+                        peer,
+                        authority.as_str(),
+                        InvalidTarget::BadPort,
+                    )
+                    .into();
             }
         },
         None => 80,
     };
     let target = match Target::from_parts(authority.host(), port) {
         Ok(t) => t,
-        Err(e) => return live.refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e),
+        Err(e) => {
+            return live
+                .refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e)
+                .into();
+        }
     };
     send(
         req,
@@ -185,7 +195,9 @@ pub(super) async fn forward_transparent(
     let target = match named {
         Named::Host(t) => t,
         Named::Invalid(e) => {
-            return live.refuse_invalid(via, peer, named_text(&req).as_str(), e);
+            return live
+                .refuse_invalid(via, peer, named_text(&req).as_str(), e)
+                .into();
         }
         Named::Absent => {
             let v = live.judge(&dst, PathView::Hidden);
@@ -391,16 +403,20 @@ async fn send(
     // origin-form path may follow the authority: anything else (`OPTIONS *`) would be
     // glued onto the host and name another one.
     if !path.starts_with('/') {
-        return live.refuse_invalid(via, peer, &path, InvalidTarget::BadCharacter);
+        return live
+            .refuse_invalid(via, peer, &path, InvalidTarget::BadCharacter)
+            .into();
     }
     let uri = format!("http://{authority}{path}");
     let Ok(uri) = uri.parse::<Uri>() else {
-        return live.refuse_invalid(via, peer, &uri, InvalidTarget::BadCharacter);
+        return live
+            .refuse_invalid(via, peer, &uri, InvalidTarget::BadCharacter)
+            .into();
     };
     let v = live.judge(&target, PathView::Visible(&path));
     let pending = match live.admit(via, peer, &target, || format!("{shown}{path}"), &v) {
         Ok(pending) => pending,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into(),
     };
     // Framing (RFC 9112 §6): hyper has decoded `chunked`; any other transfer coding would
     // be passed on without its label, so it is refused, and a Content-Length beside a
@@ -534,7 +550,7 @@ async fn send(
             resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, via, peer, &target, d, pending),
+            Some(d) => dial_failed(&live, via, peer, &target, d, pending).into(),
             None if head_too_large(&e) => {
                 upstream_failed(pending);
                 refuse(

@@ -1,6 +1,7 @@
-//! Listeners and the accept loop: bind, admit a client (ACL, connection limits), hand the
-//! connection to its task (TLS handshake first on TLS listeners), and on shutdown stop
-//! accepting and drain.
+//! Listeners and the accept loop: bind one socket per worker, admit a client (ACL,
+//! connection limits), hand the connection to its task (TLS handshake first on TLS
+//! listeners). The workers themselves, and the drain at shutdown, are in
+//! [`super::workers`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,15 +12,17 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::conn::{route, serve_connection};
+use super::conn::{route, serve_connection, serve_plain};
 use super::state::Shared;
 use super::transparent;
 use super::{keepalive, per_client, respond};
 use crate::metrics::Limit;
 
-/// A bound listening socket, plain or TLS.
+/// A bound listening address: one socket per worker, all on the same address with
+/// `SO_REUSEPORT`, so that each worker accepts on its own.
 pub struct Listener {
-    pub tcp: TcpListener,
+    sockets: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
     pub role: Role,
 }
 
@@ -51,14 +54,23 @@ impl Role {
 impl Listener {
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
+        Ok(self.addr)
+    }
+
+    /// The sockets, one per worker.
+    pub(super) fn into_sockets(self) -> Vec<std::net::TcpListener> {
+        self.sockets
     }
 }
 
-/// Bind every configured listener (before reporting ready): the proxy's plain ones, then
-/// its TLS ones, then the transparent TLS and HTTP ones.
-pub async fn bind(
+/// Bind every configured listener (before reporting ready), `workers` sockets each: the
+/// proxy's plain ones, then its TLS ones, then the transparent TLS and HTTP ones.
+///
+/// # Errors
+/// A socket could not be bound; the error names the key and the address.
+pub fn bind(
     c: &crate::config::Compiled,
+    workers: usize,
 ) -> Result<Vec<Listener>, crate::runtime::SetupError> {
     let mut out = Vec::new();
     let all = [
@@ -69,51 +81,47 @@ pub async fn bind(
     ];
     for (role, addrs) in all {
         for a in addrs {
-            let tcp = TcpListener::bind(a).await.map_err(|source| {
-                crate::runtime::SetupError::Listen {
-                    key: role.key(),
-                    addr: *a,
-                    source,
-                }
-            })?;
-            out.push(Listener { tcp, role });
+            let failed = |source| crate::runtime::SetupError::Listen {
+                key: role.key(),
+                addr: *a,
+                source,
+            };
+            // The first socket settles the port (when 0 was asked for); the others join it.
+            let first = reuseport_socket(*a).map_err(failed)?;
+            let addr = first.local_addr().map_err(failed)?;
+            let mut sockets = vec![first];
+            for _ in 1..workers.max(1) {
+                sockets.push(reuseport_socket(addr).map_err(failed)?);
+            }
+            out.push(Listener {
+                sockets,
+                addr,
+                role,
+            });
         }
     }
     Ok(out)
 }
 
-/// Serve until `stop` flips to `true`, then drain open connections and tunnels for up to
-/// the grace period. Returns the number of connections still open at the deadline.
-pub async fn run(listeners: Vec<Listener>, shared: Arc<Shared>) -> usize {
-    let mut accepts = Vec::new();
-    for l in listeners {
-        accepts.push(tokio::spawn(accept_loop(l, shared.clone())));
-    }
-    let mut stopping = shared.stopping.clone();
-    stopped(&mut stopping).await;
-    for a in &accepts {
-        a.abort();
-    }
-    for a in accepts {
-        let _ = a.await; // the listeners are closed once these return
-    }
-    let grace = shared.live().config.grace_period;
-    if tokio::time::timeout(grace, shared.tracker.drained())
-        .await
-        .is_err()
-    {
-        let left = shared.tracker.live();
-        tracing::warn!(
-            open = left,
-            grace_secs = grace.as_secs_f64(),
-            "grace period over; closing what is still open"
-        );
-        shared.tracker.close_all();
-        // Each closes at its next poll; wait briefly so that their sockets are gone.
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tracker.drained()).await;
-        return left;
-    }
-    0
+/// A non-blocking listening socket that shares its address with the proxy's other workers.
+/// Only sockets of the same user can join a `SO_REUSEPORT` group (socket(7)).
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, 1024)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// Resolves once shutdown has started (or its sender is gone).
@@ -121,9 +129,16 @@ pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+/// Accept on one worker's socket of one listener; each connection is served on this
+/// worker and counted in its `gauge`.
+pub(super) async fn accept_loop(
+    tcp: TcpListener,
+    role: Role,
+    shared: Arc<Shared>,
+    gauge: prometheus::IntGauge,
+) {
     loop {
-        let (stream, peer) = match listener.tcp.accept().await {
+        let (stream, peer) = match tcp.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -180,7 +195,6 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let guard = shared.tracker.track();
         let shared = shared.clone();
-        let role = listener.role;
         let _ = stream.set_nodelay(true);
         let tls = live.tls.clone();
         if role == Role::ProxyTls && tls.is_none() {
@@ -194,15 +208,17 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
         let handshake_timeout = live.config.header_timeout;
         drop(live);
+        gauge.inc(); // given back when the slot drops
         // Tunnels take a clone, so that they count against the limit until they close.
         let permit = Arc::new(Slot {
             permit: Some(permit),
             owed: shared.owed.clone(),
             _client: place,
+            worker: gauge.clone(),
         });
         tokio::spawn(async move {
             match (role, tls) {
-                (Role::Proxy, _) => serve_connection(stream, peer, shared, permit, route).await,
+                (Role::Proxy, _) => serve_plain(stream, peer, shared, permit).await,
                 (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
                 (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
                 (Role::ProxyTls, None) => {} // refused above
@@ -245,6 +261,8 @@ pub(crate) struct Slot {
     owed: Arc<AtomicUsize>,
     /// The place under `proxy.max_connections_per_client`, when that limit is on.
     _client: Option<per_client::ClientPlace>,
+    /// The open-connections gauge of the worker serving it.
+    worker: prometheus::IntGauge,
 }
 
 /// Answer `503` to a connection turned away by a limit, off the accept loop.
@@ -264,6 +282,7 @@ fn refuse_at_limit(stream: tokio::net::TcpStream, details: &'static str, message
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.worker.dec();
         let paid = self
             .owed
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| o.checked_sub(1))

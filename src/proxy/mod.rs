@@ -32,9 +32,11 @@ mod state;
 pub mod tls;
 pub mod transparent;
 mod tunnel;
+pub mod workers;
 
 pub(crate) use admit::{AllowCount, Judged, Seen};
 pub(crate) use conn::serve_requests;
 pub(crate) use listen::ConnHandles;
-pub use listen::{Listener, Role, bind, run};
+pub use listen::{Listener, Role, bind};
 pub use state::{Live, Mode, ProxyConfig, Shared, TrackGuard, Tracker};
+pub use workers::{Workers, run};

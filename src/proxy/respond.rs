@@ -41,44 +41,113 @@ pub fn phrase(status: StatusCode, target: Option<&str>, words: &str) -> String {
     out
 }
 
-/// A refusal or error response. `error` is an RFC 9209 error token, `details` our reason;
-/// `target` and `words` go into the reason phrase ([`phrase`]).
+/// A refusal or error as the proxy answers it: a status with a reason phrase saying why
+/// ([`phrase`]), `Proxy-Status: aml-egress; error=<error>; details="<details>"` (RFC 9209
+/// §2: `error` is one of its error types, `details` our reason code), and a text body
+/// saying what to do. Built once, it is sent either through hyper ([`Refusal::into_response`])
+/// or as bytes on a connection that then closes ([`Refusal::write_closing`]).
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    phrase: String,
+    error: &'static str,
+    details: &'static str,
+    /// The body without its final line end.
+    message: String,
+}
+
+impl Refusal {
+    /// `target` and `words` go into the reason phrase.
+    pub fn new(
+        status: StatusCode,
+        error: &'static str,
+        details: &'static str,
+        (target, words): (Option<&str>, &str),
+        message: String,
+    ) -> Refusal {
+        Refusal {
+            status,
+            phrase: phrase(status, target, words),
+            error,
+            details,
+            message,
+        }
+    }
+
+    /// The response hyper sends (it adds `Content-Length` and `Date`).
+    pub fn into_response(self) -> Response<Body> {
+        let proxy_status = self.proxy_status();
+        let mut message = self.message;
+        message.push('\n');
+        let mut resp = Response::new(full(message));
+        *resp.status_mut() = self.status;
+        if let Ok(p) = bytes::Bytes::from(self.phrase).try_into() {
+            resp.extensions_mut().insert::<hyper::ext::ReasonPhrase>(p);
+        }
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&proxy_status) {
+            h.insert("proxy-status", v);
+        }
+        resp
+    }
+
+    /// Append the whole response to `out`, with `Connection: close`: for answers written
+    /// on a connection before or instead of hyper, which then close it.
+    pub fn write_closing(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}\n",
+            self.status.as_u16(),
+            self.phrase,
+            self.proxy_status(),
+            self.message.len() + 1,
+            self.message
+        );
+    }
+
+    fn proxy_status(&self) -> String {
+        format!(
+            "aml-egress; error={}; details=\"{}\"",
+            self.error, self.details
+        )
+    }
+}
+
+impl From<Refusal> for Response<Body> {
+    fn from(r: Refusal) -> Self {
+        r.into_response()
+    }
+}
+
+/// A refusal or error response through hyper (see [`Refusal`]).
 pub fn refuse(
     status: StatusCode,
-    error: &str,
-    details: &str,
-    (target, words): (Option<&str>, &str),
+    error: &'static str,
+    details: &'static str,
+    shown: (Option<&str>, &str),
     message: &str,
 ) -> Response<Body> {
-    let mut resp = Response::new(full(format!("{message}\n")));
-    *resp.status_mut() = status;
-    if let Ok(p) = bytes::Bytes::from(phrase(status, target, words)).try_into() {
-        resp.extensions_mut().insert::<hyper::ext::ReasonPhrase>(p);
-    }
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Ok(v) =
-        header::HeaderValue::from_str(&format!("aml-egress; error={error}; details=\"{details}\""))
-    {
-        h.insert("proxy-status", v);
-    }
-    resp
+    Refusal::new(status, error, details, shown, message.to_owned()).into_response()
 }
 
 /// The raw bytes of a response written before hyper takes the connection (limits, slow
 /// clients), so that even those refusals carry a status, a reason and a body; `words` go
 /// into the reason phrase.
-pub fn raw(status: StatusCode, words: &str, error: &str, details: &str, message: &str) -> Vec<u8> {
-    let reason = phrase(status, None, words);
-    let status = status.as_u16();
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nproxy-status: aml-egress; error={error}; details=\"{details}\"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{message}\n",
-        message.len() + 1
-    )
-    .into_bytes()
+pub fn raw(
+    status: StatusCode,
+    words: &str,
+    error: &'static str,
+    details: &'static str,
+    message: &str,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + message.len());
+    Refusal::new(status, error, details, (None, words), message.to_owned()).write_closing(&mut out);
+    out
 }
 
 /// The raw `408` for a request head that did not arrive in time (first or later).

@@ -28,8 +28,9 @@ use super::handshake::{
     self, ClientSide, Filled, Held, Refusal, Start, Unread, fill, read_hello, shown,
 };
 use super::head::Rewind;
+use super::listen::Slot;
 use super::sni::HelloReader;
-use super::{AllowCount, ConnHandles, Judged, Live, Seen, Shared};
+use super::{AllowCount, Judged, Live, Seen, Shared};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, Name, PathView, Target};
 
@@ -37,7 +38,8 @@ use crate::policy::{Host, Name, PathView, Target};
 pub(super) struct Tunnel {
     pub live: Arc<Live>,
     pub shared: Arc<Shared>,
-    pub handles: Option<ConnHandles>,
+    /// The connection's place under `proxy.max_connections`.
+    pub slot: Option<Arc<Slot>>,
     pub peer: SocketAddr,
     pub target: Target,
     pub addr: SocketAddr,
@@ -48,14 +50,14 @@ impl Tunnel {
     /// Inspect by what the tunnel carries, count the decision if not yet counted, relay.
     pub(super) async fn run(
         &self,
-        upgraded: hyper::upgrade::Upgraded,
+        mut client: ClientSide,
+        mut buf: BytesMut,
         mut upstream: TcpStream,
         mut v: Judged,
         mut pending: Option<AllowCount>,
     ) {
         let cfg = &self.live.config;
         let port = self.target.port;
-        let (mut client, mut buf) = ClientSide::from_upgraded(upgraded);
         let mut sni = String::new();
         let mut start = None;
         if !cfg.opaque_ports.contains(&port) {
@@ -267,7 +269,7 @@ impl Tunnel {
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
     /// one, its `Host` held to the CONNECT target.
     async fn serve_http(&self, client: ClientSide, buf: BytesMut) {
-        let slot = self.handles.as_ref().map(|h| h.slot.clone());
+        let slot = self.slot.clone();
         let (peer, shared, target) = (self.peer, self.shared.clone(), self.target);
         let handle = move |req, peer, shared: Arc<Shared>| {
             super::http::forward_in_tunnel(req, peer, shared.live(), target)

@@ -59,6 +59,18 @@ impl Proxy {
         super::net::get(self.admin_addr, "/metrics", None).await.1
     }
 
+    /// Wait until a sample reads `value` (polling the exposition, at most 10 s): for
+    /// state the proxy reaches on its own threads, such as connections it has accepted.
+    pub async fn until_sample(&self, series: &str, value: f64) {
+        for _ in 0..1000 {
+            if self.sample(series).await == value {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{series} never reached {value}");
+    }
+
     /// The value of one sample of the exposition (`name{labels}` exactly as printed, labels
     /// in alphabetical order), 0 when absent.
     pub async fn sample(&self, series: &str) -> f64 {
