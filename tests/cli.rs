@@ -421,3 +421,23 @@ fn suggest_learns_entries_that_then_allow_every_recorded_target() {
         "{exact}"
     );
 }
+
+#[test]
+fn serve_on_a_port_another_program_holds_names_the_key_and_exits_2() {
+    // A plain socket, without SO_REUSEPORT: the proxy's workers cannot join it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let out = bin()
+        .args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", addr.to_string())
+        .env("AML_EGRESS__ADMIN__LISTEN", "")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on proxy.listen {addr}")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -50,6 +50,16 @@ impl Workers {
     }
 }
 
+impl Drop for Workers {
+    /// Runtimes never used (start-up failed after they were built) are let go without
+    /// waiting: this may run inside the main runtime, where blocking is not allowed.
+    fn drop(&mut self) {
+        for rt in self.runtimes.drain(..) {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The number of workers `proxy.workers = count` means.
 pub fn resolve(count: usize) -> usize {
     match count {
@@ -62,18 +72,20 @@ pub fn resolve(count: usize) -> usize {
 /// connections and tunnels for up to the grace period. Returns the number still open at
 /// the deadline. `listeners` must have been bound for `workers.len()` workers.
 pub async fn run(listeners: Vec<Listener>, workers: Workers, shared: Arc<Shared>) -> usize {
+    let mut workers = workers;
+    let runtimes = std::mem::take(&mut workers.runtimes);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, Role)>> =
-        (0..workers.len()).map(|_| Vec::new()).collect();
+        (0..runtimes.len()).map(|_| Vec::new()).collect();
     for l in listeners {
         let role = l.role;
         for (i, s) in l.into_sockets().into_iter().enumerate() {
-            per_worker[i % workers.len()].push((s, role));
+            per_worker[i % runtimes.len()].push((s, role));
         }
     }
     let (exit_tx, exit_rx) = watch::channel(false);
     let mut closed = Vec::new();
     let mut ended = Vec::new();
-    for (index, (rt, sockets)) in workers.runtimes.into_iter().zip(per_worker).enumerate() {
+    for (index, (rt, sockets)) in runtimes.into_iter().zip(per_worker).enumerate() {
         let (closed_tx, closed_rx) = oneshot::channel();
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
         let (shared, exit) = (shared.clone(), exit_rx.clone());
