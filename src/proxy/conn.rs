@@ -38,7 +38,9 @@ pub(super) async fn serve_plain(
         Some(h) => connect::serve_first(stream, buf, h, peer, shared, permit).await,
         None => {
             let stream = head::Rewind::new(buf, stream);
-            serve_requests(stream, peer, shared, Some(permit), route).await
+            // Boxed, so that a CONNECT's task does not carry hyper's state.
+            let requests = Box::pin(serve_requests(stream, peer, shared, Some(permit), route));
+            requests.await
         }
     }
 }
@@ -200,7 +202,7 @@ async fn refuse_raw<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: &[u8
         return;
     }
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 8192];
+    let mut sink = vec![0u8; 8192]; // not on the stack: it would size every connection's task
     let mut left = 256 * 1024usize;
     let drain = async {
         while left > 0 {

@@ -60,7 +60,13 @@ pub(super) async fn open(raw: &str, peer: SocketAddr, live: &Live) -> Result<Ope
         &verdict,
     )?;
     let started = Instant::now();
-    let dialled = dial(&target, verdict.decision.is_allowed(), &live.config.dial).await;
+    // Boxed: a refusal's task does not carry the dialler's state.
+    let dialling = Box::pin(dial(
+        &target,
+        verdict.decision.is_allowed(),
+        &live.config.dial,
+    ));
+    let dialled = dialling.await;
     live.metrics.dial(dialled.is_ok(), started.elapsed());
     let (upstream, addr) = match dialled {
         Ok(x) => x,
@@ -118,16 +124,11 @@ pub(super) async fn serve_first(
                 return; // the client left: its allow is counted as the request ends
             }
             buf.advance(head.len);
-            tunnel(
-                opened,
-                ClientSide::Tcp(stream),
-                buf,
-                live,
-                shared,
-                Some(slot),
-                peer,
-            )
-            .await;
+            let client = ClientSide::Tcp(stream);
+            // Boxed, so that a refusal's task does not carry the tunnel's state. (Its own
+            // statement: a temporary in an awaiting statement is kept in the state.)
+            let tunnel = Box::pin(tunnel(opened, client, buf, live, shared, Some(slot), peer));
+            tunnel.await;
         }
     }
 }

@@ -219,25 +219,39 @@ pub(super) async fn accept_loop(
         tokio::spawn(async move {
             match (role, tls) {
                 (Role::Proxy, _) => serve_plain(stream, peer, shared, permit).await,
-                (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
-                (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
+                // The other roles are boxed so that the common one's task stays small (a
+                // task's whole future is moved into place when it is spawned).
+                // (Each in its own statement: a temporary in an awaiting statement stays in
+                // the state.)
+                (Role::TransparentTls, _) => {
+                    let f = Box::pin(transparent::tls(stream, peer, shared));
+                    f.await
+                }
+                (Role::TransparentHttp, _) => {
+                    let f = Box::pin(transparent::http(stream, peer, shared, permit));
+                    f.await
+                }
                 (Role::ProxyTls, None) => {} // refused above
                 (Role::ProxyTls, Some(acceptor)) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
-                        Ok(Err(e)) => {
-                            metrics.limit(Limit::TlsHandshake);
-                            if logs.line() {
-                                tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                    let f = Box::pin(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
+                            Ok(Err(e)) => {
+                                metrics.limit(Limit::TlsHandshake);
+                                if logs.line() {
+                                    tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                                }
+                            }
+                            Err(_) => {
+                                metrics.limit(Limit::TlsHandshake);
+                                if logs.line() {
+                                    tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
+                                }
                             }
                         }
-                        Err(_) => {
-                            metrics.limit(Limit::TlsHandshake);
-                            if logs.line() {
-                                tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
-                            }
-                        }
-                    }
+                    });
+                    f.await
                 }
             }
             drop(open);

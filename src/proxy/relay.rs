@@ -90,9 +90,12 @@ where
     total
 }
 
-/// Splice both ways between two TCP sockets until both directions end. Each direction
-/// makes its pipe when its first bytes arrive (an idle tunnel holds none), and copies
-/// through a buffer instead if the kernel gives no pipe (out of descriptors).
+/// Relay both ways between two TCP sockets until both directions end. Each direction
+/// copies through its worker's shared buffer while its reads are small (a TLS handshake, a
+/// request and its answer: one read and one write each, no pipe), and switches to zero-copy
+/// `splice(2)` once a read fills that buffer (a download), through a pipe borrowed from its
+/// worker for each round; if the kernel gives no pipe (out of descriptors) it copies
+/// through a buffer of its own. An idle tunnel holds neither pipe nor buffer.
 pub async fn splice_both(
     a: TcpStream,
     b: TcpStream,
@@ -108,7 +111,10 @@ pub async fn splice_both(
 
 /// How one direction moves bytes.
 enum Mover {
-    Pipe(Pipe),
+    /// Through the worker's shared buffer ([`copy_small`]).
+    Small,
+    /// Through a pipe of the worker's ([`Pipe::take`]).
+    Splice,
     Buffer(Vec<u8>),
 }
 
@@ -117,17 +123,55 @@ struct Pipe {
     write: std::os::fd::OwnedFd,
 }
 
+/// Empty pipes a worker keeps for its next splice rounds.
+const SPARE_PIPES: usize = 8;
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pipe {
+    /// A pipe for one round: a spare of this worker's, or a new one. A pipe is only busy
+    /// while a round's bytes are in it, so a worker needs as many as it has rounds waiting
+    /// on a slow receiver, not one per tunnel: this keeps the process well under the
+    /// kernel's per-user budget for pipe buffers (`fs.pipe-user-pages-soft`), past which
+    /// new pipes shrink to two pages.
+    fn take() -> io::Result<Pipe> {
+        match PIPES.with_borrow_mut(Vec::pop) {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Give an emptied pipe back to the worker.
+    fn give_back(self) {
+        PIPES.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_PIPES {
+                spare.push(self);
+            }
+        });
+    }
+
     fn new() -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        // 256 KiB moves as much per system call as 1 MiB did in the bench, and bounds what
-        // a tunnel with a stalled reader pins to 512 KiB; the default (64 KiB) still works.
-        let _ = fcntl_setpipe_size(&write, 256 << 10);
+        // 1 MiB: a round moves up to that much per pair of system calls (about twice what
+        // a 256 KiB pipe moved in the bench, for a tenth less CPU per GiB relayed); the
+        // default (64 KiB) still works if the kernel refuses.
+        let _ = fcntl_setpipe_size(&write, CHUNK);
         Ok(Pipe { read, write })
     }
 }
 
 const CHUNK: usize = 1 << 20;
+
+/// The shared buffer's size: a read that fills it is taken for bulk transfer.
+const SMALL: usize = 16 * 1024;
+
+thread_local! {
+    /// One copy buffer per worker thread, used only between a read and a write that
+    /// completes at once; never held across an await.
+    static SHARED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SMALL]);
+}
 
 async fn splice_one(
     from: &TcpStream,
@@ -135,7 +179,7 @@ async fn splice_one(
     activity: &Idle,
     counter: &IntCounter,
 ) -> u64 {
-    let mut mover: Option<Mover> = None;
+    let mut mover = Mover::Small;
     let mut total = 0u64;
     loop {
         // Wait for data, at most the idle timeout at a time.
@@ -145,20 +189,30 @@ async fn splice_one(
             Ok(Err(_)) => break,
             Ok(Ok(())) => {}
         }
-        let how = mover.get_or_insert_with(|| match Pipe::new() {
-            Ok(p) => Mover::Pipe(p),
-            Err(_) => Mover::Buffer(vec![0u8; 64 * 1024]),
-        });
+        let pipe = match mover {
+            Mover::Splice => match Pipe::take() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    mover = Mover::Buffer(vec![0u8; 64 * 1024]);
+                    None
+                }
+            },
+            _ => None,
+        };
         // The read side never waits here; the bound is on a peer that stops reading.
         let round = async {
-            match how {
-                Mover::Pipe(pipe) => splice_once(from, to, pipe).await,
-                Mover::Buffer(buf) => copy_once(from, to, buf).await,
+            match (&mut mover, &pipe) {
+                (_, Some(pipe)) => splice_once(from, to, pipe).await,
+                (Mover::Buffer(buf), None) => copy_once(from, to, buf).await,
+                (_, None) => copy_small(from, to).await,
             }
         };
         let Ok(moved) = tokio::time::timeout(activity.limit, round).await else {
             break;
         };
+        if let (Some(p), Ok(_)) = (pipe, &moved) {
+            p.give_back(); // a finished round leaves its pipe empty
+        }
         match moved {
             Ok(Some(0)) | Err(_) => break, // end of stream, or a side failed
             Ok(None) => continue,          // readiness was spurious
@@ -166,11 +220,58 @@ async fn splice_one(
                 total += n as u64;
                 counter.inc_by(n as u64);
                 activity.touch();
+                if n == SMALL && matches!(mover, Mover::Small) {
+                    mover = Mover::Splice;
+                }
             }
         }
     }
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     total
+}
+
+/// One read into the worker's shared buffer and its write; what the peer does not take at
+/// once is kept in a buffer of this round's own until it is written. `None` when there was
+/// nothing to read after all.
+async fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+    enum Round {
+        Nothing,
+        Written(usize),
+        /// Read this many; these bytes still to write.
+        Partly(usize, Vec<u8>),
+    }
+    let round = SHARED.with_borrow_mut(|buf| -> io::Result<Round> {
+        let n = match from.try_read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Nothing),
+            Err(e) => return Err(e),
+        };
+        let sent = match to.try_write(&buf[..n]) {
+            _ if n == 0 => 0,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(match sent == n {
+            true => Round::Written(n),
+            false => Round::Partly(n, buf[sent..n].to_vec()),
+        })
+    })?;
+    let (n, rest) = match round {
+        Round::Nothing => return Ok(None),
+        Round::Written(n) => return Ok(Some(n)),
+        Round::Partly(n, rest) => (n, rest),
+    };
+    let mut sent = 0;
+    while sent < rest.len() {
+        to.writable().await?;
+        match to.try_write(&rest[sent..]) {
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
 }
 
 /// One socket → pipe → socket round; `None` when there was nothing to read after all.

@@ -141,6 +141,17 @@ async fn worker(
     mut exit: watch::Receiver<bool>,
 ) {
     let gauge = shared.live().metrics.worker_connections(index);
+    // tokio wakes its driver (an eventfd write and one more epoll_wait) whenever a timer is
+    // armed that is due before the driver's next planned wake-up. A worker arms a few timers
+    // per connection, all of a second or more (header, dial, idle), and it is never parked
+    // while it arms them; a tick every half second keeps the planned wake-up near enough
+    // that arming them never wakes the driver.
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+        }
+    });
     let mut accepts = Vec::new();
     for (socket, role) in sockets {
         match tokio::net::TcpListener::from_std(socket) {
