@@ -176,7 +176,9 @@ pub(super) async fn handle(
 
 /// Inspect and relay an answered tunnel until it ends or shutdown's grace period is over.
 /// `slot` is the connection's place under `proxy.max_connections`, which the tunnel holds.
-async fn tunnel(
+/// (Not an `async fn`: its future keeps each part once, not also the arguments it was
+/// built from; it lives as long as the tunnel.)
+fn tunnel(
     opened: Opened,
     client: ClientSide,
     buf: BytesMut,
@@ -184,22 +186,32 @@ async fn tunnel(
     shared: Arc<Shared>,
     slot: Option<Arc<Slot>>,
     peer: SocketAddr,
-) {
-    let _open = live.metrics.open(true, live.config.mode.as_str());
-    let target = opened.target;
+) -> impl std::future::Future<Output = ()> {
+    let Opened {
+        target,
+        upstream,
+        addr,
+        verdict,
+        pending,
+        started,
+    } = opened;
+    let open = live.metrics.open(true, live.config.mode.as_str());
     let t = Tunnel {
         live,
-        shared: shared.clone(),
+        shared,
         slot,
         peer,
         target,
-        addr: opened.addr,
-        started: opened.started,
+        addr,
+        started,
     };
-    tokio::select! {
-        _ = t.run(client, buf, opened.upstream, opened.verdict, opened.pending) => {}
-        _ = shared.tracker.closed() => {
-            tracing::warn!(listener = "connect", client = %peer, target = %target, reason = "grace_period_over", "tunnel closed at shutdown");
+    async move {
+        let _open = open;
+        tokio::select! {
+            _ = t.run(client, buf, upstream, verdict, pending) => {}
+            _ = t.shared.tracker.closed() => {
+                tracing::warn!(listener = "connect", client = %t.peer, target = %t.target, reason = "grace_period_over", "tunnel closed at shutdown");
+            }
         }
     }
 }

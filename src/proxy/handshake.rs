@@ -388,7 +388,10 @@ pub(crate) async fn relay(
     if start.client_done {
         let _ = upstream.shutdown().await;
     }
-    metrics.tunnel_up.inc_by(start.buf.len() as u64);
+    // The head's buffer is not kept for the tunnel's life: only its length is needed.
+    let held = start.buf.len();
+    drop(start.buf);
+    metrics.tunnel_up.inc_by(held as u64);
     metrics.tunnel_down.inc_by(start.down);
     let counters = super::relay::Counters {
         up: &metrics.tunnel_up,
@@ -398,5 +401,5 @@ pub(crate) async fn relay(
         ClientSide::Tcp(s) => super::relay::splice_both(s, upstream, idle, counters).await,
         ClientSide::Upgraded(s) => super::relay::copy_both(s, upstream, idle, counters).await,
     };
-    (up + start.buf.len() as u64, down + start.down)
+    (up + held as u64, down + start.down)
 }

@@ -74,14 +74,21 @@ impl Tunnel {
                 Carried::Http => {
                     drop(upstream); // each request goes through the guarded pool instead
                     drop(pending); // the CONNECT itself was allowed
-                    self.serve_http(client, buf).await;
+                    // Boxed (in its own statement): a relaying tunnel does not carry hyper's state.
+                    let http = Box::pin(self.serve_http(client, buf));
+                    http.await;
                     return;
                 }
                 Carried::Tls => {
-                    match self
-                        .tls(&mut client, &mut buf, &mut upstream, &mut pending, deadline)
-                        .await
-                    {
+                    // Boxed: once relaying, a tunnel does not carry the handshake's state.
+                    let tls = Box::pin(self.tls(
+                        &mut client,
+                        &mut buf,
+                        &mut upstream,
+                        &mut pending,
+                        deadline,
+                    ));
+                    match tls.await {
                         Ok((name, audit, held)) => {
                             sni = name;
                             v.would_deny |= audit;
