@@ -329,3 +329,57 @@ async fn an_idempotent_request_on_a_stale_pooled_connection_is_sent_again_once()
     assert_eq!(seen.lock().unwrap().len(), 2);
     assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 0.0);
 }
+
+/// A response's status line, its fields without `date` (sorted), and its body.
+fn without_date(resp: &str) -> (String, Vec<String>, String) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_owned();
+    let mut fields: Vec<String> = lines
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .map(|l| l.to_ascii_lowercase())
+        .collect();
+    fields.sort();
+    (status, fields, body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_connect_is_refused_with_the_same_answer_hyper_gives_a_later_one() {
+    let p = start_proxy("").await;
+    // The first request of a connection, answered by the proxy on the socket.
+    let first = raw(
+        p.addr,
+        b"CONNECT pypi.org:8080 HTTP/1.1\r\nHost: pypi.org:8080\r\n\r\n",
+    )
+    .await;
+    // The same CONNECT after a request on the same connection, so hyper answers it.
+    let later = raw(
+        p.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nCONNECT pypi.org:8080 HTTP/1.1\r\nHost: pypi.org:8080\r\n\r\n",
+    )
+    .await;
+    let later = &later[later.find("\r\n\r\n").unwrap() + 4..]; // past the first answer's head
+    let later = &later[later.find("HTTP/1.1 403").expect(later)..];
+    assert_eq!(
+        without_date(&first),
+        without_date(later),
+        "first:\n{first}\nlater:\n{later}"
+    );
+    let (status, fields, body) = without_date(&first);
+    assert_eq!(
+        status,
+        "HTTP/1.1 403 Forbidden by aml-egress: pypi.org:8080 port not allowed"
+    );
+    assert!(
+        fields.contains(&"connection: close".to_owned()),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&format!("content-length: {}", body.len())),
+        "{fields:?} {body:?}"
+    );
+    assert!(
+        body.starts_with("aml-egress refused pypi.org:8080: port not allowed"),
+        "{body}"
+    );
+}
