@@ -54,6 +54,7 @@ fn main() {
             "bench.example.com:9443",
         ),
     };
+    let metrics = METRICS.get().cloned();
     let pid: Option<u32> = std::env::var("AML_BENCH_PROXY_PID")
         .ok()
         .and_then(|p| p.parse().ok());
@@ -109,6 +110,11 @@ fn main() {
             let rate = connect_rate(proxy, 32, "denied.example.net:443").await;
             println!("denied connects per second,  32 clients: {rate:>8.0}");
         }
+        if run("mix")
+            && let Some(metrics) = &metrics
+        {
+            mix(proxy, allowed, bulk, metrics).await;
+        }
         if !run("throughput") {
             return;
         }
@@ -162,8 +168,9 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             let workers = proxy::Workers::new(compiled.proxy.workers).unwrap();
             let listeners = proxy::bind(&compiled, workers.len()).unwrap();
             let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-            tx.send(own[0]).unwrap();
             let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000));
+            let _ = METRICS.set(metrics.clone());
+            tx.send(own[0]).unwrap();
             let logs = std::sync::Arc::new(aml_egress::logs::LogBudget::new(
                 10,
                 metrics.suppressed_lines(),
@@ -260,6 +267,63 @@ async fn connect_rate(proxy: SocketAddr, clients: usize, target: &'static str) -
 }
 
 /// Read everything the source sends; GiB per second.
+/// The in-process proxy's metrics (not set when another proxy is measured).
+static METRICS: std::sync::OnceLock<std::sync::Arc<aml_egress::metrics::Metrics>> =
+    std::sync::OnceLock::new();
+
+/// Long tunnels beside short requests: CONNECT latency before and while 200 tunnels are
+/// held open and 4 of them stream (each bounded by `BYTES` and `TIME_CAP`), and how the
+/// kernel spread the open connections over the workers.
+async fn mix(
+    proxy: SocketAddr,
+    allowed: &'static str,
+    bulk: &'static str,
+    metrics: &aml_egress::metrics::Metrics,
+) {
+    let short = || async move {
+        let t = Instant::now();
+        let (s, ok) = connect_via(proxy, allowed).await;
+        let d = t.elapsed();
+        assert!(ok, "CONNECT was not answered 200");
+        drop(s);
+        d
+    };
+    let quiet = latencies(CONNECTS / 4, short).await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let (s, ok) = connect_via(proxy, allowed).await;
+        assert!(ok);
+        held.push(s);
+    }
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let (s, ok) = connect_via(proxy, bulk).await;
+                assert!(ok);
+                throughput(s).await
+            })
+        })
+        .collect();
+    let busy = latencies(CONNECTS / 4, short).await;
+    let spread: Vec<String> = metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("aml_egress_worker_connections{"))
+        .map(str::to_owned)
+        .collect();
+    let mut rate = 0.0;
+    for s in streams {
+        rate += s.await.unwrap();
+    }
+    drop(held);
+    report("CONNECT to 200, quiet", &quiet);
+    report("CONNECT to 200, 4 streaming", &busy);
+    println!("4 streams together: {rate:.2} GiB/s; open connections by worker meanwhile:");
+    for line in spread {
+        println!("  {line}");
+    }
+}
+
 async fn throughput(mut s: TcpStream) -> f64 {
     let mut buf = vec![0u8; 256 * 1024];
     let start = Instant::now();

@@ -164,6 +164,9 @@ impl Pipe {
 
 const CHUNK: usize = 1 << 20;
 
+/// Bytes one direction moves before it lets its worker's other connections run.
+const FAIR_SHARE: usize = 1 << 20;
+
 /// The shared buffer's size: a read that fills it is taken for bulk transfer.
 const SMALL: usize = 16 * 1024;
 
@@ -181,6 +184,7 @@ async fn splice_one(
 ) -> u64 {
     let mut mover = Mover::Small;
     let mut total = 0u64;
+    let mut since_yield = 0usize;
     loop {
         // Wait for data, at most the idle timeout at a time.
         match tokio::time::timeout(activity.limit, from.readable()).await {
@@ -222,6 +226,13 @@ async fn splice_one(
                 activity.touch();
                 if n == SMALL && matches!(mover, Mover::Small) {
                     mover = Mover::Splice;
+                }
+                // A worker serves many connections on one thread: after each MiB, let the
+                // others run (a stream of data is otherwise always ready to move more).
+                since_yield += n;
+                if since_yield >= FAIR_SHARE {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
                 }
             }
         }
