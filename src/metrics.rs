@@ -117,6 +117,10 @@ pub struct Metrics {
     dial_error: Histogram,
     open_connections: IntGaugeVec,
     open_tunnels: IntGaugeVec,
+    /// Handles of the two gauges above by [tunnel][mode], made on first use.
+    open_by_mode: [[OnceLock<IntGauge>; 2]; 2],
+    /// Handles of `request_duration` by listener, made on first use.
+    request_duration_by: [OnceLock<Histogram>; ListenerKind::ALL.len()],
     worker_connections: IntGaugeVec,
     /// Bytes client→upstream and upstream→client.
     pub tunnel_up: IntCounter,
@@ -236,6 +240,8 @@ impl Metrics {
                 "CONNECT tunnels open now, by mode.",
                 &["mode"],
             ),
+            open_by_mode: Default::default(),
+            request_duration_by: Default::default(),
             worker_connections: gauge_vec(
                 &r,
                 "aml_egress_worker_connections",
@@ -354,8 +360,11 @@ impl Metrics {
 
     /// Time spent before the proxy answered a request head.
     pub fn request_duration(&self, listener: ListenerKind, d: Duration) {
-        self.request_duration
-            .with_label_values(&[listener.as_str()])
+        self.request_duration_by[listener as usize]
+            .get_or_init(|| {
+                self.request_duration
+                    .with_label_values(&[listener.as_str()])
+            })
             .observe(d.as_secs_f64());
     }
 
@@ -366,13 +375,19 @@ impl Metrics {
     }
 
     /// A gauge to hold up while a connection (or tunnel) is open in `mode`.
-    pub fn open(&self, tunnel: bool, mode: &str) -> OpenGuard {
+    pub fn open(&self, tunnel: bool, mode: crate::config::Mode) -> OpenGuard {
         let vec = if tunnel {
             &self.open_tunnels
         } else {
             &self.open_connections
         };
-        let g = vec.with_label_values(&[mode]);
+        let m = match mode {
+            crate::config::Mode::Enforce => 0,
+            crate::config::Mode::Audit => 1,
+        };
+        let g = self.open_by_mode[usize::from(tunnel)][m]
+            .get_or_init(|| vec.with_label_values(&[mode.as_str()]))
+            .clone();
         g.inc();
         OpenGuard(g)
     }

@@ -195,7 +195,7 @@ fn tunnel(
         pending,
         started,
     } = opened;
-    let open = live.metrics.open(true, live.config.mode.as_str());
+    let open = live.metrics.open(true, live.config.mode);
     let t = Tunnel {
         live,
         shared,

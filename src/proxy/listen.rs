@@ -119,6 +119,8 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> 
     )?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
     sockopt::set_socket_reuseport(&fd, true)?;
+    // Inherited by every accepted socket: one system call per listener, not per connection.
+    sockopt::set_tcp_nodelay(&fd, true)?;
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, 1024)?;
     Ok(std::net::TcpListener::from(fd))
@@ -195,7 +197,7 @@ pub(super) async fn accept_loop(
         };
         let guard = shared.tracker.track();
         let shared = shared.clone();
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listening socket (accepted sockets inherit it).
         let tls = live.tls.clone();
         if role == Role::ProxyTls && tls.is_none() {
             // A reload dropped the certificate; never serve plain HTTP on a TLS port.
@@ -204,7 +206,7 @@ pub(super) async fn accept_loop(
             }
             continue;
         }
-        let open = live.metrics.open(false, live.config.mode.as_str());
+        let open = live.metrics.open(false, live.config.mode);
         let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
         let handshake_timeout = live.config.header_timeout;
         drop(live);

@@ -185,7 +185,7 @@ pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
         }
     }
     drop(counted); // an allow
-    let _open = live.metrics.open(true, cfg.mode.as_str());
+    let _open = live.metrics.open(true, cfg.mode);
     let start = Start {
         buf,
         sent,
