@@ -14,6 +14,9 @@ use support::proxy::{Proxy, start_proxy};
 async fn over_the_connection_limit_clients_get_503_at_once() {
     let p = start_proxy("[proxy]\nmax_connections = 1\n").await;
     let _held = TcpStream::connect(p.addr).await.unwrap();
+    // Held once accepted (by either worker); only then is the next one over the limit.
+    p.until_sample("aml_egress_open_connections{mode=\"enforce\"}", 1.0)
+        .await;
     let mut second = TcpStream::connect(p.addr).await.unwrap();
     let mut resp = String::new();
     second.read_to_string(&mut resp).await.unwrap();
