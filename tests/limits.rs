@@ -143,3 +143,32 @@ async fn open_tunnels_count_against_the_connection_limit() {
     second.read_to_string(&mut refused).await.unwrap();
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_spread_over_the_workers_and_each_worker_counts_its_own() {
+    let (p, first) = open_echo_tunnel("workers = 2\n").await;
+    let mut tunnels = vec![first];
+    for _ in 1..64 {
+        let (mut s, resp) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        s.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        tunnels.push(s);
+    }
+    let w0 = p
+        .sample("aml_egress_worker_connections{worker=\"0\"}")
+        .await;
+    let w1 = p
+        .sample("aml_egress_worker_connections{worker=\"1\"}")
+        .await;
+    assert_eq!(w0 + w1, 64.0, "{w0} + {w1}");
+    // The kernel hashes connections over the workers' sockets: both get some (the chance
+    // that one of two gets none of 64 is 2^-63).
+    assert!(w0 > 0.0 && w1 > 0.0, "{w0} and {w1}");
+    drop(tunnels);
+    p.until_sample("aml_egress_worker_connections{worker=\"0\"}", 0.0)
+        .await;
+    p.until_sample("aml_egress_worker_connections{worker=\"1\"}", 0.0)
+        .await;
+}
