@@ -596,8 +596,9 @@ impl Policy {
         c
     }
 
-    /// Allow rules whose names resemble `name`, closest first: a hint for denials, computed
-    /// off the hot path by a scan of every rule.
+    /// Allow rules whose names resemble `name`, closest first: the hint in every refusal's
+    /// body, from a scan of the rules (of the same registrable domain in large rule sets)
+    /// that allocates only for the few that resemble it.
     pub fn nearest(&self, name: &str, limit: usize) -> Vec<&Rule> {
         let candidates: Box<dyn Iterator<Item = &Rule>> = if self.rules.len() <= FULL_SCAN_RULES {
             Box::new(self.rules.iter())
