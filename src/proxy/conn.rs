@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::connect::FirstClient;
 use super::listen::{ConnHandles, Slot, stopped};
 use super::respond::{Body, refuse};
 use super::state::Shared;
@@ -23,19 +24,30 @@ use crate::metrics::{Limit, ListenerKind};
 /// plain `CONNECT` is answered directly ([`connect::serve_first`]); anything else goes
 /// through hyper ([`serve_requests`]).
 pub(super) async fn serve_plain(
-    stream: TcpStream,
+    sock: std::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
-    head::read_arrived(&stream, &mut buf);
+    head::read_arrived(&sock, &mut buf);
+    if let Some(h) = head::plain_connect(&buf) {
+        // The whole head came with the connection: a refusal needs no registration.
+        let client = FirstClient::Unregistered(sock);
+        return connect::serve_first(client, buf, h, peer, shared, permit).await;
+    }
+    let Ok(stream) = TcpStream::from_std(sock) else {
+        return;
+    };
     let (stream, buf) = match first_head(stream, buf, peer, &shared).await {
         Some(x) => x,
         None => return,
     };
     match head::plain_connect(&buf) {
-        Some(h) => connect::serve_first(stream, buf, h, peer, shared, permit).await,
+        Some(h) => {
+            let client = FirstClient::Registered(stream);
+            connect::serve_first(client, buf, h, peer, shared, permit).await
+        }
         None => {
             let stream = head::Rewind::new(buf, stream);
             // Boxed, so that a CONNECT's task does not carry hyper's state.

@@ -4,7 +4,8 @@
 //! A connection whose first request is a plain `CONNECT` (the common case) is answered here
 //! directly on its socket ([`serve_first`]): no HTTP machinery between the request head and
 //! the `403` or the `200` and the tunnel. A `CONNECT` later on a keep-alive connection, or
-//! on a TLS listener, goes through hyper ([`handle`]). Both decide and dial in [`open`].
+//! on a TLS listener, goes through hyper ([`handle`]). Both decide in [`decide`] and dial
+//! in `dial_admitted`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use super::dial::dial;
 use super::handshake::ClientSide;
 use super::head::ConnectHead;
 use super::listen::Slot;
-use super::respond::{Body, Refusal, full};
+use super::respond::{self, Body, Refusal, full};
 use super::tunnel::Tunnel;
 use super::{AllowCount, Judged, Live, Shared};
 use crate::metrics::ListenerKind;
@@ -41,10 +42,18 @@ pub(super) struct Opened {
     started: Instant,
 }
 
-/// Decide a CONNECT to `raw` (its request target) and dial it. A refusal (policy, invalid
-/// target, address guard, failed dial) is counted and logged, and comes back as the
-/// answer to send.
-pub(super) async fn open(raw: &str, peer: SocketAddr, live: &Live) -> Result<Opened, Refusal> {
+/// A CONNECT the policy let through (or audit mode passed), before its dial.
+pub(super) struct Admitted {
+    target: Target,
+    verdict: Judged,
+    /// The allow, counted later (see [`AllowCount`]).
+    pending: Option<AllowCount>,
+}
+
+/// Decide a CONNECT to `raw` (its request target). A refusal (invalid target, policy) is
+/// counted and logged, and comes back as the answer to send. Synchronous, so that the
+/// refusal of a first `CONNECT` is written before its socket is ever registered.
+pub(super) fn decide(raw: &str, peer: SocketAddr, live: &Live) -> Result<Admitted, Refusal> {
     let target = match Target::parse(raw) {
         Ok(t) => t,
         Err(e) => return Err(live.refuse_invalid(ListenerKind::Connect, peer, raw, e)),
@@ -59,6 +68,21 @@ pub(super) async fn open(raw: &str, peer: SocketAddr, live: &Live) -> Result<Ope
         || target.to_string(),
         &verdict,
     )?;
+    Ok(Admitted {
+        target,
+        verdict,
+        pending,
+    })
+}
+
+/// Dial an admitted CONNECT; a failed or refused dial (address guard) is counted and
+/// logged, and comes back as the answer to send.
+async fn dial_admitted(a: Admitted, peer: SocketAddr, live: &Live) -> Result<Opened, Refusal> {
+    let Admitted {
+        target,
+        verdict,
+        pending,
+    } = a;
     let started = Instant::now();
     // Boxed: a refusal's task does not carry the dialler's state.
     let dialling = Box::pin(dial(
@@ -93,11 +117,20 @@ pub(super) async fn open(raw: &str, peer: SocketAddr, live: &Live) -> Result<Ope
     })
 }
 
+/// The client side of a first `CONNECT`: its socket is registered with the worker's
+/// runtime only when the proxy has to wait on it.
+pub(super) enum FirstClient {
+    /// The whole head came with the connection; nothing has waited on the socket yet.
+    Unregistered(std::net::TcpStream),
+    Registered(TcpStream),
+}
+
 /// The first request of a plain connection, a `CONNECT` whose head `head` is at the
-/// start of `buf`: answered and tunnelled on this task. Bytes the client sent behind the
-/// head are the tunnel's first bytes.
+/// start of `buf`: answered and tunnelled on this task. A refusal on a socket not yet
+/// registered is one `send` and a close; bytes the client sent behind the head are the
+/// tunnel's first bytes.
 pub(super) async fn serve_first(
-    mut stream: TcpStream,
+    client: FirstClient,
     mut buf: BytesMut,
     head: ConnectHead,
     peer: SocketAddr,
@@ -108,16 +141,33 @@ pub(super) async fn serve_first(
     let start = Instant::now();
     // plain_connect checked the target is an authority, so it is ASCII.
     let raw = std::str::from_utf8(&buf[head.target.clone()]).unwrap_or_default();
-    let opened = open(raw, peer, &live).await;
+    let decided = decide(raw, peer, &live);
+    let mut stream = match (decided.is_err(), client) {
+        (true, FirstClient::Unregistered(sock)) => {
+            live.metrics
+                .request_duration(ListenerKind::Connect, start.elapsed());
+            if let Err(refusal) = decided {
+                respond::send_and_close(sock, closing(&refusal));
+            }
+            return;
+        }
+        (_, FirstClient::Unregistered(sock)) => match TcpStream::from_std(sock) {
+            Ok(s) => s,
+            Err(_) => return,
+        },
+        (_, FirstClient::Registered(s)) => s,
+    };
+    let opened = match decided {
+        Ok(admitted) => dial_admitted(admitted, peer, &live).await,
+        Err(refusal) => Err(refusal),
+    };
     live.metrics
         .request_duration(ListenerKind::Connect, start.elapsed());
     match opened {
+        // The bytes behind the CONNECT were meant for the tunnel: never read as a
+        // request; the connection closes after the answer.
         Err(refusal) => {
-            // The bytes behind the CONNECT were meant for the tunnel: never read as a
-            // request; the connection closes after the answer.
-            let mut out = Vec::with_capacity(1024);
-            refusal.write_closing(&mut out);
-            let _ = stream.write_all(&out).await;
+            let _ = stream.write_all(&closing(&refusal)).await;
         }
         Ok(opened) => {
             if stream.write_all(ESTABLISHED).await.is_err() {
@@ -133,6 +183,13 @@ pub(super) async fn serve_first(
     }
 }
 
+/// A refusal's bytes, ending the connection.
+fn closing(refusal: &Refusal) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    refusal.write_closing(&mut out);
+    out
+}
+
 /// A `CONNECT` that hyper parsed: answered through hyper, tunnelled once hyper hands the
 /// connection over.
 pub(super) async fn handle(
@@ -146,7 +203,11 @@ pub(super) async fn handle(
         .authority()
         .map(|a| a.as_str())
         .unwrap_or_default();
-    let opened = match open(raw, peer, &live).await {
+    let opened = match decide(raw, peer, &live) {
+        Ok(admitted) => dial_admitted(admitted, peer, &live).await,
+        Err(refusal) => Err(refusal),
+    };
+    let opened = match opened {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };

@@ -58,7 +58,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
 /// Read what has already arrived on a just-accepted connection into `buf`, without
 /// waiting: a client's first request is usually there by the time it is accepted, and the
 /// runtime would only try to read it after a trip through epoll. `None`: nothing yet.
-pub fn read_arrived(stream: &tokio::net::TcpStream, buf: &mut BytesMut) -> Option<usize> {
+pub fn read_arrived(stream: impl std::os::fd::AsFd, buf: &mut BytesMut) -> Option<usize> {
     let old = buf.len();
     buf.resize(old + 4096, 0);
     let got = rustix::net::recv(stream, &mut buf[old..], rustix::net::RecvFlags::empty());

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::conn::{route, serve_connection, serve_plain};
@@ -134,13 +134,13 @@ pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
 /// Accept on one worker's socket of one listener; each connection is served on this
 /// worker and counted in its `gauge`.
 pub(super) async fn accept_loop(
-    tcp: TcpListener,
+    tcp: AsyncFd<std::net::TcpListener>,
     role: Role,
     shared: Arc<Shared>,
     gauge: prometheus::IntGauge,
 ) {
     loop {
-        let (stream, peer) = match tcp.accept().await {
+        let (stream, peer) = match accept(&tcp).await {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -207,7 +207,6 @@ pub(super) async fn accept_loop(
             continue;
         }
         let open = live.metrics.open(false, live.config.mode);
-        let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
         let handshake_timeout = live.config.header_timeout;
         drop(live);
         gauge.inc(); // given back when the slot drops
@@ -219,46 +218,94 @@ pub(super) async fn accept_loop(
             worker: gauge.clone(),
         });
         tokio::spawn(async move {
-            match (role, tls) {
-                (Role::Proxy, _) => serve_plain(stream, peer, shared, permit).await,
-                // The other roles are boxed so that the common one's task stays small (a
-                // task's whole future is moved into place when it is spawned).
-                // (Each in its own statement: a temporary in an awaiting statement stays in
-                // the state.)
-                (Role::TransparentTls, _) => {
-                    let f = Box::pin(transparent::tls(stream, peer, shared));
-                    f.await
-                }
-                (Role::TransparentHttp, _) => {
-                    let f = Box::pin(transparent::http(stream, peer, shared, permit));
-                    f.await
-                }
-                (Role::ProxyTls, None) => {} // refused above
-                (Role::ProxyTls, Some(acceptor)) => {
-                    let f = Box::pin(async move {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
-                            Ok(Err(e)) => {
-                                metrics.limit(Limit::TlsHandshake);
-                                if logs.line() {
-                                    tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
-                                }
-                            }
-                            Err(_) => {
-                                metrics.limit(Limit::TlsHandshake);
-                                if logs.line() {
-                                    tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
-                                }
-                            }
-                        }
-                    });
-                    f.await
-                }
+            // Only the plain proxy takes the socket unregistered (a refusal then needs no
+            // epoll registration); the others register it with the worker's runtime.
+            if role == Role::Proxy {
+                serve_plain(stream, peer, shared, permit).await;
+            } else if let Ok(stream) = TcpStream::from_std(stream) {
+                // Boxed (in its own statement) so that the common task stays small: a
+                // task's whole future is moved into place when it is spawned.
+                let other = Box::pin(serve_other(
+                    role,
+                    tls,
+                    stream,
+                    peer,
+                    shared,
+                    permit,
+                    handshake_timeout,
+                ));
+                other.await;
             }
             drop(open);
             drop(guard);
         });
+    }
+}
+
+/// The connections of every listener but the plain proxy's: TLS to the proxy, and the
+/// transparent listeners. Boxed by the caller's task would not help: this future is only
+/// made for these roles, so the plain proxy's task stays small.
+async fn serve_other(
+    role: Role,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<Slot>,
+    handshake_timeout: Duration,
+) {
+    match (role, tls) {
+        (Role::Proxy, _) => {} // served by serve_plain
+        (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
+        (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
+        (Role::ProxyTls, None) => {} // refused before
+        (Role::ProxyTls, Some(acceptor)) => {
+            let live = shared.live();
+            let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
+            drop(live);
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
+                Ok(Err(e)) => {
+                    metrics.limit(Limit::TlsHandshake);
+                    if logs.line() {
+                        tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                    }
+                }
+                Err(_) => {
+                    metrics.limit(Limit::TlsHandshake);
+                    if logs.line() {
+                        tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accept one connection without registering it with the runtime (non-blocking, its peer
+/// address canonical later): a refusal answered at once then never touches epoll.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    use rustix::net::SocketFlags;
+    loop {
+        let mut ready = listener.readable().await?;
+        let accepted = ready.try_io(|l| {
+            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+            Ok(rustix::net::acceptfrom_with(l.get_ref(), flags)?)
+        });
+        match accepted {
+            Ok(Ok((fd, addr))) => {
+                let peer = addr
+                    .and_then(|a| SocketAddr::try_from(a).ok())
+                    .ok_or_else(|| {
+                        std::io::Error::other("accepted a connection without an IP peer address")
+                    })?;
+                return Ok((std::net::TcpStream::from(fd), peer));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue, // readiness cleared; wait for the next
+        }
     }
 }
 
@@ -281,19 +328,16 @@ pub(crate) struct Slot {
     worker: prometheus::IntGauge,
 }
 
-/// Answer `503` to a connection turned away by a limit, off the accept loop.
-fn refuse_at_limit(stream: tokio::net::TcpStream, details: &'static str, message: &'static str) {
-    tokio::spawn(async move {
-        let mut stream = stream;
-        let body = respond::raw(
-            hyper::StatusCode::SERVICE_UNAVAILABLE,
-            "connection limit reached",
-            "connection_limit_reached",
-            details,
-            message,
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&body)).await;
-    });
+/// Answer `503` to a connection turned away by a limit, without holding up the accept loop.
+fn refuse_at_limit(stream: std::net::TcpStream, details: &'static str, message: &'static str) {
+    let body = respond::raw(
+        hyper::StatusCode::SERVICE_UNAVAILABLE,
+        "connection limit reached",
+        "connection_limit_reached",
+        details,
+        message,
+    );
+    respond::send_and_close(stream, body);
 }
 
 impl Drop for Slot {

@@ -163,3 +163,27 @@ pub fn request_timeout() -> &'static [u8] {
         )
     })
 }
+
+/// Write a whole answer on a connection not registered with the runtime and close it: one
+/// `send` when the socket takes it all (an answer of a few hundred bytes on a fresh
+/// connection always fits), so that a refusal never costs an epoll registration; what the
+/// socket does not take is written from a task, for at most 2 s.
+pub(crate) fn send_and_close(sock: std::net::TcpStream, bytes: Vec<u8>) {
+    use rustix::net::SendFlags;
+    let sent = rustix::net::send(&sock, &bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    let sent = match sent {
+        Ok(n) if n == bytes.len() => return,
+        Ok(n) => n,
+        Err(rustix::io::Errno::AGAIN) => 0,
+        Err(_) => return, // the client is gone
+    };
+    let Ok(stream) = tokio::net::TcpStream::from_std(sock) else {
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = stream;
+        let rest = stream.write_all(&bytes[sent..]);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rest).await;
+    });
+}

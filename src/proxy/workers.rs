@@ -154,7 +154,11 @@ async fn worker(
     });
     let mut accepts = Vec::new();
     for (socket, role) in sockets {
-        match tokio::net::TcpListener::from_std(socket) {
+        // Deprecated because an `AsRawFd` type need not own its descriptor; a std listener
+        // does, for as long as the `AsyncFd` holds it, which is what `register` requires.
+        #[allow(deprecated)]
+        let registered = tokio::io::unix::AsyncFd::new(socket);
+        match registered {
             Ok(tcp) => accepts.push(tokio::spawn(accept_loop(
                 tcp,
                 role,
