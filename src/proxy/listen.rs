@@ -303,6 +303,8 @@ async fn accept(
                     })?;
                 return Ok((std::net::TcpStream::from(fd), peer));
             }
+            // A connection reset while it waited in the queue is not the listener's fault.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue, // readiness cleared; wait for the next
         }
