@@ -266,7 +266,6 @@ async fn connect_rate(proxy: SocketAddr, clients: usize, target: &'static str) -
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Read everything the source sends; GiB per second.
 /// The in-process proxy's metrics (not set when another proxy is measured).
 static METRICS: std::sync::OnceLock<std::sync::Arc<aml_egress::metrics::Metrics>> =
     std::sync::OnceLock::new();
@@ -324,6 +323,7 @@ async fn mix(
     }
 }
 
+/// Read everything the source sends; GiB per second.
 async fn throughput(mut s: TcpStream) -> f64 {
     let mut buf = vec![0u8; 256 * 1024];
     let start = Instant::now();

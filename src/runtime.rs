@@ -33,7 +33,9 @@ pub enum SetupError {
     },
     #[error("{0}")]
     Tls(String),
-    #[error("cannot start the worker threads (proxy.workers): {0}")]
+    #[error(
+        "cannot start the worker threads (proxy.workers): {0}; lower proxy.workers, or raise the process's thread or open-files limit (TasksMax, LimitNOFILE)"
+    )]
     Workers(std::io::Error),
     #[error("cannot listen on {key} {addr}: {source}")]
     Listen {

@@ -133,6 +133,9 @@ pub async fn start(
             .watch(interval, stop.clone(), baseline, hup),
     );
 
+    // Ready before the line that says so: a reader of the log (a test, an operator) may
+    // ask /readyz the moment it sees it.
+    ready.store(true, Ordering::Relaxed);
     tracing::info!(
         listen = ?addrs,
         admin = %admin_addr.map_or_else(|| "none".to_owned(), |a| a.to_string()),
@@ -145,7 +148,6 @@ pub async fn start(
         deny = counts.deny,
         "aml-egress serving"
     );
-    ready.store(true, Ordering::Relaxed);
     notify(&[sd_notify::NotifyState::Ready]);
     let mut stopping = stop;
     let done = tokio::spawn(async move {

@@ -441,3 +441,55 @@ fn serve_on_a_port_another_program_holds_names_the_key_and_exits_2() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_second_proxy_on_the_port_of_a_running_one_is_refused() {
+    // The workers share their port with SO_REUSEPORT; another process must not join them.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut first = bin()
+        .args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", &addr)
+        .env("AML_EGRESS__ADMIN__LISTEN", "")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Serving once it accepts (bounded: 10 s).
+    let serving = (0..1000).any(|_| {
+        let up = std::net::TcpStream::connect(&addr).is_ok();
+        if !up {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        up
+    });
+    let mut second = bin()
+        .args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", &addr)
+        .env("AML_EGRESS__ADMIN__LISTEN", "")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must exit at once; one that joined the port would serve on (bounded: 10 s).
+    let exited = (0..1000).find_map(|_| {
+        let done = second.try_wait().unwrap();
+        if done.is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        done
+    });
+    let _ = second.kill();
+    let second = second.wait_with_output().unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(serving, "the first proxy never accepted on {addr}");
+    let err = text(&second.stderr);
+    assert_eq!(exited.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on proxy.listen {addr}")),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
-//! Serving one client connection: the first request head read with its bounds (408, 431),
-//! then hyper with the keep-alive timers, each request routed to CONNECT or absolute-form
+//! Serving one client connection: the first request head read with its bounds (408, 431);
+//! a plain first `CONNECT` answered by the proxy itself ([`super::connect`]); anything else
+//! through hyper with the keep-alive timers, each request routed to CONNECT or absolute-form
 //! forwarding (or, inside a tunnel, to in-tunnel forwarding).
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use super::listen::{ConnHandles, Slot, stopped};
 use super::respond::{Body, refuse};
 use super::state::Shared;
 use super::{connect, head, http, keepalive, respond};
-use crate::metrics::{Limit, ListenerKind};
+use crate::metrics::{Limit, ListenerKind, OpenGuard};
 
 /// Serve one plain-TCP client connection of the forward proxy: a first request that is a
 /// plain `CONNECT` is answered directly ([`connect::serve_first`]); anything else goes
@@ -28,15 +29,17 @@ pub(super) async fn serve_plain(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
+    open: OpenGuard,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     head::read_arrived(&sock, &mut buf);
     if let Some(h) = head::plain_connect(&buf) {
         // The whole head came with the connection: a refusal needs no registration.
         let client = FirstClient::Unregistered(sock);
-        return connect::serve_first(client, buf, h, peer, shared, permit).await;
+        let held = (shared, permit, open);
+        return connect::serve_first(client, buf, h, peer, held).await;
     }
-    let Ok(stream) = TcpStream::from_std(sock) else {
+    let Some(stream) = register(sock, peer, &shared.live()) else {
         return;
     };
     let (stream, buf) = match first_head(stream, buf, peer, &shared).await {
@@ -46,13 +49,32 @@ pub(super) async fn serve_plain(
     match head::plain_connect(&buf) {
         Some(h) => {
             let client = FirstClient::Registered(stream);
-            connect::serve_first(client, buf, h, peer, shared, permit).await
+            let held = (shared, permit, open);
+            connect::serve_first(client, buf, h, peer, held).await
         }
         None => {
             let stream = head::Rewind::new(buf, stream);
             // Boxed, so that a CONNECT's task does not carry hyper's state.
             let requests = Box::pin(serve_requests(stream, peer, shared, Some(permit), route));
             requests.await
+        }
+    }
+}
+
+/// Register a client socket with the worker's runtime, to wait on it. A failure (out of
+/// memory, or of epoll watches) closes the connection and is logged (rate-limited).
+pub(super) fn register(
+    sock: std::net::TcpStream,
+    peer: SocketAddr,
+    live: &super::Live,
+) -> Option<TcpStream> {
+    match TcpStream::from_std(sock) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if live.logs.line() {
+                tracing::error!(client = %peer, error = %e, "cannot watch a client connection; closed (raise fs.epoll.max_user_watches or lower proxy.max_connections)");
+            }
+            None
         }
     }
 }

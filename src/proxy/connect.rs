@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::admit::dial_failed;
+use super::conn::register;
 use super::dial::dial;
 use super::handshake::ClientSide;
 use super::head::ConnectHead;
@@ -24,7 +25,7 @@ use super::listen::Slot;
 use super::respond::{self, Body, Refusal, full};
 use super::tunnel::Tunnel;
 use super::{AllowCount, Judged, Live, Shared};
-use crate::metrics::ListenerKind;
+use crate::metrics::{ListenerKind, OpenGuard};
 use crate::policy::{PathView, Target};
 
 /// The `200` of an accepted CONNECT, with the reason phrase Squid, tinyproxy and goproxy
@@ -134,28 +135,29 @@ pub(super) async fn serve_first(
     mut buf: BytesMut,
     head: ConnectHead,
     peer: SocketAddr,
-    shared: Arc<Shared>,
-    slot: Arc<Slot>,
+    (shared, slot, open): (Arc<Shared>, Arc<Slot>, OpenGuard),
 ) {
     let live = shared.live();
     let start = Instant::now();
     // plain_connect checked the target is an authority, so it is ASCII.
     let raw = std::str::from_utf8(&buf[head.target.clone()]).unwrap_or_default();
-    let decided = decide(raw, peer, &live);
-    let mut stream = match (decided.is_err(), client) {
-        (true, FirstClient::Unregistered(sock)) => {
+    let (decided, mut stream) = match (decide(raw, peer, &live), client) {
+        (Err(refusal), FirstClient::Unregistered(sock)) => {
             live.metrics
                 .request_duration(ListenerKind::Connect, start.elapsed());
-            if let Err(refusal) = decided {
-                respond::send_and_close(sock, closing(&refusal));
-            }
+            respond::send_and_close(sock, closing(&refusal));
             return;
         }
-        (_, FirstClient::Unregistered(sock)) => match TcpStream::from_std(sock) {
-            Ok(s) => s,
-            Err(_) => return,
+        (Ok(admitted), FirstClient::Unregistered(sock)) => match register(sock, peer, &live) {
+            Some(s) => (Ok(admitted), s),
+            None => {
+                if let Some(p) = admitted.pending {
+                    p.instead(); // never dialled: not an allow
+                }
+                return;
+            }
         },
-        (_, FirstClient::Registered(s)) => s,
+        (decided, FirstClient::Registered(s)) => (decided, s),
     };
     let opened = match decided {
         Ok(admitted) => dial_admitted(admitted, peer, &live).await,
@@ -174,6 +176,7 @@ pub(super) async fn serve_first(
                 return; // the client left: its allow is counted as the request ends
             }
             buf.advance(head.len);
+            drop(open); // a tunnel now, counted as one
             let client = ClientSide::Tcp(stream);
             // Boxed, so that a refusal's task does not carry the tunnel's state. (Its own
             // statement: a temporary in an awaiting statement is kept in the state.)

@@ -1,5 +1,6 @@
 //! The first request head of a connection, read by us with a size and time bound so that a
-//! slow client gets `408` and an oversized head `431`, then replayed into hyper.
+//! slow client gets `408` and an oversized head `431`; then either taken as a plain
+//! `CONNECT` the proxy answers itself ([`plain_connect`]) or replayed into hyper.
 
 use std::io;
 use std::pin::Pin;

@@ -86,11 +86,16 @@ pub fn bind(
                 addr: *a,
                 source,
             };
-            // The first socket settles the port (when 0 was asked for); the others join it.
-            let first = reuseport_socket(*a).map_err(failed)?;
-            let addr = first.local_addr().map_err(failed)?;
-            let mut sockets = vec![first];
-            for _ in 1..workers.max(1) {
+            // A socket without SO_REUSEPORT cannot share the address with anyone already
+            // listening there (another aml-egress included, which SO_REUSEPORT alone would
+            // let in), and settles the port when 0 was asked for; the workers' sockets
+            // then take its place.
+            let addr = {
+                let probe = exclusive_probe(*a).map_err(failed)?;
+                probe.local_addr().map_err(failed)?
+            };
+            let mut sockets = Vec::with_capacity(workers.max(1));
+            for _ in 0..workers.max(1) {
                 sockets.push(reuseport_socket(addr).map_err(failed)?);
             }
             out.push(Listener {
@@ -101,6 +106,20 @@ pub fn bind(
         }
     }
     Ok(out)
+}
+
+/// A socket bound to `addr` without `SO_REUSEPORT` (but with `SO_REUSEADDR`, as the
+/// listeners have): binding fails when anything listens there already.
+fn exclusive_probe(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// A non-blocking listening socket that shares its address with the proxy's other workers.
@@ -136,6 +155,7 @@ pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
 pub(super) async fn accept_loop(
     tcp: AsyncFd<std::net::TcpListener>,
     role: Role,
+    worker: usize,
     shared: Arc<Shared>,
     gauge: prometheus::IntGauge,
 ) {
@@ -143,8 +163,9 @@ pub(super) async fn accept_loop(
         let (stream, peer) = match accept(&tcp).await {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed");
+                // Out of file descriptors or memory: back off instead of spinning.
+                let addr = tcp.get_ref().local_addr().ok();
+                tracing::error!(listener = role.key(), addr = ?addr, worker, error = %e, "cannot accept a connection; raise the open-files limit (LimitNOFILE) or lower proxy.max_connections");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -221,8 +242,11 @@ pub(super) async fn accept_loop(
             // Only the plain proxy takes the socket unregistered (a refusal then needs no
             // epoll registration); the others register it with the worker's runtime.
             if role == Role::Proxy {
-                serve_plain(stream, peer, shared, permit).await;
-            } else if let Ok(stream) = TcpStream::from_std(stream) {
+                // Counted as an open connection until it ends or becomes a tunnel.
+                serve_plain(stream, peer, shared, permit, open).await;
+                drop(guard);
+                return;
+            } else if let Some(stream) = super::conn::register(stream, peer, &shared.live()) {
                 // Boxed (in its own statement) so that the common task stays small: a
                 // task's whole future is moved into place when it is spawned.
                 let other = Box::pin(serve_other(
@@ -243,8 +267,7 @@ pub(super) async fn accept_loop(
 }
 
 /// The connections of every listener but the plain proxy's: TLS to the proxy, and the
-/// transparent listeners. Boxed by the caller's task would not help: this future is only
-/// made for these roles, so the plain proxy's task stays small.
+/// transparent listeners.
 async fn serve_other(
     role: Role,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -255,10 +278,11 @@ async fn serve_other(
     handshake_timeout: Duration,
 ) {
     match (role, tls) {
-        (Role::Proxy, _) => {} // served by serve_plain
+        // Never here: the plain proxy is served by serve_plain, and a TLS listener without
+        // a certificate was closed before.
+        (Role::Proxy, _) | (Role::ProxyTls, None) => {}
         (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
         (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
-        (Role::ProxyTls, None) => {} // refused before
         (Role::ProxyTls, Some(acceptor)) => {
             let live = shared.live();
             let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
@@ -282,6 +306,16 @@ async fn serve_other(
     }
 }
 
+/// Whether an accept error is the process running out of descriptors or memory.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    matches!(
+        errno,
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+    )
+}
+
 /// Accept one connection without registering it with the runtime (non-blocking, its peer
 /// address canonical later): a refusal answered at once then never touches epoll.
 async fn accept(
@@ -295,16 +329,14 @@ async fn accept(
             Ok(rustix::net::acceptfrom_with(l.get_ref(), flags)?)
         });
         match accepted {
-            Ok(Ok((fd, addr))) => {
-                let peer = addr
-                    .and_then(|a| SocketAddr::try_from(a).ok())
-                    .ok_or_else(|| {
-                        std::io::Error::other("accepted a connection without an IP peer address")
-                    })?;
-                return Ok((std::net::TcpStream::from(fd), peer));
-            }
-            // A connection reset while it waited in the queue is not the listener's fault.
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
+            Ok(Ok((fd, addr))) => match addr.and_then(|a| SocketAddr::try_from(a).ok()) {
+                Some(peer) => return Ok((std::net::TcpStream::from(fd), peer)),
+                None => continue, // a TCP listener's peers are IP addresses; closed
+            },
+            // Only a lack of descriptors or memory is the listener's problem; the rest are
+            // one connection's errors (reset while queued, or a pending network error that
+            // accept(2) passes on, see its "Error handling") and the next one is fine.
+            Ok(Err(e)) if !out_of_resources(&e) => continue,
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue, // readiness cleared; wait for the next
         }
@@ -315,7 +347,7 @@ async fn accept(
 /// turn that tells its stream when it becomes a tunnel.
 #[derive(Clone)]
 pub(crate) struct ConnHandles {
-    #[allow(dead_code)] // held, not read: the place is given back when the last holder drops
+    /// Handed on to a tunnel, which holds the place until it closes.
     pub slot: Arc<Slot>,
     pub turn: Arc<keepalive::Turn>,
 }

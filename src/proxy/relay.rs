@@ -1,8 +1,10 @@
-//! Moving a tunnel's bytes both ways until either side is done or the tunnel sits idle:
-//! zero-copy `splice(2)` through a pipe when both sides are plain TCP sockets (the common
-//! case), a buffered copy otherwise (clients on a TLS listener).
+//! Moving a tunnel's bytes both ways until either side is done or the tunnel sits idle.
+//! Between plain TCP sockets (the common case): small reads copied through the worker's
+//! buffer, bulk with zero-copy `splice(2)` through a pooled pipe; a buffered copy otherwise
+//! (clients on a TLS listener).
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -121,10 +123,17 @@ enum Mover {
 struct Pipe {
     read: std::os::fd::OwnedFd,
     write: std::os::fd::OwnedFd,
+    /// It got the size asked for.
+    full: bool,
 }
 
-/// Empty pipes a worker keeps for its next splice rounds.
-const SPARE_PIPES: usize = 8;
+/// Empty pipes the process keeps for the next splice rounds, across all workers: 16 of
+/// 1 MiB are 4,096 pages, a quarter of the kernel's default per-user budget for pipe
+/// buffers (`fs.pipe-user-pages-soft`, 16,384 pages).
+const SPARE_PIPES: usize = 16;
+
+/// Spare pipes kept now, across all workers.
+static SPARES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 thread_local! {
     static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -138,27 +147,36 @@ impl Pipe {
     /// new pipes shrink to two pages.
     fn take() -> io::Result<Pipe> {
         match PIPES.with_borrow_mut(Vec::pop) {
-            Some(p) => Ok(p),
+            Some(p) => {
+                SPARES.fetch_sub(1, Ordering::Relaxed);
+                Ok(p)
+            }
             None => Pipe::new(),
         }
     }
 
-    /// Give an emptied pipe back to the worker.
+    /// Give an emptied pipe back to the worker, if the process keeps fewer than
+    /// [`SPARE_PIPES`] and this one got its full size.
     fn give_back(self) {
-        PIPES.with_borrow_mut(|spare| {
-            if spare.len() < SPARE_PIPES {
-                spare.push(self);
-            }
-        });
+        let kept = self.full
+            && SPARES
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < SPARE_PIPES).then_some(n + 1)
+                })
+                .is_ok();
+        if kept {
+            PIPES.with_borrow_mut(|spare| spare.push(self));
+        }
     }
 
     fn new() -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // 1 MiB: a round moves up to that much per pair of system calls (about twice what
-        // a 256 KiB pipe moved in the bench, for a tenth less CPU per GiB relayed); the
-        // default (64 KiB) still works if the kernel refuses.
-        let _ = fcntl_setpipe_size(&write, CHUNK);
-        Ok(Pipe { read, write })
+        // a 256 KiB pipe moved in the bench, for a tenth less CPU per GiB relayed), and a
+        // direction whose receiver stalls pins at most that. Past the per-user budget the
+        // kernel refuses and the pipe keeps a smaller size; it is then not kept.
+        let full = fcntl_setpipe_size(&write, CHUNK).is_ok_and(|n| n >= CHUNK);
+        Ok(Pipe { read, write, full })
     }
 }
 

@@ -17,46 +17,72 @@ use tokio::sync::{oneshot, watch};
 use super::listen::{Listener, Role, accept_loop, stopped};
 use super::state::Shared;
 
-/// The workers' runtimes, built before the proxy reports ready so that a failure to build
-/// one stops start-up instead of a running proxy.
+/// The worker threads, started (each with its runtime built) before the proxy reports
+/// ready, so that a failure to start one stops start-up instead of a running proxy. Each
+/// waits for the sockets it is to serve ([`run`]); dropped without them, they end.
 pub struct Workers {
-    runtimes: Vec<tokio::runtime::Runtime>,
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+}
+
+/// What a worker is given to serve.
+struct Job {
+    sockets: Vec<(std::net::TcpListener, Role)>,
+    shared: Arc<Shared>,
+    /// Answered once its listening sockets are closed.
+    closed: oneshot::Sender<()>,
+    /// Flips when the drain is over.
+    exit: watch::Receiver<bool>,
+    /// Dropped when the thread's runtime, and whatever it still ran, is gone.
+    ended: oneshot::Sender<()>,
 }
 
 impl Workers {
-    /// `count` workers; `0`: one per CPU this process may run on.
+    /// Start `count` worker threads; `0`: one per CPU this process may run on.
     ///
     /// # Errors
-    /// The operating system refused what a runtime needs (an epoll instance, an eventfd).
+    /// The operating system refused a thread (the process's thread limit) or what a
+    /// runtime needs (an epoll instance, an eventfd).
     pub fn new(count: usize) -> io::Result<Workers> {
-        let runtimes = (0..resolve(count))
-            .map(|_| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            })
-            .collect::<io::Result<_>>()?;
-        Ok(Workers { runtimes })
+        let mut jobs = Vec::new();
+        for index in 0..resolve(count) {
+            let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+            let (built_tx, built_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+            std::thread::Builder::new()
+                .name(format!("aml-egress-w{index}"))
+                .spawn(move || {
+                    let built = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    let rt = match built {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = built_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = built_tx.send(Ok(()));
+                    // No job comes when start-up failed after this: the thread just ends.
+                    let Ok(job) = job_rx.recv() else { return };
+                    let ended = rt.block_on(worker(index, job));
+                    drop(rt); // closes what is still open
+                    drop(ended);
+                })?;
+            built_rx
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended as it started"))??;
+            jobs.push(job_tx);
+        }
+        Ok(Workers { jobs })
     }
 
     /// How many workers there are.
     pub fn len(&self) -> usize {
-        self.runtimes.len()
+        self.jobs.len()
     }
 
     /// Never true: there is at least one worker.
     pub fn is_empty(&self) -> bool {
-        self.runtimes.is_empty()
-    }
-}
-
-impl Drop for Workers {
-    /// Runtimes never used (start-up failed after they were built) are let go without
-    /// waiting: this may run inside the main runtime, where blocking is not allowed.
-    fn drop(&mut self) {
-        for rt in self.runtimes.drain(..) {
-            rt.shutdown_background();
-        }
+        self.jobs.is_empty()
     }
 }
 
@@ -72,32 +98,33 @@ pub fn resolve(count: usize) -> usize {
 /// connections and tunnels for up to the grace period. Returns the number still open at
 /// the deadline. `listeners` must have been bound for `workers.len()` workers.
 pub async fn run(listeners: Vec<Listener>, workers: Workers, shared: Arc<Shared>) -> usize {
-    let mut workers = workers;
-    let runtimes = std::mem::take(&mut workers.runtimes);
+    let count = workers.len().max(1);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, Role)>> =
-        (0..runtimes.len()).map(|_| Vec::new()).collect();
+        (0..count).map(|_| Vec::new()).collect();
     for l in listeners {
         let role = l.role;
         for (i, s) in l.into_sockets().into_iter().enumerate() {
-            per_worker[i % runtimes.len()].push((s, role));
+            per_worker[i % count].push((s, role));
         }
     }
     let (exit_tx, exit_rx) = watch::channel(false);
     let mut closed = Vec::new();
     let mut ended = Vec::new();
-    for (index, (rt, sockets)) in runtimes.into_iter().zip(per_worker).enumerate() {
+    for (index, (jobs, sockets)) in workers.jobs.into_iter().zip(per_worker).enumerate() {
         let (closed_tx, closed_rx) = oneshot::channel();
         let (ended_tx, ended_rx) = oneshot::channel::<()>();
-        let (shared, exit) = (shared.clone(), exit_rx.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("aml-egress-w{index}"))
-            .spawn(move || {
-                rt.block_on(worker(index, sockets, shared, closed_tx, exit));
-                drop(rt); // closes what is still open
-                drop(ended_tx);
-            });
-        if let Err(e) = thread {
-            tracing::error!(worker = index, error = %e, "cannot start a worker thread; serving with fewer");
+        let job = Job {
+            sockets,
+            shared: shared.clone(),
+            closed: closed_tx,
+            exit: exit_rx.clone(),
+            ended: ended_tx,
+        };
+        if jobs.send(job).is_err() {
+            tracing::error!(
+                worker = index,
+                "a worker thread has ended; its share of the listening sockets is closed and the kernel gives their connections to the others"
+            );
             continue;
         }
         closed.push(closed_rx);
@@ -132,14 +159,15 @@ pub async fn run(listeners: Vec<Listener>, workers: Workers, shared: Arc<Shared>
 }
 
 /// One worker: accept on its sockets until shutdown, then keep serving what is open until
-/// told to exit.
-async fn worker(
-    index: usize,
-    sockets: Vec<(std::net::TcpListener, Role)>,
-    shared: Arc<Shared>,
-    closed: oneshot::Sender<()>,
-    mut exit: watch::Receiver<bool>,
-) {
+/// told to exit. Returns what the thread drops once its runtime is gone.
+async fn worker(index: usize, job: Job) -> oneshot::Sender<()> {
+    let Job {
+        sockets,
+        shared,
+        closed,
+        mut exit,
+        ended,
+    } = job;
     let gauge = shared.live().metrics.worker_connections(index);
     // tokio wakes its driver (an eventfd write and one more epoll_wait) whenever a timer is
     // armed that is due before the driver's next planned wake-up. A worker arms a few timers
@@ -154,6 +182,7 @@ async fn worker(
     });
     let mut accepts = Vec::new();
     for (socket, role) in sockets {
+        let addr = socket.local_addr().ok();
         // Deprecated because an `AsRawFd` type need not own its descriptor; a std listener
         // does, for as long as the `AsyncFd` holds it, which is what `register` requires.
         #[allow(deprecated)]
@@ -162,11 +191,12 @@ async fn worker(
             Ok(tcp) => accepts.push(tokio::spawn(accept_loop(
                 tcp,
                 role,
+                index,
                 shared.clone(),
                 gauge.clone(),
             ))),
             Err(e) => {
-                tracing::error!(worker = index, listener = role.key(), error = %e, "a worker cannot use its listening socket")
+                tracing::error!(worker = index, listener = role.key(), addr = ?addr, error = %e, "a worker cannot watch its listening socket (out of memory or of epoll watches, fs.epoll.max_user_watches); the other workers take its connections")
             }
         }
     }
@@ -180,4 +210,5 @@ async fn worker(
     }
     let _ = closed.send(());
     let _ = exit.wait_for(|e| *e).await;
+    ended
 }
