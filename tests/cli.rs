@@ -422,17 +422,21 @@ fn suggest_learns_entries_that_then_allow_every_recorded_target() {
     );
 }
 
+/// `serve` on the embedded defaults, listening on `addr`, without an admin listener.
+fn serve_on(addr: &str) -> Command {
+    let mut c = bin();
+    c.args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", addr)
+        .env("AML_EGRESS__ADMIN__LISTEN", "");
+    c
+}
+
 #[test]
 fn serve_on_a_port_another_program_holds_names_the_key_and_exits_2() {
     // A plain socket, without SO_REUSEPORT: the proxy's workers cannot join it.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap();
-    let out = bin()
-        .args(["serve"])
-        .env("AML_EGRESS__PROXY__LISTEN", addr.to_string())
-        .env("AML_EGRESS__ADMIN__LISTEN", "")
-        .output()
-        .unwrap();
+    let out = serve_on(&addr.to_string()).output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -451,13 +455,7 @@ fn a_second_proxy_on_the_port_of_a_running_one_is_refused() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut first = bin()
-        .args(["serve"])
-        .env("AML_EGRESS__PROXY__LISTEN", &addr)
-        .env("AML_EGRESS__ADMIN__LISTEN", "")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = serve_on(&addr).stderr(Stdio::null()).spawn().unwrap();
     // Serving once it accepts (bounded: 10 s).
     let serving = (0..1000).any(|_| {
         let up = std::net::TcpStream::connect(&addr).is_ok();
@@ -466,13 +464,7 @@ fn a_second_proxy_on_the_port_of_a_running_one_is_refused() {
         }
         up
     });
-    let mut second = bin()
-        .args(["serve"])
-        .env("AML_EGRESS__PROXY__LISTEN", &addr)
-        .env("AML_EGRESS__ADMIN__LISTEN", "")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut second = serve_on(&addr).stderr(Stdio::piped()).spawn().unwrap();
     // It must exit at once; one that joined the port would serve on (bounded: 10 s).
     let exited = (0..1000).find_map(|_| {
         let done = second.try_wait().unwrap();
