@@ -145,7 +145,7 @@ pub(super) async fn serve_first(
         (Err(refusal), FirstClient::Unregistered(sock)) => {
             live.metrics
                 .request_duration(ListenerKind::Connect, start.elapsed());
-            respond::send_and_close(sock, closing(&refusal));
+            respond::send_and_close(sock, refusal.closing_bytes());
             return;
         }
         (Ok(admitted), FirstClient::Unregistered(sock)) => match register(sock, peer, &live) {
@@ -169,7 +169,7 @@ pub(super) async fn serve_first(
         // The bytes behind the CONNECT were meant for the tunnel: never read as a
         // request; the connection closes after the answer.
         Err(refusal) => {
-            let _ = stream.write_all(&closing(&refusal)).await;
+            let _ = stream.write_all(&refusal.closing_bytes()).await;
         }
         Ok(opened) => {
             if stream.write_all(ESTABLISHED).await.is_err() {
@@ -186,13 +186,6 @@ pub(super) async fn serve_first(
     }
 }
 
-/// A refusal's bytes, ending the connection.
-fn closing(refusal: &Refusal) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1024);
-    refusal.write_closing(&mut out);
-    out
-}
-
 /// A `CONNECT` that hyper parsed: answered through hyper, tunnelled once hyper hands the
 /// connection over.
 pub(super) async fn handle(
@@ -206,11 +199,11 @@ pub(super) async fn handle(
         .authority()
         .map(|a| a.as_str())
         .unwrap_or_default();
-    let opened = match decide(raw, peer, &live) {
-        Ok(admitted) => dial_admitted(admitted, peer, &live).await,
-        Err(refusal) => Err(refusal),
+    let admitted = match decide(raw, peer, &live) {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
     };
-    let opened = match opened {
+    let opened = match dial_admitted(admitted, peer, &live).await {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };

@@ -111,38 +111,35 @@ pub fn bind(
 /// A socket bound to `addr` without `SO_REUSEPORT` (but with `SO_REUSEADDR`, as the
 /// listeners have): binding fails when anything listens there already.
 fn exclusive_probe(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::INET,
-        SocketAddr::V6(_) => AddressFamily::INET6,
-    };
-    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
-    sockopt::set_socket_reuseaddr(&fd, true)?;
-    rustix::net::bind(&fd, &addr)?;
-    Ok(std::net::TcpListener::from(fd))
+    Ok(std::net::TcpListener::from(bound_socket(addr, false)?))
 }
 
 /// A non-blocking listening socket that shares its address with the proxy's other workers.
 /// Only sockets of the same user can join a `SO_REUSEPORT` group (socket(7)).
 fn reuseport_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let fd = bound_socket(addr, true)?;
+    // Inherited by every accepted socket: one system call per listener, not per connection.
+    rustix::net::sockopt::set_tcp_nodelay(&fd, true)?;
+    rustix::net::listen(&fd, 1024)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// A non-blocking TCP socket bound to `addr`, with `SO_REUSEADDR`, and `SO_REUSEPORT` when
+/// it is to `share` the address with the other workers' sockets.
+fn bound_socket(addr: SocketAddr, share: bool) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
-    sockopt::set_socket_reuseport(&fd, true)?;
-    // Inherited by every accepted socket: one system call per listener, not per connection.
-    sockopt::set_tcp_nodelay(&fd, true)?;
+    if share {
+        sockopt::set_socket_reuseport(&fd, true)?;
+    }
     rustix::net::bind(&fd, &addr)?;
-    rustix::net::listen(&fd, 1024)?;
-    Ok(std::net::TcpListener::from(fd))
+    Ok(fd)
 }
 
 /// Resolves once shutdown has started (or its sender is gone).

@@ -286,21 +286,14 @@ async fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize
             false => Round::Partly(n, buf[sent..n].to_vec()),
         })
     })?;
-    let (n, rest) = match round {
-        Round::Nothing => return Ok(None),
-        Round::Written(n) => return Ok(Some(n)),
-        Round::Partly(n, rest) => (n, rest),
-    };
-    let mut sent = 0;
-    while sent < rest.len() {
-        to.writable().await?;
-        match to.try_write(&rest[sent..]) {
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+    match round {
+        Round::Nothing => Ok(None),
+        Round::Written(n) => Ok(Some(n)),
+        Round::Partly(n, rest) => {
+            write_when_ready(to, &rest).await?;
+            Ok(Some(n))
         }
     }
-    Ok(Some(n))
 }
 
 /// One socket → pipe → socket round; `None` when there was nothing to read after all.
@@ -335,16 +328,22 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Resu
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
+    write_when_ready(to, &buf[..n]).await?;
+    Ok(Some(n))
+}
+
+/// Write all of `bytes`, waiting for the socket to be writable as often as it takes.
+async fn write_when_ready(to: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     let mut sent = 0;
-    while sent < n {
+    while sent < bytes.len() {
         to.writable().await?;
-        match to.try_write(&buf[sent..n]) {
+        match to.try_write(&bytes[sent..]) {
             Ok(k) => sent += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(Some(n))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ pub fn phrase(status: StatusCode, target: Option<&str>, words: &str) -> String {
 /// ([`phrase`]), `Proxy-Status: aml-egress; error=<error>; details="<details>"` (RFC 9209
 /// §2: `error` is one of its error types, `details` our reason code), and a text body
 /// saying what to do. Built once, it is sent either through hyper ([`Refusal::into_response`])
-/// or as bytes on a connection that then closes ([`Refusal::write_closing`]).
+/// or as bytes on a connection that then closes ([`Refusal::closing_bytes`]).
 #[derive(Debug)]
 pub struct Refusal {
     pub status: StatusCode,
@@ -95,10 +95,11 @@ impl Refusal {
         resp
     }
 
-    /// Append the whole response to `out`, with `Connection: close`: for answers written
-    /// on a connection before or instead of hyper, which then close it.
-    pub fn write_closing(&self, out: &mut Vec<u8>) {
+    /// The whole response as bytes, with `Connection: close`: for answers written on a
+    /// connection before or instead of hyper, which then close it.
+    pub fn closing_bytes(&self) -> Vec<u8> {
         use std::io::Write;
+        let mut out = Vec::with_capacity(256 + self.phrase.len() + self.message.len());
         let _ = write!(
             out,
             "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}\n",
@@ -108,6 +109,7 @@ impl Refusal {
             self.message.len() + 1,
             self.message
         );
+        out
     }
 
     fn proxy_status(&self) -> String {
@@ -145,9 +147,7 @@ pub fn raw(
     details: &'static str,
     message: &str,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + message.len());
-    Refusal::new(status, error, details, (None, words), message.to_owned()).write_closing(&mut out);
-    out
+    Refusal::new(status, error, details, (None, words), message.to_owned()).closing_bytes()
 }
 
 /// The raw `408` for a request head that did not arrive in time (first or later).
