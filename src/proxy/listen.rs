@@ -24,7 +24,13 @@ pub struct Listener {
     sockets: Vec<std::net::TcpListener>,
     addr: SocketAddr,
     pub role: Role,
+    claim: Claim,
 }
+
+/// This process's claim on a listening address, held while it serves there: an abstract
+/// Unix socket named after the address (unix(7); gone with the process, scoped like the
+/// TCP port to the network namespace), which a second aml-egress cannot bind.
+pub struct Claim(#[allow(dead_code)] std::os::unix::net::UnixDatagram);
 
 /// What a listener is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +63,9 @@ impl Listener {
         Ok(self.addr)
     }
 
-    /// The sockets, one per worker.
-    pub(super) fn into_sockets(self) -> Vec<std::net::TcpListener> {
-        self.sockets
+    /// The sockets, one per worker, and the claim to hold while they serve.
+    pub(super) fn into_sockets(self) -> (Vec<std::net::TcpListener>, Claim) {
+        (self.sockets, self.claim)
     }
 }
 
@@ -94,6 +100,9 @@ pub fn bind(
                 let probe = exclusive_probe(*a).map_err(failed)?;
                 probe.local_addr().map_err(failed)?
             };
+            // The probe alone leaves a moment in which two instances starting together
+            // both pass it; only one of them can claim the address.
+            let claim = claim(addr).map_err(failed)?;
             let mut sockets = Vec::with_capacity(workers.max(1));
             for _ in 0..workers.max(1) {
                 sockets.push(reuseport_socket(addr).map_err(failed)?);
@@ -102,10 +111,19 @@ pub fn bind(
                 sockets,
                 addr,
                 role,
+                claim,
             });
         }
     }
     Ok(out)
+}
+
+/// Claim `addr` for this process (see [`Claim`]); `AddrInUse` when another holds it.
+fn claim(addr: SocketAddr) -> std::io::Result<Claim> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("aml-egress listen {addr}");
+    let at = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    Ok(Claim(std::os::unix::net::UnixDatagram::bind_addr(&at)?))
 }
 
 /// A socket bound to `addr` without `SO_REUSEPORT` (but with `SO_REUSEADDR`, as the
@@ -381,5 +399,20 @@ impl Drop for Slot {
         if paid && let Some(p) = self.permit.take() {
             p.forget();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim;
+
+    #[test]
+    fn an_address_is_claimed_by_one_holder_until_it_lets_go() {
+        let addr = "127.0.0.1:1".parse().unwrap(); // never bound: only named
+        let held = claim(addr).unwrap();
+        let again = claim(addr).map(|_| ()).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse);
+        drop(held);
+        assert!(claim(addr).is_ok());
     }
 }

@@ -101,9 +101,13 @@ pub async fn run(listeners: Vec<Listener>, workers: Workers, shared: Arc<Shared>
     let count = workers.len().max(1);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, Role)>> =
         (0..count).map(|_| Vec::new()).collect();
+    // Held until the drain is over: the addresses stay this process's while it serves.
+    let mut claims = Vec::new();
     for l in listeners {
         let role = l.role;
-        for (i, s) in l.into_sockets().into_iter().enumerate() {
+        let (sockets, claim) = l.into_sockets();
+        claims.push(claim);
+        for (i, s) in sockets.into_iter().enumerate() {
             per_worker[i % count].push((s, role));
         }
     }
@@ -155,6 +159,7 @@ pub async fn run(listeners: Vec<Listener>, workers: Workers, shared: Arc<Shared>
     for e in ended {
         let _ = e.await; // the sender drops when the thread's runtime is gone
     }
+    drop(claims);
     left
 }
 
