@@ -383,3 +383,124 @@ async fn a_first_connect_is_refused_with_the_same_answer_hyper_gives_a_later_one
         "{body}"
     );
 }
+
+/// Send `requests` through a `CONNECT web.test:80` tunnel and read until the proxy closes.
+async fn through_tunnel(proxy: SocketAddr, requests: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(requests).await.unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
+    let get = |path: &str, close: bool| {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        format!("GET http://web.test{path} HTTP/1.1\r\nHost: web.test\r\n{connection}\r\n")
+    };
+    let in_tunnel = |path: &str, close: bool| {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        format!("GET {path} HTTP/1.1\r\nHost: web.test\r\n{connection}\r\n")
+    };
+    // The connection that served /1 was reused for /2, which it read and never answered;
+    // /2 then went once more, on another connection.
+    let retried = |seen: &Mutex<Vec<(usize, String)>>| {
+        let seen = seen.lock().unwrap().clone();
+        let lines: Vec<&str> = seen.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(lines, ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "GET /2 HTTP/1.1"]);
+        assert_eq!(seen[0].0, seen[1].0, "{seen:?}");
+        assert_ne!(seen[1].0, seen[2].0, "{seen:?}");
+    };
+
+    // Opened by a request in a tunnel, reused by an absolute-form request.
+    let (web, seen) = stale_after_one().await;
+    let p = start_proxy(&config(web, "")).await;
+    let first = through_tunnel(p.addr, in_tunnel("/1", true).as_bytes()).await;
+    assert!(first.contains("\r\n\r\nok"), "{first}");
+    let resp = raw(p.addr, get("/2", true).as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    retried(&seen);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+
+    // Opened by a request in a tunnel that stays open, reused by an absolute-form request.
+    let (web, seen) = stale_after_one().await;
+    let p = start_proxy(&config(web, "")).await;
+    let mut tunnel = TcpStream::connect(p.addr).await.unwrap();
+    let open = format!("CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n{}", in_tunnel("/1", false));
+    tunnel.write_all(open.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).ends_with("\r\n\r\nok") {
+        let mut chunk = [0u8; 1024];
+        let n = tunnel.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let resp = raw(p.addr, get("/2", true).as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    retried(&seen);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+    drop(tunnel);
+
+    // Opened and reused by the same tunnel's two requests.
+    let (web, seen) = stale_after_one().await;
+    let p = start_proxy(&config(web, "")).await;
+    let both = format!("{}{}", in_tunnel("/1", false), in_tunnel("/2", true));
+    let resp = through_tunnel(p.addr, both.as_bytes()).await;
+    assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 2, "{resp}");
+    assert!(!resp.contains(" 502 "), "{resp}");
+    retried(&seen);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+
+    // Opened by an absolute-form request, reused inside a tunnel.
+    let (web, seen) = stale_after_one().await;
+    let p = start_proxy(&config(web, "")).await;
+    let first = raw(p.addr, get("/1", true).as_bytes()).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let resp = through_tunnel(p.addr, in_tunnel("/2", true).as_bytes()).await;
+    assert!(resp.contains("HTTP/1.1 200 OK"), "{resp}");
+    assert!(!resp.contains(" 502 "), "{resp}");
+    retried(&seen);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+}
+
+/// A keep-alive upstream on which the first connection to receive a request answers it,
+/// then reads the next and closes without answering; every other connection answers all.
+/// (A CONNECT's own dial opens a connection that never carries a request when the tunnel
+/// turns out to carry HTTP.)
+async fn stale_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s2, c2, claimed) = (
+        seen.clone(),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let addr = upstream(move |mut s| {
+        let (seen, conn, claimed) = (s2.clone(), c2.fetch_add(1, Ordering::SeqCst), claimed.clone());
+        async move {
+            let mut n = 0;
+            let mut stale = false;
+            while let Some(head) = read_request_head(&mut s).await {
+                n += 1;
+                if n == 1 {
+                    stale = !claimed.swap(true, Ordering::SeqCst);
+                }
+                let line = head.lines().next().unwrap_or("").to_owned();
+                seen.lock().unwrap().push((conn, line));
+                if stale && n == 2 {
+                    return; // read, never answered
+                }
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
