@@ -106,6 +106,7 @@ async fn metrics_count_decisions_denied_targets_tunnels_and_limits() {
     s.write_all(b"ping").await.unwrap();
     let mut got = [0u8; 4];
     s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping", "the echo, through the tunnel");
     for _ in 0..2 {
         let (_, resp) = exchange(p.addr, "CONNECT Evil.Example.COM.:443 HTTP/1.1\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");

@@ -76,13 +76,14 @@ where
             Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => {
+                // Counted before they are passed on: never behind what a peer has seen.
+                counter.inc_by(n as u64);
                 // A peer that stops reading for the idle timeout ends the tunnel too.
                 match tokio::time::timeout(activity.limit, w.write_all(&buf[..n])).await {
                     Ok(Ok(())) => {}
                     _ => break,
                 }
                 total += n as u64;
-                counter.inc_by(n as u64);
                 activity.touch();
             }
         }
@@ -224,9 +225,9 @@ async fn splice_one(
         // The read side never waits here; the bound is on a peer that stops reading.
         let round = async {
             match (&mut mover, &pipe) {
-                (_, Some(pipe)) => splice_once(from, to, pipe).await,
-                (Mover::Buffer(buf), None) => copy_once(from, to, buf).await,
-                (_, None) => copy_small(from, to).await,
+                (_, Some(pipe)) => splice_once(from, to, pipe, counter).await,
+                (Mover::Buffer(buf), None) => copy_once(from, to, buf, counter).await,
+                (_, None) => copy_small(from, to, counter).await,
             }
         };
         let Ok(moved) = tokio::time::timeout(activity.limit, round).await else {
@@ -239,8 +240,7 @@ async fn splice_one(
             Ok(Some(0)) | Err(_) => break, // end of stream, or a side failed
             Ok(None) => continue,          // readiness was spurious
             Ok(Some(n)) => {
-                total += n as u64;
-                counter.inc_by(n as u64);
+                total += n as u64; // counted by the round, before it wrote them
                 activity.touch();
                 if n == SMALL && matches!(mover, Mover::Small) {
                     mover = Mover::Splice;
@@ -262,7 +262,11 @@ async fn splice_one(
 /// One read into the worker's shared buffer and its write; what the peer does not take at
 /// once is kept in a buffer of this round's own until it is written. `None` when there was
 /// nothing to read after all.
-async fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+async fn copy_small(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &IntCounter,
+) -> io::Result<Option<usize>> {
     enum Round {
         Nothing,
         Written(usize),
@@ -275,6 +279,7 @@ async fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Nothing),
             Err(e) => return Err(e),
         };
+        counter.inc_by(n as u64); // before they are passed on
         let sent = match to.try_write(&buf[..n]) {
             _ if n == 0 => 0,
             Ok(k) => k,
@@ -296,8 +301,14 @@ async fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize
     }
 }
 
-/// One socket → pipe → socket round; `None` when there was nothing to read after all.
-async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<Option<usize>> {
+/// One socket → pipe → socket round; `None` when there was nothing to read after all. The
+/// bytes are counted in `counter` once in the pipe, before any of them is passed on.
+async fn splice_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    counter: &IntCounter,
+) -> io::Result<Option<usize>> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let r = from.try_io(Interest::READABLE, || {
         splice(from, None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
@@ -307,6 +318,7 @@ async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Resul
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
+    counter.inc_by(moved as u64);
     let mut left = moved;
     while left > 0 {
         to.writable().await?;
@@ -322,12 +334,18 @@ async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Resul
 }
 
 /// The same round through a buffer.
-async fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+async fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    buf: &mut [u8],
+    counter: &IntCounter,
+) -> io::Result<Option<usize>> {
     let n = match from.try_read(buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
+    counter.inc_by(n as u64);
     write_when_ready(to, &buf[..n]).await?;
     Ok(Some(n))
 }
@@ -366,9 +384,10 @@ mod tests {
         client.shutdown().await.unwrap();
         let mut buf = vec![0u8; 4];
         let mut n = 0;
+        let counter = IntCounter::new("relayed", "bytes").unwrap();
         loop {
             a.readable().await.unwrap();
-            match copy_once(&a, &b, &mut buf).await.unwrap() {
+            match copy_once(&a, &b, &mut buf, &counter).await.unwrap() {
                 Some(0) => break,
                 Some(k) => n += k,
                 None => {}
@@ -378,6 +397,7 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"through a buffer");
+        assert_eq!(counter.get(), n as u64);
         assert_eq!(n, 16);
     }
 
