@@ -10,8 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use aml_egress::config::{self, Settings};
-use aml_egress::proxy::{self, Shared};
-use aml_egress::runtime;
+use aml_egress::proxy::{self, ListenAddr, Live, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -167,15 +166,18 @@ fn start_proxy(echo: SocketAddr, source: SocketAddr) -> SocketAddr {
             let compiled = config::compile(settings).unwrap();
             let workers = proxy::Workers::new(compiled.proxy.workers).unwrap();
             let listeners = proxy::bind(&compiled, workers.len()).unwrap();
-            let own: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+            let own: Vec<ListenAddr> = listeners
+                .iter()
+                .map(|l| ListenAddr(l.local_addr().unwrap()))
+                .collect();
             let metrics = std::sync::Arc::new(aml_egress::metrics::Metrics::new(1000));
             let _ = METRICS.set(metrics.clone());
-            tx.send(own[0]).unwrap();
+            tx.send(own[0].0).unwrap();
             let logs = std::sync::Arc::new(aml_egress::logs::LogBudget::new(
                 10,
                 metrics.suppressed_lines(),
             ));
-            let live = runtime::live(compiled, own, metrics, logs).unwrap();
+            let live = Live::build(compiled, own, metrics, logs).unwrap();
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             proxy::run(listeners, workers, Shared::new(live, stopping)).await;
         });

@@ -28,10 +28,10 @@ pub struct Admin {
 }
 
 /// Read a bearer token file (surrounding whitespace ignored).
-pub fn read_token(path: &std::path::Path) -> Result<String, crate::runtime::SetupError> {
+pub fn read_token(path: &std::path::Path) -> Result<String, crate::proxy::SetupError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
-        .map_err(|e| crate::runtime::SetupError::File {
+        .map_err(|e| crate::proxy::SetupError::File {
             key: "admin.token_file",
             path: path.to_owned(),
             problem: format!("cannot read the token: {e}"),
@@ -166,10 +166,8 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
 }
 
 /// Bind the admin listener, with the setting named in the error.
-pub async fn bind(
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), crate::runtime::SetupError> {
-    let listen = |source| crate::runtime::SetupError::Listen {
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), crate::proxy::SetupError> {
+    let listen = |source| crate::proxy::SetupError::Listen {
         key: "admin.listen",
         addr,
         source,

@@ -96,14 +96,9 @@ pub fn check_with_hint(built: &Built, input: &str) -> (Decision, String, Option<
         .and_then(|target| built.would_allow_with(&target, view))
         .map(str::to_owned);
     if let Some(p) = &part {
-        explanation.push_str(&optional_part_hint(p));
+        explanation.push_str(&crate::config::optional_part_hint(p));
     }
     (decision, explanation, part)
-}
-
-/// What a denial says when an optional part that is off would allow it.
-pub fn optional_part_hint(part: &str) -> String {
-    format!("; the optional part {part} would allow it: add \"{part}\" to catalog.features")
 }
 
 /// Run `check` over the arguments, or over standard input when there are none.

@@ -19,7 +19,6 @@ pub mod policy;
 pub mod proxy;
 pub mod reason;
 pub mod reload;
-pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod suggest;

@@ -7,7 +7,6 @@
 //! symlink to a new directory) is seen like an edit in place.
 
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +17,7 @@ use crate::config::compile::RestartOnly;
 use crate::config::{self, Compiled};
 use crate::logs::LogBudget;
 use crate::metrics::Metrics;
-use crate::proxy::Shared;
-use crate::runtime;
+use crate::proxy::{ListenAddr, Live, Shared};
 
 /// What started a reload (logged as its `trigger`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +49,7 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     logs: Arc<LogBudget>,
     /// The proxy's own listening sockets (for the self-connection guard).
-    own: Vec<SocketAddr>,
+    own: Vec<ListenAddr>,
     /// The restart-only values the process started with, to tell which changes need a
     /// restart.
     started: RestartOnly,
@@ -66,7 +64,7 @@ impl Reloader {
     /// sockets. It serves once given the proxy's state ([`Reloader::serving`]).
     pub fn new(
         started: &Compiled,
-        own: Vec<SocketAddr>,
+        own: Vec<ListenAddr>,
         metrics: Arc<Metrics>,
         logs: Arc<LogBudget>,
     ) -> Self {
@@ -112,7 +110,7 @@ impl Reloader {
                 let changes = self.started.diff(&c.restart);
                 let files = c.watched_files();
                 let (lines, denied) = (c.log.denied_lines_per_minute, c.metrics.max_denied_targets);
-                runtime::live(c, self.own.clone(), self.metrics.clone(), self.logs.clone())
+                Live::build(c, self.own.clone(), self.metrics.clone(), self.logs.clone())
                     .map(|live| {
                         (
                             live,

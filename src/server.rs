@@ -10,8 +10,8 @@ use crate::config::{Compiled, LogSettings};
 use crate::logs::LogBudget;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Shared};
+use crate::proxy::{ListenAddr, Live, SetupError};
 use crate::reload::Reloader;
-use crate::runtime::{self, SetupError};
 
 /// Install the log subscriber: `log.level` (or `AML_EGRESS_LOG`, which wins, with
 /// `tracing` filter syntax) and `log.format`, on standard error.
@@ -87,8 +87,8 @@ pub async fn start(
         Some(addr) => Some(admin::bind(addr).await?),
     };
     // The self check refuses every listener of ours, the admin one included.
-    let mut own = addrs.clone();
-    own.extend(admin_listener.as_ref().map(|(_, a)| *a));
+    let mut own: Vec<ListenAddr> = addrs.iter().copied().map(ListenAddr).collect();
+    own.extend(admin_listener.as_ref().map(|(_, a)| ListenAddr(*a)));
     let token = match &compiled.admin.token_file {
         Some(f) => Some(admin::read_token(f)?),
         None => None,
@@ -106,7 +106,7 @@ pub async fn start(
     }
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
     let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());
-    let live = runtime::live(compiled, own, metrics.clone(), logs)?;
+    let live = Live::build(compiled, own, metrics.clone(), logs)?;
     metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));
 
     // The proxy stops accepting only after proxy.shutdown_delay_secs: until then a load

@@ -330,14 +330,21 @@ async fn an_idempotent_request_on_a_stale_pooled_connection_is_sent_again_once()
     assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 0.0);
 }
 
-/// A response's status line, its fields without `date` (sorted), and its body.
+/// A response's status line, its fields (sorted; a `date` checked to be an HTTP-date and
+/// then shown as `date: <http-date>`, since two answers may be a second apart), and its body.
 fn without_date(resp: &str) -> (String, Vec<String>, String) {
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default().to_owned();
     let mut fields: Vec<String> = lines
-        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
-        .map(|l| l.to_ascii_lowercase())
+        .map(|l| match l.split_once(':') {
+            Some((name, value)) if name.eq_ignore_ascii_case("date") => {
+                let date = httpdate::parse_http_date(value.trim());
+                assert!(date.is_ok(), "not an HTTP-date: {l:?}");
+                "date: <http-date>".to_owned()
+            }
+            _ => l.to_ascii_lowercase(),
+        })
         .collect();
     fields.sort();
     (status, fields, body.to_owned())
@@ -375,6 +382,10 @@ async fn a_first_connect_is_refused_with_the_same_answer_hyper_gives_a_later_one
         "{fields:?}"
     );
     assert!(
+        fields.contains(&"date: <http-date>".to_owned()),
+        "{fields:?}"
+    );
+    assert!(
         fields.contains(&format!("content-length: {}", body.len())),
         "{fields:?} {body:?}"
     );
@@ -382,6 +393,66 @@ async fn a_first_connect_is_refused_with_the_same_answer_hyper_gives_a_later_one
         body.starts_with("aml-egress refused pypi.org:8080: port not allowed"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_connect_is_accepted_with_the_same_200_hyper_gives_a_later_one() {
+    let echo = support::net::echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\nopaque_ports = [443]\ntls_ports = []\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (_first_conn, first) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    // After a refused request on the same connection, hyper answers the CONNECT.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Its 400 read whole: the head, then as many bytes as its Content-Length says.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let whole = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0usize);
+        body.len() >= length
+    };
+    while !whole(&got) {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 400 "));
+    s.write_all(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut later = Vec::new();
+    while !String::from_utf8_lossy(&later).contains("\r\n\r\n") {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        later.extend_from_slice(&chunk[..n]);
+    }
+    let later = String::from_utf8_lossy(&later).into_owned();
+    assert_eq!(
+        without_date(&first),
+        without_date(&later),
+        "first:\n{first}\nlater:\n{later}"
+    );
+    let (status, fields, body) = without_date(&first);
+    assert_eq!(status, "HTTP/1.1 200 Connection established");
+    assert_eq!(fields, ["date: <http-date>"]);
+    assert_eq!(body, "");
 }
 
 /// Send `requests` through a `CONNECT web.test:80` tunnel and read until the proxy closes.
@@ -411,7 +482,10 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
     let retried = |seen: &Mutex<Vec<(usize, String)>>| {
         let seen = seen.lock().unwrap().clone();
         let lines: Vec<&str> = seen.iter().map(|(_, l)| l.as_str()).collect();
-        assert_eq!(lines, ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "GET /2 HTTP/1.1"]);
+        assert_eq!(
+            lines,
+            ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1", "GET /2 HTTP/1.1"]
+        );
         assert_eq!(seen[0].0, seen[1].0, "{seen:?}");
         assert_ne!(seen[1].0, seen[2].0, "{seen:?}");
     };
@@ -430,7 +504,10 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
     let (web, seen) = stale_after_one().await;
     let p = start_proxy(&config(web, "")).await;
     let mut tunnel = TcpStream::connect(p.addr).await.unwrap();
-    let open = format!("CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n{}", in_tunnel("/1", false));
+    let open = format!(
+        "CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n{}",
+        in_tunnel("/1", false)
+    );
     tunnel.write_all(open.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     while !String::from_utf8_lossy(&got).ends_with("\r\n\r\nok") {
@@ -480,7 +557,11 @@ async fn stale_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
         Arc::new(AtomicBool::new(false)),
     );
     let addr = upstream(move |mut s| {
-        let (seen, conn, claimed) = (s2.clone(), c2.fetch_add(1, Ordering::SeqCst), claimed.clone());
+        let (seen, conn, claimed) = (
+            s2.clone(),
+            c2.fetch_add(1, Ordering::SeqCst),
+            claimed.clone(),
+        );
         async move {
             let mut n = 0;
             let mut stale = false;

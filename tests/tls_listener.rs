@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use aml_egress::logs::LogBudget;
 use aml_egress::metrics::Metrics;
-use aml_egress::runtime;
+use aml_egress::proxy::Live;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -61,7 +61,7 @@ fn a_bad_proxy_certificate_is_a_clear_startup_error() {
     ));
     let metrics = Arc::new(Metrics::new(10));
     let logs = Arc::new(LogBudget::new(10, metrics.suppressed_lines()));
-    let err = runtime::live(c, vec![], metrics, logs)
+    let err = Live::build(c, vec![], metrics, logs)
         .err()
         .expect("refused")
         .to_string();

@@ -16,28 +16,24 @@ use hyper::{Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::admit::dial_failed;
-use super::conn::register;
+use super::addr::ClientAddr;
 use super::dial::dial;
 use super::handshake::ClientSide;
 use super::head::ConnectHead;
-use super::listen::Slot;
-use super::respond::{self, Body, Refusal, full};
+use super::plumbing::{ConnHandles, Slot, register};
+use super::refusal::{self, AllowCount, dial_failed};
+use super::respond::{self, Body, Reply, full};
+use super::state::{Judgement, Live, Shared};
 use super::tunnel::Tunnel;
-use super::{AllowCount, Judged, Live, Shared};
 use crate::metrics::{ListenerKind, OpenGuard};
 use crate::policy::{PathView, Target};
-
-/// The `200` of an accepted CONNECT, with the reason phrase Squid, tinyproxy and goproxy
-/// send, which some clients expect.
-const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// An allowed CONNECT whose upstream is dialled, before its `200`.
 pub(super) struct Opened {
     target: Target,
     upstream: TcpStream,
     addr: SocketAddr,
-    verdict: Judged,
+    verdict: Judgement,
     /// The allow, counted when the tunnel's inspection has passed (see [`AllowCount`]).
     pending: Option<AllowCount>,
     started: Instant,
@@ -46,7 +42,7 @@ pub(super) struct Opened {
 /// A CONNECT the policy let through (or audit mode passed), before its dial.
 pub(super) struct Admitted {
     target: Target,
-    verdict: Judged,
+    verdict: Judgement,
     /// The allow, counted later (see [`AllowCount`]).
     pending: Option<AllowCount>,
 }
@@ -54,17 +50,26 @@ pub(super) struct Admitted {
 /// Decide a CONNECT to `raw` (its request target). A refusal (invalid target, policy) is
 /// counted and logged, and comes back as the answer to send. Synchronous, so that the
 /// refusal of a first `CONNECT` is written before its socket is ever registered.
-pub(super) fn decide(raw: &str, peer: SocketAddr, live: &Live) -> Result<Admitted, Refusal> {
+pub(super) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admitted, Reply> {
     let target = match Target::parse(raw) {
         Ok(t) => t,
-        Err(e) => return Err(live.refuse_invalid(ListenerKind::Connect, peer, raw, e)),
+        Err(e) => {
+            return Err(refusal::invalid(
+                live,
+                ListenerKind::Connect,
+                client,
+                raw,
+                e,
+            ));
+        }
     };
     let verdict = live.judge(&target, PathView::Hidden);
     // An allowed tunnel is counted once the dial worked and, on TLS ports, once the name
     // inside has been checked.
-    let pending = live.admit(
+    let pending = refusal::admit(
+        live,
         ListenerKind::Connect,
-        peer,
+        client,
         &target,
         || target.to_string(),
         &verdict,
@@ -78,7 +83,7 @@ pub(super) fn decide(raw: &str, peer: SocketAddr, live: &Live) -> Result<Admitte
 
 /// Dial an admitted CONNECT; a failed or refused dial (address guard) is counted and
 /// logged, and comes back as the answer to send.
-async fn dial_admitted(a: Admitted, peer: SocketAddr, live: &Live) -> Result<Opened, Refusal> {
+async fn dial_admitted(a: Admitted, client: ClientAddr, live: &Live) -> Result<Opened, Reply> {
     let Admitted {
         target,
         verdict,
@@ -99,7 +104,7 @@ async fn dial_admitted(a: Admitted, peer: SocketAddr, live: &Live) -> Result<Ope
             return Err(dial_failed(
                 live,
                 ListenerKind::Connect,
-                peer,
+                client,
                 &target,
                 &e,
                 pending,
@@ -131,24 +136,25 @@ pub(super) enum FirstClient {
 /// registered is one `send` and a close; bytes the client sent behind the head are the
 /// tunnel's first bytes.
 pub(super) async fn serve_first(
-    client: FirstClient,
+    first: FirstClient,
     mut buf: BytesMut,
     head: ConnectHead,
-    peer: SocketAddr,
+    client: ClientAddr,
     (shared, slot, open): (Arc<Shared>, Arc<Slot>, OpenGuard),
 ) {
     let live = shared.live();
     let start = Instant::now();
     // plain_connect checked the target is an authority, so it is ASCII.
     let raw = std::str::from_utf8(&buf[head.target.clone()]).unwrap_or_default();
-    let (decided, mut stream) = match (decide(raw, peer, &live), client) {
+    let (decided, mut stream) = match (decide(raw, client, &live), first) {
         (Err(refusal), FirstClient::Unregistered(sock)) => {
             live.metrics
                 .request_duration(ListenerKind::Connect, start.elapsed());
             respond::send_and_close(sock, refusal.closing_bytes());
             return;
         }
-        (Ok(admitted), FirstClient::Unregistered(sock)) => match register(sock, peer, &live) {
+        (Ok(admitted), FirstClient::Unregistered(sock)) => match register(sock, client, &live.logs)
+        {
             Some(s) => (Ok(admitted), s),
             None => {
                 if let Some(p) = admitted.pending {
@@ -160,7 +166,7 @@ pub(super) async fn serve_first(
         (decided, FirstClient::Registered(s)) => (decided, s),
     };
     let opened = match decided {
-        Ok(admitted) => dial_admitted(admitted, peer, &live).await,
+        Ok(admitted) => dial_admitted(admitted, client, &live).await,
         Err(refusal) => Err(refusal),
     };
     live.metrics
@@ -172,15 +178,15 @@ pub(super) async fn serve_first(
             let _ = stream.write_all(&refusal.closing_bytes()).await;
         }
         Ok(opened) => {
-            if stream.write_all(ESTABLISHED).await.is_err() {
+            if stream.write_all(&respond::established()).await.is_err() {
                 return; // the client left: its allow is counted as the request ends
             }
             buf.advance(head.len);
             drop(open); // a tunnel now, counted as one
-            let client = ClientSide::Tcp(stream);
+            let side = ClientSide::Tcp(stream);
             // Boxed, so that a refusal's task does not carry the tunnel's state. (Its own
             // statement: a temporary in an awaiting statement is kept in the state.)
-            let tunnel = Box::pin(tunnel(opened, client, buf, live, shared, Some(slot), peer));
+            let tunnel = Box::pin(tunnel(opened, side, buf, live, shared, Some(slot), client));
             tunnel.await;
         }
     }
@@ -190,7 +196,7 @@ pub(super) async fn serve_first(
 /// connection over.
 pub(super) async fn handle(
     req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: Arc<Live>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
@@ -199,15 +205,15 @@ pub(super) async fn handle(
         .authority()
         .map(|a| a.as_str())
         .unwrap_or_default();
-    let admitted = match decide(raw, peer, &live) {
+    let admitted = match decide(raw, client, &live) {
         Ok(a) => a,
         Err(refusal) => return refusal.into_response(),
     };
-    let opened = match dial_admitted(admitted, peer, &live).await {
+    let opened = match dial_admitted(admitted, client, &live).await {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
-    let handles = req.extensions().get::<super::ConnHandles>().cloned();
+    let handles = req.extensions().get::<ConnHandles>().cloned();
     let guard = shared.tracker.track();
     tokio::spawn(async move {
         let _guard = guard;
@@ -217,10 +223,10 @@ pub(super) async fn handle(
                     h.turn.detach(); // the stream is a tunnel now: no request timers
                     h.slot
                 });
-                let (client, buf) = ClientSide::from_upgraded(upgraded);
-                tunnel(opened, client, buf, live, shared, slot, peer).await;
+                let (side, buf) = ClientSide::from_upgraded(upgraded);
+                tunnel(opened, side, buf, live, shared, slot, client).await;
             }
-            Err(e) => tracing::debug!(client = %peer, error = %e, "CONNECT upgrade failed"),
+            Err(e) => tracing::debug!(client = %client, error = %e, "CONNECT upgrade failed"),
         }
     });
     let mut resp = Response::new(full(""));
@@ -237,12 +243,12 @@ pub(super) async fn handle(
 /// built from; it lives as long as the tunnel.)
 fn tunnel(
     opened: Opened,
-    client: ClientSide,
+    side: ClientSide,
     buf: BytesMut,
     live: Arc<Live>,
     shared: Arc<Shared>,
     slot: Option<Arc<Slot>>,
-    peer: SocketAddr,
+    client: ClientAddr,
 ) -> impl std::future::Future<Output = ()> {
     let Opened {
         target,
@@ -257,7 +263,7 @@ fn tunnel(
         live,
         shared,
         slot,
-        peer,
+        client,
         target,
         addr,
         started,
@@ -265,9 +271,9 @@ fn tunnel(
     async move {
         let _open = open;
         tokio::select! {
-            _ = t.run(client, buf, upstream, verdict, pending) => {}
+            _ = t.run(side, buf, upstream, verdict, pending) => {}
             _ = t.shared.tracker.closed() => {
-                tracing::warn!(listener = "connect", client = %t.peer, target = %t.target, reason = "grace_period_over", "tunnel closed at shutdown");
+                tracing::warn!(listener = "connect", client = %t.client, target = %t.target, reason = "grace_period_over", "tunnel closed at shutdown");
             }
         }
     }

@@ -16,6 +16,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
+use super::addr::{ListenAddr, OrigDstAddr};
+use super::error::SetupError;
 use crate::policy::{Host, PortSet, Target};
 use crate::reason::ReasonCode;
 
@@ -178,14 +180,14 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// A resolver asking `name_servers` (UDP, TCP for long answers), or those of
     /// `/etc/resolv.conf` when the list is empty.
-    pub fn new(name_servers: &[SocketAddr]) -> Result<Self, crate::runtime::SetupError> {
+    pub fn new(name_servers: &[SocketAddr]) -> Result<Self, SetupError> {
         use hickory_resolver::config::{
             ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
         };
         use hickory_resolver::net::runtime::TokioRuntimeProvider;
         let mut builder = if name_servers.is_empty() {
             hickory_resolver::TokioResolver::builder_tokio()
-                .map_err(|e| crate::runtime::SetupError::SystemDns(e.to_string()))?
+                .map_err(|e| SetupError::SystemDns(e.to_string()))?
         } else {
             let servers = name_servers
                 .iter()
@@ -208,7 +210,7 @@ impl Resolver {
         builder
             .build()
             .map(Resolver)
-            .map_err(|e| crate::runtime::SetupError::Resolver(e.to_string()))
+            .map_err(|e| SetupError::Resolver(e.to_string()))
     }
 
     /// Every address of `name`, with `port`.
@@ -235,7 +237,7 @@ pub struct DialConfig {
     pub deny_private: bool,
     pub timeout: Duration,
     /// The proxy's own listening sockets (proxy, TLS and admin listeners).
-    pub own: Vec<SocketAddr>,
+    pub own: Vec<ListenAddr>,
     /// `None` only in unit tests of the guard.
     pub resolver: Option<Resolver>,
 }
@@ -243,7 +245,7 @@ pub struct DialConfig {
 impl DialConfig {
     /// Whether dialling `addr` (canonical) would connect the proxy to itself.
     fn is_self(&self, addr: SocketAddr) -> bool {
-        self.own.iter().any(|own| {
+        self.own.iter().any(|&ListenAddr(own)| {
             if own.port() != addr.port() {
                 return false;
             }
@@ -259,7 +261,7 @@ impl DialConfig {
 
     /// Whether a connection to `addr` would reach the proxy itself: one of its listeners
     /// (on any local address for a wildcard one), or the unspecified address.
-    pub fn is_proxy_itself(&self, addr: SocketAddr) -> bool {
+    pub fn is_proxy_itself(&self, OrigDstAddr(addr): OrigDstAddr) -> bool {
         let ip = canonical(addr.ip());
         ip.is_unspecified() || self.is_self(SocketAddr::new(ip, addr.port()))
     }
@@ -520,18 +522,18 @@ mod tests {
         assert!(cfg.check(lo, true).is_err());
         cfg.allow_cidrs.push("127.0.0.1/32".parse().unwrap());
         assert!(cfg.check(lo, true).is_ok());
-        cfg.own.push("127.0.0.1:9".parse().unwrap());
+        cfg.own.push(ListenAddr("127.0.0.1:9".parse().unwrap()));
         assert!(matches!(
             cfg.check(lo, true),
             Err(DialError::SelfConnection(_))
         ));
-        cfg.own = vec!["0.0.0.0:9".parse().unwrap()];
+        cfg.own = vec![ListenAddr("0.0.0.0:9".parse().unwrap())];
         assert!(matches!(
             cfg.check(lo, true),
             Err(DialError::SelfConnection(_))
         ));
         // Every IPv6 form of the proxy's own address is the proxy, whatever allow_cidrs say.
-        cfg.own = vec!["127.0.0.1:9".parse().unwrap()];
+        cfg.own = vec![ListenAddr("127.0.0.1:9".parse().unwrap())];
         cfg.allow_cidrs = vec!["::/0".parse().unwrap(), "0.0.0.0/0".parse().unwrap()];
         for form in [
             "[::ffff:127.0.0.1]:9",
@@ -545,7 +547,7 @@ mod tests {
                 "{form}"
             );
         }
-        cfg.own = vec!["[::]:9".parse().unwrap()];
+        cfg.own = vec![ListenAddr("[::]:9".parse().unwrap())];
         assert!(matches!(
             cfg.check(lo, true),
             Err(DialError::SelfConnection(_))

@@ -11,6 +11,7 @@ use tokio::time::Instant as Deadline;
 
 use super::head::Rewind;
 use super::keepalive::Watched;
+use super::refusal::Unanswerable;
 use super::sni::{
     ACCESS_DENIED_ALERT, ClientHello, HelloReader, ServerFirst, ServerReader, SniError,
     change_cipher_spec,
@@ -25,56 +26,15 @@ const MAX_HELD: usize = 64 * 1024;
 /// Most bytes of what a refused client sent that a log line shows.
 pub const MAX_SHOWN: usize = 256;
 
-/// Why a connection was refused because of what it carried; each is a reason code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// Malformed or empty records, records other than handshake before the hello, an
-    /// oversize hello, several names, an invalid name.
-    HelloInvalid,
-    /// No whole ClientHello within `proxy.sni_timeout_secs`.
-    HelloTimeout,
-    /// The server name is not allowed for the port.
-    SniNotAllowed,
-    /// A well-formed hello without a name, where a name is required.
-    NoServerName,
-    /// The ClientHello after a HelloRetryRequest named another server.
-    SniChangedAfterRetry,
-    /// Neither TLS nor HTTP/1 where those are required.
-    ProtocolNotAllowed,
-}
-
-impl Refusal {
-    /// The reason code.
-    pub(crate) fn code(self) -> ReasonCode {
-        match self {
-            Refusal::HelloInvalid => ReasonCode::TlsHelloInvalid,
-            Refusal::HelloTimeout => ReasonCode::TlsHelloTimeout,
-            Refusal::SniNotAllowed => ReasonCode::SniNotAllowed,
-            Refusal::NoServerName => ReasonCode::NoServerName,
-            Refusal::SniChangedAfterRetry => ReasonCode::SniChangedAfterRetry,
-            Refusal::ProtocolNotAllowed => ReasonCode::TunnelProtocolNotAllowed,
-        }
-    }
-
-    /// Whether audit mode lets it pass: policy answers do, what the proxy cannot read
-    /// never does.
-    pub(crate) fn auditable(self) -> bool {
-        matches!(self, Refusal::SniNotAllowed | Refusal::NoServerName)
-    }
-
-    /// Whether the client spoke TLS, so that an alert means something to it.
-    fn alerts(self) -> bool {
-        self != Refusal::ProtocolNotAllowed
-    }
-}
-
 /// Why reading or following stopped short.
 #[derive(Debug)]
 pub(crate) enum Unread {
     /// One side went away or fell silent: nothing to count beyond what was decided.
     Gone,
-    /// Refused; `seen` is what the client sent, bounded and escaped, for the log line.
-    Refused(Refusal, String),
+    /// Refused for what the client sent (`tls_hello_invalid`, `tls_hello_timeout`,
+    /// `sni_changed_after_retry`, `tunnel_protocol_not_allowed`); `seen` is what it sent,
+    /// bounded and escaped, for the log line.
+    Refused(ReasonCode, String),
 }
 
 /// What the client sent, bounded to [`MAX_SHOWN`] bytes and escaped, never raw.
@@ -159,21 +119,22 @@ pub(crate) async fn read_hello(
             Ok(None) => match fill(client, buf, deadline).await {
                 Filled::More => continue,
                 Filled::Closed => return Err(Unread::Gone),
-                Filled::TimedOut => Refusal::HelloTimeout,
+                Filled::TimedOut => ReasonCode::TlsHelloTimeout,
             },
-            Err(SniError::NotTls) => Refusal::ProtocolNotAllowed,
+            Err(SniError::NotTls) => ReasonCode::TunnelProtocolNotAllowed,
             Err(e) => {
                 tracing::debug!(error = %e, "ClientHello refused");
-                Refusal::HelloInvalid
+                ReasonCode::TlsHelloInvalid
             }
         };
         return Err(Unread::Refused(refusal, shown(buf)));
     }
 }
 
-/// Tell a refused client (an `access_denied` alert if it speaks TLS), then close.
-pub(crate) async fn refuse(client: &mut ClientSide, refusal: Refusal) {
-    if refusal.alerts() {
+/// Give a refused client its answer (an `access_denied` alert if it speaks TLS), then
+/// close.
+pub(crate) async fn answer(client: &mut ClientSide, answer: Unanswerable) {
+    if answer == Unanswerable::Alert {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             client.write_all(&ACCESS_DENIED_ALERT),
@@ -313,19 +274,25 @@ impl<'a> Held<'a> {
                     match change_cipher_spec(self.buf, self.sent) {
                         Ok(Some(n)) => break self.sent + n,
                         Err(_) => {
-                            return Err(Unread::Refused(Refusal::HelloInvalid, shown(self.buf)));
+                            return Err(Unread::Refused(
+                                ReasonCode::TlsHelloInvalid,
+                                shown(self.buf),
+                            ));
                         }
                         Ok(None) => {}
                     }
                     if !matches!(fill(client, self.buf, deadline).await, Filled::More) {
-                        return Err(Unread::Refused(Refusal::HelloTimeout, shown(self.buf)));
+                        return Err(Unread::Refused(
+                            ReasonCode::TlsHelloTimeout,
+                            shown(self.buf),
+                        ));
                     }
                 };
                 let second = read_hello(client, self.buf, HelloReader::at(start), deadline).await?;
                 if second.server_name != first.server_name {
                     let name = second.server_name.map(|n| n.as_str().to_owned());
                     let seen = name.unwrap_or_else(|| "(no server name)".into());
-                    return Err(Unread::Refused(Refusal::SniChangedAfterRetry, seen));
+                    return Err(Unread::Refused(ReasonCode::SniChangedAfterRetry, seen));
                 }
                 self.forward(upstream, second.end, idle).await?;
                 match self
@@ -376,6 +343,10 @@ pub(crate) async fn relay(
     idle: Duration,
     metrics: &crate::metrics::Metrics,
 ) -> (u64, u64) {
+    // Counted before what is still held is passed on (see the relay's counters).
+    let held = start.buf.len();
+    metrics.tunnel_up.inc_by(held as u64);
+    metrics.tunnel_down.inc_by(start.down);
     let unsent = &start.buf[start.sent..];
     if !unsent.is_empty()
         && !matches!(
@@ -389,10 +360,7 @@ pub(crate) async fn relay(
         let _ = upstream.shutdown().await;
     }
     // The head's buffer is not kept for the tunnel's life: only its length is needed.
-    let held = start.buf.len();
     drop(start.buf);
-    metrics.tunnel_up.inc_by(held as u64);
-    metrics.tunnel_down.inc_by(start.down);
     let counters = super::relay::Counters {
         up: &metrics.tunnel_up,
         down: &metrics.tunnel_down,

@@ -2,7 +2,6 @@
 //! routed by the URI's authority (the `Host` header sent upstream is rewritten to it), with
 //! hop-by-hop and `Proxy-*` headers removed and bodies streamed both ways.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,12 +11,12 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::{CaptureConnection, HttpInfo, capture_connection};
 
 use super::activity::Activity;
-use super::admit::dial_failed;
+use super::addr::{ClientAddr, OrigDstAddr};
 use super::host::{self, Named};
-use super::pool::UploadBody;
-use super::pool::dial_error;
-use super::respond::{Body, BodyError, refuse};
-use super::{AllowCount, Live};
+use super::pool::{DialledAt, UploadBody, dial_error};
+use super::refusal::{self, Count, Refusal, Seen, dial_failed, upstream_failed};
+use super::respond::{Body, BodyError, Reply};
+use super::state::Live;
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 use crate::reason::ReasonCode;
@@ -59,37 +58,42 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 pub(super) async fn forward(
     req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: Arc<Live>,
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(authority) = req.uri().authority().cloned() else {
-        return live
-            .refuse_invalid(ListenerKind::Http, peer, "", InvalidTarget::EmptyHost)
-            .into();
+        return refusal::invalid(
+            &live,
+            ListenerKind::Http,
+            client,
+            "",
+            InvalidTarget::EmptyHost,
+        )
+        .into();
     };
     if authority.as_str().contains('@') {
-        return live
-            .refuse_invalid(
-                ListenerKind::Http,
-                peer,
-                authority.as_str(),
-                InvalidTarget::UserInfo,
-            )
-            .into();
+        return refusal::invalid(
+            &live,
+            ListenerKind::Http,
+            client,
+            authority.as_str(),
+            InvalidTarget::UserInfo,
+        )
+        .into();
     }
     let port = match authority.port() {
         Some(_) => match authority.port_u16() {
             Some(p) if p > 0 => p,
             _ => {
-                return live
-                    .refuse_invalid(
-                        ListenerKind::Http,
-                        peer,
-                        authority.as_str(),
-                        InvalidTarget::BadPort,
-                    )
-                    .into();
+                return refusal::invalid(
+                    &live,
+                    ListenerKind::Http,
+                    client,
+                    authority.as_str(),
+                    InvalidTarget::BadPort,
+                )
+                .into();
             }
         },
         None => 80,
@@ -97,14 +101,13 @@ pub(super) async fn forward(
     let target = match Target::from_parts(authority.host(), port) {
         Ok(t) => t,
         Err(e) => {
-            return live
-                .refuse_invalid(ListenerKind::Http, peer, authority.as_str(), e)
+            return refusal::invalid(&live, ListenerKind::Http, client, authority.as_str(), e)
                 .into();
         }
     };
     send(
         req,
-        peer,
+        client,
         live,
         ListenerKind::Http,
         target,
@@ -119,7 +122,7 @@ pub(super) async fn forward(
 /// and a port it names the tunnel's port. HTTP/1.0 without `Host` means the tunnel's host.
 pub(super) async fn forward_in_tunnel(
     req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: Arc<Live>,
     tunnel: Target,
 ) -> Response<Body> {
@@ -133,25 +136,30 @@ pub(super) async fn forward_in_tunnel(
     };
     if !same {
         let seen = named_text(&req);
-        live.note(&super::Seen {
-            via: ListenerKind::Http,
-            client: peer,
-            target: Some(&tunnel),
-            shown: &format!("{tunnel} (request inside the tunnel)"),
-            seen: &seen,
-            outcome: Outcome::Deny,
-            reason: ReasonCode::HostMismatch,
-            rule: "",
-        });
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "destination_not_allowed",
-            ReasonCode::HostMismatch.as_str(),
-            (Some(&tunnel.to_string()), ReasonCode::HostMismatch.words()),
-            &format!(
-                "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
+        let reason = ReasonCode::HostMismatch;
+        return Refusal {
+            seen: Seen {
+                via: ListenerKind::Http,
+                client,
+                target: Some(&tunnel),
+                shown: &format!("{tunnel} (request inside the tunnel)"),
+                seen: &seen,
+                outcome: Outcome::Deny,
+                reason,
+                rule: "",
+            },
+            answer: Reply::new(
+                StatusCode::FORBIDDEN,
+                "destination_not_allowed",
+                reason.as_str(),
+                (Some(&tunnel.to_string()), reason.words()),
+                format!(
+                    "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
+                ),
             ),
-        );
+        }
+        .issue(&live, Count::Now)
+        .into_response();
     }
     // The authority sent upstream: the tunnel's host, and its port unless it is 80.
     let authority = match tunnel.port {
@@ -160,7 +168,7 @@ pub(super) async fn forward_in_tunnel(
     };
     send(
         req,
-        peer,
+        client,
         live,
         ListenerKind::Http,
         tunnel,
@@ -176,9 +184,9 @@ pub(super) async fn forward_in_tunnel(
 /// destination can allow it.
 pub(super) async fn forward_transparent(
     req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: Arc<Live>,
-    orig: SocketAddr,
+    OrigDstAddr(orig): OrigDstAddr,
 ) -> Response<Body> {
     let started = Instant::now();
     let via = ListenerKind::TransparentHttp;
@@ -195,66 +203,74 @@ pub(super) async fn forward_transparent(
     let target = match named {
         Named::Host(t) => t,
         Named::Invalid(e) => {
-            return live
-                .refuse_invalid(via, peer, named_text(&req).as_str(), e)
-                .into();
+            return refusal::invalid(&live, via, client, named_text(&req).as_str(), e).into();
         }
         Named::Absent => {
             let v = live.judge(&dst, PathView::Hidden);
             if v.pass {
-                return send(req, peer, live, via, dst, &dst.to_string(), started).await;
+                return send(req, client, live, via, dst, &dst.to_string(), started).await;
             }
-            live.note(&super::Seen {
-                via,
-                client: peer,
-                target: Some(&dst),
-                shown: &format!("{dst} (no Host)"),
-                seen: "(no Host)",
-                outcome: Outcome::Deny,
-                reason: ReasonCode::NoServerName,
-                rule: "",
-            });
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "destination_not_allowed",
-                ReasonCode::NoServerName.as_str(),
-                (
-                    Some(&dst.to_string()),
-                    "no Host and no rule for the address",
+            let reason = ReasonCode::NoServerName;
+            return Refusal {
+                seen: Seen {
+                    via,
+                    client,
+                    target: Some(&dst),
+                    shown: &format!("{dst} (no Host)"),
+                    seen: "(no Host)",
+                    outcome: Outcome::Deny,
+                    reason,
+                    rule: "",
+                },
+                answer: Reply::new(
+                    StatusCode::FORBIDDEN,
+                    "destination_not_allowed",
+                    reason.as_str(),
+                    (
+                        Some(&dst.to_string()),
+                        "no Host and no rule for the address",
+                    ),
+                    format!(
+                        "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
+                    ),
                 ),
-                &format!(
-                    "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
-                ),
-            );
+            }
+            .issue(&live, Count::Now)
+            .into_response();
         }
         Named::Mismatch => {
             let seen = named_text(&req);
-            live.note(&super::Seen {
-                via,
-                client: peer,
-                target: Some(&dst),
-                shown: &format!("{dst} (redirected; Host {seen})"),
-                seen: &seen,
-                outcome: Outcome::Deny,
-                reason: ReasonCode::HostMismatch,
-                rule: "",
-            });
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "destination_not_allowed",
-                ReasonCode::HostMismatch.as_str(),
-                (Some(&dst.to_string()), ReasonCode::HostMismatch.words()),
-                &format!(
-                    "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
+            let reason = ReasonCode::HostMismatch;
+            return Refusal {
+                seen: Seen {
+                    via,
+                    client,
+                    target: Some(&dst),
+                    shown: &format!("{dst} (redirected; Host {seen})"),
+                    seen: &seen,
+                    outcome: Outcome::Deny,
+                    reason,
+                    rule: "",
+                },
+                answer: Reply::new(
+                    StatusCode::FORBIDDEN,
+                    "destination_not_allowed",
+                    reason.as_str(),
+                    (Some(&dst.to_string()), reason.words()),
+                    format!(
+                        "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
+                    ),
                 ),
-            );
+            }
+            .issue(&live, Count::Now)
+            .into_response();
         }
     };
     let shown = match port {
         80 => target.host.to_string(),
         _ => target.to_string(),
     };
-    send(req, peer, live, via, target, &shown, started).await
+    send(req, client, live, via, target, &shown, started).await
 }
 
 /// The response to `sent`, or `None` when its head did not come within `idle` of the
@@ -314,9 +330,7 @@ fn reused(captured: &CaptureConnection, sent_at: std::time::Instant) -> bool {
     }) else {
         return false;
     };
-    connected
-        .get::<super::pool::DialledAt>()
-        .is_some_and(|d| d.0 < sent_at)
+    connected.get::<DialledAt>().is_some_and(|d| d.0 < sent_at)
 }
 
 /// How a message's body is framed, as far as forwarding is concerned.
@@ -386,7 +400,7 @@ fn named_bytes<B>(req: &Request<B>) -> Option<&[u8]> {
 /// hop-by-hop headers removed, `Host` set to `authority`, bodies streamed both ways.
 async fn send(
     mut req: Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: Arc<Live>,
     via: ListenerKind,
     target: Target,
@@ -403,18 +417,15 @@ async fn send(
     // origin-form path may follow the authority: anything else (`OPTIONS *`) would be
     // glued onto the host and name another one.
     if !path.starts_with('/') {
-        return live
-            .refuse_invalid(via, peer, &path, InvalidTarget::BadCharacter)
-            .into();
+        return refusal::invalid(&live, via, client, &path, InvalidTarget::BadCharacter).into();
     }
     let uri = format!("http://{authority}{path}");
     let Ok(uri) = uri.parse::<Uri>() else {
-        return live
-            .refuse_invalid(via, peer, &uri, InvalidTarget::BadCharacter)
-            .into();
+        return refusal::invalid(&live, via, client, &uri, InvalidTarget::BadCharacter).into();
     };
     let v = live.judge(&target, PathView::Visible(&path));
-    let pending = match live.admit(via, peer, &target, || format!("{shown}{path}"), &v) {
+    let pending = match refusal::admit(&live, via, client, &target, || format!("{shown}{path}"), &v)
+    {
         Ok(pending) => pending,
         Err(refused) => return refused.into(),
     };
@@ -423,20 +434,16 @@ async fn send(
     // Transfer-Encoding is dropped (the chunked length wins).
     match framing(req.headers()) {
         Framing::Other(coding) => {
-            if let Some(p) = pending {
-                p.instead();
-                live.metrics
-                    .decision(via, Outcome::Error, ReasonCode::UpstreamResponse);
-            }
-            return refuse(
+            let reply = Reply::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "http_request_error",
                 "transfer_coding",
                 (Some(&shown), "request transfer coding not implemented"),
-                &format!(
+                format!(
                     "aml-egress forwards only the chunked transfer coding; this request used {coding:?}: send it without that coding"
                 ),
             );
+            return upstream_failed(&live, via, client, &shown, pending, reply).into();
         }
         Framing::Chunked => {
             req.headers_mut().remove(header::CONTENT_LENGTH);
@@ -467,9 +474,9 @@ async fn send(
     let mut req = req.map(|body| UploadBody::new(body, upload.clone()));
     let captured = capture_connection(&mut req);
     let sent_at = std::time::Instant::now();
-    let client = live.upstream.client(v.decision.is_allowed());
+    let pool = live.upstream.client(v.decision.is_allowed());
     let idle = live.config.idle_timeout;
-    let mut answered = answer(client.request(req), &upload, idle).await;
+    let mut answered = answer(pool.request(req), &upload, idle).await;
     // A reused connection the upstream closed without answering: once more on a fresh one,
     // as nginx and Squid do.
     if let (Some(Err(e)), Some((m, u, version, headers))) = (&answered, replay)
@@ -482,37 +489,40 @@ async fn send(
         *again.uri_mut() = u;
         *again.version_mut() = version;
         *again.headers_mut() = headers;
-        answered = answer(client.request(again), &upload, idle).await;
+        answered = answer(pool.request(again), &upload, idle).await;
     }
-    let upstream_failed = |pending: Option<AllowCount>| {
-        if let Some(p) = pending {
-            p.instead();
-            live.metrics
-                .decision(via, Outcome::Error, ReasonCode::UpstreamResponse);
-        }
+    // The upstream did not answer (in time, faithfully): an error in place of the allow.
+    let failed = |pending, reply| -> Response<Body> {
+        upstream_failed(&live, via, client, &shown, pending, reply).into()
     };
     let Some(answered) = answered else {
-        upstream_failed(pending);
-        return refuse(
-            StatusCode::GATEWAY_TIMEOUT,
-            "http_response_timeout",
-            ReasonCode::UpstreamResponse.as_str(),
-            (Some(&shown), "no response head in time"),
-            &format!("aml-egress got no response head from {shown} within proxy.idle_timeout_secs"),
+        return failed(
+            pending,
+            Reply::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "http_response_timeout",
+                ReasonCode::UpstreamResponse.as_str(),
+                (Some(&shown), "no response head in time"),
+                format!(
+                    "aml-egress got no response head from {shown} within proxy.idle_timeout_secs"
+                ),
+            ),
         );
     };
     match answered {
         Ok(mut resp) => {
             match framing(resp.headers()) {
                 Framing::Other(coding) => {
-                    upstream_failed(pending);
-                    return refuse(
-                        StatusCode::BAD_GATEWAY,
-                        "http_response_incomplete",
-                        ReasonCode::UpstreamResponse.as_str(),
-                        (Some(&shown), "response transfer coding not implemented"),
-                        &format!(
-                            "aml-egress got a response from {shown} in the transfer coding {coding:?}, which it cannot forward faithfully"
+                    return failed(
+                        pending,
+                        Reply::new(
+                            StatusCode::BAD_GATEWAY,
+                            "http_response_incomplete",
+                            ReasonCode::UpstreamResponse.as_str(),
+                            (Some(&shown), "response transfer coding not implemented"),
+                            format!(
+                                "aml-egress got a response from {shown} in the transfer coding {coding:?}, which it cannot forward faithfully"
+                            ),
                         ),
                     );
                 }
@@ -535,7 +545,7 @@ async fn send(
                 .unwrap_or_default();
             tracing::info!(
                 listener = via.as_str(),
-                client = %peer,
+                client = %client,
                 target = %shown,
                 upstream,
                 method = %method,
@@ -550,29 +560,29 @@ async fn send(
             resp.map(|b| b.map_err(BodyError::from).boxed())
         }
         Err(e) => match dial_error(&e) {
-            Some(d) => dial_failed(&live, via, peer, &target, d, pending).into(),
-            None if head_too_large(&e) => {
-                upstream_failed(pending);
-                refuse(
+            Some(d) => dial_failed(&live, via, client, &target, d, pending).into(),
+            None if head_too_large(&e) => failed(
+                pending,
+                Reply::new(
                     StatusCode::BAD_GATEWAY,
                     "http_response_header_section_size",
                     ReasonCode::UpstreamResponse.as_str(),
                     (Some(&shown), "response head too large"),
-                    &format!(
+                    format!(
                         "aml-egress got a response head from {shown} larger than proxy.max_header_bytes"
                     ),
-                )
-            }
-            None => {
-                upstream_failed(pending);
-                refuse(
+                ),
+            ),
+            None => failed(
+                pending,
+                Reply::new(
                     StatusCode::BAD_GATEWAY,
                     "http_response_incomplete",
                     ReasonCode::UpstreamResponse.as_str(),
                     (Some(&shown), ReasonCode::UpstreamResponse.words()),
-                    &format!("aml-egress got no valid response from {shown}: {e}"),
-                )
-            }
+                    format!("aml-egress got no valid response from {shown}: {e}"),
+                ),
+            ),
         },
     }
 }

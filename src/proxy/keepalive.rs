@@ -167,17 +167,17 @@ pub struct Watched<S> {
     /// Runs while a write waits on a client that does not read.
     stall: Pin<Box<Sleep>>,
     stalled: bool,
-    refusal: &'static [u8],
+    refusal: fn() -> Vec<u8>,
 }
 
 impl<S> Watched<S> {
-    /// Watch `inner`; `refusal` is the raw 408 written when a head stalls.
+    /// Watch `inner`; `refusal` gives the raw 408 written when a head stalls.
     pub fn new(
         inner: S,
         turn: Arc<Turn>,
         header_timeout: Duration,
         idle: Duration,
-        refusal: &'static [u8],
+        refusal: fn() -> Vec<u8>,
     ) -> Self {
         Watched {
             inner,
@@ -252,7 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<S> {
             Armed::Head => {
                 // hyper is waiting for the rest of a head, so it is not writing: answer
                 // 408 (best effort, one write) and end the connection.
-                let _ = Pin::new(&mut this.inner).poll_write(cx, this.refusal);
+                let _ = Pin::new(&mut this.inner).poll_write(cx, &(this.refusal)());
                 let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, HeadTimeout)))
             }

@@ -1,21 +1,23 @@
 //! Listeners and the accept loop: bind one socket per worker, admit a client (ACL,
 //! connection limits), hand the connection to its task (TLS handshake first on TLS
-//! listeners). The workers themselves, and the drain at shutdown, are in
-//! [`super::workers`].
+//! listeners). The workers themselves, and the drain at shutdown, are in the
+//! `workers` module.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
-use super::conn::{route, serve_connection, serve_plain};
+use super::addr::ClientAddr;
+use super::conn::{route, serve_plain};
+use super::error::SetupError;
+use super::plumbing::{Slot, register};
+use super::respond::{self, Reply};
+use super::serve::serve_connection;
 use super::state::Shared;
 use super::transparent;
-use super::{keepalive, per_client, respond};
 use crate::metrics::Limit;
 
 /// A bound listening address: one socket per worker, all on the same address with
@@ -74,10 +76,7 @@ impl Listener {
 ///
 /// # Errors
 /// A socket could not be bound; the error names the key and the address.
-pub fn bind(
-    c: &crate::config::Compiled,
-    workers: usize,
-) -> Result<Vec<Listener>, crate::runtime::SetupError> {
+pub fn bind(c: &crate::config::Compiled, workers: usize) -> Result<Vec<Listener>, SetupError> {
     let mut out = Vec::new();
     let all = [
         (Role::Proxy, &c.proxy.listen),
@@ -87,7 +86,7 @@ pub fn bind(
     ];
     for (role, addrs) in all {
         for a in addrs {
-            let failed = |source| crate::runtime::SetupError::Listen {
+            let failed = |source| SetupError::Listen {
                 key: role.key(),
                 addr: *a,
                 source,
@@ -160,11 +159,6 @@ fn bound_socket(addr: SocketAddr, share: bool) -> std::io::Result<std::os::fd::O
     Ok(fd)
 }
 
-/// Resolves once shutdown has started (or its sender is gone).
-pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// Accept on one worker's socket of one listener; each connection is served on this
 /// worker and counted in its `gauge`.
 pub(super) async fn accept_loop(
@@ -175,7 +169,7 @@ pub(super) async fn accept_loop(
     gauge: prometheus::IntGauge,
 ) {
     loop {
-        let (stream, peer) = match accept(&tcp).await {
+        let (stream, client) = match accept(&tcp).await {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
@@ -185,7 +179,7 @@ pub(super) async fn accept_loop(
                 continue;
             }
         };
-        let peer_ip = peer.ip().to_canonical(); // an IPv4 client on a dual-stack socket
+        let peer_ip = client.ip(); // an IPv4 client on a dual-stack socket as IPv4
         let live = shared.live();
         if !live
             .config
@@ -194,7 +188,7 @@ pub(super) async fn accept_loop(
             .any(|n| n.contains(&peer_ip))
         {
             if live.limit_hit(Limit::ClientNotAllowed) {
-                tracing::warn!(client = %peer, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
+                tracing::warn!(client = %client, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
             }
             drop(stream);
             continue;
@@ -206,7 +200,7 @@ pub(super) async fn accept_loop(
                 Some(p) => Some(p),
                 None => {
                     if live.limit_hit(Limit::ConnectionsPerClient) {
-                        tracing::warn!(client = %peer, reason = "connection_limit_per_client", limit, "over proxy.max_connections_per_client; answered 503");
+                        tracing::warn!(client = %client, reason = "connection_limit_per_client", limit, "over proxy.max_connections_per_client; answered 503");
                     }
                     refuse_at_limit(
                         stream,
@@ -221,7 +215,7 @@ pub(super) async fn accept_loop(
             Ok(p) => p,
             Err(_) => {
                 if live.limit_hit(Limit::Connections) {
-                    tracing::warn!(client = %peer, reason = "connection_limit", "over proxy.max_connections; answered 503");
+                    tracing::warn!(client = %client, reason = "connection_limit", "over proxy.max_connections; answered 503");
                 }
                 refuse_at_limit(
                     stream,
@@ -238,37 +232,32 @@ pub(super) async fn accept_loop(
         if role == Role::ProxyTls && tls.is_none() {
             // A reload dropped the certificate; never serve plain HTTP on a TLS port.
             if live.limit_hit(Limit::TlsHandshake) {
-                tracing::error!(client = %peer, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
+                tracing::error!(client = %client, reason = "tls_handshake", "no TLS certificate is configured any more (proxy.tls_cert, proxy.tls_key); connection closed");
             }
             continue;
         }
         let open = live.metrics.open(false, live.config.mode);
         let handshake_timeout = live.config.header_timeout;
         drop(live);
-        gauge.inc(); // given back when the slot drops
-        // Tunnels take a clone, so that they count against the limit until they close.
-        let permit = Arc::new(Slot {
-            permit: Some(permit),
-            owed: shared.owed.clone(),
-            _client: place,
-            worker: gauge.clone(),
-        });
+        // Tunnels take a clone, so that they count against the limit until they close; the
+        // worker's gauge is given back when the slot drops.
+        let permit = Arc::new(Slot::new(permit, shared.owed.clone(), place, gauge.clone()));
         tokio::spawn(async move {
             // Only the plain proxy takes the socket unregistered (a refusal then needs no
             // epoll registration); the others register it with the worker's runtime.
             if role == Role::Proxy {
                 // Counted as an open connection until it ends or becomes a tunnel.
-                serve_plain(stream, peer, shared, permit, open).await;
+                serve_plain(stream, client, shared, permit, open).await;
                 drop(guard);
                 return;
-            } else if let Some(stream) = super::conn::register(stream, peer, &shared.live()) {
+            } else if let Some(stream) = register(stream, client, &shared.live().logs) {
                 // Boxed (in its own statement) so that the common task stays small: a
                 // task's whole future is moved into place when it is spawned.
                 let other = Box::pin(serve_other(
                     role,
                     tls,
                     stream,
-                    peer,
+                    client,
                     shared,
                     permit,
                     handshake_timeout,
@@ -287,7 +276,7 @@ async fn serve_other(
     role: Role,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stream: TcpStream,
-    peer: SocketAddr,
+    client: ClientAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
     handshake_timeout: Duration,
@@ -296,24 +285,24 @@ async fn serve_other(
         // Never here: the plain proxy is served by serve_plain, and a TLS listener without
         // a certificate was closed before.
         (Role::Proxy, _) | (Role::ProxyTls, None) => {}
-        (Role::TransparentTls, _) => transparent::tls(stream, peer, shared).await,
-        (Role::TransparentHttp, _) => transparent::http(stream, peer, shared, permit).await,
+        (Role::TransparentTls, _) => transparent::tls(stream, client, shared).await,
+        (Role::TransparentHttp, _) => transparent::http(stream, client, shared, permit).await,
         (Role::ProxyTls, Some(acceptor)) => {
             let live = shared.live();
             let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
             drop(live);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => serve_connection(s, peer, shared, permit, route).await,
+                Ok(Ok(s)) => serve_connection(s, client, shared, permit, route).await,
                 Ok(Err(e)) => {
                     metrics.limit(Limit::TlsHandshake);
                     if logs.line() {
-                        tracing::warn!(client = %peer, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
+                        tracing::warn!(client = %client, reason = "tls_handshake", error = %e, "TLS handshake with a client failed");
                     }
                 }
                 Err(_) => {
                     metrics.limit(Limit::TlsHandshake);
                     if logs.line() {
-                        tracing::warn!(client = %peer, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
+                        tracing::warn!(client = %client, reason = "tls_handshake", "TLS handshake with a client timed out (proxy.header_timeout_secs)");
                     }
                 }
             }
@@ -335,7 +324,7 @@ fn out_of_resources(e: &std::io::Error) -> bool {
 /// address canonical later): a refusal answered at once then never touches epoll.
 async fn accept(
     listener: &AsyncFd<std::net::TcpListener>,
-) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+) -> std::io::Result<(std::net::TcpStream, ClientAddr)> {
     use rustix::net::SocketFlags;
     loop {
         let mut ready = listener.readable().await?;
@@ -345,7 +334,7 @@ async fn accept(
         });
         match accepted {
             Ok(Ok((fd, addr))) => match addr.and_then(|a| SocketAddr::try_from(a).ok()) {
-                Some(peer) => return Ok((std::net::TcpStream::from(fd), peer)),
+                Some(peer) => return Ok((std::net::TcpStream::from(fd), ClientAddr(peer))),
                 None => continue, // a TCP listener's peers are IP addresses; closed
             },
             // Only a lack of descriptors or memory is the listener's problem; the rest are
@@ -358,48 +347,16 @@ async fn accept(
     }
 }
 
-/// A connection's place under `proxy.max_connections`, shared with its tunnel, and the
-/// turn that tells its stream when it becomes a tunnel.
-#[derive(Clone)]
-pub(crate) struct ConnHandles {
-    /// Handed on to a tunnel, which holds the place until it closes.
-    pub slot: Arc<Slot>,
-    pub turn: Arc<keepalive::Turn>,
-}
-
-/// A permit that, when given back while a lowered limit is owed permits, is kept instead.
-pub(crate) struct Slot {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    owed: Arc<AtomicUsize>,
-    /// The place under `proxy.max_connections_per_client`, when that limit is on.
-    _client: Option<per_client::ClientPlace>,
-    /// The open-connections gauge of the worker serving it.
-    worker: prometheus::IntGauge,
-}
-
 /// Answer `503` to a connection turned away by a limit, without holding up the accept loop.
 fn refuse_at_limit(stream: std::net::TcpStream, details: &'static str, message: &'static str) {
-    let body = respond::raw(
+    let reply = Reply::new(
         hyper::StatusCode::SERVICE_UNAVAILABLE,
-        "connection limit reached",
         "connection_limit_reached",
         details,
-        message,
+        (None, "connection limit reached"),
+        message.to_owned(),
     );
-    respond::send_and_close(stream, body);
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.worker.dec();
-        let paid = self
-            .owed
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| o.checked_sub(1))
-            .is_ok();
-        if paid && let Some(p) = self.permit.take() {
-            p.forget();
-        }
-    }
+    respond::send_and_close(stream, reply.closing_bytes());
 }
 
 #[cfg(test)]

@@ -41,13 +41,14 @@ pub fn phrase(status: StatusCode, target: Option<&str>, words: &str) -> String {
     out
 }
 
-/// A refusal or error as the proxy answers it: a status with a reason phrase saying why
-/// ([`phrase`]), `Proxy-Status: aml-egress; error=<error>; details="<details>"` (RFC 9209
-/// §2: `error` is one of its error types, `details` our reason code), and a text body
-/// saying what to do. Built once, it is sent either through hyper ([`Refusal::into_response`])
-/// or as bytes on a connection that then closes ([`Refusal::closing_bytes`]).
+/// An answer the proxy gives itself, a refusal or an error: a status with a reason phrase
+/// saying why ([`phrase`]), `Proxy-Status: aml-egress; error=<error>; details="<details>"`
+/// (RFC 9209 §2: `error` is one of its error types, `details` our reason code), and a text
+/// body saying what to do. Built once ([`Reply::new`]), it is sent either through hyper
+/// ([`Reply::into_response`]) or as bytes on a connection that then closes
+/// ([`Reply::closing_bytes`]), with the same fields either way.
 #[derive(Debug)]
-pub struct Refusal {
+pub struct Reply {
     pub status: StatusCode,
     phrase: String,
     error: &'static str,
@@ -56,16 +57,16 @@ pub struct Refusal {
     message: String,
 }
 
-impl Refusal {
-    /// `target` and `words` go into the reason phrase.
+impl Reply {
+    /// `(target, words)` go into the reason phrase; `details` is the reason code.
     pub fn new(
         status: StatusCode,
         error: &'static str,
         details: &'static str,
         (target, words): (Option<&str>, &str),
         message: String,
-    ) -> Refusal {
-        Refusal {
+    ) -> Reply {
+        Reply {
             status,
             phrase: phrase(status, target, words),
             error,
@@ -95,18 +96,20 @@ impl Refusal {
         resp
     }
 
-    /// The whole response as bytes, with `Connection: close`: for answers written on a
-    /// connection before or instead of hyper, which then close it.
+    /// The whole response as bytes, with `Connection: close` and `Date` (as hyper sends
+    /// them): for answers written on a connection before or instead of hyper, which then
+    /// close it.
     pub fn closing_bytes(&self) -> Vec<u8> {
         use std::io::Write;
         let mut out = Vec::with_capacity(256 + self.phrase.len() + self.message.len());
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}\n",
+            "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n{}\n",
             self.status.as_u16(),
             self.phrase,
             self.proxy_status(),
             self.message.len() + 1,
+            http_date(),
             self.message
         );
         out
@@ -120,48 +123,52 @@ impl Refusal {
     }
 }
 
-impl From<Refusal> for Response<Body> {
-    fn from(r: Refusal) -> Self {
+impl From<Reply> for Response<Body> {
+    fn from(r: Reply) -> Self {
         r.into_response()
     }
 }
 
-/// A refusal or error response through hyper (see [`Refusal`]).
-pub fn refuse(
-    status: StatusCode,
-    error: &'static str,
-    details: &'static str,
-    shown: (Option<&str>, &str),
-    message: &str,
-) -> Response<Body> {
-    Refusal::new(status, error, details, shown, message.to_owned()).into_response()
+/// The `200` of an accepted CONNECT written on the socket (no hyper), with the reason
+/// phrase Squid, tinyproxy and goproxy send, which some clients expect, and the `Date`
+/// hyper's own `200` carries (RFC 9110 §6.6.1).
+pub fn established() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 Connection established\r\ndate: {}\r\n\r\n",
+        http_date()
+    )
+    .into_bytes()
 }
 
-/// The raw bytes of a response written before hyper takes the connection (limits, slow
-/// clients), so that even those refusals carry a status, a reason and a body; `words` go
-/// into the reason phrase.
-pub fn raw(
-    status: StatusCode,
-    words: &str,
-    error: &'static str,
-    details: &'static str,
-    message: &str,
-) -> Vec<u8> {
-    Refusal::new(status, error, details, (None, words), message.to_owned()).closing_bytes()
+/// Now as an HTTP-date (IMF-fixdate, RFC 9110 §5.6.7), formatted at most once a second
+/// per thread, as hyper caches its own.
+pub fn http_date() -> String {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        text.clone()
+    })
 }
 
 /// The raw `408` for a request head that did not arrive in time (first or later).
-pub fn request_timeout() -> &'static [u8] {
-    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    BYTES.get_or_init(|| {
-        raw(
-            StatusCode::REQUEST_TIMEOUT,
-            "request head too slow",
-            "http_request_error",
-            "header_timeout",
-            "the request head did not arrive within proxy.header_timeout_secs",
-        )
-    })
+pub fn request_timeout() -> Vec<u8> {
+    Reply::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "http_request_error",
+        "header_timeout",
+        (None, "request head too slow"),
+        "the request head did not arrive within proxy.header_timeout_secs".to_owned(),
+    )
+    .closing_bytes()
 }
 
 /// Write a whole answer on a connection not registered with the runtime and close it: one

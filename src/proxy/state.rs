@@ -9,15 +9,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::addr::ListenAddr;
 use super::dial::{DialConfig, Resolver};
+use super::error::SetupError;
+use super::plumbing::Tracker;
 use super::{per_client, pool};
 use crate::config::Built;
 use crate::config::Compiled;
 use crate::logs::LogBudget;
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{Limit, Metrics, Outcome};
+use crate::policy::{Decision, PathView, Reason, Target};
 
 pub use crate::config::Mode;
 
@@ -51,7 +55,7 @@ impl ProxyConfig {
     /// the policy's `[[deny]]` networks.
     pub fn new(
         s: &Compiled,
-        own: Vec<SocketAddr>,
+        own: Vec<ListenAddr>,
         resolver: Resolver,
         deny_cidrs: Vec<(IpNet, crate::policy::PortSet, String)>,
     ) -> Self {
@@ -91,71 +95,6 @@ impl ProxyConfig {
     }
 }
 
-/// Counts live connections and tunnels so that shutdown can wait for them, and closes
-/// what is left when the grace period is over.
-#[derive(Debug)]
-pub struct Tracker {
-    live: AtomicUsize,
-    idle: Notify,
-    closing: watch::Sender<bool>,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            live: AtomicUsize::new(0),
-            idle: Notify::new(),
-            closing: watch::Sender::new(false),
-        }
-    }
-}
-
-/// Held while a connection or tunnel is open.
-pub struct TrackGuard(Arc<Tracker>);
-
-impl Tracker {
-    /// Register one more open connection or tunnel.
-    pub fn track(self: &Arc<Self>) -> TrackGuard {
-        self.live.fetch_add(1, Ordering::SeqCst);
-        TrackGuard(self.clone())
-    }
-
-    /// Open connections and tunnels.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::SeqCst)
-    }
-
-    /// Tell every open connection and tunnel to close now.
-    pub fn close_all(&self) {
-        self.closing.send_replace(true);
-    }
-
-    /// Resolves when [`Tracker::close_all`] has been called.
-    pub async fn closed(&self) {
-        let mut rx = self.closing.subscribe();
-        let _ = rx.wait_for(|c| *c).await;
-    }
-
-    /// Wait until nothing is open.
-    pub async fn drained(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.live() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// Everything a configuration load produces: the compiled policy, the runtime settings,
 /// the upstream pools and the TLS certificate. Swapped whole on reload, so that a request
 /// sees one consistent version from decision to dial.
@@ -170,7 +109,97 @@ pub struct Live {
     pub logs: Arc<LogBudget>,
 }
 
+/// The proxy's judgement of a request: the policy's decision with the mode applied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Judgement {
+    pub decision: Decision,
+    /// Let through (allowed, or denied but in audit mode).
+    pub pass: bool,
+    /// Denied by the policy but let through by audit mode.
+    pub would_deny: bool,
+}
+
+impl Judgement {
+    /// What is counted for it: allow, deny, or would-be deny.
+    pub(crate) fn outcome(&self) -> Outcome {
+        match (self.pass, self.would_deny) {
+            (_, true) => Outcome::WouldDeny,
+            (true, false) => Outcome::Allow,
+            (false, false) => Outcome::Deny,
+        }
+    }
+}
+
 impl Live {
+    /// The policy's decision on `target` (its path as `view` shows it), with the mode
+    /// applied.
+    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Judgement {
+        let decision = self.built.policy.decide(target, view);
+        self.apply_mode(decision)
+    }
+
+    /// Apply the mode to a decision: audit mode lets a denial pass, except an operator's
+    /// deny rule and an invalid target, which hold in every mode.
+    pub(crate) fn apply_mode(&self, decision: Decision) -> Judgement {
+        let allowed = decision.is_allowed();
+        let auditable = !matches!(
+            decision.reason,
+            Reason::DeniedByRule | Reason::InvalidTarget(_)
+        );
+        let would_deny = !allowed && auditable && self.config.mode == Mode::Audit;
+        Judgement {
+            decision,
+            pass: allowed || would_deny,
+            would_deny,
+        }
+    }
+
+    /// The rule a decision names, as shown in logs (empty when none).
+    pub(crate) fn rule_text(&self, d: &Decision) -> String {
+        d.rule
+            .map(|id| self.built.policy.rule(id).display())
+            .unwrap_or_default()
+    }
+
+    /// Build the live configuration from a compiled one, with the I/O it needs (the DNS
+    /// resolver, the TLS certificate, the upstream pools): the last step before the live
+    /// swap ([`Shared::replace`]), for `serve`, reload, the tests and the benches. `own` are
+    /// the proxy's bound listening sockets (proxy, TLS and admin), which the dialler refuses.
+    ///
+    /// # Errors
+    /// The resolver could not start, or the TLS certificate or key could not be read.
+    pub fn build(
+        c: Compiled,
+        own: Vec<ListenAddr>,
+        metrics: Arc<Metrics>,
+        logs: Arc<LogBudget>,
+    ) -> Result<Live, SetupError> {
+        let servers: Vec<SocketAddr> = c.upstream.name_servers.iter().map(|n| n.0).collect();
+        let resolver = Resolver::new(&servers)?;
+        let deny = c.built.policy.deny_networks();
+        let config = ProxyConfig::new(&c, own, resolver, deny);
+        // Loaded whenever configured, so that a reload that drops tls_listen (which only a
+        // restart changes) still has the certificate for the bound TLS listeners.
+        let tls = match (&c.proxy.tls_cert, &c.proxy.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let upstream = pool::Upstream::new(
+            config.dial.clone(),
+            config.idle_timeout,
+            config.max_header_bytes,
+            metrics.clone(),
+        );
+        Ok(Live {
+            built: c.built,
+            config,
+            upstream,
+            tls,
+            metrics,
+            logs,
+        })
+    }
+
     /// Count a client turned away by `which`; says whether to log it.
     pub(crate) fn limit_hit(&self, which: Limit) -> bool {
         self.metrics.limit(which);

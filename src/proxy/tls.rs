@@ -8,7 +8,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::runtime::SetupError;
+use super::error::SetupError;
 
 /// Load a PEM certificate chain and key into an acceptor (ring provider, TLS 1.2 and 1.3,
 /// HTTP/1.1 offered by ALPN). Errors name the file and say what to do.

@@ -20,12 +20,14 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
-use super::conn::serve_connection;
+use super::addr::{ClientAddr, OrigDstAddr};
 use super::dial::{canonical, dial_preferring};
-use super::handshake::{self, ClientSide, Held, Refusal, Start, Unread, read_hello};
-use super::listen::Slot;
+use super::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
+use super::plumbing::Slot;
+use super::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable};
+use super::serve::serve_connection;
 use super::sni::HelloReader;
-use super::{Live, Seen, Shared};
+use super::state::{Live, Shared};
 use crate::config::TransparentDial;
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, PathView, Target};
@@ -34,13 +36,16 @@ use crate::reason::ReasonCode;
 /// The destination the client connected to before the firewall redirected it. IPv4 flows
 /// (also those accepted on a dual-stack `[::]` listener, whose peer is `::ffff:a.b.c.d`)
 /// carry it in `SO_ORIGINAL_DST`, IPv6 flows in `IP6T_SO_ORIGINAL_DST`.
-pub fn original_destination(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
+pub fn original_destination(
+    stream: &TcpStream,
+    client: ClientAddr,
+) -> std::io::Result<OrigDstAddr> {
     use rustix::net::sockopt::{ip_original_dst, ipv6_original_dst};
-    if peer.ip().to_canonical().is_ipv4() {
-        Ok(SocketAddr::V4(ip_original_dst(stream)?))
-    } else {
-        Ok(SocketAddr::V6(ipv6_original_dst(stream)?))
-    }
+    let orig = match client.ip().is_ipv4() {
+        true => SocketAddr::V4(ip_original_dst(stream)?),
+        false => SocketAddr::V6(ipv6_original_dst(stream)?),
+    };
+    Ok(OrigDstAddr(orig))
 }
 
 /// The original destination as a target, or `None` (logged and counted) when it cannot be
@@ -48,35 +53,40 @@ pub fn original_destination(stream: &TcpStream, peer: SocketAddr) -> std::io::Re
 /// redirect loop.
 fn destination(
     stream: &TcpStream,
-    peer: SocketAddr,
+    client: ClientAddr,
     live: &Live,
     via: ListenerKind,
-) -> Option<(SocketAddr, Target)> {
-    let orig = match original_destination(stream, peer) {
+) -> Option<(OrigDstAddr, Target)> {
+    let orig = match original_destination(stream, client) {
         Ok(o) => o,
         Err(e) => {
             if live.logs.line() {
-                tracing::warn!(listener = via.as_str(), client = %peer, error = %e, "no original destination on a transparent connection (was it redirected here?); closed");
+                tracing::warn!(listener = via.as_str(), client = %client, error = %e, "no original destination on a transparent connection (was it redirected here?); closed");
             }
             return None;
         }
     };
     let target = Target {
-        host: Host::Ip(canonical(orig.ip())),
-        port: orig.port(),
+        host: Host::Ip(canonical(orig.0.ip())),
+        port: orig.0.port(),
     };
     if live.config.dial.is_proxy_itself(orig) {
         let shown = target.to_string();
-        live.note(&Seen {
-            via,
-            client: peer,
-            target: Some(&target),
-            shown: &shown,
-            seen: "(the original destination is this proxy)",
-            outcome: Outcome::Deny,
-            reason: ReasonCode::ForbiddenAddress,
-            rule: "",
-        });
+        // Closed without an answer: the client did not ask this proxy for anything.
+        let refusal = Refusal {
+            seen: Seen {
+                via,
+                client,
+                target: Some(&target),
+                shown: &shown,
+                seen: "(the original destination is this proxy)",
+                outcome: Outcome::Deny,
+                reason: ReasonCode::ForbiddenAddress,
+                rule: "",
+            },
+            answer: (),
+        };
+        refusal.issue(live, Count::Now);
         return None;
     }
     Some((orig, target))
@@ -84,70 +94,84 @@ fn destination(
 
 /// A redirected TLS connection: read the ClientHello, decide, dial, follow the handshake,
 /// relay.
-pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub(super) async fn tls(stream: TcpStream, client: ClientAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     let live = shared.live();
     let via = ListenerKind::TransparentTls;
-    let Some((orig, dst)) = destination(&stream, peer, &live, via) else {
+    let Some((orig, dst)) = destination(&stream, client, &live, via) else {
         return;
     };
     let cfg = &live.config;
-    let mut client = ClientSide::Tcp(stream);
+    let mut side = ClientSide::Tcp(stream);
     let mut buf = BytesMut::new();
     let deadline = Deadline::now() + cfg.sni_timeout;
-    let refuse = |r: Refusal, seen: &str, target: &Target, rule: &str, pass: bool| {
-        let shown = format!("{target} (redirected to {dst})");
-        live.note(&Seen {
-            via,
-            client: peer,
-            target: Some(target),
-            shown: &shown,
-            seen,
-            outcome: if pass {
-                Outcome::WouldDeny
-            } else {
-                Outcome::Deny
-            },
-            reason: r.code(),
-            rule,
-        });
-    };
-    let first = match read_hello(&mut client, &mut buf, HelloReader::default(), deadline).await {
+    // Count, record and log a refusal, and give the client its answer.
+    let refuse =
+        |reason: ReasonCode, seen: &str, target: &Target, rule: &str, pass: bool, count| {
+            let shown = format!("{target} (redirected to {dst})");
+            let refusal = Refusal {
+                seen: Seen {
+                    via,
+                    client,
+                    target: Some(target),
+                    shown: &shown,
+                    seen,
+                    outcome: if pass {
+                        Outcome::WouldDeny
+                    } else {
+                        Outcome::Deny
+                    },
+                    reason,
+                    rule,
+                },
+                answer: Unanswerable::after(reason),
+            };
+            refusal.issue(&live, count)
+        };
+    let first = match read_hello(&mut side, &mut buf, HelloReader::default(), deadline).await {
         Ok(h) => h,
         Err(Unread::Gone) => return,
-        Err(Unread::Refused(r, seen)) => {
-            refuse(r, &seen, &dst, "", false);
-            handshake::refuse(&mut client, r).await;
+        Err(Unread::Refused(reason, seen)) => {
+            let answer = refuse(reason, &seen, &dst, "", false, Count::Now);
+            handshake::answer(&mut side, answer).await;
             return;
         }
     };
     // By its server name on the original port; without one, only the CIDR rules on the
     // original destination can allow it.
-    let (target, refusal) = match first.server_name {
+    let (target, reason) = match first.server_name {
         Some(name) => (
             Target {
                 host: Host::Name(name),
-                port: orig.port(),
+                port: orig.0.port(),
             },
-            Refusal::SniNotAllowed,
+            ReasonCode::SniNotAllowed,
         ),
-        None => (dst, Refusal::NoServerName),
+        None => (dst, ReasonCode::NoServerName),
     };
     let v = live.judge(&target, PathView::Hidden);
     let counted = if v.pass && !v.would_deny {
-        Some(super::AllowCount::new(&live, via, &v))
+        Some(AllowCount::new(&live, via, &v))
     } else {
-        let pass = v.pass && refusal.auditable();
+        // Both reasons are policy answers, which audit mode lets pass.
+        let pass = v.pass;
         let rule = live.rule_text(&v.decision);
-        refuse(refusal, &target.to_string(), &target, &rule, pass);
+        let answer = refuse(
+            reason,
+            &target.to_string(),
+            &target,
+            &rule,
+            pass,
+            Count::Now,
+        );
         if !pass {
-            handshake::refuse(&mut client, refusal).await;
+            handshake::answer(&mut side, answer).await;
             return;
         }
         None
     };
     let prefer = match (cfg.transparent_dial, first.server_name) {
-        (TransparentDial::OriginalIfResolved, Some(_)) => Some(orig.ip()),
+        (TransparentDial::OriginalIfResolved, Some(_)) => Some(orig.0.ip()),
         _ => None,
     };
     let dial_started = Instant::now();
@@ -156,15 +180,16 @@ pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     let (mut upstream, addr) = match dialled {
         Ok(x) => x,
         Err(e) => {
-            let _ = super::admit::dial_failed(&live, via, peer, &target, &e, counted);
-            handshake::refuse(&mut client, Refusal::SniNotAllowed).await;
+            // Counted and logged; inside TLS the client gets an alert, not the HTTP answer.
+            let _ = refusal::dial_failed(&live, via, client, &target, &e, counted);
+            handshake::answer(&mut side, Unanswerable::Alert).await;
             return;
         }
     };
     let mut held = Held::new(&mut buf);
     let followed = held
         .follow(
-            &mut client,
+            &mut side,
             &mut upstream,
             &first,
             cfg.idle_timeout,
@@ -175,12 +200,10 @@ pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     match followed {
         Ok(()) => {}
         Err(Unread::Gone) => return,
-        Err(Unread::Refused(r, seen)) => {
-            if let Some(c) = counted {
-                c.instead();
-            }
-            refuse(r, &seen, &target, "", false);
-            handshake::refuse(&mut client, r).await;
+        Err(Unread::Refused(reason, seen)) => {
+            let count = counted.map_or(Count::Now, Count::Instead);
+            let answer = refuse(reason, &seen, &target, "", false, count);
+            handshake::answer(&mut side, answer).await;
             return;
         }
     }
@@ -192,11 +215,10 @@ pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
         client_done,
         down,
     };
-    let (up, down) =
-        handshake::relay(client, upstream, start, cfg.idle_timeout, &live.metrics).await;
+    let (up, down) = handshake::relay(side, upstream, start, cfg.idle_timeout, &live.metrics).await;
     tracing::info!(
         listener = via.as_str(),
-        client = %peer,
+        client = %client,
         target = %target,
         original_destination = %orig,
         upstream = %addr,
@@ -214,17 +236,17 @@ pub(super) async fn tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
 /// the path, forwarded like absolute-form requests.
 pub(super) async fn http(
     stream: TcpStream,
-    peer: SocketAddr,
+    client: ClientAddr,
     shared: Arc<Shared>,
     permit: Arc<Slot>,
 ) {
     let live = shared.live();
-    let Some((orig, _)) = destination(&stream, peer, &live, ListenerKind::TransparentHttp) else {
+    let Some((orig, _)) = destination(&stream, client, &live, ListenerKind::TransparentHttp) else {
         return;
     };
     drop(live);
-    let handle = move |req, peer, shared: Arc<Shared>| {
-        super::http::forward_transparent(req, peer, shared.live(), orig)
+    let handle = move |req, client, shared: Arc<Shared>| {
+        super::http::forward_transparent(req, client, shared.live(), orig)
     };
-    serve_connection(stream, peer, shared, permit, handle).await;
+    serve_connection(stream, client, shared, permit, handle).await;
 }

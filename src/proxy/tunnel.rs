@@ -23,16 +23,18 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
+use super::addr::ClientAddr;
 use super::detect::{Carried, Detector};
-use super::handshake::{
-    self, ClientSide, Filled, Held, Refusal, Start, Unread, fill, read_hello, shown,
-};
+use super::handshake::{self, ClientSide, Filled, Held, Start, Unread, fill, read_hello, shown};
 use super::head::Rewind;
-use super::listen::Slot;
+use super::plumbing::Slot;
+use super::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable};
+use super::serve::serve_requests;
 use super::sni::HelloReader;
-use super::{AllowCount, Judged, Live, Seen, Shared};
+use super::state::{Judgement, Live, Mode, Shared};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, Name, PathView, Target};
+use crate::reason::ReasonCode;
 
 /// What an open tunnel needs to know about itself.
 pub(super) struct Tunnel {
@@ -40,8 +42,9 @@ pub(super) struct Tunnel {
     pub shared: Arc<Shared>,
     /// The connection's place under `proxy.max_connections`.
     pub slot: Option<Arc<Slot>>,
-    pub peer: SocketAddr,
+    pub client: ClientAddr,
     pub target: Target,
+    /// The upstream address dialled.
     pub addr: SocketAddr,
     pub started: Instant,
 }
@@ -53,7 +56,7 @@ impl Tunnel {
         mut client: ClientSide,
         mut buf: BytesMut,
         mut upstream: TcpStream,
-        mut v: Judged,
+        mut v: Judgement,
         mut pending: Option<AllowCount>,
     ) {
         let cfg = &self.live.config;
@@ -95,17 +98,17 @@ impl Tunnel {
                             start = Some(held);
                         }
                         Err(Unread::Gone) => return,
-                        Err(Unread::Refused(r, seen)) => {
-                            self.count(r, false, &seen, None, "", &mut pending);
-                            handshake::refuse(&mut client, r).await;
+                        Err(Unread::Refused(reason, seen)) => {
+                            let answer = self.refuse(reason, false, &seen, None, "", &mut pending);
+                            handshake::answer(&mut client, answer).await;
                             return;
                         }
                     }
                 }
                 Carried::Other | Carried::Incomplete => {
-                    let r = Refusal::ProtocolNotAllowed;
-                    self.count(r, false, &shown(&buf), None, "", &mut pending);
-                    handshake::refuse(&mut client, r).await;
+                    let reason = ReasonCode::TunnelProtocolNotAllowed;
+                    let answer = self.refuse(reason, false, &shown(&buf), None, "", &mut pending);
+                    handshake::answer(&mut client, answer).await;
                     return;
                 }
             }
@@ -122,7 +125,7 @@ impl Tunnel {
         .await;
         tracing::info!(
             listener = "connect",
-            client = %self.peer,
+            client = %self.client,
             target = %self.target,
             upstream = %self.addr,
             sni = %sni,
@@ -175,8 +178,8 @@ impl Tunnel {
         let first = read_hello(client, buf, HelloReader::default(), deadline).await?;
         let audit = match self.judge_name(first.server_name, pending) {
             Ok(audit) => audit,
-            Err(r) => {
-                handshake::refuse(client, r).await;
+            Err(answer) => {
+                handshake::answer(client, answer).await;
                 return Err(Unread::Gone); // counted by judge_name
             }
         };
@@ -199,14 +202,14 @@ impl Tunnel {
     }
 
     /// Judge the hello's server name for the CONNECT port. `Ok(true)`: only audit mode let
-    /// it pass; `Err`: refused (and counted).
+    /// it pass; `Err`: refused (and counted), with the client's answer.
     fn judge_name(
         &self,
         name: Option<Name>,
         pending: &mut Option<AllowCount>,
-    ) -> Result<bool, Refusal> {
+    ) -> Result<bool, Unanswerable> {
         let live = &*self.live;
-        let (refusal, verdict, by_name) = match (name, self.target.host) {
+        let (reason, verdict, by_name) = match (name, self.target.host) {
             // The CONNECT named this host and was decided on it.
             (Some(n), Host::Name(t)) if n == t => return Ok(false),
             (Some(n), _) => {
@@ -218,75 +221,74 @@ impl Tunnel {
                 if v.decision.is_allowed() {
                     return Ok(false);
                 }
-                (Refusal::SniNotAllowed, Some(v), Some(t))
+                (ReasonCode::SniNotAllowed, Some(v), Some(t))
             }
             // Clients send no name for an IP address (RFC 6066 §3): the CONNECT's
             // decision on the address stands.
             (None, Host::Ip(_)) => return Ok(false),
             (None, Host::Name(_)) if live.config.sni_missing_allowed => return Ok(false),
-            (None, Host::Name(_)) => (Refusal::NoServerName, None, None),
+            (None, Host::Name(_)) => (ReasonCode::NoServerName, None, None),
         };
         let shown = by_name.as_ref().map(|t| t.to_string());
         let seen = shown.as_deref().unwrap_or("(no server name)");
-        let pass = live.config.mode == super::Mode::Audit && refusal.auditable();
+        // A policy answer (a name not allowed, or none) passes in audit mode.
+        let pass = live.config.mode == Mode::Audit;
         let rule = verdict
             .map(|v| live.rule_text(&v.decision))
             .unwrap_or_default();
-        self.count(refusal, pass, seen, by_name.as_ref(), &rule, pending);
-        if pass { Ok(true) } else { Err(refusal) }
+        let answer = self.refuse(reason, pass, seen, by_name.as_ref(), &rule, pending);
+        if pass { Ok(true) } else { Err(answer) }
     }
 
-    /// Count, record and log a refusal (`pass`: audit mode let it through).
-    fn count(
+    /// Count, record and log a refusal of what the tunnel carried (`pass`: audit mode let
+    /// it through), and give the client's answer.
+    fn refuse(
         &self,
-        refusal: Refusal,
+        reason: ReasonCode,
         pass: bool,
         seen: &str,
         by_name: Option<&Target>,
         rule: &str,
         pending: &mut Option<AllowCount>,
-    ) {
+    ) -> Unanswerable {
         let what = by_name.unwrap_or(&self.target);
         let label = format!("{what} (inside CONNECT {})", self.target);
-        let record = Seen {
-            via: ListenerKind::Connect,
-            client: self.peer,
-            target: Some(what),
-            shown: &label,
-            seen,
-            outcome: if pass {
-                Outcome::WouldDeny
-            } else {
-                Outcome::Deny
+        let refusal = Refusal {
+            seen: Seen {
+                via: ListenerKind::Connect,
+                client: self.client,
+                target: Some(what),
+                shown: &label,
+                seen,
+                outcome: if pass {
+                    Outcome::WouldDeny
+                } else {
+                    Outcome::Deny
+                },
+                reason,
+                rule,
             },
-            reason: refusal.code(),
-            rule,
+            answer: Unanswerable::after(reason),
         };
-        match pending.take() {
-            // This refusal is the request's decision.
-            Some(p) => {
-                p.instead();
-                self.live.note(&record);
-            }
-            // The request was counted already (an audit pass): record and log only.
-            None => self.live.record(&record),
-        }
+        // This refusal is the request's decision, unless it was counted already (an audit
+        // pass): then it is recorded and logged only.
+        refusal.issue(&self.live, Count::pending(pending.take()))
     }
 
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
     /// one, its `Host` held to the CONNECT target.
     async fn serve_http(&self, client: ClientSide, buf: BytesMut) {
         let slot = self.slot.clone();
-        let (peer, shared, target) = (self.peer, self.shared.clone(), self.target);
-        let handle = move |req, peer, shared: Arc<Shared>| {
-            super::http::forward_in_tunnel(req, peer, shared.live(), target)
+        let (client_addr, shared, target) = (self.client, self.shared.clone(), self.target);
+        let handle = move |req, client, shared: Arc<Shared>| {
+            super::http::forward_in_tunnel(req, client, shared.live(), target)
         };
         match client {
             ClientSide::Tcp(s) => {
-                super::serve_requests(Rewind::new(buf, s), peer, shared, slot, handle).await
+                serve_requests(Rewind::new(buf, s), client_addr, shared, slot, handle).await
             }
             ClientSide::Upgraded(s) => {
-                super::serve_requests(Rewind::new(buf, s), peer, shared, slot, handle).await
+                serve_requests(Rewind::new(buf, s), client_addr, shared, slot, handle).await
             }
         }
     }

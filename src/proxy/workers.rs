@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use super::listen::{Listener, Role, accept_loop, stopped};
+use super::listen::{Listener, Role, accept_loop};
+use super::plumbing::stopped;
 use super::state::Shared;
 
 /// The worker threads, started (each with its runtime built) before the proxy reports

@@ -1,0 +1,415 @@
+//! One way to refuse. Every entry point (the CONNECT fast path and hyper's, absolute-form
+//! and in-tunnel HTTP, both transparent listeners) describes what it refused as a
+//! [`Refusal`]: what was seen ([`Seen`]: listener, client, target, the bytes that were
+//! refused, the reason code) and what the client is to get (a [`Reply`]: status, reason
+//! phrase, `Proxy-Status`, body; or inside TLS, an [`Unanswerable`]: the `access_denied`
+//! alert). [`Refusal::issue`] then counts it (one decision
+//! per request, see [`Count`]), records it in the denied-target table, logs it under the
+//! log budget, and hands back the answer to send.
+//!
+//! Allowed requests are counted when they end ([`AllowCount`]), so that a later refusal
+//! (a TLS name, a failed dial) can be counted in their place.
+
+use std::sync::Arc;
+
+use hyper::StatusCode;
+
+use super::addr::ClientAddr;
+use super::dial::DialError;
+use super::respond::Reply;
+use super::state::{Judgement, Live};
+use crate::metrics::{ListenerKind, Metrics, Outcome};
+use crate::policy::{Decision, Host, InvalidTarget, PathView, Reason, Target, Verdict};
+use crate::reason::ReasonCode;
+
+/// What the proxy saw of one refused (or only audit-passed) destination: what is counted,
+/// recorded in the denied-target table and logged.
+#[derive(Clone, Copy)]
+pub(crate) struct Seen<'a> {
+    pub via: ListenerKind,
+    pub client: ClientAddr,
+    /// `None` for a target that could not be parsed.
+    pub target: Option<&'a Target>,
+    /// The target as the log line shows it.
+    pub shown: &'a str,
+    /// What the client sent that was refused (a TLS name, escaped bytes), or empty; for an
+    /// error, what went wrong.
+    pub seen: &'a str,
+    pub outcome: Outcome,
+    pub reason: ReasonCode,
+    pub rule: &'a str,
+}
+
+/// What a client gets for a refusal where no HTTP answer can be sent: after a CONNECT's
+/// `200`, or on a redirected TLS connection. (Everywhere else it is a [`Reply`]: status,
+/// reason phrase, `Proxy-Status` and body.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unanswerable {
+    /// An `access_denied` alert, then the connection closes.
+    Alert,
+    /// The client did not speak TLS: the connection just closes.
+    Close,
+}
+
+impl Unanswerable {
+    /// What a client refused for `reason` inside a tunnel or a redirected connection gets:
+    /// an alert, unless it was refused for not speaking TLS.
+    pub(crate) fn after(reason: ReasonCode) -> Unanswerable {
+        match reason {
+            ReasonCode::TunnelProtocolNotAllowed => Unanswerable::Close,
+            _ => Unanswerable::Alert,
+        }
+    }
+}
+
+/// One refusal: what was seen, and what the client gets (`A`: a [`Reply`], or an
+/// [`Unanswerable`] inside TLS).
+pub(crate) struct Refusal<'a, A> {
+    pub seen: Seen<'a>,
+    pub answer: A,
+}
+
+/// How a refusal stands to its request's one counted decision.
+pub(crate) enum Count {
+    /// Nothing was counted for the request yet: this is its decision.
+    Now,
+    /// This is the request's decision, in place of the allow it was to be counted as.
+    Instead(AllowCount),
+    /// The request's decision was counted already (an audit pass): recorded and logged
+    /// only.
+    Already,
+}
+
+impl Count {
+    /// In place of `pending` when there is one; otherwise the request was counted already.
+    pub(crate) fn pending(pending: Option<AllowCount>) -> Count {
+        pending.map_or(Count::Already, Count::Instead)
+    }
+}
+
+impl<A> Refusal<'_, A> {
+    /// Count, record and log the refusal, and give back what the client is to get.
+    pub(crate) fn issue(self, live: &Live, count: Count) -> A {
+        note(live, &self.seen, count);
+        self.answer
+    }
+}
+
+/// Count one decision as `count` says; denials and would-be denials go into the
+/// denied-target table and get one log line each, at most `log.denied_lines_per_minute` per
+/// target; errors one line each under the log budget.
+pub(crate) fn note(live: &Live, seen: &Seen<'_>, count: Count) {
+    let counted = match count {
+        Count::Now => true,
+        Count::Instead(pending) => {
+            pending.instead();
+            true
+        }
+        Count::Already => false,
+    };
+    if counted {
+        live.metrics.decision(seen.via, seen.outcome, seen.reason);
+    }
+    match seen.outcome {
+        Outcome::Allow => {} // allowed connections are logged once, when they finish
+        Outcome::Error => {
+            if live.logs.line() {
+                tracing::warn!(
+                    listener = seen.via.as_str(),
+                    client = %seen.client,
+                    target = seen.shown,
+                    decision = "error",
+                    reason = seen.reason.as_str(),
+                    mode = live.config.mode.as_str(),
+                    error = seen.seen,
+                    "upstream not reached"
+                );
+            }
+        }
+        Outcome::Deny | Outcome::WouldDeny => record(live, seen),
+    }
+}
+
+/// Put a refusal in the denied-target table and log it (rate-limited per target).
+fn record(live: &Live, seen: &Seen<'_>) {
+    let Seen {
+        via,
+        client,
+        target,
+        shown,
+        seen,
+        outcome,
+        reason,
+        rule,
+    } = *seen;
+    let this_minute = match target {
+        Some(t) => {
+            let host = match t.host {
+                Host::Name(n) => n.as_str().to_owned(),
+                Host::Ip(ip) => ip.to_string(),
+            };
+            let part = live.built.would_allow_with(t, PathView::Hidden);
+            live.metrics.denied(&host, t.port, || match part {
+                Some(p) => {
+                    format!("catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})")
+                }
+                None => allow_entry(t, reason),
+            })
+        }
+        None => live.metrics.denied("(invalid target)", 0, || {
+            "nothing: the request did not name a valid host:port".to_owned()
+        }),
+    };
+    if live.logs.denial(this_minute) {
+        tracing::warn!(
+            listener = via.as_str(),
+            client = %client,
+            target = shown,
+            seen,
+            decision = outcome.as_str(),
+            reason = reason.as_str(),
+            rule,
+            mode = live.config.mode.as_str(),
+            "destination denied"
+        );
+    }
+}
+
+/// The policy's `403` for `target` (`None`: it could not be parsed), shown to the client
+/// as `shown`.
+pub(crate) fn forbidden(live: &Live, shown: &str, target: Option<&Target>, d: &Decision) -> Reply {
+    let mut why = live.built.policy.explain(shown, d);
+    if let Some(part) = target.and_then(|t| live.built.would_allow_with(t, PathView::Hidden)) {
+        why.push_str(&crate::config::optional_part_hint(part));
+    }
+    let code = d.reason.code();
+    // An unparseable target is not repeated in the status line.
+    let in_phrase = (code != ReasonCode::InvalidTarget).then_some(shown);
+    Reply::new(
+        StatusCode::FORBIDDEN,
+        "destination_not_allowed",
+        code.as_str(),
+        (in_phrase, code.words()),
+        format!(
+            "aml-egress refused {shown}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+        ),
+    )
+}
+
+/// Refuse a target that could not be parsed (counted and logged like any denial).
+pub(crate) fn invalid(
+    live: &Live,
+    via: ListenerKind,
+    client: ClientAddr,
+    shown: &str,
+    e: InvalidTarget,
+) -> Reply {
+    let v = live.apply_mode(Decision {
+        verdict: Verdict::Deny,
+        reason: Reason::InvalidTarget(e),
+        rule: None,
+    });
+    let refusal = Refusal {
+        seen: Seen {
+            via,
+            client,
+            target: None,
+            shown,
+            seen: "",
+            outcome: v.outcome(),
+            reason: ReasonCode::InvalidTarget,
+            rule: "",
+        },
+        answer: forbidden(live, shown, None, &v.decision),
+    };
+    refusal.issue(live, Count::Now)
+}
+
+/// One decision per request: a refusal or an audit pass is counted (and logged) now,
+/// whatever the dial does next, and a refusal is answered `403` (`Err`). An allow is
+/// returned uncounted, to be counted when the request ends ([`AllowCount`]).
+pub(crate) fn admit(
+    live: &Live,
+    via: ListenerKind,
+    client: ClientAddr,
+    target: &Target,
+    shown: impl FnOnce() -> String,
+    v: &Judgement,
+) -> Result<Option<AllowCount>, Reply> {
+    if v.pass && !v.would_deny {
+        return Ok(Some(AllowCount::new(live, via, v)));
+    }
+    let shown = shown();
+    let rule = live.rule_text(&v.decision);
+    let seen = Seen {
+        via,
+        client,
+        target: Some(target),
+        shown: &shown,
+        seen: "",
+        outcome: v.outcome(),
+        reason: v.decision.reason.code(),
+        rule: &rule,
+    };
+    if v.pass {
+        note(live, &seen, Count::Now);
+        return Ok(None);
+    }
+    let answer = forbidden(live, &shown, Some(target), &v.decision);
+    Err(Refusal { seen, answer }.issue(live, Count::Now))
+}
+
+/// An allowed request's decision, counted when this is dropped unless something else was
+/// counted in its place ([`Count::Instead`]). A request whose client leaves while the
+/// proxy dials or waits for the upstream is then still counted, once.
+pub(crate) struct AllowCount {
+    metrics: Arc<Metrics>,
+    via: ListenerKind,
+    reason: ReasonCode,
+    armed: bool,
+}
+
+impl AllowCount {
+    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Judgement) -> Self {
+        AllowCount {
+            metrics: live.metrics.clone(),
+            via,
+            reason: v.decision.reason.code(),
+            armed: true,
+        }
+    }
+
+    /// Another outcome (a failed dial, a refused TLS name) is counted instead.
+    pub(crate) fn instead(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AllowCount {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.decision(self.via, Outcome::Allow, self.reason);
+        }
+    }
+}
+
+/// The configuration entry that would let a refused target through.
+fn allow_entry(t: &Target, reason: ReasonCode) -> String {
+    match (reason, t.host) {
+        (ReasonCode::ForbiddenAddress, _) => format!(
+            "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
+        ),
+        (ReasonCode::DenyRule, _) => format!("a [[deny]] entry refuses {t}: remove or narrow it"),
+        (
+            ReasonCode::TlsHelloInvalid
+            | ReasonCode::TlsHelloTimeout
+            | ReasonCode::SniChangedAfterRetry,
+            _,
+        ) => format!(
+            "nothing: the client's TLS handshake through CONNECT {t} could not be checked, and such tunnels are always refused"
+        ),
+        (ReasonCode::TunnelProtocolNotAllowed, _) => format!(
+            "the tunnel to {t} carried neither TLS nor HTTP/1: list port {} in proxy.opaque_ports only if that protocol must pass uninspected",
+            t.port
+        ),
+        (ReasonCode::NoServerName, _) => format!(
+            "the client sent no TLS server name through CONNECT {t}: proxy.sni_missing = \"allow\" lets such tunnels through on the CONNECT's decision"
+        ),
+        (ReasonCode::HostMismatch, _) => format!(
+            "nothing: a request inside the tunnel to {t} named another host; send requests for other hosts through their own CONNECT or as absolute-form requests"
+        ),
+        (_, Host::Name(n)) => {
+            format!("[[allow]]\nhost = \"{}\"\nports = [{}]", n.as_str(), t.port)
+        }
+        (_, Host::Ip(ip)) => {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            format!("[[allow]]\ncidr = \"{ip}/{bits}\"\nports = [{}]", t.port)
+        }
+    }
+}
+
+/// The answer (count and log line) for a dial that failed after the policy allowed it:
+/// the address guard's refusals are denials; DNS and connection failures are errors.
+/// `pending` is the request's uncounted allow, replaced by this outcome; `None` when the
+/// decision was counted already (an audit pass).
+pub(crate) fn dial_failed(
+    live: &Live,
+    via: ListenerKind,
+    client: ClientAddr,
+    target: &Target,
+    e: &DialError,
+    pending: Option<AllowCount>,
+) -> Reply {
+    let (error, details) = e.proxy_status();
+    let guard = matches!(
+        e,
+        DialError::Forbidden(_) | DialError::SelfConnection(_) | DialError::DenyRule(..)
+    );
+    let status = match e {
+        _ if guard => StatusCode::FORBIDDEN,
+        DialError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let shown = target.to_string();
+    let hint = if matches!(e, DialError::DenyRule(..)) {
+        " (remove or narrow that [[deny]] entry if the destination must be reached)"
+    } else if guard {
+        " (the address guard refuses loopback, link-local, metadata and similar addresses; list a network in upstream.allow_cidrs to exempt it)"
+    } else {
+        ""
+    };
+    let reply = Reply::new(
+        status,
+        error,
+        details.as_str(),
+        (Some(&shown), details.words()),
+        format!("aml-egress could not reach {shown}: {e}{hint}"),
+    );
+    let what = e.to_string();
+    // A guard refusal is a denial, unless the request was counted already (an audit pass):
+    // then it is logged as an upstream not reached.
+    let outcome = match guard && pending.is_some() {
+        true => Outcome::Deny,
+        false => Outcome::Error,
+    };
+    let refusal = Refusal {
+        seen: Seen {
+            via,
+            client,
+            target: Some(target),
+            shown: &shown,
+            seen: if outcome == Outcome::Deny { "" } else { &what },
+            outcome,
+            reason: details,
+            rule: "",
+        },
+        answer: reply,
+    };
+    refusal.issue(live, Count::pending(pending))
+}
+
+/// The answer for a request the upstream did not answer (in time, faithfully): counted as
+/// an error in place of its allow, and logged.
+pub(crate) fn upstream_failed(
+    live: &Live,
+    via: ListenerKind,
+    client: ClientAddr,
+    shown: &str,
+    pending: Option<AllowCount>,
+    reply: Reply,
+) -> Reply {
+    let refusal = Refusal {
+        seen: Seen {
+            via,
+            client,
+            target: None,
+            shown,
+            seen: "",
+            outcome: Outcome::Error,
+            reason: ReasonCode::UpstreamResponse,
+            rule: "",
+        },
+        answer: reply,
+    };
+    refusal.issue(live, Count::pending(pending))
+}
