@@ -532,6 +532,35 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
     retried(&seen);
     assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
 
+    // Opened by an absolute-form request, reused inside a tunnel that hyper answered (a
+    // CONNECT after a request on the same connection).
+    let (web, seen) = stale_after_one().await;
+    let p = start_proxy(&config(web, "")).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(get("/1", false).as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).ends_with("\r\n\r\nok") {
+        let mut chunk = [0u8; 1024];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let connect = "CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n";
+    s.write_all(format!("{connect}{}", in_tunnel("/2", true)).as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.starts_with("HTTP/1.1 200 Connection established\r\n"),
+        "{rest}"
+    );
+    assert!(rest.contains("HTTP/1.1 200 OK"), "{rest}");
+    assert!(!rest.contains(" 502 "), "{rest}");
+    retried(&seen);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+
     // Opened by an absolute-form request, reused inside a tunnel.
     let (web, seen) = stale_after_one().await;
     let p = start_proxy(&config(web, "")).await;
@@ -549,6 +578,12 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
 /// (A CONNECT's own dial opens a connection that never carries a request when the tunnel
 /// turns out to carry HTTP.)
 async fn stale_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
+    stale_after_one_closing(false).await
+}
+
+/// As [`stale_after_one`]; with `reset`, the stale connection ends with a reset (as a
+/// server that drops a connection with unread bytes, or a middlebox, does) instead of a FIN.
+async fn stale_after_one_closing(reset: bool) -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (s2, c2, claimed) = (
@@ -573,6 +608,10 @@ async fn stale_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
                 let line = head.lines().next().unwrap_or("").to_owned();
                 seen.lock().unwrap().push((conn, line));
                 if stale && n == 2 {
+                    if reset {
+                        #[allow(deprecated)] // SO_LINGER 0 is the point: a reset, not a FIN
+                        s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+                    }
                     return; // read, never answered
                 }
                 let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -584,4 +623,29 @@ async fn stale_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
     })
     .await;
     (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pooled_connection_that_ends_with_a_reset_is_retried_too() {
+    let get = |path: &str| {
+        format!("GET http://web.test{path} HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+    };
+    let (web, seen) = stale_after_one_closing(true).await;
+    let p = start_proxy(&config(web, "")).await;
+    let first = raw(p.addr, get("/1").as_bytes()).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let resp = raw(p.addr, get("/2").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
+
+    // The same inside a tunnel: opened by its first request, reset on its second.
+    let (web, seen) = stale_after_one_closing(true).await;
+    let p = start_proxy(&config(web, "")).await;
+    let both = "GET /1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n";
+    let resp = through_tunnel(p.addr, both.as_bytes()).await;
+    assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 2, "{resp}");
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
 }

@@ -306,14 +306,26 @@ fn is_idempotent(m: &hyper::Method) -> bool {
     .contains(m)
 }
 
-/// Whether the upstream closed without sending anything of a response.
+/// Whether the upstream closed without sending anything of a response: with a FIN
+/// (hyper's incomplete message, or a request it never sent), or with a reset (a server
+/// that drops a kept-alive connection with the request unread, a middlebox's idle timeout).
+/// The caller has no response head, so nothing of an answer reached the client.
 fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
     let mut cur = Some(e);
     while let Some(err) = cur {
         if err
             .downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
         {
+            return true;
+        }
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            )
+        }) {
             return true;
         }
         cur = err.source();
