@@ -117,7 +117,7 @@ pub struct Metrics {
     dial_error: Histogram,
     open_connections: IntGaugeVec,
     open_tunnels: IntGaugeVec,
-    /// Handles of the two gauges above by [tunnel][mode], made on first use.
+    /// Handles of the two gauges above by `[tunnel][mode]`, made on first use.
     open_by_mode: [[OnceLock<IntGauge>; 2]; 2],
     /// Handles of `request_duration` by listener, made on first use.
     request_duration_by: [OnceLock<Histogram>; ListenerKind::ALL.len()],

@@ -5,7 +5,7 @@
 
 mod support;
 
-use aml_egress::proxy::sni::{HelloReader, SniError, server_name};
+use aml_egress::proxy::connect::sni::{HelloReader, SniError, server_name};
 use support::tls::{client_hello, crafted_hello, split_records};
 
 #[test]

@@ -4,7 +4,7 @@
 #![no_main]
 
 use aml_egress::policy::Target;
-use aml_egress::proxy::host::{Named, named};
+use aml_egress::proxy::forward::host::{Named, named};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

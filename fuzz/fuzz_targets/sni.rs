@@ -4,7 +4,7 @@
 #![no_main]
 
 use aml_egress::policy::Target;
-use aml_egress::proxy::sni::{HelloReader, server_name};
+use aml_egress::proxy::connect::sni::{HelloReader, server_name};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

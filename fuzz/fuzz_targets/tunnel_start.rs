@@ -3,8 +3,8 @@
 //! bytes are split.
 #![no_main]
 
-use aml_egress::proxy::detect::{Carried, Detector};
-use aml_egress::proxy::sni::{ServerReader, change_cipher_spec};
+use aml_egress::proxy::connect::detect::{Carried, Detector};
+use aml_egress::proxy::connect::sni::{ServerReader, change_cipher_spec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

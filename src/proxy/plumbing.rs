@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 
 use super::addr::ClientAddr;
-use super::{keepalive, per_client};
+use super::keepalive;
+use super::per_client;
 use crate::logs::LogBudget;
 
 /// A connection's place under `proxy.max_connections`, shared with its tunnel, and the

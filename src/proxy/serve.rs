@@ -14,10 +14,12 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::addr::ClientAddr;
+use super::head;
+use super::keepalive;
 use super::plumbing::{ConnHandles, Slot, stopped};
+use super::respond;
 use super::respond::{Body, Reply};
 use super::state::Shared;
-use super::{head, keepalive, respond};
 use crate::metrics::Limit;
 
 /// Serve one client connection: its first request head read with the proxy's bounds

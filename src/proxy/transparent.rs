@@ -21,12 +21,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
 use super::addr::{ClientAddr, OrigDstAddr};
+use super::connect::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
+use super::connect::sni::HelloReader;
 use super::dial::{canonical, dial_preferring};
-use super::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
 use super::plumbing::Slot;
 use super::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable};
 use super::serve::serve_connection;
-use super::sni::HelloReader;
 use super::state::{Live, Shared};
 use crate::config::TransparentDial;
 use crate::metrics::{ListenerKind, Outcome};
@@ -246,7 +246,7 @@ pub(super) async fn http(
     };
     drop(live);
     let handle = move |req, client, shared: Arc<Shared>| {
-        super::http::forward_transparent(req, client, shared.live(), orig)
+        super::forward::http::forward_transparent(req, client, shared.live(), orig)
     };
     serve_connection(stream, client, shared, permit, handle).await;
 }

@@ -8,7 +8,7 @@
 //!   handshake; a HelloRetryRequest means the client's second ClientHello is checked the same
 //!   way and must name the same server (RFC 8446 §4.1.4).
 //! - HTTP/1 (a request line): every request is decided and forwarded like an absolute-form
-//!   request, through the same code ([`super::http`]).
+//!   request, through the same code ([`crate::proxy::forward::http`]).
 //! - Anything else: refused (`tunnel_protocol_not_allowed`).
 //!
 //! These refusals come after the `200`, so no status carries them: they are counted, logged
@@ -23,21 +23,21 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
-use super::addr::ClientAddr;
 use super::detect::{Carried, Detector};
 use super::handshake::{self, ClientSide, Filled, Held, Start, Unread, fill, read_hello, shown};
-use super::head::Rewind;
-use super::plumbing::Slot;
-use super::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable};
-use super::serve::serve_requests;
 use super::sni::HelloReader;
-use super::state::{Judgement, Live, Mode, Shared};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Host, Name, PathView, Target};
+use crate::proxy::addr::ClientAddr;
+use crate::proxy::head::Rewind;
+use crate::proxy::plumbing::Slot;
+use crate::proxy::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable};
+use crate::proxy::serve::serve_requests;
+use crate::proxy::state::{Judgement, Live, Mode, Shared};
 use crate::reason::ReasonCode;
 
 /// What an open tunnel needs to know about itself.
-pub(super) struct Tunnel {
+pub(crate) struct Tunnel {
     pub live: Arc<Live>,
     pub shared: Arc<Shared>,
     /// The connection's place under `proxy.max_connections`.
@@ -51,7 +51,7 @@ pub(super) struct Tunnel {
 
 impl Tunnel {
     /// Inspect by what the tunnel carries, count the decision if not yet counted, relay.
-    pub(super) async fn run(
+    pub(crate) async fn run(
         &self,
         mut client: ClientSide,
         mut buf: BytesMut,
@@ -281,7 +281,7 @@ impl Tunnel {
         let slot = self.slot.clone();
         let (client_addr, shared, target) = (self.client, self.shared.clone(), self.target);
         let handle = move |req, client, shared: Arc<Shared>| {
-            super::http::forward_in_tunnel(req, client, shared.live(), target)
+            crate::proxy::forward::http::forward_in_tunnel(req, client, shared.live(), target)
         };
         match client {
             ClientSide::Tcp(s) => {

@@ -12,7 +12,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use super::activity::Activity;
+use crate::proxy::activity::Activity;
 
 /// Where each direction's bytes are counted as they move (the tunnel-bytes metric).
 #[derive(Clone, Copy)]

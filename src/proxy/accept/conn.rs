@@ -1,26 +1,28 @@
-//! Serving one client connection: the first request head read with its bounds (408, 431);
-//! a plain first `CONNECT` answered by the proxy itself ([`super::connect`]); anything else
-//! through hyper with the keep-alive timers, each request routed to CONNECT or absolute-form
-//! forwarding (or, inside a tunnel, to in-tunnel forwarding).
+//! Serving one forward-proxy connection: the first request head read with its bounds (408,
+//! 431); a plain first `CONNECT` answered by the proxy itself
+//! ([`crate::proxy::connect::open`]); anything else through hyper ([`crate::proxy::serve`]),
+//! each request routed to CONNECT or absolute-form forwarding ([`route`]).
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use hyper::{Method, Request, StatusCode};
 
-use super::addr::ClientAddr;
-use super::connect::FirstClient;
-use super::plumbing::{Slot, register};
-use super::respond::{Body, Reply};
-use super::serve::{first_head, serve_requests};
-use super::state::Shared;
-use super::{connect, head, http};
 use crate::metrics::{ListenerKind, OpenGuard};
+use crate::proxy::addr::ClientAddr;
+use crate::proxy::connect::open;
+use crate::proxy::connect::open::FirstClient;
+use crate::proxy::forward::http;
+use crate::proxy::head;
+use crate::proxy::plumbing::{Slot, register};
+use crate::proxy::respond::{Body, Reply};
+use crate::proxy::serve::{first_head, serve_requests};
+use crate::proxy::state::Shared;
 
 /// Serve one plain-TCP client connection of the forward proxy: a first request that is a
-/// plain `CONNECT` is answered directly ([`connect::serve_first`]); anything else goes
+/// plain `CONNECT` is answered directly ([`open::serve_first`]); anything else goes
 /// through hyper ([`serve_requests`]).
-pub(super) async fn serve_plain(
+pub(crate) async fn serve_plain(
     sock: std::net::TcpStream,
     client: ClientAddr,
     shared: Arc<Shared>,
@@ -33,7 +35,7 @@ pub(super) async fn serve_plain(
         // The whole head came with the connection: a refusal needs no registration.
         let first = FirstClient::Unregistered(sock);
         let held = (shared, permit, open);
-        return connect::serve_first(first, buf, h, client, held).await;
+        return open::serve_first(first, buf, h, client, held).await;
     }
     let Some(stream) = register(sock, client, &shared.live().logs) else {
         return;
@@ -46,7 +48,7 @@ pub(super) async fn serve_plain(
         Some(h) => {
             let first = FirstClient::Registered(stream);
             let held = (shared, permit, open);
-            connect::serve_first(first, buf, h, client, held).await
+            open::serve_first(first, buf, h, client, held).await
         }
         None => {
             let stream = head::Rewind::new(buf, stream);
@@ -57,9 +59,9 @@ pub(super) async fn serve_plain(
     }
 }
 
-/// The forward proxy's router: `CONNECT` to [`connect`], absolute-form `http://` to
+/// The forward proxy's router: `CONNECT` to [`open`], absolute-form `http://` to
 /// [`http`], anything else `400`.
-pub(super) async fn route(
+pub(crate) async fn route(
     req: Request<hyper::body::Incoming>,
     client: ClientAddr,
     shared: Arc<Shared>,
@@ -67,7 +69,7 @@ pub(super) async fn route(
     let live = shared.live();
     let start = std::time::Instant::now();
     if req.method() == Method::CONNECT {
-        let mut resp = connect::handle(req, client, live.clone(), shared).await;
+        let mut resp = open::handle(req, client, live.clone(), shared).await;
         live.metrics
             .request_duration(ListenerKind::Connect, start.elapsed());
         if !resp.status().is_success() {

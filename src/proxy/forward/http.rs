@@ -10,15 +10,15 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::{CaptureConnection, HttpInfo, capture_connection};
 
-use super::activity::Activity;
-use super::addr::{ClientAddr, OrigDstAddr};
 use super::host::{self, Named};
-use super::pool::{DialledAt, UploadBody, dial_error};
-use super::refusal::{self, Count, Refusal, Seen, dial_failed, upstream_failed};
-use super::respond::{Body, BodyError, Reply};
-use super::state::Live;
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
+use crate::proxy::activity::Activity;
+use crate::proxy::addr::{ClientAddr, OrigDstAddr};
+use crate::proxy::pool::{DialledAt, UploadBody, dial_error};
+use crate::proxy::refusal::{self, Count, Refusal, Seen, dial_failed, upstream_failed};
+use crate::proxy::respond::{Body, BodyError, Reply};
+use crate::proxy::state::Live;
 use crate::reason::ReasonCode;
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -56,7 +56,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-pub(super) async fn forward(
+pub(crate) async fn forward(
     req: Request<hyper::body::Incoming>,
     client: ClientAddr,
     live: Arc<Live>,
@@ -120,7 +120,7 @@ pub(super) async fn forward(
 /// A request inside a CONNECT tunnel to `tunnel` (RFC 9112 §3.2: origin form, or absolute
 /// form, whose authority then wins over `Host`): the host it names must be the tunnel's,
 /// and a port it names the tunnel's port. HTTP/1.0 without `Host` means the tunnel's host.
-pub(super) async fn forward_in_tunnel(
+pub(crate) async fn forward_in_tunnel(
     req: Request<hyper::body::Incoming>,
     client: ClientAddr,
     live: Arc<Live>,
@@ -182,7 +182,7 @@ pub(super) async fn forward_in_tunnel(
 /// its `Host` (or absolute-form authority) names, on the original port (a port it names
 /// must be that one) and on the path. Without `Host`, only the CIDR rules on the original
 /// destination can allow it.
-pub(super) async fn forward_transparent(
+pub(crate) async fn forward_transparent(
     req: Request<hyper::body::Incoming>,
     client: ClientAddr,
     live: Arc<Live>,
@@ -192,7 +192,7 @@ pub(super) async fn forward_transparent(
     let via = ListenerKind::TransparentHttp;
     let port = orig.port();
     let dst = Target {
-        host: crate::policy::Host::Ip(super::dial::canonical(orig.ip())),
+        host: crate::policy::Host::Ip(crate::proxy::dial::canonical(orig.ip())),
         port,
     };
     let named = match req.method() {

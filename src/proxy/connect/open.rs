@@ -16,20 +16,20 @@ use hyper::{Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::addr::ClientAddr;
-use super::dial::dial;
 use super::handshake::ClientSide;
-use super::head::ConnectHead;
-use super::plumbing::{ConnHandles, Slot, register};
-use super::refusal::{self, AllowCount, dial_failed};
-use super::respond::{self, Body, Reply, full};
-use super::state::{Judgement, Live, Shared};
 use super::tunnel::Tunnel;
 use crate::metrics::{ListenerKind, OpenGuard};
 use crate::policy::{PathView, Target};
+use crate::proxy::addr::ClientAddr;
+use crate::proxy::dial::dial;
+use crate::proxy::head::ConnectHead;
+use crate::proxy::plumbing::{ConnHandles, Slot, register};
+use crate::proxy::refusal::{self, AllowCount, dial_failed};
+use crate::proxy::respond::{self, Body, Reply, full};
+use crate::proxy::state::{Judgement, Live, Shared};
 
 /// An allowed CONNECT whose upstream is dialled, before its `200`.
-pub(super) struct Opened {
+pub(crate) struct Opened {
     target: Target,
     upstream: TcpStream,
     addr: SocketAddr,
@@ -40,7 +40,7 @@ pub(super) struct Opened {
 }
 
 /// A CONNECT the policy let through (or audit mode passed), before its dial.
-pub(super) struct Admitted {
+pub(crate) struct Admitted {
     target: Target,
     verdict: Judgement,
     /// The allow, counted later (see [`AllowCount`]).
@@ -50,7 +50,7 @@ pub(super) struct Admitted {
 /// Decide a CONNECT to `raw` (its request target). A refusal (invalid target, policy) is
 /// counted and logged, and comes back as the answer to send. Synchronous, so that the
 /// refusal of a first `CONNECT` is written before its socket is ever registered.
-pub(super) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admitted, Reply> {
+pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admitted, Reply> {
     let target = match Target::parse(raw) {
         Ok(t) => t,
         Err(e) => {
@@ -125,7 +125,7 @@ async fn dial_admitted(a: Admitted, client: ClientAddr, live: &Live) -> Result<O
 
 /// The client side of a first `CONNECT`: its socket is registered with the worker's
 /// runtime only when the proxy has to wait on it.
-pub(super) enum FirstClient {
+pub(crate) enum FirstClient {
     /// The whole head came with the connection; nothing has waited on the socket yet.
     Unregistered(std::net::TcpStream),
     Registered(TcpStream),
@@ -135,7 +135,7 @@ pub(super) enum FirstClient {
 /// start of `buf`: answered and tunnelled on this task. A refusal on a socket not yet
 /// registered is one `send` and a close; bytes the client sent behind the head are the
 /// tunnel's first bytes.
-pub(super) async fn serve_first(
+pub(crate) async fn serve_first(
     first: FirstClient,
     mut buf: BytesMut,
     head: ConnectHead,
@@ -194,7 +194,7 @@ pub(super) async fn serve_first(
 
 /// A `CONNECT` that hyper parsed: answered through hyper, tunnelled once hyper hands the
 /// connection over.
-pub(super) async fn handle(
+pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
     client: ClientAddr,
     live: Arc<Live>,

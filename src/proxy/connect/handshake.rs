@@ -9,13 +9,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
-use super::head::Rewind;
-use super::keepalive::Watched;
-use super::refusal::Unanswerable;
 use super::sni::{
     ACCESS_DENIED_ALERT, ClientHello, HelloReader, ServerFirst, ServerReader, SniError,
     change_cipher_spec,
 };
+use crate::proxy::head::Rewind;
+use crate::proxy::keepalive::Watched;
+use crate::proxy::refusal::Unanswerable;
 use crate::reason::ReasonCode;
 use std::time::Duration;
 

@@ -10,15 +10,15 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
-use super::addr::ClientAddr;
 use super::conn::{route, serve_plain};
-use super::error::SetupError;
-use super::plumbing::{Slot, register};
-use super::respond::{self, Reply};
-use super::serve::serve_connection;
-use super::state::Shared;
-use super::transparent;
 use crate::metrics::Limit;
+use crate::proxy::addr::ClientAddr;
+use crate::proxy::error::SetupError;
+use crate::proxy::plumbing::{Slot, register};
+use crate::proxy::respond::{self, Reply};
+use crate::proxy::serve::serve_connection;
+use crate::proxy::state::Shared;
+use crate::proxy::transparent;
 
 /// A bound listening address: one socket per worker, all on the same address with
 /// `SO_REUSEPORT`, so that each worker accepts on its own.
@@ -66,7 +66,7 @@ impl Listener {
     }
 
     /// The sockets, one per worker, and the claim to hold while they serve.
-    pub(super) fn into_sockets(self) -> (Vec<std::net::TcpListener>, Claim) {
+    pub(crate) fn into_sockets(self) -> (Vec<std::net::TcpListener>, Claim) {
         (self.sockets, self.claim)
     }
 }
@@ -161,7 +161,7 @@ fn bound_socket(addr: SocketAddr, share: bool) -> std::io::Result<std::os::fd::O
 
 /// Accept on one worker's socket of one listener; each connection is served on this
 /// worker and counted in its `gauge`.
-pub(super) async fn accept_loop(
+pub(crate) async fn accept_loop(
     tcp: AsyncFd<std::net::TcpListener>,
     role: Role,
     worker: usize,

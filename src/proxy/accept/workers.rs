@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use super::listen::{Listener, Role, accept_loop};
-use super::plumbing::stopped;
-use super::state::Shared;
+use crate::proxy::plumbing::stopped;
+use crate::proxy::state::Shared;
 
 /// The worker threads, started (each with its runtime built) before the proxy reports
 /// ready, so that a failure to start one stops start-up instead of a running proxy. Each
