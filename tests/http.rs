@@ -260,37 +260,9 @@ async fn via_is_added_both_ways_unless_turned_off_and_connect_says_connection_es
     );
 }
 
-/// A keep-alive upstream whose first connection answers one request, then reads the next
-/// and closes without answering (a stale pooled connection); later connections answer.
-async fn closes_after_one() -> (SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (s2, c2) = (seen.clone(), Arc::new(AtomicUsize::new(0)));
-    let addr = upstream(move |mut s| {
-        let (seen, conn) = (s2.clone(), c2.fetch_add(1, Ordering::SeqCst));
-        async move {
-            let mut n = 0;
-            while let Some(head) = read_request_head(&mut s).await {
-                n += 1;
-                let line = head.lines().next().unwrap_or("").to_owned();
-                seen.lock().unwrap().push((conn, line));
-                if conn == 0 && n == 2 {
-                    return; // read, never answered
-                }
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                if s.write_all(ok).await.is_err() {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_request_on_a_stale_pooled_connection_is_sent_again_once() {
-    let (web, seen) = closes_after_one().await;
+    let (web, seen) = stale_after_one().await;
     let p = start_proxy(&config(web, "")).await;
     let get = |path: &str| {
         format!("GET http://web.test{path} HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
@@ -316,7 +288,7 @@ async fn an_idempotent_request_on_a_stale_pooled_connection_is_sent_again_once()
     assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
 
     // A POST is not sent again.
-    let (web, seen) = closes_after_one().await;
+    let (web, seen) = stale_after_one().await;
     let p = start_proxy(&config(web, "")).await;
     assert!(
         raw(p.addr, get("/1").as_bytes())

@@ -62,6 +62,14 @@ impl Unanswerable {
     }
 }
 
+/// What is counted for a denial: `Deny`, or `WouldDeny` when audit mode let it `pass`.
+pub(crate) fn denial(pass: bool) -> Outcome {
+    match pass {
+        true => Outcome::WouldDeny,
+        false => Outcome::Deny,
+    }
+}
+
 /// One refusal: what was seen, and what the client gets (`A`: a [`Reply`], or an
 /// [`Unanswerable`] inside TLS).
 pub(crate) struct Refusal<'a, A> {
@@ -84,6 +92,31 @@ impl Count {
     /// In place of `pending` when there is one; otherwise the request was counted already.
     pub(crate) fn pending(pending: Option<AllowCount>) -> Count {
         pending.map_or(Count::Already, Count::Instead)
+    }
+}
+
+impl<'a> Refusal<'a, Unanswerable> {
+    /// A refusal of what a client sent where no HTTP answer can go (inside a tunnel, on a
+    /// redirected TLS connection): the answer follows from the reason.
+    pub(crate) fn in_tls(seen: Seen<'a>) -> Self {
+        let answer = Unanswerable::after(seen.reason);
+        Refusal { seen, answer }
+    }
+}
+
+impl<'a> Refusal<'a, Reply> {
+    /// A `403` for a request the proxy refused on what it named, not on a policy decision
+    /// (a `Host` naming another host or port, no `Host` at all): `phrase` is the target and
+    /// the few words for the status line, `message` the body.
+    pub(crate) fn forbidden(seen: Seen<'a>, phrase: (&str, &str), message: String) -> Self {
+        let answer = Reply::new(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            seen.reason.as_str(),
+            (Some(phrase.0), phrase.1),
+            message,
+        );
+        Refusal { seen, answer }
     }
 }
 

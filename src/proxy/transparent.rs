@@ -25,7 +25,7 @@ use super::connect::handshake::{self, ClientSide, Held, Start, Unread, read_hell
 use super::connect::sni::HelloReader;
 use super::dial::{canonical, dial_preferring};
 use super::plumbing::Slot;
-use super::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable};
+use super::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
 use super::serve::serve_connection;
 use super::state::{Live, Shared};
 use crate::config::TransparentDial;
@@ -109,23 +109,16 @@ pub(super) async fn tls(stream: TcpStream, client: ClientAddr, shared: Arc<Share
     let refuse =
         |reason: ReasonCode, seen: &str, target: &Target, rule: &str, pass: bool, count| {
             let shown = format!("{target} (redirected to {dst})");
-            let refusal = Refusal {
-                seen: Seen {
-                    via,
-                    client,
-                    target: Some(target),
-                    shown: &shown,
-                    seen,
-                    outcome: if pass {
-                        Outcome::WouldDeny
-                    } else {
-                        Outcome::Deny
-                    },
-                    reason,
-                    rule,
-                },
-                answer: Unanswerable::after(reason),
-            };
+            let refusal = Refusal::in_tls(Seen {
+                via,
+                client,
+                target: Some(target),
+                shown: &shown,
+                seen,
+                outcome: denial(pass),
+                reason,
+                rule,
+            });
             refusal.issue(&live, count)
         };
     let first = match read_hello(&mut side, &mut buf, HelloReader::default(), deadline).await {

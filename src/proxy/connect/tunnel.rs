@@ -26,12 +26,12 @@ use tokio::time::Instant as Deadline;
 use super::detect::{Carried, Detector};
 use super::handshake::{self, ClientSide, Filled, Held, Start, Unread, fill, read_hello, shown};
 use super::sni::HelloReader;
-use crate::metrics::{ListenerKind, Outcome};
+use crate::metrics::ListenerKind;
 use crate::policy::{Host, Name, PathView, Target};
 use crate::proxy::addr::ClientAddr;
 use crate::proxy::head::Rewind;
 use crate::proxy::plumbing::Slot;
-use crate::proxy::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable};
+use crate::proxy::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable, denial};
 use crate::proxy::serve::serve_requests;
 use crate::proxy::state::{Judgement, Live, Mode, Shared};
 use crate::reason::ReasonCode;
@@ -253,23 +253,16 @@ impl Tunnel {
     ) -> Unanswerable {
         let what = by_name.unwrap_or(&self.target);
         let label = format!("{what} (inside CONNECT {})", self.target);
-        let refusal = Refusal {
-            seen: Seen {
-                via: ListenerKind::Connect,
-                client: self.client,
-                target: Some(what),
-                shown: &label,
-                seen,
-                outcome: if pass {
-                    Outcome::WouldDeny
-                } else {
-                    Outcome::Deny
-                },
-                reason,
-                rule,
-            },
-            answer: Unanswerable::after(reason),
-        };
+        let refusal = Refusal::in_tls(Seen {
+            via: ListenerKind::Connect,
+            client: self.client,
+            target: Some(what),
+            shown: &label,
+            seen,
+            outcome: denial(pass),
+            reason,
+            rule,
+        });
         // This refusal is the request's decision, unless it was counted already (an audit
         // pass): then it is recorded and logged only.
         refusal.issue(&self.live, Count::pending(pending.take()))

@@ -137,29 +137,23 @@ pub(crate) async fn forward_in_tunnel(
     if !same {
         let seen = named_text(&req);
         let reason = ReasonCode::HostMismatch;
-        return Refusal {
-            seen: Seen {
-                via: ListenerKind::Http,
-                client,
-                target: Some(&tunnel),
-                shown: &format!("{tunnel} (request inside the tunnel)"),
-                seen: &seen,
-                outcome: Outcome::Deny,
-                reason,
-                rule: "",
-            },
-            answer: Reply::new(
-                StatusCode::FORBIDDEN,
-                "destination_not_allowed",
-                reason.as_str(),
-                (Some(&tunnel.to_string()), reason.words()),
-                format!(
-                    "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
-                ),
-            ),
-        }
-        .issue(&live, Count::Now)
-        .into_response();
+        let seen_as = Seen {
+            via: ListenerKind::Http,
+            client,
+            target: Some(&tunnel),
+            shown: &format!("{tunnel} (request inside the tunnel)"),
+            seen: &seen,
+            outcome: Outcome::Deny,
+            reason,
+            rule: "",
+        };
+        let message = format!(
+            "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
+        );
+        let phrase = (tunnel.to_string(), reason.words());
+        return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+            .issue(&live, Count::Now)
+            .into_response();
     }
     // The authority sent upstream: the tunnel's host, and its port unless it is 80.
     let authority = match tunnel.port {
@@ -211,59 +205,44 @@ pub(crate) async fn forward_transparent(
                 return send(req, client, live, via, dst, &dst.to_string(), started).await;
             }
             let reason = ReasonCode::NoServerName;
-            return Refusal {
-                seen: Seen {
-                    via,
-                    client,
-                    target: Some(&dst),
-                    shown: &format!("{dst} (no Host)"),
-                    seen: "(no Host)",
-                    outcome: Outcome::Deny,
-                    reason,
-                    rule: "",
-                },
-                answer: Reply::new(
-                    StatusCode::FORBIDDEN,
-                    "destination_not_allowed",
-                    reason.as_str(),
-                    (
-                        Some(&dst.to_string()),
-                        "no Host and no rule for the address",
-                    ),
-                    format!(
-                        "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
-                    ),
-                ),
-            }
-            .issue(&live, Count::Now)
-            .into_response();
+            let seen_as = Seen {
+                via,
+                client,
+                target: Some(&dst),
+                shown: &format!("{dst} (no Host)"),
+                seen: "(no Host)",
+                outcome: Outcome::Deny,
+                reason,
+                rule: "",
+            };
+            let message = format!(
+                "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
+            );
+            let phrase = (dst.to_string(), "no Host and no rule for the address");
+            return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+                .issue(&live, Count::Now)
+                .into_response();
         }
         Named::Mismatch => {
             let seen = named_text(&req);
             let reason = ReasonCode::HostMismatch;
-            return Refusal {
-                seen: Seen {
-                    via,
-                    client,
-                    target: Some(&dst),
-                    shown: &format!("{dst} (redirected; Host {seen})"),
-                    seen: &seen,
-                    outcome: Outcome::Deny,
-                    reason,
-                    rule: "",
-                },
-                answer: Reply::new(
-                    StatusCode::FORBIDDEN,
-                    "destination_not_allowed",
-                    reason.as_str(),
-                    (Some(&dst.to_string()), reason.words()),
-                    format!(
-                        "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
-                    ),
-                ),
-            }
-            .issue(&live, Count::Now)
-            .into_response();
+            let seen_as = Seen {
+                via,
+                client,
+                target: Some(&dst),
+                shown: &format!("{dst} (redirected; Host {seen})"),
+                seen: &seen,
+                outcome: Outcome::Deny,
+                reason,
+                rule: "",
+            };
+            let message = format!(
+                "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
+            );
+            let phrase = (dst.to_string(), reason.words());
+            return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+                .issue(&live, Count::Now)
+                .into_response();
         }
     };
     let shown = match port {
