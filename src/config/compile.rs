@@ -364,11 +364,6 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
 }
 
 impl Compiled {
-    /// What a reload from `old` to `self` cannot change (restart-only keys that differ).
-    pub fn diff(&self, old: &Compiled) -> Vec<Change> {
-        old.restart.diff(&self.restart)
-    }
-
     /// The files whose contents decide this configuration: the config file and the files
     /// it names (catalog, certificate, key). None when serving the embedded defaults.
     pub fn watched_files(&self) -> Vec<PathBuf> {

@@ -501,17 +501,4 @@ impl Settings {
         self.reload.shown(&mut out);
         out
     }
-
-    /// The keys a reload cannot change whose value differs between `self` (running) and
-    /// `new`: `(key, running value, new value)`.
-    pub fn restart_changes(&self, new: &Settings) -> Vec<(&'static str, String, String)> {
-        self.shown()
-            .into_iter()
-            .zip(new.shown())
-            .filter(|((key, old), (_, new))| {
-                old != new && super::schema::key(key).is_some_and(|k| k.reload == Reload::Restart)
-            })
-            .map(|((key, old), (_, new))| (key, old, new))
-            .collect()
-    }
 }
