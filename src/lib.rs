@@ -23,3 +23,4 @@ pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod suggest;
+pub mod systemd;

@@ -93,9 +93,9 @@ impl Reloader {
     /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
     /// new configuration is in force.
     pub fn reload(&self, why: Trigger) -> bool {
-        crate::server::notify(&[sd_notify::NotifyState::Reloading]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Reloading]);
         let ok = self.load_and_swap(why);
-        crate::server::notify(&[sd_notify::NotifyState::Ready]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
         self.attempts.send_modify(|n| *n += 1);
         ok
     }

@@ -30,14 +30,6 @@ pub fn init_logging(log: &LogSettings) {
     }
 }
 
-/// Tell systemd (when it started us with `Type=notify`, `NOTIFY_SOCKET` set) how the
-/// service is; without a notify socket this does nothing.
-pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
-    }
-}
-
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -148,7 +140,7 @@ pub async fn start(
         deny = counts.deny,
         "aml-egress serving"
     );
-    notify(&[sd_notify::NotifyState::Ready]);
+    crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
     let mut stopping = stop;
     let done = tokio::spawn(async move {
         let delay = shared.live().config.shutdown_delay;
@@ -156,7 +148,7 @@ pub async fn start(
         let _ = stopping.wait_for(|s| *s).await;
         // Draining: not ready any more, but metrics and health stay up until the end.
         ready.store(false, Ordering::Relaxed);
-        notify(&[sd_notify::NotifyState::Stopping]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Stopping]);
         if !delay.is_zero() {
             tracing::info!(
                 delay_secs = delay.as_secs_f64(),

@@ -8,7 +8,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use super::schema::{Reload, key};
+use super::read::Reload;
+use super::schema::key;
 use super::settings::{
     AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
     TransparentSettings, UpstreamSettings,

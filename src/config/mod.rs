@@ -1,14 +1,16 @@
 //! Settings: a TOML file, then `AML_EGRESS__SECTION__KEY` environment overrides, read into
 //! typed settings and checked in full before anything runs.
 //!
-//! `config file + env → raw values per key → Settings (typed) → checks`: [`schema`] declares
-//! the keys and reads each value into its type once, [`settings`] holds the typed sections,
-//! [`checks`] the ranges and cross-key rules. Every problem is reported with where the value
+//! `config file + env → raw values per key → Settings (typed) → checks`: [`read`] says how a
+//! key is declared and reads each value into its type once, [`settings`] holds the typed
+//! sections (one declaration per key), [`schema`] the whole key set (unknown keys,
+//! environment lists), [`checks`] the ranges and cross-key rules. Every problem is reported with where the value
 //! came from (the file or the environment variable), the key, the bad value and a fix, and
 //! all problems are reported at once, so that an operator fixes a file in one pass.
 
 pub mod checks;
 pub mod compile;
+pub mod read;
 pub mod schema;
 pub mod settings;
 
@@ -148,7 +150,7 @@ impl Settings {
             rule_entries(&root, "allow", &origins, &mut issues),
             rule_entries(&root, "deny", &origins, &mut issues),
         );
-        let mut reader = schema::Reader::new(&root, &origins);
+        let mut reader = read::Reader::new(&root, &origins);
         let mut settings = Settings::read(&mut reader, rules);
         issues.extend(reader.issues);
         settings.file = path.map(Path::to_path_buf);

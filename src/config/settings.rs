@@ -12,7 +12,7 @@ use config::{Value, ValueKind};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::schema::{Bad, Env, Key, Reader, Reload, Setting, items, shown};
+use super::read::{Bad, Env, Key, Reader, Reload, Setting, items, shown};
 use crate::catalog::{Cloud, PortItem};
 use crate::policy::{Target, TlsPathRules};
 
