@@ -9,7 +9,7 @@
 
 pub mod admin;
 pub mod catalog;
-pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod export;
 pub mod logs;

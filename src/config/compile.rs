@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use super::read::Reload;
 use super::schema::key;
 use super::settings::{
-    AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
+    AdminSettings, CatalogSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
     TransparentSettings, UpstreamSettings,
 };
 
@@ -119,6 +119,26 @@ fn load_service_tags(s: &Settings) -> Result<Option<ServiceTags>, ConfigIssue> {
         })
 }
 
+impl CatalogSettings {
+    /// What rendering a catalog needs from these settings: the cloud and the placeholder
+    /// values, normalised (the region as Azure names it, the registry in lower case). The
+    /// one place a selection is built, for the policy and for `catalog diff`.
+    pub fn selection(&self) -> Selection {
+        Selection {
+            cloud: self.cloud,
+            region: self
+                .region
+                .as_deref()
+                .map(crate::config::checks::region_name),
+            storage_account: self.storage_account.clone(),
+            container_registry: self
+                .container_registry
+                .as_deref()
+                .map(str::to_ascii_lowercase),
+        }
+    }
+}
+
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
@@ -157,20 +177,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             .collect();
         ConfigError(issues)
     })?;
-    let selection = Selection {
-        cloud: s.catalog.cloud,
-        region: s
-            .catalog
-            .region
-            .as_deref()
-            .map(crate::config::checks::region_name),
-        storage_account: s.catalog.storage_account.clone(),
-        container_registry: s
-            .catalog
-            .container_registry
-            .as_deref()
-            .map(str::to_ascii_lowercase),
-    };
+    let selection = s.catalog.selection();
     let tags = load_service_tags(s).map_err(|i| ConfigError(vec![i]))?;
     let mut rendered = catalog.render(&selection, &features, tags.as_ref());
     let mut specs = std::mem::take(&mut rendered.rules);

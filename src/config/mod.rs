@@ -308,3 +308,9 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
         .map(|n| n.trunc())
 }
+
+/// What a denial says when an optional part of the catalog that is off would allow it
+/// (the proxy's 403 body and `check` alike).
+pub fn optional_part_hint(part: &str) -> String {
+    format!("; the optional part {part} would allow it: add \"{part}\" to catalog.features")
+}

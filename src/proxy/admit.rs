@@ -56,7 +56,7 @@ impl Live {
     pub(crate) fn forbidden(&self, shown: &str, target: Option<&Target>, d: &Decision) -> Refusal {
         let mut why = self.built.policy.explain(shown, d);
         if let Some(part) = target.and_then(|t| self.built.would_allow_with(t, PathView::Hidden)) {
-            why.push_str(&crate::cli::optional_part_hint(part));
+            why.push_str(&crate::config::optional_part_hint(part));
         }
         let code = d.reason.code();
         // An unparseable target is not repeated in the status line.
