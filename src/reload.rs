@@ -136,9 +136,7 @@ impl Reloader {
                 for c in changes {
                     tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
-                for w in &live.built.warnings {
-                    tracing::warn!(note = %w, "policy note");
-                }
+                live.built.log_notes();
                 *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
                 self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);

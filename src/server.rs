@@ -93,9 +93,7 @@ pub async fn start(
     let built = &compiled.built;
     let counts = built.policy.counts();
     let (cloud, revision) = (built.cloud, built.revision.clone());
-    for w in &built.warnings {
-        tracing::warn!(note = %w, "policy note");
-    }
+    built.log_notes();
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
     let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());
     let live = runtime::live(compiled, own, metrics.clone(), logs)?;

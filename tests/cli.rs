@@ -485,3 +485,75 @@ fn a_second_proxy_on_the_port_of_a_running_one_is_refused() {
         "{err}"
     );
 }
+
+/// The standard error of `serve` on the embedded defaults (ports chosen by the kernel, log
+/// level `level`) up to the line that says it serves; the proxy is stopped after.
+fn serve_defaults_log(level: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = bin()
+        .args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", "127.0.0.1:0")
+        .env("AML_EGRESS__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("AML_EGRESS__LOG__LEVEL", level)
+        .env_remove("AML_EGRESS_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    // Bounded: 20 s for the proxy to say it serves, or to exit.
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        let serving = line.contains("aml-egress serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("aml-egress serving")),
+        "serve did not start:\n{}",
+        lines.join("\n")
+    );
+    lines
+}
+
+/// On the embedded defaults the catalog entries that need a region or a storage account are
+/// left out: one WARN line says how many and which settings would add them, the entries
+/// themselves are logged at debug (and listed by `validate` and `catalog`).
+#[test]
+fn serve_on_the_defaults_warns_once_about_the_entries_left_out() {
+    let lines = serve_defaults_log("info");
+    let warn: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"level\":\"WARN\""))
+        .collect();
+    assert_eq!(warn.len(), 1, "{}", lines.join("\n"));
+    for words in [
+        "7 catalog entries",
+        "catalog.region",
+        "catalog.storage_account",
+    ] {
+        assert!(warn[0].contains(words), "{words}: {}", warn[0]);
+    }
+
+    let lines = serve_defaults_log("debug");
+    let entries = lines
+        .iter()
+        .filter(|l| l.contains("\"level\":\"DEBUG\"") && l.contains("\"note\":\"left out "))
+        .count();
+    assert_eq!(entries, 7, "{}", lines.join("\n"));
+
+    let out = run(&["catalog"]);
+    assert_eq!(text(&out.stderr).matches("warning: left out").count(), 7);
+}

@@ -16,7 +16,7 @@ use super::settings::{
 };
 
 use crate::catalog::{
-    Catalog, Cloud, DEFAULT_REVISION, NetworkRule, REVISIONS, ReferenceEntry, Selection,
+    Catalog, Cloud, DEFAULT_REVISION, LeftOut, NetworkRule, REVISIONS, ReferenceEntry, Selection,
     ServiceTags,
 };
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
@@ -39,6 +39,8 @@ pub struct Built {
     pub off_parts: Option<Policy>,
     /// Entries left out and load-time notes, in that order.
     pub warnings: Vec<String>,
+    /// Which warnings are catalog entries left out for want of a placeholder value.
+    pub left_out: LeftOut,
 }
 
 fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
@@ -273,10 +275,36 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
         reference: rendered.reference,
         network: rendered.network,
         warnings,
+        // The rendered warnings come first, so their places stay.
+        left_out: rendered.left_out,
     })
 }
 
 impl Built {
+    /// Log the load-time notes (at start-up and after a reload): the catalog entries left
+    /// out for want of a placeholder value in one WARN line (how many, and which settings
+    /// would add them), each of them at debug; every other note at WARN.
+    pub fn log_notes(&self) {
+        let n = self.left_out.warnings.len();
+        if n > 0 {
+            let settings: Vec<&str> = self.left_out.settings.iter().map(String::as_str).collect();
+            let settings = settings.join(", ");
+            let entries = if n == 1 { "entry" } else { "entries" };
+            tracing::warn!(
+                left_out = n,
+                settings = %settings,
+                "{n} catalog {entries} left out: a placeholder has no value; set {settings} to add them (aml-egress catalog lists them)"
+            );
+        }
+        for (i, w) in self.warnings.iter().enumerate() {
+            if self.left_out.warnings.contains(&i) {
+                tracing::debug!(note = %w, "catalog entry left out");
+            } else {
+                tracing::warn!(note = %w, "policy note");
+            }
+        }
+    }
+
     /// The optional part (off now) that would allow `target`, for a denial's hint.
     pub fn would_allow_with(&self, target: &Target, view: PathView<'_>) -> Option<&str> {
         let off = self.off_parts.as_ref()?;
