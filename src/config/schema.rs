@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use config::{Map, Value, ValueKind};
 
+use super::ConfigIssue;
+use super::origin::Origins;
 use super::read::{Env, Key, shown};
-use super::{ConfigIssue, ENV_PREFIX};
 use crate::policy::did_you_mean;
 
 /// Every key, in schema order.
@@ -36,17 +37,6 @@ pub const RULE_FIELDS: &[&str] = &["host", "cidr", "regex", "ports", "comment"];
 /// The rule lists, written as arrays of tables.
 pub const RULE_LISTS: &[&str] = &["allow", "deny"];
 
-pub fn describe_origin(origin: Option<&str>, key: &str) -> String {
-    match origin {
-        Some("the environment") => format!(
-            "environment variable {ENV_PREFIX}__{}",
-            key.to_ascii_uppercase().replace('.', "__")
-        ),
-        Some(o) => o.to_owned(),
-        None => "built-in defaults".to_owned(),
-    }
-}
-
 fn unknown(origin: String, path: String, key: &str, known: &[&str]) -> ConfigIssue {
     let near = did_you_mean(key, known.iter().copied());
     let fix = if near.is_empty() {
@@ -66,6 +56,7 @@ fn unknown(origin: String, path: String, key: &str, known: &[&str]) -> ConfigIss
 /// Find unknown keys (with a did-you-mean) and record where each known one came from.
 pub fn check_keys(
     root: &Map<String, Value>,
+    places: &Origins,
     origins: &mut BTreeMap<String, String>,
     issues: &mut Vec<ConfigIssue>,
 ) {
@@ -75,9 +66,9 @@ pub fn check_keys(
         .chain(RULE_LISTS.iter().copied())
         .collect();
     for (name, value) in root {
-        let origin = describe_origin(value.origin(), name);
+        let origin = places.of(value, name);
         if RULE_LISTS.contains(&name.as_str()) {
-            check_rules(name, value, origin, origins, issues);
+            check_rules(name, value, places, origin, origins, issues);
             continue;
         }
         let Some((_, keys)) = super::settings::SECTIONS.iter().find(|(s, _)| s == name) else {
@@ -97,7 +88,7 @@ pub fn check_keys(
         let fields: Vec<&str> = keys.iter().map(|k| &k.name[name.len() + 1..]).collect();
         for (field, v) in table {
             let path = format!("{name}.{field}");
-            let origin = describe_origin(v.origin(), &path);
+            let origin = places.of(v, &path);
             if fields.contains(&field.as_str()) {
                 origins.insert(path, origin);
             } else {
@@ -110,6 +101,7 @@ pub fn check_keys(
 fn check_rules(
     list: &str,
     value: &Value,
+    places: &Origins,
     origin: String,
     origins: &mut BTreeMap<String, String>,
     issues: &mut Vec<ConfigIssue>,
@@ -129,9 +121,10 @@ fn check_rules(
     origins.insert(list.to_owned(), origin.clone());
     for (i, entry) in entries.iter().enumerate() {
         let path = format!("{list}[{}]", i + 1);
+        let origin = places.of(entry, &path);
         let ValueKind::Table(t) = &entry.kind else {
             issues.push(ConfigIssue {
-                origin: origin.clone(),
+                origin,
                 key: path,
                 value: Some(shown(entry)),
                 problem: "expected a table".into(),
@@ -139,14 +132,14 @@ fn check_rules(
             });
             continue;
         };
-        for field in t.keys() {
-            if !RULE_FIELDS.contains(&field.as_str()) {
-                issues.push(unknown(
-                    origin.clone(),
-                    format!("{path}.{field}"),
-                    field,
-                    RULE_FIELDS,
-                ));
+        origins.insert(path.clone(), origin);
+        for (field, v) in t {
+            let key = format!("{path}.{field}");
+            let origin = places.of(v, &key);
+            if RULE_FIELDS.contains(&field.as_str()) {
+                origins.insert(key, origin);
+            } else {
+                issues.push(unknown(origin, key, field, RULE_FIELDS));
             }
         }
     }

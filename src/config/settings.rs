@@ -463,7 +463,7 @@ pub struct Settings {
     pub deny: Vec<RuleEntry>,
     /// The file the settings came from, if any.
     pub file: Option<PathBuf>,
-    /// Where each value came from (`catalog.region` → file path or variable name).
+    /// Where each value came from (`catalog.region` → `file:line` or the variable name).
     pub origins: BTreeMap<String, String>,
 }
 
