@@ -52,6 +52,7 @@ pub struct Bad {
 }
 
 impl Bad {
+    /// A problem with the fix an operator should apply.
     pub fn new(problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Bad {
             problem: problem.into(),
@@ -62,6 +63,7 @@ impl Bad {
 
 /// A type a key's value is parsed into, once, at load.
 pub trait Setting: Sized {
+    /// The value as this type, or why it is not one.
     fn from_value(v: &Value) -> Result<Self, Bad>;
 }
 
@@ -73,6 +75,8 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of the collected tree `root`, naming each problem by `origins` (key →
+    /// where its value came from).
     pub fn new(root: &'a Map<String, Value>, origins: &'a BTreeMap<String, String>) -> Self {
         Reader {
             root,
