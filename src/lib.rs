@@ -9,7 +9,7 @@
 
 pub mod admin;
 pub mod catalog;
-pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod export;
 pub mod logs;
@@ -22,3 +22,4 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod suggest;
+pub mod systemd;

@@ -91,9 +91,9 @@ impl Reloader {
     /// Load, compile and swap in the configuration; `why` is logged. Returns whether the
     /// new configuration is in force.
     pub fn reload(&self, why: Trigger) -> bool {
-        crate::server::notify(&[sd_notify::NotifyState::Reloading]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Reloading]);
         let ok = self.load_and_swap(why);
-        crate::server::notify(&[sd_notify::NotifyState::Ready]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
         self.attempts.send_modify(|n| *n += 1);
         ok
     }
@@ -134,9 +134,7 @@ impl Reloader {
                 for c in changes {
                     tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
-                for w in &live.built.warnings {
-                    tracing::warn!(note = %w, "policy note");
-                }
+                live.built.log_notes();
                 *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
                 self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);

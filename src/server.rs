@@ -30,14 +30,6 @@ pub fn init_logging(log: &LogSettings) {
     }
 }
 
-/// Tell systemd (when it started us with `Type=notify`, `NOTIFY_SOCKET` set) how the
-/// service is; without a notify socket this does nothing.
-pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
-    }
-}
-
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -101,9 +93,7 @@ pub async fn start(
     let built = &compiled.built;
     let counts = built.policy.counts();
     let (cloud, revision) = (built.cloud, built.revision.clone());
-    for w in &built.warnings {
-        tracing::warn!(note = %w, "policy note");
-    }
+    built.log_notes();
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
     let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());
     let live = Live::build(compiled, own, metrics.clone(), logs)?;
@@ -148,7 +138,7 @@ pub async fn start(
         deny = counts.deny,
         "aml-egress serving"
     );
-    notify(&[sd_notify::NotifyState::Ready]);
+    crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
     let mut stopping = stop;
     let done = tokio::spawn(async move {
         let delay = shared.live().config.shutdown_delay;
@@ -156,7 +146,7 @@ pub async fn start(
         let _ = stopping.wait_for(|s| *s).await;
         // Draining: not ready any more, but metrics and health stay up until the end.
         ready.store(false, Ordering::Relaxed);
-        notify(&[sd_notify::NotifyState::Stopping]);
+        crate::systemd::notify(&[sd_notify::NotifyState::Stopping]);
         if !delay.is_zero() {
             tracing::info!(
                 delay_secs = delay.as_secs_f64(),

@@ -485,3 +485,165 @@ fn a_second_proxy_on_the_port_of_a_running_one_is_refused() {
         "{err}"
     );
 }
+
+/// The standard error of `serve` on the embedded defaults (ports chosen by the kernel, log
+/// level `level`) up to the line that says it serves; the proxy is stopped after.
+fn serve_defaults_log(level: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = bin()
+        .args(["serve"])
+        .env("AML_EGRESS__PROXY__LISTEN", "127.0.0.1:0")
+        .env("AML_EGRESS__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("AML_EGRESS__LOG__LEVEL", level)
+        .env_remove("AML_EGRESS_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    // Bounded: 20 s for the proxy to say it serves, or to exit.
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        let serving = line.contains("aml-egress serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("aml-egress serving")),
+        "serve did not start:\n{}",
+        lines.join("\n")
+    );
+    lines
+}
+
+/// On the embedded defaults the catalog entries that need a region or a storage account are
+/// left out: one WARN line says how many and which settings would add them, the entries
+/// themselves are logged at debug (and listed by `validate` and `catalog`).
+#[test]
+fn serve_on_the_defaults_warns_once_about_the_entries_left_out() {
+    let lines = serve_defaults_log("info");
+    let warn: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"level\":\"WARN\""))
+        .collect();
+    assert_eq!(warn.len(), 1, "{}", lines.join("\n"));
+    for words in [
+        "7 catalog entries",
+        "catalog.region",
+        "catalog.storage_account",
+    ] {
+        assert!(warn[0].contains(words), "{words}: {}", warn[0]);
+    }
+
+    let lines = serve_defaults_log("debug");
+    let entries = lines
+        .iter()
+        .filter(|l| l.contains("\"level\":\"DEBUG\"") && l.contains("\"note\":\"left out "))
+        .count();
+    assert_eq!(entries, 7, "{}", lines.join("\n"));
+
+    let out = run(&["catalog"]);
+    assert_eq!(text(&out.stderr).matches("warning: left out").count(), 7);
+}
+
+/// A configuration error names the file as the user gave it, with the line, whatever the
+/// current directory: not rewritten relative to it (`../../x/bad.toml` reads as another
+/// file), so this holds wherever the checkout lives.
+#[test]
+fn a_config_error_names_the_file_as_given_from_any_directory() {
+    let cfg = TempFile::new("bad.toml", "[catalog]\nregoin = \"westus\"\n");
+    let given = cfg.0.to_str().unwrap();
+    let deep = std::env::temp_dir()
+        .join(format!("aml-egress-test-cwd-{}", std::process::id()))
+        .join("a/b/c");
+    std::fs::create_dir_all(&deep).unwrap();
+    let out = bin()
+        .args(["check", "--config", given, "pypi.org:443"])
+        .current_dir(&deep)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(deep.parent().unwrap().parent().unwrap().parent().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("  - {given}:2: catalog.regoin: unknown key")),
+        "{err}"
+    );
+    assert!(!err.contains(".."), "{err}");
+
+    // A relative path stays as written.
+    let dir = cfg.0.parent().unwrap();
+    let name = cfg.0.file_name().unwrap().to_str().unwrap();
+    let out = bin()
+        .args(["validate", "--config", name])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("  - {name}:2: catalog.regoin: unknown key")),
+        "{err}"
+    );
+}
+
+/// An unknown key whose value is a table, and a whole unknown section, are the file's
+/// problems (at their line), not the built-in defaults'.
+#[test]
+fn unknown_tables_are_blamed_on_their_file_and_line() {
+    let cfg = TempFile::new(
+        "tables.toml",
+        "[proxy]\nfoo = { a = 1 }\n\n[inspect]\nb = 2\n",
+    );
+    let path = cfg.0.to_str().unwrap();
+    let out = run(&["validate", "--config", path]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("  - {path}:2: proxy.foo: unknown key")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("  - {path}:4: inspect: unknown key")),
+        "{err}"
+    );
+    assert!(!err.contains("built-in defaults"), "{err}");
+}
+
+/// Every problem of a file names the file and the line of its key: a bad value, a range,
+/// a cross-key check and a rule entry alike.
+#[test]
+fn every_problem_names_its_file_and_line() {
+    let cfg = TempFile::new(
+        "lines.toml",
+        "[proxy]\nmode = \"x\"\nmax_connections = 0\n[catalog]\ncloud = \"usgov\"\nregion = \"westus\"\n[[allow]]\nhost = \"a.*.com\"\nports = [443]\n",
+    );
+    let path = cfg.0.to_str().unwrap();
+    let out = run(&["validate", "--config", path]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for (line, key) in [
+        (2, "proxy.mode"),
+        (3, "proxy.max_connections"),
+        (6, "catalog.region"),
+        (8, "allow[1].host"),
+    ] {
+        assert!(
+            err.contains(&format!("  - {path}:{line}: {key} ")),
+            "{key}: {err}"
+        );
+    }
+    let problems = err.lines().filter(|l| l.starts_with("  - ")).count();
+    assert_eq!(problems, 4, "{err}");
+}

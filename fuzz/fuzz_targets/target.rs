@@ -4,8 +4,7 @@
 
 use std::sync::OnceLock;
 
-use aml_egress::config::Settings;
-use aml_egress::loader::{self, Built};
+use aml_egress::config::{Built, Settings, build_policy};
 use aml_egress::policy::{PathView, Target};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +12,7 @@ fn policy() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
-        loader::build(&s).unwrap()
+        build_policy(&s).unwrap()
     })
 }
 

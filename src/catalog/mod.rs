@@ -449,6 +449,12 @@ impl Catalog {
                         .iter()
                         .map(|ph| format!("{ph} (set catalog.{})", Selection::key_for(ph)))
                         .collect();
+                    out.left_out.warnings.push(out.warnings.len());
+                    out.left_out.settings.extend(
+                        missing
+                            .iter()
+                            .map(|ph| format!("catalog.{}", Selection::key_for(ph))),
+                    );
                     out.warnings.push(format!(
                         "left out {p} port {ports} ({source}): no value for {}",
                         keys.join(", ")
@@ -555,6 +561,20 @@ pub struct Rendered {
     pub network: Vec<NetworkRule>,
     pub reference: Vec<ReferenceEntry>,
     pub warnings: Vec<String>,
+    /// Which of the warnings are entries left out because a placeholder has no value.
+    pub left_out: LeftOut,
+}
+
+/// Catalog entries left out because a placeholder (`<region>`, `<storage>`, `<acr>`) has
+/// no value: on the embedded defaults there are several, so `serve` sums them up in one
+/// line rather than one warning each.
+#[derive(Debug, Clone, Default)]
+pub struct LeftOut {
+    /// Their places in the warnings, where each entry stays listed (for `validate` and
+    /// `catalog`).
+    pub warnings: Vec<usize>,
+    /// The settings that would add them, as `catalog.region`.
+    pub settings: std::collections::BTreeSet<String>,
 }
 
 #[derive(Deserialize)]

@@ -71,7 +71,7 @@ pub fn check(s: &Settings) -> Vec<ConfigIssue> {
         for (i, e) in entries.iter().enumerate() {
             if let Err(issue) = operator_rule(list, i, e) {
                 issues.push(ConfigIssue {
-                    origin: s.origin_of(list),
+                    origin: s.origin_of(&issue.key),
                     ..issue
                 });
             }

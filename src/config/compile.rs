@@ -8,14 +8,15 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use super::schema::{Reload, key};
+use super::read::Reload;
+use super::schema::key;
 use super::settings::{
-    AdminSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
+    AdminSettings, CatalogSettings, LogSettings, MetricsSettings, ProxySettings, ReloadSettings,
     TransparentSettings, UpstreamSettings,
 };
 
 use crate::catalog::{
-    Catalog, Cloud, DEFAULT_REVISION, NetworkRule, REVISIONS, ReferenceEntry, Selection,
+    Catalog, Cloud, DEFAULT_REVISION, LeftOut, NetworkRule, REVISIONS, ReferenceEntry, Selection,
     ServiceTags,
 };
 use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
@@ -38,6 +39,8 @@ pub struct Built {
     pub off_parts: Option<Policy>,
     /// Entries left out and load-time notes, in that order.
     pub warnings: Vec<String>,
+    /// Which warnings are catalog entries left out for want of a placeholder value.
+    pub left_out: LeftOut,
 }
 
 fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
@@ -118,6 +121,26 @@ fn load_service_tags(s: &Settings) -> Result<Option<ServiceTags>, ConfigIssue> {
         })
 }
 
+impl CatalogSettings {
+    /// What rendering a catalog needs from these settings: the cloud and the placeholder
+    /// values, normalised (the region as Azure names it, the registry in lower case). The
+    /// one place a selection is built, for the policy and for `catalog diff`.
+    pub fn selection(&self) -> Selection {
+        Selection {
+            cloud: self.cloud,
+            region: self
+                .region
+                .as_deref()
+                .map(crate::config::checks::region_name),
+            storage_account: self.storage_account.clone(),
+            container_registry: self
+                .container_registry
+                .as_deref()
+                .map(str::to_ascii_lowercase),
+        }
+    }
+}
+
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
@@ -156,20 +179,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             .collect();
         ConfigError(issues)
     })?;
-    let selection = Selection {
-        cloud: s.catalog.cloud,
-        region: s
-            .catalog
-            .region
-            .as_deref()
-            .map(crate::config::checks::region_name),
-        storage_account: s.catalog.storage_account.clone(),
-        container_registry: s
-            .catalog
-            .container_registry
-            .as_deref()
-            .map(str::to_ascii_lowercase),
-    };
+    let selection = s.catalog.selection();
     let tags = load_service_tags(s).map_err(|i| ConfigError(vec![i]))?;
     let mut rendered = catalog.render(&selection, &features, tags.as_ref());
     let mut specs = std::mem::take(&mut rendered.rules);
@@ -265,10 +275,36 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
         reference: rendered.reference,
         network: rendered.network,
         warnings,
+        // The rendered warnings come first, so their places stay.
+        left_out: rendered.left_out,
     })
 }
 
 impl Built {
+    /// Log the load-time notes (at start-up and after a reload): the catalog entries left
+    /// out for want of a placeholder value in one WARN line (how many, and which settings
+    /// would add them), each of them at debug; every other note at WARN.
+    pub fn log_notes(&self) {
+        let n = self.left_out.warnings.len();
+        if n > 0 {
+            let settings: Vec<&str> = self.left_out.settings.iter().map(String::as_str).collect();
+            let settings = settings.join(", ");
+            let entries = if n == 1 { "entry" } else { "entries" };
+            tracing::warn!(
+                left_out = n,
+                settings = %settings,
+                "{n} catalog {entries} left out: a placeholder has no value; set {settings} to add them (aml-egress catalog lists them)"
+            );
+        }
+        for (i, w) in self.warnings.iter().enumerate() {
+            if self.left_out.warnings.contains(&i) {
+                tracing::debug!(note = %w, "catalog entry left out");
+            } else {
+                tracing::warn!(note = %w, "policy note");
+            }
+        }
+    }
+
     /// The optional part (off now) that would allow `target`, for a denial's hint.
     pub fn would_allow_with(&self, target: &Target, view: PathView<'_>) -> Option<&str> {
         let off = self.off_parts.as_ref()?;
@@ -364,11 +400,6 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
 }
 
 impl Compiled {
-    /// What a reload from `old` to `self` cannot change (restart-only keys that differ).
-    pub fn diff(&self, old: &Compiled) -> Vec<Change> {
-        old.restart.diff(&self.restart)
-    }
-
     /// The files whose contents decide this configuration: the config file and the files
     /// it names (catalog, certificate, key). None when serving the embedded defaults.
     pub fn watched_files(&self) -> Vec<PathBuf> {

@@ -1,14 +1,17 @@
 //! Settings: a TOML file, then `AML_EGRESS__SECTION__KEY` environment overrides, read into
 //! typed settings and checked in full before anything runs.
 //!
-//! `config file + env → raw values per key → Settings (typed) → checks`: [`schema`] declares
-//! the keys and reads each value into its type once, [`settings`] holds the typed sections,
-//! [`checks`] the ranges and cross-key rules. Every problem is reported with where the value
+//! `config file + env → raw values per key → Settings (typed) → checks`: [`read`] says how a
+//! key is declared and reads each value into its type once, [`settings`] holds the typed
+//! sections (one declaration per key), [`schema`] the whole key set (unknown keys,
+//! environment lists), [`checks`] the ranges and cross-key rules. Every problem is reported with where the value
 //! came from (the file or the environment variable), the key, the bad value and a fix, and
 //! all problems are reported at once, so that an operator fixes a file in one pass.
 
 pub mod checks;
 pub mod compile;
+pub mod origin;
+pub mod read;
 pub mod schema;
 pub mod settings;
 
@@ -107,6 +110,7 @@ impl Settings {
             }])
         };
         let mut builder = Config::builder();
+        let mut places = origin::Origins::none();
         if let Some(p) = path {
             if !p.is_file() {
                 return Err(whole(
@@ -114,7 +118,20 @@ impl Settings {
                     Some("check the path given with --config".into()),
                 ));
             }
-            builder = builder.add_source(File::from(p).format(FileFormat::Toml).required(true));
+            // Read here rather than by the `config` crate, which names the file relative to
+            // the current directory and keeps no lines: every message names the file as
+            // given, with the line.
+            let bytes = std::fs::read(p).map_err(|e| {
+                whole(
+                    format!("cannot read the configuration file: {e}"),
+                    Some("check the file's permissions".into()),
+                )
+            })?;
+            let text = String::from_utf8_lossy(&bytes);
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+            places =
+                origin::Origins::parse(&file_origin, text).map_err(|i| ConfigError(vec![i]))?;
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
         }
         let mut environment = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
@@ -134,13 +151,14 @@ impl Settings {
                 Some("fix the TOML syntax at the place named".into()),
             )
         })?;
-        // `collect` keeps each value's origin (file path or environment).
+        // `collect` keeps which values came from the environment; `places` knows the lines
+        // of the others.
         let root: Map<String, Value> =
             config::Source::collect(&cfg).map_err(|e| whole(e.to_string(), None))?;
 
         let mut issues = Vec::new();
         let mut origins = BTreeMap::new();
-        schema::check_keys(&root, &mut origins, &mut issues);
+        schema::check_keys(&root, &places, &mut origins, &mut issues);
         if !issues.is_empty() {
             return Err(ConfigError(issues));
         }
@@ -148,7 +166,7 @@ impl Settings {
             rule_entries(&root, "allow", &origins, &mut issues),
             rule_entries(&root, "deny", &origins, &mut issues),
         );
-        let mut reader = schema::Reader::new(&root, &origins);
+        let mut reader = read::Reader::new(&root, &origins);
         let mut settings = Settings::read(&mut reader, rules);
         issues.extend(reader.issues);
         settings.file = path.map(Path::to_path_buf);
@@ -161,14 +179,24 @@ impl Settings {
         }
     }
 
-    /// Where a key's value came from, for messages.
+    /// Where a key's value came from, for messages: `file:line`, the environment variable,
+    /// or for a key not given the entry or table holding it (`allow[1].ports` →
+    /// `allow[1]`), else the file or the built-in defaults.
     pub fn origin_of(&self, key: &str) -> String {
-        self.origins.get(key).cloned().unwrap_or_else(|| {
-            self.file.as_ref().map_or_else(
-                || "built-in defaults".to_owned(),
-                |p| p.display().to_string(),
-            )
-        })
+        let mut k = key;
+        loop {
+            if let Some(o) = self.origins.get(k) {
+                return o.clone();
+            }
+            match k.rfind(['.', '[']) {
+                Some(i) => k = &k[..i],
+                None => break,
+            }
+        }
+        self.file.as_ref().map_or_else(
+            || "built-in defaults".to_owned(),
+            |p| p.display().to_string(),
+        )
     }
 }
 
@@ -190,7 +218,11 @@ fn rule_entries(
         match e.clone().try_deserialize::<RuleEntry>() {
             Ok(entry) => out.push(entry),
             Err(err) => issues.push(ConfigIssue {
-                origin: origins.get(list).cloned().unwrap_or_default(),
+                origin: origins
+                    .get(&format!("{list}[{}]", i + 1))
+                    .or_else(|| origins.get(list))
+                    .cloned()
+                    .unwrap_or_default(),
                 key: format!("{list}[{}]", i + 1),
                 value: None,
                 problem: err.to_string(),

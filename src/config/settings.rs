@@ -12,7 +12,7 @@ use config::{Value, ValueKind};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::schema::{Bad, Env, Key, Reader, Reload, Setting, items, shown};
+use super::read::{Bad, Env, Key, Reader, Reload, Setting, items, shown};
 use crate::catalog::{Cloud, PortItem};
 use crate::policy::{Target, TlsPathRules};
 
@@ -463,7 +463,7 @@ pub struct Settings {
     pub deny: Vec<RuleEntry>,
     /// The file the settings came from, if any.
     pub file: Option<PathBuf>,
-    /// Where each value came from (`catalog.region` → file path or variable name).
+    /// Where each value came from (`catalog.region` → `file:line` or the variable name).
     pub origins: BTreeMap<String, String>,
 }
 
@@ -500,18 +500,5 @@ impl Settings {
         self.log.shown(&mut out);
         self.reload.shown(&mut out);
         out
-    }
-
-    /// The keys a reload cannot change whose value differs between `self` (running) and
-    /// `new`: `(key, running value, new value)`.
-    pub fn restart_changes(&self, new: &Settings) -> Vec<(&'static str, String, String)> {
-        self.shown()
-            .into_iter()
-            .zip(new.shown())
-            .filter(|((key, old), (_, new))| {
-                old != new && super::schema::key(key).is_some_and(|k| k.reload == Reload::Restart)
-            })
-            .map(|((key, old), (_, new))| (key, old, new))
-            .collect()
     }
 }

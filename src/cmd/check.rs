@@ -1,20 +1,51 @@
-//! The offline commands (`check`, `catalog`, `validate`): what they print and their exit
-//! codes. `main` only parses arguments and calls these.
+//! `aml-egress check`: say whether destinations would be allowed, and by which rule.
 
 use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::catalog::ReferenceEntry;
+use super::{EXIT_DENIED, EXIT_OK, exit_code, load};
 use crate::config::Built;
 use crate::policy::{Decision, PathView, Rule, Source, Verdict};
 
-/// Exit code: every target allowed / the file is valid.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: at least one target denied.
-pub const EXIT_DENIED: i32 = 1;
-/// Exit code: usage or configuration error.
-pub const EXIT_USAGE: i32 = 2;
+/// The arguments of `check`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Configuration file (TOML); embedded defaults when left out.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Print load-time notes and warnings to standard error.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Targets as host:port, http://host/path (path checked) or https://host; one per line on standard input when none are given.
+    pub targets: Vec<String>,
+}
+
+/// `check`: 0 when every target is allowed, 1 when any is denied, 2 on a configuration
+/// error.
+pub fn run(args: Args) -> i32 {
+    exit_code(check(args))
+}
+
+fn check(args: Args) -> anyhow::Result<i32> {
+    let built = match load("check", args.config.as_deref()) {
+        Ok(c) => c.built,
+        Err(code) => return Ok(code),
+    };
+    if args.verbose {
+        for w in &built.warnings {
+            eprintln!("note: {w}");
+        }
+    }
+    let mut out = io::stdout().lock();
+    let code = check_targets(&built, &args.targets, args.json, &mut out)?;
+    out.flush()?;
+    Ok(code)
+}
 
 /// A `check` argument: `host:port`, or a URL whose scheme says whether the path is visible.
 #[derive(Debug, PartialEq, Eq)]
@@ -101,8 +132,10 @@ pub fn check_with_hint(built: &Built, input: &str) -> (Decision, String, Option<
     (decision, explanation, part)
 }
 
-/// Run `check` over the arguments, or over standard input when there are none.
-pub fn check(
+/// Decide every target of the arguments, or of standard input (one a line, `#` comments
+/// and blank lines skipped) when there are none, printing one line each (text or JSON):
+/// [`EXIT_DENIED`] when any is denied, else [`EXIT_OK`].
+pub fn check_targets(
     built: &Built,
     targets: &[String],
     json: bool,
@@ -149,186 +182,6 @@ pub fn check(
         }
     }
     Ok(if any_denied { EXIT_DENIED } else { EXIT_OK })
-}
-
-/// Print the optional parts of the catalog, marking the enabled ones.
-pub fn print_features(built: &Built, out: &mut dyn Write) -> io::Result<()> {
-    for (name, summary) in &built.all_features {
-        let on = if built.features.contains(name) {
-            "on "
-        } else {
-            "off"
-        };
-        writeln!(out, "{on} {name:<28} {summary}")?;
-    }
-    Ok(())
-}
-
-#[derive(Serialize)]
-struct CatalogJson<'a> {
-    cloud: &'a str,
-    revision: &'a str,
-    features: Vec<&'a str>,
-    rules: Vec<RuleJson<'a>>,
-    not_enforced: &'a [ReferenceEntry],
-    warnings: &'a [String],
-}
-
-#[derive(Serialize)]
-struct RuleJson<'a> {
-    action: crate::policy::Action,
-    pattern: String,
-    ports: String,
-    source: &'a Source,
-}
-
-/// Print the rendered rule set (`catalog`), as a table or JSON.
-pub fn print_catalog(built: &Built, json: bool, out: &mut dyn Write) -> io::Result<()> {
-    let rules = built.policy.rules();
-    if json {
-        let doc = CatalogJson {
-            cloud: built.cloud.name(),
-            revision: &built.revision,
-            features: built.features.iter().map(String::as_str).collect(),
-            rules: rules
-                .iter()
-                .map(|r| RuleJson {
-                    action: r.action,
-                    pattern: r.what.to_string(),
-                    ports: r.ports.to_string(),
-                    source: &r.source,
-                })
-                .collect(),
-            not_enforced: &built.reference,
-            warnings: &built.warnings,
-        };
-        serde_json::to_writer_pretty(&mut *out, &doc)?;
-        return writeln!(out);
-    }
-    let features: Vec<&str> = built.features.iter().map(String::as_str).collect();
-    writeln!(
-        out,
-        "# catalog {} for the {} cloud; optional parts on: {}",
-        built.revision,
-        built.cloud,
-        if features.is_empty() {
-            "none".to_owned()
-        } else {
-            features.join(", ")
-        }
-    )?;
-    writeln!(out, "# enforced rules ({})", rules.len())?;
-    let width = rules
-        .iter()
-        .map(|r| r.what.to_string().len())
-        .max()
-        .unwrap_or(0)
-        .min(60);
-    for r in rules {
-        let action = match r.action {
-            crate::policy::Action::Allow => "allow",
-            crate::policy::Action::Deny => "deny ",
-        };
-        writeln!(
-            out,
-            "{action} {:<width$} {:<12} {}",
-            r.what.to_string(),
-            r.ports.to_string(),
-            r.source
-        )?;
-    }
-    writeln!(
-        out,
-        "# not enforced by a proxy, kept for reference ({})",
-        built.reference.len()
-    )?;
-    for e in &built.reference {
-        let kind = match (e.direction, e.kind) {
-            (crate::catalog::Direction::Inbound, _) => "inbound",
-            (_, crate::catalog::EntryKind::ServiceTag) => "tag",
-            _ => "udp",
-        };
-        writeln!(
-            out,
-            "{kind:<7} {:<width$} {:<12} {} ({})",
-            e.pattern,
-            format!("{:?} {}", e.protocol, e.ports).to_lowercase(),
-            e.source,
-            e.not_enforced
-        )?;
-    }
-    Ok(())
-}
-
-/// Print `validate`'s summary: rules per kind and every warning.
-pub fn print_summary(built: &Built, origin: &str, out: &mut dyn Write) -> io::Result<()> {
-    let c = built.policy.counts();
-    writeln!(
-        out,
-        "{origin}: valid (catalog {} for the {} cloud)",
-        built.revision, built.cloud
-    )?;
-    writeln!(
-        out,
-        "rules: {} exact, {} wildcard, {} with a path, {} regex, {} cidr allow; {} deny; {} catalog entries not enforced by a proxy",
-        c.exact,
-        c.wildcard,
-        c.path,
-        c.regex,
-        c.cidr,
-        c.deny,
-        built.reference.len()
-    )?;
-    let features: Vec<&str> = built.features.iter().map(String::as_str).collect();
-    writeln!(
-        out,
-        "optional parts on: {}",
-        if features.is_empty() {
-            "none".to_owned()
-        } else {
-            features.join(", ")
-        }
-    )?;
-    writeln!(out, "warnings: {}", built.warnings.len())?;
-    for w in &built.warnings {
-        writeln!(out, "  - {w}")?;
-    }
-    Ok(())
-}
-
-/// `aml-egress denied`: the most denied destinations of a running proxy, as a table (or the
-/// JSON as served with `json`).
-pub fn print_denied(body: &str, json: bool, out: &mut impl Write) -> Result<(), String> {
-    if json {
-        return out.write_all(body.as_bytes()).map_err(|e| e.to_string());
-    }
-    let rows: Vec<crate::metrics::DeniedReport> = serde_json::from_str(body).map_err(|e| {
-        format!("the admin listener sent something other than the /denied list: {e}")
-    })?;
-    let w = rows
-        .iter()
-        .map(|r| r.target.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    let mut text = format!(
-        "{:>8}  {:<w$}  {:<20}  {:<20}  TO ALLOW\n",
-        "COUNT", "TARGET", "LAST SEEN", "FIRST SEEN"
-    );
-    for r in &rows {
-        text.push_str(&format!(
-            "{:>8}  {:<w$}  {:<20}  {:<20}  {}\n",
-            r.count,
-            r.target,
-            r.last_seen,
-            r.first_seen,
-            r.allow_entry.replace('\n', " ")
-        ));
-    }
-    if rows.is_empty() {
-        text.push_str("(nothing denied since the proxy started)\n");
-    }
-    out.write_all(text.as_bytes()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
