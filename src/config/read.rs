@@ -1,6 +1,6 @@
 //! How one key is declared (its name, environment form and reload behaviour) and how a
-//! raw value is read into its type: the building blocks [`super::settings`] declares its
-//! sections with, below both it and [`super::schema`].
+//! raw value is read into its type: the building blocks `settings` declares its
+//! sections with, below both it and `schema`.
 //!
 //! Values are read from the raw tree the `config` crate collected (file, then environment),
 //! each parsed into its type once, every problem collected with its origin.
