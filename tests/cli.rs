@@ -427,7 +427,9 @@ fn serve_on(addr: &str) -> Command {
     let mut c = bin();
     c.args(["serve"])
         .env("AML_EGRESS__PROXY__LISTEN", addr)
-        .env("AML_EGRESS__ADMIN__LISTEN", "");
+        // A port of the kernel's choosing: an empty value does not turn the admin listener
+        // off (empty variables are ignored), and the default 9464 may be held by another run.
+        .env("AML_EGRESS__ADMIN__LISTEN", "127.0.0.1:0");
     c
 }
 

@@ -4,7 +4,7 @@
 //! accept/      workers, listen (accept, client ACL, limits), conn (first head, router)
 //!   ├─ connect/    open (decide, dial, 200) → tunnel (inspect: handshake, sni, detect) → relay
 //!   ├─ forward/    http (decide per request, forward through the pool), host
-//!   └─ transparent (redirected TLS and HTTP: connect's handshake, forward's http)
+//!   └─ transparent/  tls (connect's handshake, then relay), http (forward's http)
 //! ```
 //!
 //! The files at this level are what those entry points share, below all of them: `refusal`

@@ -26,17 +26,21 @@ use crate::reason::ReasonCode;
 /// recorded in the denied-target table and logged.
 #[derive(Clone, Copy)]
 pub(crate) struct Seen<'a> {
+    /// The listener the request came through.
     pub via: ListenerKind,
     pub client: ClientAddr,
-    /// `None` for a target that could not be parsed.
+    /// The destination as parsed, for the denied-target table; `None` when there is none
+    /// to record (a target that could not be parsed, an upstream that failed).
     pub target: Option<&'a Target>,
     /// The target as the log line shows it.
     pub shown: &'a str,
     /// What the client sent that was refused (a TLS name, escaped bytes), or empty; for an
     /// error, what went wrong.
     pub seen: &'a str,
+    /// What is counted: deny, would-be deny (audit mode let it through), or error.
     pub outcome: Outcome,
     pub reason: ReasonCode,
+    /// The rule that decided, as shown, or empty.
     pub rule: &'a str,
 }
 
@@ -70,10 +74,13 @@ pub(crate) fn denial(pass: bool) -> Outcome {
     }
 }
 
-/// One refusal: what was seen, and what the client gets (`A`: a [`Reply`], or an
-/// [`Unanswerable`] inside TLS).
+/// One refusal: what was seen, and what the client gets (`A`: a [`Reply`]; an
+/// [`Unanswerable`] inside TLS; `()` for a connection closed without a word, such as one
+/// redirected to the proxy itself).
 pub(crate) struct Refusal<'a, A> {
+    /// What is counted, recorded and logged.
     pub seen: Seen<'a>,
+    /// What [`Refusal::issue`] hands back to be sent.
     pub answer: A,
 }
 
@@ -90,7 +97,7 @@ pub(crate) enum Count {
 
 impl Count {
     /// In place of `pending` when there is one; otherwise the request was counted already.
-    pub(crate) fn pending(pending: Option<AllowCount>) -> Count {
+    pub(crate) fn instead_of(pending: Option<AllowCount>) -> Count {
         pending.map_or(Count::Already, Count::Instead)
     }
 }
@@ -105,15 +112,16 @@ impl<'a> Refusal<'a, Unanswerable> {
 }
 
 impl<'a> Refusal<'a, Reply> {
-    /// A `403` for a request the proxy refused on what it named, not on a policy decision
-    /// (a `Host` naming another host or port, no `Host` at all): `phrase` is the target and
-    /// the few words for the status line, `message` the body.
-    pub(crate) fn forbidden(seen: Seen<'a>, phrase: (&str, &str), message: String) -> Self {
+    /// A `403` for a request the proxy refused on the host it named, not on a policy
+    /// decision (a `Host` naming another host or port, no `Host` at all): the status line
+    /// names the target and `words`, the body is `message`.
+    pub(crate) fn host_refused(seen: Seen<'a>, words: &str, message: String) -> Self {
+        let target = seen.target.map(|t| t.to_string());
         let answer = Reply::new(
             StatusCode::FORBIDDEN,
             "destination_not_allowed",
             seen.reason.as_str(),
-            (Some(phrase.0), phrase.1),
+            (target.as_deref(), words),
             message,
         );
         Refusal { seen, answer }
@@ -131,7 +139,7 @@ impl<A> Refusal<'_, A> {
 /// Count one decision as `count` says; denials and would-be denials go into the
 /// denied-target table and get one log line each, at most `log.denied_lines_per_minute` per
 /// target; errors one line each under the log budget.
-pub(crate) fn note(live: &Live, seen: &Seen<'_>, count: Count) {
+fn note(live: &Live, seen: &Seen<'_>, count: Count) {
     let counted = match count {
         Count::Now => true,
         Count::Instead(pending) => {
@@ -147,6 +155,10 @@ pub(crate) fn note(live: &Live, seen: &Seen<'_>, count: Count) {
         Outcome::Allow => {} // allowed connections are logged once, when they finish
         Outcome::Error => {
             if live.logs.line() {
+                let what = match seen.reason {
+                    ReasonCode::UpstreamResponse => "no valid response forwarded",
+                    _ => "upstream not reached",
+                };
                 tracing::warn!(
                     listener = seen.via.as_str(),
                     client = %seen.client,
@@ -155,7 +167,7 @@ pub(crate) fn note(live: &Live, seen: &Seen<'_>, count: Count) {
                     reason = seen.reason.as_str(),
                     mode = live.config.mode.as_str(),
                     error = seen.seen,
-                    "upstream not reached"
+                    "{what}"
                 );
             }
         }
@@ -210,7 +222,12 @@ fn record(live: &Live, seen: &Seen<'_>) {
 
 /// The policy's `403` for `target` (`None`: it could not be parsed), shown to the client
 /// as `shown`.
-pub(crate) fn forbidden(live: &Live, shown: &str, target: Option<&Target>, d: &Decision) -> Reply {
+pub(crate) fn policy_reply(
+    live: &Live,
+    shown: &str,
+    target: Option<&Target>,
+    d: &Decision,
+) -> Reply {
     let mut why = live.built.policy.explain(shown, d);
     if let Some(part) = target.and_then(|t| live.built.would_allow_with(t, PathView::Hidden)) {
         why.push_str(&crate::config::optional_part_hint(part));
@@ -253,7 +270,7 @@ pub(crate) fn invalid(
             reason: ReasonCode::InvalidTarget,
             rule: "",
         },
-        answer: forbidden(live, shown, None, &v.decision),
+        answer: policy_reply(live, shown, None, &v.decision),
     };
     refusal.issue(live, Count::Now)
 }
@@ -288,7 +305,7 @@ pub(crate) fn admit(
         note(live, &seen, Count::Now);
         return Ok(None);
     }
-    let answer = forbidden(live, &shown, Some(target), &v.decision);
+    let answer = policy_reply(live, &shown, Some(target), &v.decision);
     Err(Refusal { seen, answer }.issue(live, Count::Now))
 }
 
@@ -303,6 +320,7 @@ pub(crate) struct AllowCount {
 }
 
 impl AllowCount {
+    /// The allow of a request through `via` that `v` let pass, counted when dropped.
     pub(crate) fn new(live: &Live, via: ListenerKind, v: &Judgement) -> Self {
         AllowCount {
             metrics: live.metrics.clone(),
@@ -398,12 +416,15 @@ pub(crate) fn dial_failed(
         (Some(&shown), details.words()),
         format!("aml-egress could not reach {shown}: {e}{hint}"),
     );
-    let what = e.to_string();
     // A guard refusal is a denial, unless the request was counted already (an audit pass):
     // then it is logged as an upstream not reached.
     let outcome = match guard && pending.is_some() {
         true => Outcome::Deny,
         false => Outcome::Error,
+    };
+    let what = match outcome {
+        Outcome::Error => e.to_string(),
+        _ => String::new(),
     };
     let refusal = Refusal {
         seen: Seen {
@@ -411,23 +432,24 @@ pub(crate) fn dial_failed(
             client,
             target: Some(target),
             shown: &shown,
-            seen: if outcome == Outcome::Deny { "" } else { &what },
+            seen: &what,
             outcome,
             reason: details,
             rule: "",
         },
         answer: reply,
     };
-    refusal.issue(live, Count::pending(pending))
+    refusal.issue(live, Count::instead_of(pending))
 }
 
-/// The answer for a request the upstream did not answer (in time, faithfully): counted as
-/// an error in place of its allow, and logged.
+/// The answer for a request whose response could not be forwarded (none in time, none
+/// valid, or one the proxy cannot pass on faithfully; `error` says which): counted as an
+/// error in place of its allow, and logged.
 pub(crate) fn upstream_failed(
     live: &Live,
-    via: ListenerKind,
-    client: ClientAddr,
+    (via, client): (ListenerKind, ClientAddr),
     shown: &str,
+    error: &str,
     pending: Option<AllowCount>,
     reply: Reply,
 ) -> Reply {
@@ -437,12 +459,12 @@ pub(crate) fn upstream_failed(
             client,
             target: None,
             shown,
-            seen: "",
+            seen: error,
             outcome: Outcome::Error,
             reason: ReasonCode::UpstreamResponse,
             rule: "",
         },
         answer: reply,
     };
-    refusal.issue(live, Count::pending(pending))
+    refusal.issue(live, Count::instead_of(pending))
 }

@@ -102,17 +102,24 @@ impl Reply {
     pub fn closing_bytes(&self) -> Vec<u8> {
         use std::io::Write;
         let mut out = Vec::with_capacity(256 + self.phrase.len() + self.message.len());
-        let _ = write!(
-            out,
-            "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n{}\n",
-            self.status.as_u16(),
-            self.phrase,
-            self.proxy_status(),
-            self.message.len() + 1,
-            http_date(),
-            self.message
-        );
+        let _ = with_now(|now| {
+            write!(
+                out,
+                "HTTP/1.1 {} {}\r\nproxy-status: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n{}\n",
+                self.status.as_u16(),
+                self.phrase,
+                self.proxy_status(),
+                self.message.len() + 1,
+                now.date,
+                self.message
+            )
+        });
         out
+    }
+
+    /// The body's text, without its final line end.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     fn proxy_status(&self) -> String {
@@ -131,31 +138,44 @@ impl From<Reply> for Response<Body> {
 
 /// The `200` of an accepted CONNECT written on the socket (no hyper), with the reason
 /// phrase Squid, tinyproxy and goproxy send, which some clients expect, and the `Date`
-/// hyper's own `200` carries (RFC 9110 §6.6.1).
-pub fn established() -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 Connection established\r\ndate: {}\r\n\r\n",
-        http_date()
-    )
-    .into_bytes()
+/// hyper's own `200` carries (RFC 9110 §6.6.1). Shared, not copied: made once a second.
+pub fn established() -> Bytes {
+    with_now(|now| now.established.clone())
 }
 
-/// Now as an HTTP-date (IMF-fixdate, RFC 9110 §5.6.7), formatted at most once a second
-/// per thread, as hyper caches its own.
-pub fn http_date() -> String {
+/// This second's HTTP-date and the `200` that carries it, per thread.
+struct Now {
+    second: u64,
+    /// IMF-fixdate (RFC 9110 §5.6.7).
+    date: String,
+    established: Bytes,
+}
+
+/// Call `f` with this second's [`Now`], made at most once a second per thread (as hyper
+/// caches its own date), so that an answer costs no formatting.
+fn with_now<R>(f: impl FnOnce(&Now) -> R) -> R {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        static NOW: RefCell<Option<Now>> = const { RefCell::new(None) };
     }
     let now = SystemTime::now();
     let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHED.with_borrow_mut(|(at, text)| {
-        if *at != second {
-            *at = second;
-            *text = httpdate::fmt_http_date(now);
+    NOW.with_borrow_mut(|cached| {
+        if cached.as_ref().is_some_and(|c| c.second != second) {
+            *cached = None; // a second old
         }
-        text.clone()
+        let fresh = cached.get_or_insert_with(|| {
+            let date = httpdate::fmt_http_date(now);
+            let established =
+                format!("HTTP/1.1 200 Connection established\r\ndate: {date}\r\n\r\n");
+            Now {
+                second,
+                date,
+                established: Bytes::from(established),
+            }
+        });
+        f(fresh)
     })
 }
 

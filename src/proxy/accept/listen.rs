@@ -179,13 +179,13 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
-        let peer_ip = client.ip(); // an IPv4 client on a dual-stack socket as IPv4
+        let client_ip = client.ip(); // an IPv4 client on a dual-stack socket as IPv4
         let live = shared.live();
         if !live
             .config
             .allow_clients
             .iter()
-            .any(|n| n.contains(&peer_ip))
+            .any(|n| n.contains(&client_ip))
         {
             if live.limit_hit(Limit::ClientNotAllowed) {
                 tracing::warn!(client = %client, reason = "client_not_allowed", "connection from a client outside proxy.allow_clients closed");
@@ -196,7 +196,7 @@ pub(crate) async fn accept_loop(
         let limit = live.config.max_connections_per_client;
         let place = match limit {
             0 => None,
-            _ => match shared.per_client.take(peer_ip, limit) {
+            _ => match shared.per_client.take(client_ip, limit) {
                 Some(p) => Some(p),
                 None => {
                     if live.limit_hit(Limit::ConnectionsPerClient) {
@@ -285,8 +285,10 @@ async fn serve_other(
         // Never here: the plain proxy is served by serve_plain, and a TLS listener without
         // a certificate was closed before.
         (Role::Proxy, _) | (Role::ProxyTls, None) => {}
-        (Role::TransparentTls, _) => transparent::tls(stream, client, shared).await,
-        (Role::TransparentHttp, _) => transparent::http(stream, client, shared, permit).await,
+        (Role::TransparentTls, _) => transparent::tls::serve(stream, client, shared).await,
+        (Role::TransparentHttp, _) => {
+            transparent::http::serve(stream, client, shared, permit).await
+        }
         (Role::ProxyTls, Some(acceptor)) => {
             let live = shared.live();
             let (metrics, logs) = (live.metrics.clone(), live.logs.clone());

@@ -265,7 +265,7 @@ impl Tunnel {
         });
         // This refusal is the request's decision, unless it was counted already (an audit
         // pass): then it is recorded and logged only.
-        refusal.issue(&self.live, Count::pending(pending.take()))
+        refusal.issue(&self.live, Count::instead_of(pending.take()))
     }
 
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form

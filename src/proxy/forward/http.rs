@@ -150,8 +150,7 @@ pub(crate) async fn forward_in_tunnel(
         let message = format!(
             "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
         );
-        let phrase = (tunnel.to_string(), reason.words());
-        return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+        return Refusal::host_refused(seen_as, reason.words(), message)
             .issue(&live, Count::Now)
             .into_response();
     }
@@ -218,8 +217,8 @@ pub(crate) async fn forward_transparent(
             let message = format!(
                 "aml-egress refused a request to {dst} without a Host header: only a CIDR rule for the address could allow it"
             );
-            let phrase = (dst.to_string(), "no Host and no rule for the address");
-            return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+            let words = "no Host and no rule for the address";
+            return Refusal::host_refused(seen_as, words, message)
                 .issue(&live, Count::Now)
                 .into_response();
         }
@@ -239,8 +238,7 @@ pub(crate) async fn forward_transparent(
             let message = format!(
                 "aml-egress refused a request redirected to port {port}: its Host {seen:?} names another port, or is not a host"
             );
-            let phrase = (dst.to_string(), reason.words());
-            return Refusal::forbidden(seen_as, (&phrase.0, phrase.1), message)
+            return Refusal::host_refused(seen_as, reason.words(), message)
                 .issue(&live, Count::Now)
                 .into_response();
         }
@@ -285,7 +283,7 @@ fn is_idempotent(m: &hyper::Method) -> bool {
     .contains(m)
 }
 
-/// Whether the upstream closed without sending anything of a response: with a FIN
+/// Whether the upstream ended the connection before a whole response head: with a FIN
 /// (hyper's incomplete message, or a request it never sent), or with a reset (a server
 /// that drops a kept-alive connection with the request unread, a middlebox's idle timeout).
 /// The caller has no response head, so nothing of an answer reached the client.
@@ -434,7 +432,8 @@ async fn send(
                     "aml-egress forwards only the chunked transfer coding; this request used {coding:?}: send it without that coding"
                 ),
             );
-            return upstream_failed(&live, via, client, &shown, pending, reply).into();
+            let error = format!("the request's transfer coding {coding:?} is not forwarded");
+            return upstream_failed(&live, (via, client), &shown, &error, pending, reply).into();
         }
         Framing::Chunked => {
             req.headers_mut().remove(header::CONTENT_LENGTH);
@@ -468,8 +467,8 @@ async fn send(
     let pool = live.upstream.client(v.decision.is_allowed());
     let idle = live.config.idle_timeout;
     let mut answered = answer(pool.request(req), &upload, idle).await;
-    // A reused connection the upstream closed without answering: once more on a fresh one,
-    // as nginx and Squid do.
+    // A reused connection the upstream closed or reset without answering: once more (on
+    // another connection, new or pooled), as nginx and Squid do.
     if let (Some(Err(e)), Some((m, u, version, headers))) = (&answered, replay)
         && unanswered(e)
         && reused(&captured, sent_at)
@@ -483,8 +482,9 @@ async fn send(
         answered = answer(pool.request(again), &upload, idle).await;
     }
     // The upstream did not answer (in time, faithfully): an error in place of the allow.
-    let failed = |pending, reply| -> Response<Body> {
-        upstream_failed(&live, via, client, &shown, pending, reply).into()
+    let failed = |pending, reply: Reply| -> Response<Body> {
+        let error = reply.message().to_owned();
+        upstream_failed(&live, (via, client), &shown, &error, pending, reply).into()
     };
     let Some(answered) = answered else {
         return failed(

@@ -1,18 +1,7 @@
-//! Transparent mode, for a network virtual appliance: connections that the firewall
-//! redirected here (`REDIRECT`), with their original destination read from the socket
-//! (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`).
-//!
-//! - TLS: the ClientHello is read exactly as inside a CONNECT tunnel (bounded, fail closed,
-//!   HelloRetryRequest followed) and decided on its server name and the original port; the
-//!   proxy then dials what the name resolves to, never an address the client chose
-//!   (`transparent.dial`). Without a name only the CIDR rules on the original destination
-//!   can allow it.
-//! - HTTP: each request is decided on `Host`, the original port and the path, and
-//!   forwarded by the same code as absolute-form requests.
-//!
-//! A connection whose original destination is the proxy itself is refused, never dialled.
+//! A redirected TLS connection: the ClientHello read as inside a CONNECT tunnel, decided on
+//! its server name and the original port, the name dialled (never an address the client
+//! chose), the handshake followed until the server commits, then relayed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,81 +9,21 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
-use super::addr::{ClientAddr, OrigDstAddr};
-use super::connect::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
-use super::connect::sni::HelloReader;
-use super::dial::{canonical, dial_preferring};
-use super::plumbing::Slot;
-use super::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
-use super::serve::serve_connection;
-use super::state::{Live, Shared};
+use super::destination;
 use crate::config::TransparentDial;
-use crate::metrics::{ListenerKind, Outcome};
+use crate::metrics::ListenerKind;
 use crate::policy::{Host, PathView, Target};
+use crate::proxy::addr::ClientAddr;
+use crate::proxy::connect::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
+use crate::proxy::connect::sni::HelloReader;
+use crate::proxy::dial::dial_preferring;
+use crate::proxy::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
+use crate::proxy::state::Shared;
 use crate::reason::ReasonCode;
-
-/// The destination the client connected to before the firewall redirected it. IPv4 flows
-/// (also those accepted on a dual-stack `[::]` listener, whose peer is `::ffff:a.b.c.d`)
-/// carry it in `SO_ORIGINAL_DST`, IPv6 flows in `IP6T_SO_ORIGINAL_DST`.
-pub fn original_destination(
-    stream: &TcpStream,
-    client: ClientAddr,
-) -> std::io::Result<OrigDstAddr> {
-    use rustix::net::sockopt::{ip_original_dst, ipv6_original_dst};
-    let orig = match client.ip().is_ipv4() {
-        true => SocketAddr::V4(ip_original_dst(stream)?),
-        false => SocketAddr::V6(ipv6_original_dst(stream)?),
-    };
-    Ok(OrigDstAddr(orig))
-}
-
-/// The original destination as a target, or `None` (logged and counted) when it cannot be
-/// read or is the proxy itself: a client that connected to the listener directly, or a
-/// redirect loop.
-fn destination(
-    stream: &TcpStream,
-    client: ClientAddr,
-    live: &Live,
-    via: ListenerKind,
-) -> Option<(OrigDstAddr, Target)> {
-    let orig = match original_destination(stream, client) {
-        Ok(o) => o,
-        Err(e) => {
-            if live.logs.line() {
-                tracing::warn!(listener = via.as_str(), client = %client, error = %e, "no original destination on a transparent connection (was it redirected here?); closed");
-            }
-            return None;
-        }
-    };
-    let target = Target {
-        host: Host::Ip(canonical(orig.0.ip())),
-        port: orig.0.port(),
-    };
-    if live.config.dial.is_proxy_itself(orig) {
-        let shown = target.to_string();
-        // Closed without an answer: the client did not ask this proxy for anything.
-        let refusal = Refusal {
-            seen: Seen {
-                via,
-                client,
-                target: Some(&target),
-                shown: &shown,
-                seen: "(the original destination is this proxy)",
-                outcome: Outcome::Deny,
-                reason: ReasonCode::ForbiddenAddress,
-                rule: "",
-            },
-            answer: (),
-        };
-        refusal.issue(live, Count::Now);
-        return None;
-    }
-    Some((orig, target))
-}
 
 /// A redirected TLS connection: read the ClientHello, decide, dial, follow the handshake,
 /// relay.
-pub(super) async fn tls(stream: TcpStream, client: ClientAddr, shared: Arc<Shared>) {
+pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     let live = shared.live();
     let via = ListenerKind::TransparentTls;
@@ -194,7 +123,7 @@ pub(super) async fn tls(stream: TcpStream, client: ClientAddr, shared: Arc<Share
         Ok(()) => {}
         Err(Unread::Gone) => return,
         Err(Unread::Refused(reason, seen)) => {
-            let count = counted.map_or(Count::Now, Count::Instead);
+            let count = Count::instead_of(counted);
             let answer = refuse(reason, &seen, &target, "", false, count);
             handshake::answer(&mut side, answer).await;
             return;
@@ -223,23 +152,4 @@ pub(super) async fn tls(stream: TcpStream, client: ClientAddr, shared: Arc<Share
         duration_ms = started.elapsed().as_millis() as u64,
         "transparent connection closed"
     );
-}
-
-/// A redirected plain HTTP connection: requests decided on `Host`, the original port and
-/// the path, forwarded like absolute-form requests.
-pub(super) async fn http(
-    stream: TcpStream,
-    client: ClientAddr,
-    shared: Arc<Shared>,
-    permit: Arc<Slot>,
-) {
-    let live = shared.live();
-    let Some((orig, _)) = destination(&stream, client, &live, ListenerKind::TransparentHttp) else {
-        return;
-    };
-    drop(live);
-    let handle = move |req, client, shared: Arc<Shared>| {
-        super::forward::http::forward_transparent(req, client, shared.live(), orig)
-    };
-    serve_connection(stream, client, shared, permit, handle).await;
 }
