@@ -12,16 +12,16 @@ use std::fmt::Write as _;
 
 use crate::policy::{Host, Target};
 
-/// One refused destination as seen: how often, and when first and last (as given).
+/// How often one refused destination was seen, and when first and last (as given).
 #[derive(Debug, Clone, Default)]
-pub struct Seen {
+pub struct Tally {
     pub count: u64,
     pub first: String,
     pub last: String,
 }
 
 /// Refused destinations by `host:port`.
-pub type Refused = BTreeMap<(String, u16), Seen>;
+pub type Refused = BTreeMap<(String, u16), Tally>;
 
 /// From `/denied`'s JSON (`[{host, port, count, first_seen, last_seen}]`).
 pub fn from_denied(json: &str) -> Result<Refused, String> {
@@ -220,7 +220,7 @@ mod tests {
             "b.blob.core.windows.net",
             "c.blob.core.windows.net",
         ] {
-            r.insert((h.into(), 443), Seen::default());
+            r.insert((h.into(), 443), Tally::default());
         }
         let s = suggest(&r, 2, false, &|_, _| None);
         assert!(!s.contains("*."), "{s}");
