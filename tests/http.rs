@@ -621,3 +621,47 @@ async fn a_stale_pooled_connection_that_ends_with_a_reset_is_retried_too() {
     assert_eq!(seen.lock().unwrap().len(), 3);
     assert_eq!(p.sample("aml_egress_upstream_retries_total").await, 1.0);
 }
+
+/// The fields a front end may route on, as a client could send them.
+const FORWARDING: &str = "Forwarded: for=192.0.2.1;host=other-tenant.example\r\nX-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Host: other-tenant.example\r\nX-Forwarded-Port: 8443\r\nX-Forwarded-Proto: https\r\nX-Host: other-tenant.example\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n";
+
+/// The field names of a request head, lower-cased.
+fn field_names(head: &str) -> Vec<String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_ascii_lowercase())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_fields_are_removed_from_forwarded_requests_unless_kept() {
+    let forwarding: Vec<String> = field_names(&format!("GET / HTTP/1.1\r\n{FORWARDING}"));
+    assert_eq!(forwarding.len(), 8);
+    let absolute = format!(
+        "GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n{FORWARDING}X-Other: kept\r\nConnection: close\r\n\r\n"
+    );
+    let in_tunnel = format!(
+        "GET / HTTP/1.1\r\nHost: web.test\r\n{FORWARDING}X-Other: kept\r\nConnection: close\r\n\r\n"
+    );
+    for (extra, kept) in [("", false), ("forwarded_headers = \"keep\"", true)] {
+        for through_a_tunnel in [false, true] {
+            let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            let p = start_proxy(&config(web, extra)).await;
+            let resp = match through_a_tunnel {
+                false => raw(p.addr, absolute.as_bytes()).await,
+                true => through_tunnel(p.addr, in_tunnel.as_bytes()).await,
+            };
+            assert!(resp.contains("HTTP/1.1 200 OK"), "{resp}");
+            let up = field_names(&heads.lock().unwrap()[0]);
+            assert!(up.contains(&"x-other".to_owned()), "{up:?}");
+            for name in &forwarding {
+                assert_eq!(
+                    up.contains(name),
+                    kept,
+                    "{name} upstream with {extra:?} (tunnel: {through_a_tunnel}): {up:?}"
+                );
+            }
+        }
+    }
+}

@@ -26,9 +26,10 @@ use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
-    AdminSettings, CatalogSettings, ConnectTo, LogFormat, LogLevel, LogSettings, MetricsSettings,
-    Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings, ReloadSettings, RuleEntry,
-    Settings, SniMissing, TransparentDial, TransparentMode, TransparentSettings, UpstreamSettings,
+    AdminSettings, CatalogSettings, ConnectTo, ForwardedHeaders, LogFormat, LogLevel, LogSettings,
+    MetricsSettings, Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings,
+    ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial, TransparentMode,
+    TransparentSettings, UpstreamSettings,
 };
 
 /// Load a config file (if given) and the process environment, check and compile it.

@@ -76,6 +76,18 @@ choice! {
 }
 
 choice! {
+    /// `proxy.forwarded_headers`: what happens to the fields with which a client could steer
+    /// a front end that routes on them (`X-Forwarded-Host`, `Forwarded`, ...) to another
+    /// tenant behind an allowed name.
+    ForwardedHeaders {
+        /// Removed from every forwarded request.
+        Strip = "strip",
+        /// Passed on as the client sent them.
+        Keep = "keep",
+    }
+}
+
+choice! {
     /// `upstream.private_ranges`.
     PrivateRanges {
         /// RFC 1918, CGNAT and ULA addresses only for names an allow rule matched.
@@ -347,6 +359,8 @@ section! {
         tls_key: Option<PathBuf> = None; Scalar, Live;
         /// Add `Via: 1.1 aml-egress` to forwarded requests and responses.
         via: bool = true; Scalar, Live;
+        /// Remove (`strip`) or pass on (`keep`) the forwarding fields of forwarded requests.
+        forwarded_headers: ForwardedHeaders = ForwardedHeaders::Strip; Scalar, Live;
         /// Threads serving connections, each with its own socket on every listener
         /// (`SO_REUSEPORT`); `0`: one per CPU the process may run on.
         workers: usize = 0; Scalar, Restart;

@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     pub transparent_dial: crate::config::TransparentDial,
     /// Add `Via` to forwarded messages.
     pub via: bool,
+    /// `proxy.forwarded_headers = "strip"`: forwarding fields are removed from requests.
+    pub strip_forwarding: bool,
     /// After SIGTERM, how long the listeners keep accepting while not ready.
     pub shutdown_delay: Duration,
     pub sni_timeout: Duration,
@@ -75,6 +77,7 @@ impl ProxyConfig {
             sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
             transparent_dial: s.transparent.dial,
             via: p.via,
+            strip_forwarding: p.forwarded_headers == crate::config::ForwardedHeaders::Strip,
             shutdown_delay: p.shutdown_delay_secs,
             sni_timeout: p.sni_timeout_secs,
             dial: Arc::new(DialConfig {

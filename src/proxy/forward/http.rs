@@ -32,6 +32,20 @@ const HOP_BY_HOP: [&str; 8] = [
     "http2-settings",
 ];
 
+/// Fields with which a client can make a front end that routes on them (a reverse proxy,
+/// an application gateway, a CDN) reach another tenant, or another path, behind an allowed
+/// name: removed under `proxy.forwarded_headers = "strip"`.
+const FORWARDING: [&str; 8] = [
+    "forwarded", // RFC 7239
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-host",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -442,6 +456,11 @@ async fn send(
     }
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
+    if live.config.strip_forwarding {
+        for name in FORWARDING {
+            req.headers_mut().remove(name);
+        }
+    }
     if live.config.via {
         add_via(req.headers_mut());
     }
