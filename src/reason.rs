@@ -51,6 +51,8 @@ reasons! {
     /// A ClientHello without a server name, under `proxy.sni_missing = "deny"`.
     NoServerName = "no_server_name",
     SniChangedAfterRetry = "sni_changed_after_retry",
+    /// A ClientHello carrying an encrypted one (ECH), under `proxy.ech = "deny"`.
+    TlsEchPresent = "tls_ech_present",
     /// Neither TLS nor HTTP/1 in a tunnel outside `proxy.opaque_ports`.
     TunnelProtocolNotAllowed = "tunnel_protocol_not_allowed",
     /// A request inside a tunnel names another host or port than the CONNECT.
@@ -79,6 +81,7 @@ impl ReasonCode {
             ReasonCode::TlsHelloTimeout => "TLS hello too slow",
             ReasonCode::NoServerName => "no server name",
             ReasonCode::SniChangedAfterRetry => "TLS name changed after retry",
+            ReasonCode::TlsEchPresent => "encrypted client hello",
             ReasonCode::TunnelProtocolNotAllowed => "protocol not allowed in a tunnel",
             ReasonCode::HostMismatch => "Host names another host or port",
         }

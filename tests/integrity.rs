@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use support::net::{echo_upstream, exchange, get, read_request_head, upstream};
 use support::proxy::{Proxy, start_proxy};
 use support::tls::{
-    ACCESS_DENIED, client_hello, crafted_hello, record, server_hello, split_records,
+    ACCESS_DENIED, client_hello, crafted_hello, crafted_hello_with, record, server_hello,
+    split_records,
 };
 
 /// Every byte every connection sent to an upstream, and how many connections it accepted.
@@ -780,4 +781,32 @@ async fn bytes_sent_with_the_connect_head_are_the_tunnels_first_bytes() {
         got.starts_with("HTTP/1.1 200 Connection established\r\n"),
         "{got}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_an_encrypted_client_hello_is_refused_unless_allowed() {
+    // The outer name is allowed; the real one, encrypted, could be any tenant of the front end.
+    let ech: &[u8] = &[0, 0, 1, 0, 1, 7, 0, 0, 0, 0];
+    let hello = crafted_hello_with(&[b"allowed.test"], 1, &[(0xfe0d, ech)]);
+    let ech_deny = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=\"tls_ech_present\"}";
+    for mode in ["enforce", "audit"] {
+        let (raw, rec) = recorder().await;
+        let p = start_proxy(&pinned(raw, raw, &format!("mode = \"{mode}\""))).await;
+        let mut s = tunnel(&p, "allowed.test:443").await;
+        s.write_all(&hello).await.unwrap();
+        assert_eq!(read_to_close(&mut s).await, ACCESS_DENIED, "{mode}");
+        assert_eq!(rec.bytes(), b"", "nothing went upstream ({mode})");
+        assert_eq!(p.sample(ech_deny).await, 1.0, "{mode}");
+        let denied = support::net::get(p.admin_addr, "/denied", None).await.1;
+        assert!(denied.contains("proxy.ech"), "{denied}");
+    }
+    // With proxy.ech = "allow", the outer name decides, as for any hello.
+    let (raw, rec) = recorder().await;
+    let p = start_proxy(&pinned(raw, raw, "ech = \"allow\"")).await;
+    let mut s = tunnel(&p, "allowed.test:443").await;
+    s.write_all(&hello).await.unwrap();
+    s.shutdown().await.unwrap();
+    read_to_close(&mut s).await;
+    assert_eq!(rec.bytes(), hello);
+    assert_eq!(p.sample(ech_deny).await, 0.0);
 }

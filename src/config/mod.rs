@@ -26,8 +26,8 @@ use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
-    AdminSettings, CatalogSettings, ConnectTo, ForwardedHeaders, LogFormat, LogLevel, LogSettings,
-    MetricsSettings, Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings,
+    AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, LogFormat, LogLevel,
+    LogSettings, MetricsSettings, Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings,
     ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial, TransparentMode,
     TransparentSettings, UpstreamSettings,
 };

@@ -76,6 +76,17 @@ choice! {
 }
 
 choice! {
+    /// `proxy.ech`: what a ClientHello carrying an encrypted one (ECH, RFC 9849) gets. Its
+    /// outer server name is not where a front end that accepts ECH sends it.
+    Ech {
+        /// Refused (`tls_ech_present`), in every mode.
+        Deny = "deny",
+        /// Decided on the outer server name, as any hello.
+        Allow = "allow",
+    }
+}
+
+choice! {
     /// `proxy.forwarded_headers`: what happens to the fields with which a client could steer
     /// a front end that routes on them (`X-Forwarded-Host`, `Forwarded`, ...) to another
     /// tenant behind an allowed name.
@@ -349,6 +360,8 @@ section! {
         opaque_ports: Vec<u16> = Vec::new(); List, Live;
         /// What a well-formed ClientHello without a server name gets.
         sni_missing: SniMissing = SniMissing::Deny; Scalar, Live;
+        /// What a ClientHello carrying an encrypted one (ECH) gets.
+        ech: Ech = Ech::Deny; Scalar, Live;
         /// Time a tunnel's client has to send its whole ClientHello (or its first bytes).
         sni_timeout_secs: Duration = Duration::from_secs(10); Scalar, Live;
         /// Addresses where clients reach the proxy over TLS.

@@ -359,6 +359,9 @@ fn allow_entry(t: &Target, reason: ReasonCode) -> String {
         ) => format!(
             "nothing: the client's TLS handshake through CONNECT {t} could not be checked, and such tunnels are always refused"
         ),
+        (ReasonCode::TlsEchPresent, _) => format!(
+            "the client's TLS hello to {t} carries an encrypted client hello (ECH), whose real server name the proxy cannot see: proxy.ech = \"allow\" decides such hellos on their outer name (or turn ECH off in the client, for browsers the EncryptedClientHelloEnabled policy)"
+        ),
         (ReasonCode::TunnelProtocolNotAllowed, _) => format!(
             "the tunnel to {t} carried neither TLS nor HTTP/1: list port {} in proxy.opaque_ports only if that protocol must pass uninspected",
             t.port

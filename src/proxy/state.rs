@@ -41,6 +41,8 @@ pub struct ProxyConfig {
     pub tls_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
     pub sni_missing_allowed: bool,
+    /// `proxy.ech = "allow"`: a hello carrying an encrypted one is decided on its outer name.
+    pub ech_allowed: bool,
     /// Which address a redirected TLS connection is dialled at.
     pub transparent_dial: crate::config::TransparentDial,
     /// Add `Via` to forwarded messages.
@@ -75,6 +77,7 @@ impl ProxyConfig {
             tls_ports: p.tls_ports.clone(),
             opaque_ports: p.opaque_ports.clone(),
             sni_missing_allowed: p.sni_missing == crate::config::SniMissing::Allow,
+            ech_allowed: p.ech == crate::config::Ech::Allow,
             transparent_dial: s.transparent.dial,
             via: p.via,
             strip_forwarding: p.forwarded_headers == crate::config::ForwardedHeaders::Strip,

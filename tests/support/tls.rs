@@ -46,6 +46,11 @@ pub fn split_records(hello: &[u8], chunk: usize) -> Vec<u8> {
 /// A hand-built ClientHello record whose server_name extension lists `names` (none: no
 /// extension), with the extension repeated `copies` times.
 pub fn crafted_hello(names: &[&[u8]], copies: usize) -> Vec<u8> {
+    crafted_hello_with(names, copies, &[])
+}
+
+/// As [`crafted_hello`], with further extensions (type, data) after the server names.
+pub fn crafted_hello_with(names: &[&[u8]], copies: usize, more: &[(u16, &[u8])]) -> Vec<u8> {
     let mut b = vec![0x03, 0x03];
     b.extend_from_slice(&[7; 32]);
     b.push(0);
@@ -65,6 +70,11 @@ pub fn crafted_hello(names: &[&[u8]], copies: usize) -> Vec<u8> {
             exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
             exts.extend_from_slice(&data);
         }
+    }
+    for (ty, data) in more {
+        exts.extend_from_slice(&ty.to_be_bytes());
+        exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        exts.extend_from_slice(data);
     }
     b.extend_from_slice(&(exts.len() as u16).to_be_bytes());
     b.extend_from_slice(&exts);

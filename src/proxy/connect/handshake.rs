@@ -371,3 +371,11 @@ pub(crate) async fn relay(
     };
     (up + held as u64, down + start.down)
 }
+
+/// What a log line shows of a refused hello that carries an encrypted one: its outer name.
+pub(crate) fn ech_seen(hello: &ClientHello) -> String {
+    match &hello.server_name {
+        Some(n) => format!("{} (outer name of an encrypted client hello)", n.as_str()),
+        None => "(no server name; an encrypted client hello)".to_owned(),
+    }
+}

@@ -67,7 +67,11 @@ impl std::fmt::Display for SniError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientHello {
     /// The one `host_name` of the server_name extension, normalised; `None` without one.
+    /// With [`ClientHello::encrypted_client_hello`], only the outer name.
     pub server_name: Option<Name>,
+    /// The hello carries the `encrypted_client_hello` extension (0xfe0d, RFC 9849): the
+    /// real server name is encrypted inside, and a front end that accepts ECH routes by it.
+    pub encrypted_client_hello: bool,
     /// Offset in the stream just past the hello's last record.
     pub end: usize,
 }
@@ -166,9 +170,10 @@ impl HelloReader {
                     "bytes after the ClientHello in its record",
                 ));
             }
-            let server_name = parse_client_hello(&msg[4..])?;
+            let (server_name, encrypted_client_hello) = parse_client_hello(&msg[4..])?;
             return Ok(Some(ClientHello {
                 server_name,
+                encrypted_client_hello,
                 end: self.pos,
             }));
         }
@@ -252,9 +257,13 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The `encrypted_client_hello` extension type (RFC 9849 §11.1).
+const ENCRYPTED_CLIENT_HELLO: usize = 0xfe0d;
+
 /// The ClientHello body (RFC 8446 §4.1.2), every length consistent, each extension type
-/// once (§4.2), and at most one server_name extension with exactly one `host_name`.
-fn parse_client_hello(body: &[u8]) -> Result<Option<Name>, SniError> {
+/// once (§4.2), and at most one server_name extension with exactly one `host_name`: the
+/// name, and whether the hello carries an encrypted one ([`ENCRYPTED_CLIENT_HELLO`]).
+fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool), SniError> {
     let mut c = Cursor(body);
     c.take(2 + 32)?; // legacy_version, random
     if c.vec8()?.len() > 32 {
@@ -268,7 +277,7 @@ fn parse_client_hello(body: &[u8]) -> Result<Option<Name>, SniError> {
         return Err(SniError::Malformed("no compression method"));
     }
     if c.0.is_empty() {
-        return Ok(None); // no extensions: an old client that names no server
+        return Ok((None, false)); // no extensions: an old client that names no server
     }
     let mut exts = Cursor(c.vec16()?);
     if !c.0.is_empty() {
@@ -288,7 +297,8 @@ fn parse_client_hello(body: &[u8]) -> Result<Option<Name>, SniError> {
             name = Some(parse_server_name(data)?);
         }
     }
-    Ok(name)
+    let ech = seen[ENCRYPTED_CLIENT_HELLO / 64] & (1u64 << (ENCRYPTED_CLIENT_HELLO % 64)) != 0;
+    Ok((name, ech))
 }
 
 /// The server_name extension (RFC 6066 §3): a list holding exactly one `host_name`.
@@ -649,5 +659,28 @@ mod tests {
         assert_eq!(change_cipher_spec(&[22, 3, 3], 0), Ok(Some(0)));
         assert_eq!(change_cipher_spec(&[], 0), Ok(None));
         assert!(change_cipher_spec(&[20, 3, 3, 0, 2, 1, 1], 0).is_err());
+    }
+
+    #[test]
+    fn an_encrypted_client_hello_is_told_apart_by_its_extension() {
+        let read = |exts: &[(u16, Vec<u8>)]| HelloReader::default().read(&hello(exts));
+        let outer = sni(&[b"public.example"]);
+        let ech = (0xfe0d, vec![0, 0, 1, 0, 1, 7, 0, 0, 0, 0]); // outer ECH, bytes opaque here
+        let got = read(&[outer.clone(), ech.clone()]).unwrap().unwrap();
+        assert!(got.encrypted_client_hello);
+        assert_eq!(got.server_name.unwrap().as_str(), "public.example");
+        let got = read(std::slice::from_ref(&ech)).unwrap().unwrap();
+        assert!(got.encrypted_client_hello && got.server_name.is_none());
+        let got = read(std::slice::from_ref(&outer)).unwrap().unwrap();
+        assert!(!got.encrypted_client_hello);
+        // Its neighbours in the type space are other extensions.
+        for ty in [0xfe0c, 0xfe0e, 0xfd0d] {
+            let got = read(&[outer.clone(), (ty, vec![])]).unwrap().unwrap();
+            assert!(!got.encrypted_client_hello, "{ty:#x}");
+        }
+        assert!(matches!(
+            read(&[ech.clone(), ech]),
+            Err(SniError::Malformed(_))
+        ));
     }
 }

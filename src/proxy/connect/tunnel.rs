@@ -24,7 +24,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant as Deadline;
 
 use super::detect::{Carried, Detector};
-use super::handshake::{self, ClientSide, Filled, Held, Start, Unread, fill, read_hello, shown};
+use super::handshake::{
+    self, ClientSide, Filled, Held, Start, Unread, ech_seen, fill, read_hello, shown,
+};
 use super::sni::HelloReader;
 use crate::metrics::ListenerKind;
 use crate::policy::{Host, Name, PathView, Target};
@@ -176,6 +178,14 @@ impl Tunnel {
         deadline: Deadline,
     ) -> Result<(String, bool, Start), Unread> {
         let first = read_hello(client, buf, HelloReader::default(), deadline).await?;
+        if first.encrypted_client_hello && !self.live.config.ech_allowed {
+            // The real name is encrypted: the outer one is not where the server sends it.
+            let seen = ech_seen(&first);
+            let reason = ReasonCode::TlsEchPresent;
+            let answer = self.refuse(reason, false, &seen, None, "", pending);
+            handshake::answer(client, answer).await;
+            return Err(Unread::Gone); // counted by refuse
+        }
         let audit = match self.judge_name(first.server_name, pending) {
             Ok(audit) => audit,
             Err(answer) => {

@@ -14,7 +14,9 @@ use crate::config::TransparentDial;
 use crate::metrics::ListenerKind;
 use crate::policy::{Host, PathView, Target};
 use crate::proxy::addr::ClientAddr;
-use crate::proxy::connect::handshake::{self, ClientSide, Held, Start, Unread, read_hello};
+use crate::proxy::connect::handshake::{
+    self, ClientSide, Held, Start, Unread, ech_seen, read_hello,
+};
 use crate::proxy::connect::sni::HelloReader;
 use crate::proxy::dial::dial_preferring;
 use crate::proxy::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
@@ -59,6 +61,24 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
             return;
         }
     };
+    if first.encrypted_client_hello && !cfg.ech_allowed {
+        // The real name is encrypted: the outer one is not where the server sends it.
+        let target = first.server_name.map_or(dst, |name| Target {
+            host: Host::Name(name),
+            port: orig.0.port(),
+        });
+        let seen = ech_seen(&first);
+        let answer = refuse(
+            ReasonCode::TlsEchPresent,
+            &seen,
+            &target,
+            "",
+            false,
+            Count::Now,
+        );
+        handshake::answer(&mut side, answer).await;
+        return;
+    }
     // By its server name on the original port; without one, only the CIDR rules on the
     // original destination can allow it.
     let (target, reason) = match first.server_name {
