@@ -214,12 +214,13 @@ impl Upstream {
 
 /// The dial error inside a client error, if the failure was ours.
 pub fn dial_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(d) = err.downcast_ref::<DialError>() {
-            return Some(d);
-        }
-        cur = err.source();
-    }
-    None
+    causes(e).find_map(|err| err.downcast_ref::<DialError>())
+}
+
+/// An error and its sources, outermost first (hyper-util wraps hyper's, which wraps the
+/// socket's).
+pub fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| err.source())
 }

@@ -15,7 +15,7 @@ use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 use crate::proxy::activity::Activity;
 use crate::proxy::addr::{ClientAddr, OrigDstAddr};
-use crate::proxy::pool::{DialledAt, UploadBody, dial_error};
+use crate::proxy::pool::{DialledAt, UploadBody, causes, dial_error};
 use crate::proxy::refusal::{self, Count, Refusal, Seen, dial_failed, upstream_failed};
 use crate::proxy::respond::{Body, BodyError, Reply};
 use crate::proxy::state::Live;
@@ -303,25 +303,18 @@ fn is_idempotent(m: &hyper::Method) -> bool {
 /// The caller has no response head, so nothing of an answer reached the client.
 fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind;
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
+    causes(e).any(|err| {
+        let closed = err
             .downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
-        {
-            return true;
-        }
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled());
+        let reset = err.downcast_ref::<std::io::Error>().is_some_and(|io| {
             matches!(
                 io.kind(),
                 ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
             )
-        }) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+        });
+        closed || reset
+    })
 }
 
 /// Whether the request went over a connection dialled before it was sent.
@@ -371,17 +364,10 @@ fn add_via(h: &mut HeaderMap) {
 
 /// Whether a client error is a response head over the size limit.
 fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
-            .downcast_ref::<hyper::Error>()
+    causes(e).any(|err| {
+        err.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_parse_too_large)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    })
 }
 
 /// The authority or `Host` a request names, bounded and escaped for a log line.
