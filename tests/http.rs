@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::clients::curl_async;
-use support::net::{exchange, read_request_head, upstream};
+use support::net::{exchange, read_request_head, read_until, upstream};
 use support::proxy::start_proxy;
 
 /// An upstream that records each request head and answers with `answer` verbatim.
@@ -381,8 +381,6 @@ async fn a_first_connect_is_accepted_with_the_same_200_hyper_gives_a_later_one()
         .await
         .unwrap();
     // Its 400 read whole: the head, then as many bytes as its Content-Length says.
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
     let whole = |got: &[u8]| {
         let text = String::from_utf8_lossy(got);
         let Some((head, body)) = text.split_once("\r\n\r\n") else {
@@ -400,21 +398,12 @@ async fn a_first_connect_is_accepted_with_the_same_200_hyper_gives_a_later_one()
             .unwrap_or(0usize);
         body.len() >= length
     };
-    while !whole(&got) {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
+    let got = read_until(&mut s, whole).await;
     assert!(got.starts_with(b"HTTP/1.1 400 "));
     s.write_all(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
         .await
         .unwrap();
-    let mut later = Vec::new();
-    while !String::from_utf8_lossy(&later).contains("\r\n\r\n") {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0);
-        later.extend_from_slice(&chunk[..n]);
-    }
+    let later = read_until(&mut s, |got| got.windows(4).any(|w| w == b"\r\n\r\n")).await;
     let later = String::from_utf8_lossy(&later).into_owned();
     assert_eq!(
         without_date(&first),
@@ -481,13 +470,7 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
         in_tunnel("/1", false)
     );
     tunnel.write_all(open.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).ends_with("\r\n\r\nok") {
-        let mut chunk = [0u8; 1024];
-        let n = tunnel.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut tunnel, |got| got.ends_with(b"\r\n\r\nok")).await;
     let resp = raw(p.addr, get("/2", true).as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
     retried(&seen);
@@ -510,13 +493,7 @@ async fn a_stale_pooled_connection_first_used_inside_a_tunnel_is_retried_too() {
     let p = start_proxy(&config(web, "")).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(get("/1", false).as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).ends_with("\r\n\r\nok") {
-        let mut chunk = [0u8; 1024];
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut s, |got| got.ends_with(b"\r\n\r\nok")).await;
     let connect = "CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n";
     s.write_all(format!("{connect}{}", in_tunnel("/2", true)).as_bytes())
         .await

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::net::{echo_upstream, exchange, get, read_request_head, upstream};
+use support::net::{echo_upstream, exchange, get, read_request_head, read_until, upstream};
 use support::proxy::{Proxy, start_proxy};
 use support::tls::{
     ACCESS_DENIED, client_hello, crafted_hello, crafted_hello_with, record, server_hello,
@@ -746,13 +746,7 @@ async fn bytes_sent_with_the_connect_head_are_the_tunnels_first_bytes() {
     s.write_all(b"CONNECT web.test:2222 HTTP/1.1\r\nHost: web.test:2222\r\n\r\nSSH-2.0-early\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while !got.ends_with(b"SSH-2.0-early\r\n") {
-        let mut buf = [0u8; 256];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until(&mut s, |got| got.ends_with(b"SSH-2.0-early\r\n")).await;
     let got = String::from_utf8_lossy(&got);
     let (head, tunnelled) = got.split_once("\r\n\r\n").unwrap();
     // The 200 (with its Date, as hyper's has one), then exactly the echoed early bytes.
@@ -769,13 +763,7 @@ async fn bytes_sent_with_the_connect_head_are_the_tunnels_first_bytes() {
     )
     .await
     .unwrap();
-    let mut got = Vec::new();
-    while !got.ends_with(b"SSH-2.0-late\r\n") {
-        let mut buf = [0u8; 256];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until(&mut s, |got| got.ends_with(b"SSH-2.0-late\r\n")).await;
     let got = String::from_utf8_lossy(&got);
     assert!(
         got.starts_with("HTTP/1.1 200 Connection established\r\n"),

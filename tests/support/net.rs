@@ -46,6 +46,19 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(s: &mut S) -> Option<String
     Some(String::from_utf8_lossy(&got).into_owned())
 }
 
+/// Read from `s` until what has arrived satisfies `done`; panics, showing what came, if the
+/// peer closes first.
+pub async fn read_until<S: AsyncRead + Unpin>(s: &mut S, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !done(&got) {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    got
+}
+
 /// Send a raw request head and read the proxy's first answer.
 pub async fn exchange(addr: SocketAddr, head: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
