@@ -798,3 +798,32 @@ async fn a_hello_with_an_encrypted_client_hello_is_refused_unless_allowed() {
     assert_eq!(rec.bytes(), hello);
     assert_eq!(p.sample(ech_deny).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_after_a_retry_must_not_add_an_encrypted_client_hello() {
+    let first = client_hello("allowed.test");
+    let ech: &[u8] = &[0, 0, 1, 0, 1, 7, 0, 0, 0, 0];
+    for setting in ["deny", "allow"] {
+        let (tls, rec, _) = scripted_server(first.len(), server_hello(true)).await;
+        let p = start_proxy(&pinned(tls, tls, &format!("ech = \"{setting}\""))).await;
+        let mut s = tunnel(&p, "allowed.test:443").await;
+        s.write_all(&first).await.unwrap();
+        let mut retry = vec![0u8; server_hello(true).len()];
+        s.read_exact(&mut retry).await.unwrap();
+        let mut second = record(0x14, &[1]);
+        second.extend_from_slice(&crafted_hello_with(&[b"allowed.test"], 1, &[(0xfe0d, ech)]));
+        s.write_all(&second).await.unwrap();
+        assert_eq!(read_to_close(&mut s).await, ACCESS_DENIED, "{setting}");
+        assert_eq!(
+            rec.bytes(),
+            first,
+            "only the first hello went upstream ({setting})"
+        );
+        assert_eq!(
+            p.sample(&format!("{CONNECT_DENY}\"tls_ech_present\"}}"))
+                .await,
+            1.0,
+            "{setting}"
+        );
+    }
+}

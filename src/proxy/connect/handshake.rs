@@ -294,6 +294,12 @@ impl<'a> Held<'a> {
                     let seen = name.unwrap_or_else(|| "(no server name)".into());
                     return Err(Unread::Refused(ReasonCode::SniChangedAfterRetry, seen));
                 }
+                // RFC 9849 §6.1.5: the second hello offers ECH exactly when the first did.
+                // One that adds it would carry a name that no check saw, in every setting.
+                if second.encrypted_client_hello && !first.encrypted_client_hello {
+                    let seen = ech_seen(&second);
+                    return Err(Unread::Refused(ReasonCode::TlsEchPresent, seen));
+                }
                 self.forward(upstream, second.end, idle).await?;
                 match self
                     .await_server(client, upstream, &mut server, 1, idle)
