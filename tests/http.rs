@@ -600,7 +600,8 @@ async fn a_stale_pooled_connection_that_ends_with_a_reset_is_retried_too() {
 }
 
 /// The fields a front end may route on, as a client could send them.
-const FORWARDING: &str = "Forwarded: for=192.0.2.1;host=other-tenant.example\r\nX-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Host: other-tenant.example\r\nX-Forwarded-Port: 8443\r\nX-Forwarded-Proto: https\r\nX-Host: other-tenant.example\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n";
+/// (CGI-style back ends read `X_Forwarded_Host` as `X-Forwarded-Host`.)
+const FORWARDING: &str = "Forwarded: for=192.0.2.1;host=other-tenant.example\r\nX-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Host: other-tenant.example\r\nX-Forwarded-Port: 8443\r\nX-Forwarded-Prefix: /admin\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Server: other-tenant.example\r\nX-Host: other-tenant.example\r\nX-Original-Host: other-tenant.example\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nX_Forwarded_Host: other-tenant.example\r\nx-forwarded_for: 192.0.2.1\r\n";
 
 /// The field names of a request head, lower-cased.
 fn field_names(head: &str) -> Vec<String> {
@@ -614,7 +615,7 @@ fn field_names(head: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_fields_are_removed_from_forwarded_requests_unless_kept() {
     let forwarding: Vec<String> = field_names(&format!("GET / HTTP/1.1\r\n{FORWARDING}"));
-    assert_eq!(forwarding.len(), 8);
+    assert_eq!(forwarding.len(), 13);
     let absolute = format!(
         "GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n{FORWARDING}X-Other: kept\r\nConnection: close\r\n\r\n"
     );

@@ -35,16 +35,39 @@ const HOP_BY_HOP: [&str; 8] = [
 /// Fields with which a client can make a front end that routes on them (a reverse proxy,
 /// an application gateway, a CDN) reach another tenant, or another path, behind an allowed
 /// name: removed under `proxy.forwarded_headers = "strip"`.
-const FORWARDING: [&str; 8] = [
+const FORWARDING: [&str; 11] = [
     "forwarded", // RFC 7239
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-port",
+    "x-forwarded-prefix",
     "x-forwarded-proto",
+    "x-forwarded-server",
     "x-host",
+    "x-original-host",
     "x-original-url",
     "x-rewrite-url",
 ];
+
+/// Remove the [`FORWARDING`] fields, under their `_` spellings too: CGI-style back ends
+/// (WSGI, PHP) read `X_Forwarded_Host` as the same variable as `X-Forwarded-Host`.
+fn strip_forwarding(h: &mut HeaderMap) {
+    let same = |name: &str, field: &str| {
+        name.len() == field.len()
+            && name
+                .bytes()
+                .zip(field.bytes())
+                .all(|(n, f)| n == f || (n == b'_' && f == b'-'))
+    };
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| FORWARDING.iter().any(|f| same(k.as_str(), f)))
+        .cloned()
+        .collect();
+    for n in found {
+        h.remove(n);
+    }
+}
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
@@ -443,9 +466,7 @@ async fn send(
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
     if live.config.strip_forwarding {
-        for name in FORWARDING {
-            req.headers_mut().remove(name);
-        }
+        strip_forwarding(req.headers_mut());
     }
     if live.config.via {
         add_via(req.headers_mut());
