@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod allowed;
 pub mod catalog;
 pub mod cmd;
 pub mod config;
