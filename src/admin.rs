@@ -147,22 +147,57 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
             admin.metrics.render(),
         ),
         "/denied" => {
-            let limit = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+            let limit = param(req.uri().query().unwrap_or_default(), "limit")
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(100);
             let top = admin.metrics.top_denied(limit);
             let body = serde_json::to_string_pretty(&top).unwrap_or_else(|_| "[]".into());
             text(StatusCode::OK, "application/json", body + "\n")
         }
+        "/allowed" => {
+            let query = req.uri().query().unwrap_or_default();
+            let limit = param(query, "limit")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(usize::MAX);
+            let rule = param(query, "rule");
+            let rows = admin.metrics.allowed.report(rule.as_deref(), limit);
+            let body = serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into());
+            text(StatusCode::OK, "application/json", body + "\n")
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "aml-egress admin endpoints: /metrics, /healthz, /readyz, /denied[?limit=N]\n".into(),
+            "aml-egress admin endpoints: /metrics, /healthz, /readyz, /denied[?limit=N], /allowed[?rule=PATTERN&limit=N]\n".into(),
         ),
     }
+}
+
+/// The value of `key` in a query string, percent-decoded (`+` is a space); `None` when
+/// absent or not UTF-8 once decoded.
+fn param(query: &str, key: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Bind the admin listener, with the setting named in the error.
@@ -236,5 +271,21 @@ pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> Result<Strin
             "{authority} wants a bearer token: pass --token-file with the file named by admin.token_file"
         )),
         s => Err(format!("{authority}{path} answered {s}: {}", body.trim())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::param;
+
+    #[test]
+    fn query_values_are_found_and_percent_decoded() {
+        let q = "limit=5&rule=%2A.blob.core.windows.net&x=a+b%";
+        assert_eq!(param(q, "limit").as_deref(), Some("5"));
+        assert_eq!(param(q, "rule").as_deref(), Some("*.blob.core.windows.net"));
+        assert_eq!(param(q, "x").as_deref(), Some("a b%"));
+        assert_eq!(param(q, "lim"), None);
+        assert_eq!(param("rule=%ff", "rule"), None);
+        assert_eq!(param("rule=%4", "rule").as_deref(), Some("%4"));
     }
 }

@@ -42,13 +42,16 @@ fn port_list(p: &PortSet) -> Vec<String> {
     p.range_texts().map(|r| r.to_string()).collect()
 }
 
-/// The rules to export, path rules handled by `policy.tls_path_rules`; warnings for the
-/// rest.
-fn exportable<'a>(
-    built: &'a Built,
+/// The rules to export, as the policy enforces them: path rules handled by
+/// `policy.tls_path_rules`, narrowed wildcards (`catalog.narrow`) written as the names they
+/// still allow, and catalog CIDR rules without the TLS ports that
+/// `catalog.service_tags_nameless_tls = "deny"` keeps from them; warnings for the rest.
+fn exportable(
+    built: &Built,
     tls_path_rules: TlsPathRules,
     warnings: &mut Vec<String>,
-) -> Vec<&'a Rule> {
+) -> Vec<Rule> {
+    let options = built.policy.options();
     let mut out = Vec::new();
     for r in built.policy.rules() {
         match (&r.what, tls_path_rules) {
@@ -62,15 +65,43 @@ fn exportable<'a>(
                 r.display(),
                 r.source
             )),
-            (Matchable::Host(_, Some(_)), TlsPathRules::Widen) => {
-                warnings.push(format!(
-                    "widened {} ({}) to its whole host: paths cannot be expressed",
-                    r.display(),
-                    r.source
-                ));
-                out.push(r);
+            (Matchable::Host(h, path), _) => {
+                if path.is_some() {
+                    warnings.push(format!(
+                        "widened {} ({}) to its whole host: paths cannot be expressed",
+                        r.display(),
+                        r.source
+                    ));
+                }
+                let narrowed = (r.action == Action::Allow)
+                    .then(|| options.narrow.iter().find(|(k, _)| k == h))
+                    .flatten();
+                match narrowed {
+                    Some((_, names)) => out.extend(names.iter().map(|n| Rule {
+                        what: Matchable::Host(n.clone(), None),
+                        ..r.clone()
+                    })),
+                    None => out.push(Rule {
+                        what: Matchable::Host(h.clone(), None),
+                        ..r.clone()
+                    }),
+                }
             }
-            _ => out.push(r),
+            (Matchable::Cidr(_), _)
+                if r.action == Action::Allow
+                    && !matches!(r.source, Source::Operator { .. })
+                    && !options.nameless_tls_ports.is_empty() =>
+            {
+                match r.ports.without(&options.nameless_tls_ports) {
+                    Some(ports) => out.push(Rule { ports, ..r.clone() }),
+                    None => warnings.push(format!(
+                        "left out {} ({}): an address on a TLS port carries no server name, and catalog.service_tags_nameless_tls = \"deny\"",
+                        r.display(),
+                        r.source
+                    )),
+                }
+            }
+            _ => out.push(r.clone()),
         }
     }
     out
@@ -106,7 +137,7 @@ pub fn azure_firewall(built: &Built, tls_path_rules: TlsPathRules, sources: &[St
     // Service tags with their ports, each exported once by name.
     let mut tags: BTreeSet<(String, String)> = BTreeSet::new();
     for (i, r) in exportable(built, tls_path_rules, &mut warnings)
-        .into_iter()
+        .iter()
         .enumerate()
     {
         let into = if r.action == Action::Deny {
@@ -236,7 +267,7 @@ pub fn squid(built: &Built, tls_path_rules: TlsPathRules, sources: &[String]) ->
     };
     let mut access = Vec::new();
     for (i, r) in exportable(built, tls_path_rules, &mut warnings)
-        .into_iter()
+        .iter()
         .enumerate()
     {
         let acl = format!("aml_r{i}");

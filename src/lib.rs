@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod allowed;
 pub mod catalog;
+pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod export;

@@ -19,6 +19,8 @@ pub struct LogBudget {
     denials: Mutex<(u64, u64)>,
     /// (minute, lines so far) for lines about clients and upstream failures.
     others: Mutex<(u64, u64)>,
+    /// (minute, lines so far) for "first use under wildcard" lines.
+    first_uses: Mutex<(u64, u64)>,
     started: Instant,
     suppressed: IntCounter,
 }
@@ -31,6 +33,7 @@ impl LogBudget {
             per_target: AtomicU64::new(u64::from(per_target)),
             denials: Mutex::new((0, 0)),
             others: Mutex::new((0, 0)),
+            first_uses: Mutex::new((0, 0)),
             started: Instant::now(),
             suppressed,
         }
@@ -56,6 +59,13 @@ impl LogBudget {
     /// may be written.
     pub fn line(&self) -> bool {
         self.take(&self.others, 10)
+    }
+
+    /// Whether a "first use under wildcard" line may be written: as many a minute as
+    /// denial lines, so that a flood of new names under a wildcard cannot fill a disk nor
+    /// crowd out the lines about refusals.
+    pub fn first_use(&self) -> bool {
+        self.take(&self.first_uses, 100)
     }
 
     fn take(&self, window: &Mutex<(u64, u64)>, times: u64) -> bool {

@@ -136,9 +136,26 @@ pub fn rules(c: &Compiled, from: &[IpNet], redirect: &[(u16, Via)]) -> Result<St
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         };
-        let dport = match n.ports.is_any() {
+        // Under catalog.service_tags_nameless_tls = "deny" a tag's prefix allows no TLS
+        // port: that traffic is redirected to the proxy and decided there by name.
+        let nameless = &c.built.policy.options().nameless_tls_ports;
+        let ports = match n.protocol {
+            Protocol::Tcp if !nameless.is_empty() => match n.ports.without(nameless) {
+                Some(p) => p,
+                None => {
+                    let _ = writeln!(
+                        w,
+                        "    # {}: TCP only on TLS ports, decided by name at the proxy (catalog.service_tags_nameless_tls = \"deny\")",
+                        n.tag
+                    );
+                    continue;
+                }
+            },
+            _ => n.ports.clone(),
+        };
+        let dport = match ports.is_any() {
             true => String::new(),
-            false => format!(" {proto} dport {{ {} }}", ports_text(n.ports.ranges())),
+            false => format!(" {proto} dport {{ {} }}", ports_text(ports.ranges())),
         };
         let l4 = if dport.is_empty() {
             format!(" meta l4proto {proto}")

@@ -57,6 +57,10 @@ reasons! {
     TunnelProtocolNotAllowed = "tunnel_protocol_not_allowed",
     /// A request inside a tunnel names another host or port than the CONNECT.
     HostMismatch = "host_mismatch",
+    /// Only a wildcard narrowed by `catalog.narrow` matches, and not to this name.
+    WildcardNarrowed = "wildcard_narrowed",
+    /// An address on a TLS port that only a service tag's (or other catalog) prefix allows.
+    ServiceTagWithoutName = "service_tag_without_name",
 }
 
 impl ReasonCode {
@@ -84,6 +88,8 @@ impl ReasonCode {
             ReasonCode::TlsEchPresent => "encrypted client hello",
             ReasonCode::TunnelProtocolNotAllowed => "protocol not allowed in a tunnel",
             ReasonCode::HostMismatch => "Host names another host or port",
+            ReasonCode::WildcardNarrowed => "name not among the narrowed wildcard's names",
+            ReasonCode::ServiceTagWithoutName => "address without a server name",
         }
     }
 

@@ -109,14 +109,18 @@ impl Reloader {
                 let (revision, cloud) = (c.built.revision.clone(), c.built.cloud.name());
                 let changes = self.started.diff(&c.restart);
                 let files = c.watched_files();
-                let (lines, denied) = (c.log.denied_lines_per_minute, c.metrics.max_denied_targets);
+                let (lines, denied, allowed) = (
+                    c.log.denied_lines_per_minute,
+                    c.metrics.max_denied_targets,
+                    c.metrics.max_allowed_names,
+                );
                 Live::build(c, self.own.clone(), self.metrics.clone(), self.logs.clone())
                     .map(|live| {
                         (
                             live,
                             changes,
                             files,
-                            (lines, denied),
+                            (lines, denied, allowed),
                             counts,
                             revision,
                             cloud,
@@ -130,7 +134,7 @@ impl Reloader {
                 tracing::error!(trigger = why.as_str(), error = %e, "configuration reload failed; the previous configuration stays in force");
                 false
             }
-            Ok((live, changes, files, (lines, denied), counts, revision, cloud)) => {
+            Ok((live, changes, files, (lines, denied, allowed), counts, revision, cloud)) => {
                 for c in changes {
                     tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
@@ -138,6 +142,7 @@ impl Reloader {
                 *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
                 self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);
+                self.metrics.allowed.set_max(allowed);
                 shared.replace(live);
                 self.metrics
                     .loaded(true, Some((counts, revision.as_str(), cloud)));

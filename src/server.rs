@@ -86,6 +86,7 @@ pub async fn start(
         None => None,
     };
     let metrics = Arc::new(Metrics::new(compiled.metrics.max_denied_targets));
+    metrics.allowed.set_max(compiled.metrics.max_allowed_names);
     let logs = Arc::new(LogBudget::new(
         compiled.log.denied_lines_per_minute,
         metrics.suppressed_lines(),

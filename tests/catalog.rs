@@ -235,10 +235,18 @@ fn service_tags_become_cidr_rules_that_apply_to_addresses_only() {
         let d = b.policy.decide_str(t, PathView::Hidden);
         (d.is_allowed(), b.policy.explain(t, &d))
     };
+    // On a TLS port an address carries no server name: the tag's prefix alone does not
+    // allow it (catalog.service_tags_nameless_tls = "deny", the default).
     let (ok, why) = check("20.38.109.7:443");
-    assert!(ok, "{why}");
-    assert!(why.contains("service tag Storage.WestEurope"), "{why}");
-    assert!(check("[2603:1020:206::5]:443").0);
+    assert!(!ok, "{why}");
+    let d = b.policy.decide_str("20.38.109.7:443", PathView::Hidden);
+    assert_eq!(d.reason.code().as_str(), "service_tag_without_name");
+    assert!(
+        why.contains("Storage.WestEurope") && why.contains("service_tags_nameless_tls"),
+        "{why}"
+    );
+    assert!(!check("[2603:1020:206::5]:443").0);
+    // Other ports stay allowed by the tag.
     assert!(check("20.190.130.1:80").0, "AzureActiveDirectory on 80");
     assert!(!check("20.38.109.7:80").0, "Storage is 443 only");
     assert!(!check("20.38.110.7:443").0, "outside the tag");
@@ -251,6 +259,27 @@ fn service_tags_become_cidr_rules_that_apply_to_addresses_only() {
         "{:?}",
         b.warnings
     );
+    // "allow" restores the tag's allow on TLS ports; an operator CIDR rule allows in
+    // either setting.
+    let open = support::built(&format!(
+        "[catalog]\ncloud = \"public\"\nregion = \"westeurope\"\nservice_tags_file = {:?}\nservice_tags_nameless_tls = \"allow\"\n",
+        tags.0
+    ));
+    let d = open.policy.decide_str("20.38.109.7:443", PathView::Hidden);
+    let why = open.policy.explain("20.38.109.7:443", &d);
+    assert!(d.is_allowed(), "{why}");
+    assert!(why.contains("service tag Storage.WestEurope"), "{why}");
+    let own = support::built(&format!(
+        "[catalog]\ncloud = \"public\"\nregion = \"westeurope\"\nservice_tags_file = {:?}\n\n[[allow]]\ncidr = \"20.38.109.0/24\"\nports = [443]\n",
+        tags.0
+    ));
+    assert!(
+        own.policy
+            .decide_str("20.38.109.7:443", PathView::Hidden)
+            .is_allowed()
+    );
+    let d = own.policy.decide_str("20.38.108.7:443", PathView::Hidden);
+    assert_eq!(d.reason.code().as_str(), "service_tag_without_name");
     let err = support::build_error(&format!(
         "[catalog]\ncloud = \"china\"\nservice_tags_file = {:?}\n",
         tags.0

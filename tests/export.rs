@@ -24,7 +24,7 @@ fn config() -> (TempFile, TempFile) {
     let cfg = TempFile::new(
         "export.toml",
         &format!(
-            "[catalog]\nregion = \"westeurope\"\nservice_tags_file = {:?}\n[[allow]]\nhost = \"*contoso.com\"\nports = [443]\n[[allow]]\nregex = '^x[0-9]+\\.example\\.org$'\nports = [443]\n[[allow]]\nhost = \"smb.example.org\"\nports = [445]\n[[deny]]\nhost = \"bad.anaconda.com\"\n",
+            "[catalog]\nregion = \"westeurope\"\nservice_tags_file = {:?}\n[catalog.narrow]\n\"*.blob.core.windows.net\" = [\"amlstore.blob.core.windows.net\"]\n[[allow]]\nhost = \"*contoso.com\"\nports = [443]\n[[allow]]\nregex = '^x[0-9]+\\.example\\.org$'\nports = [443]\n[[allow]]\nhost = \"smb.example.org\"\nports = [445]\n[[deny]]\nhost = \"bad.anaconda.com\"\n",
             tags.0
         ),
     );
@@ -119,8 +119,18 @@ fn the_azure_firewall_rule_collection_group_has_the_required_shape() {
     assert!(
         fqdns.contains(&"contoso.com".to_owned()) && fqdns.contains(&"*.contoso.com".to_owned())
     );
-    // Service tags by name, a host on another port by name with its ports.
-    assert!(text.contains("\"Storage.WestEurope\""), "{text}");
+    // Service tags by name, a host on another port by name with its ports. Storage is
+    // 443 only, which an address without a server name may not reach by a tag's prefix
+    // (catalog.service_tags_nameless_tls = "deny"): left out, with a warning.
+    assert!(text.contains("\"AzureActiveDirectory\""), "{text}");
+    assert!(!text.contains("\"Storage.WestEurope\""), "{text}");
+    assert!(
+        warnings.contains("Storage.WestEurope") && warnings.contains("service_tags_nameless_tls"),
+        "{warnings}"
+    );
+    // A narrowed wildcard is written as the names it still allows.
+    assert!(fqdns.contains(&"amlstore.blob.core.windows.net".to_owned()));
+    assert!(!fqdns.contains(&"*.blob.core.windows.net".to_owned()));
     assert!(
         text.contains("\"smb.example.org\"") && text.contains("\"445\""),
         "{text}"
@@ -132,7 +142,7 @@ fn squid_conf(dir: &std::path::Path, port: u16, lines: &str) -> std::path::PathB
     let conf = dir.join("squid.conf");
     // Every name resolves to loopback, where nothing listens on the targets' ports: Squid
     // answers what it allows at once with a connect error, never waiting on DNS.
-    let names = "anaconda.com repo.anaconda.com bad.anaconda.com pypi.org notpytorch.org contoso.com www.contoso.com th3re4lcontoso.com smb.example.org";
+    let names = "anaconda.com repo.anaconda.com bad.anaconda.com pypi.org notpytorch.org contoso.com www.contoso.com th3re4lcontoso.com smb.example.org amlstore.blob.core.windows.net other.blob.core.windows.net";
     std::fs::write(dir.join("hosts"), format!("127.0.0.1 {names}\n")).unwrap();
     std::fs::write(
         &conf,
@@ -213,6 +223,9 @@ fn squid_loaded_with_the_export_refuses_what_aml_egress_refuses() {
         "127.77.0.5:443",
         "127.77.0.5:80",
         "1.2.3.4:443",
+        // A narrowed wildcard: the listed name, and one it no longer allows.
+        "amlstore.blob.core.windows.net:443",
+        "other.blob.core.windows.net:443",
     ];
     let mut differ = Vec::new();
     for t in targets {

@@ -60,7 +60,10 @@ fn the_printed_rules_load_into_the_kernel_and_say_what_they_should() {
     for line in [
         "ip saddr @compute4 tcp dport { 80 } redirect to :15080",
         "ip saddr @compute4 tcp dport { 443, 8443 } redirect to :15443",
-        "tcp dport { 443, 8787, 18881 } accept comment \"AzureMachineLearning\"",
+        // A tag's prefix allows no TLS port (catalog.service_tags_nameless_tls = "deny"):
+        // 443 goes to the proxy, decided by name; the tag's other ports are forwarded.
+        "tcp dport { 8787, 18881 } accept comment \"AzureMachineLearning\"",
+        "# Storage.WestEurope: TCP only on TLS ports, decided by name at the proxy",
         "udp dport { 5831 } accept comment \"AzureMachineLearning\"",
         "ip saddr @compute4 counter drop",
         "ip saddr 168.63.129.16 tcp dport 9464 accept",

@@ -279,6 +279,14 @@ fn operations(s: &Settings, out: &mut Vec<Problem>) {
         100_000,
         "use 1 to 100000 (each is one series per scrape)",
     );
+    range(
+        out,
+        "metrics.max_allowed_names",
+        s.metrics.max_allowed_names,
+        1,
+        1_000_000,
+        "use 1 to 1000000 (each kept name holds a few hundred bytes)",
+    );
     if s.reload.watch_interval_secs.as_secs_f64() > 3600.0 {
         out.push(Problem::new(
             "reload.watch_interval_secs",

@@ -19,8 +19,11 @@ use crate::catalog::{
     Catalog, Cloud, DEFAULT_REVISION, LeftOut, NetworkRule, REVISIONS, ReferenceEntry, Selection,
     ServiceTags,
 };
-use crate::config::{ConfigError, ConfigIssue, Settings, operator_rule};
-use crate::policy::{PathView, Policy, PolicyOptions, Target, did_you_mean};
+use crate::config::{ConfigError, ConfigIssue, NamelessTls, Settings, operator_rule};
+use crate::policy::{
+    Action, HostPattern, Matchable, PathView, Policy, PolicyOptions, RuleSpec, Target,
+    did_you_mean, parse_pattern,
+};
 
 /// A compiled policy and what an operator should know about it.
 #[derive(Debug)]
@@ -141,6 +144,114 @@ impl CatalogSettings {
     }
 }
 
+/// `catalog.narrow` checked against the rule set: every key a wildcard pattern that some
+/// allow rule has, every name one that the wildcard matches (an exact name, or a deeper
+/// `*.` pattern). All problems are reported at once.
+fn narrowing(
+    s: &Settings,
+    specs: &[RuleSpec],
+) -> Result<Vec<(HostPattern, Vec<HostPattern>)>, ConfigError> {
+    let wildcards: BTreeSet<String> = specs
+        .iter()
+        .filter(|r| r.action == Action::Allow)
+        .filter_map(|r| match &r.what {
+            Matchable::Host(
+                h @ (HostPattern::Subdomains(_) | HostPattern::ApexAndSubdomains(_)),
+                _,
+            ) => Some(h.to_string()),
+            _ => None,
+        })
+        .collect();
+    let mut issues = Vec::new();
+    let mut out = Vec::new();
+    for (key, names) in &s.catalog.narrow.0 {
+        let issue = |value: String, problem: String, fix: String| ConfigIssue {
+            origin: s.origin_of("catalog.narrow"),
+            key: format!("catalog.narrow.{key:?}"),
+            value: Some(value),
+            problem,
+            fix: Some(fix),
+        };
+        let pattern = match parse_pattern(key) {
+            Ok((p @ (HostPattern::Subdomains(_) | HostPattern::ApexAndSubdomains(_)), None)) => p,
+            _ => {
+                issues.push(issue(
+                    format!("{key:?}"),
+                    "a key of catalog.narrow must be a wildcard host pattern (\"*.blob.core.windows.net\"), without a path".into(),
+                    "use the pattern exactly as `aml-egress catalog` lists it".into(),
+                ));
+                continue;
+            }
+        };
+        if !wildcards.contains(&pattern.to_string()) {
+            let near = did_you_mean(key, wildcards.iter().map(String::as_str));
+            let hint = if near.is_empty() {
+                "use a wildcard pattern that `aml-egress catalog` lists (catalog entries, [[allow]] and imports)".to_owned()
+            } else {
+                format!("did you mean {}?", near.join(" or "))
+            };
+            issues.push(issue(
+                format!("{key:?}"),
+                format!("{pattern} matches no allow rule of the rendered rule set, so there is nothing to narrow"),
+                hint,
+            ));
+            continue;
+        }
+        let mut allowed = Vec::new();
+        for name in names {
+            match parse_pattern(name) {
+                Ok((p, None)) if narrows(&pattern, &p) => allowed.push(p),
+                Ok((p, None)) if p == pattern => issues.push(issue(
+                    format!("{name:?}"),
+                    "listing the wildcard itself under its own key narrows nothing".into(),
+                    "list the names under it that may still be reached, or remove the key".into(),
+                )),
+                Ok((p, None)) => issues.push(issue(
+                    format!("{name:?}"),
+                    format!("{pattern} does not match {p}, so listing it narrows nothing"),
+                    format!("list names under {pattern} only (a name such as x.{}, or a deeper *. pattern)", pattern.base()),
+                )),
+                Ok((_, Some(_))) => issues.push(issue(
+                    format!("{name:?}"),
+                    "a narrowed name cannot carry a path".into(),
+                    "list the host name only".into(),
+                )),
+                Err(e) => issues.push(issue(
+                    format!("{name:?}"),
+                    format!("not a host name or pattern: {e}"),
+                    format!("write a name under {pattern}"),
+                )),
+            }
+        }
+        out.push((pattern, allowed));
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigError(issues))
+    }
+}
+
+/// Whether `entry` is a name or pattern that the wildcard `key` matches in full: an exact
+/// name the wildcard matches, or a `*.` pattern strictly below the key's base.
+fn narrows(key: &HostPattern, entry: &HostPattern) -> bool {
+    let under = |name: &str| {
+        let base = key.base();
+        name.len() > base.len() + 1
+            && name.ends_with(base)
+            && name.as_bytes()[name.len() - base.len() - 1] == b'.'
+    };
+    match entry {
+        HostPattern::Exact(n) => {
+            under(n) || (matches!(key, HostPattern::ApexAndSubdomains(b) if b == n))
+        }
+        HostPattern::Subdomains(b) => {
+            under(b) || (matches!(key, HostPattern::ApexAndSubdomains(k) if k == b))
+        }
+        HostPattern::ApexAndSubdomains(b) => under(b),
+    }
+}
+
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
@@ -213,8 +324,13 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     }
     let options = PolicyOptions {
         tls_path_rules: s.policy.tls_path_rules,
+        narrow: narrowing(s, &specs)?,
+        nameless_tls_ports: match s.catalog.service_tags_nameless_tls {
+            NamelessTls::Deny => s.proxy.tls_ports.clone(),
+            NamelessTls::Allow => Vec::new(),
+        },
     };
-    let policy = Policy::compile(specs, options).map_err(|e| {
+    let policy = Policy::compile(specs, options.clone()).map_err(|e| {
         ConfigError(vec![ConfigIssue {
             origin: s.origin_of("allow"),
             key: "regex".into(),
@@ -249,7 +365,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     };
     let mut off_rules = off_rules;
     off_rules.sort_by_key(|r| !addition(r));
-    let off_parts = Policy::compile(off_rules, options).ok();
+    let off_parts = Policy::compile(off_rules, options.clone()).ok();
     let mut warnings = rendered.warnings;
     warnings.extend(imported_notes);
     warnings.extend(policy.notes().iter().cloned());

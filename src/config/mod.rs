@@ -27,9 +27,9 @@ use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern}
 pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, LogFormat, LogLevel,
-    LogSettings, MetricsSettings, Mode, NameServer, PolicySettings, PrivateRanges, ProxySettings,
-    ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial, TransparentMode,
-    TransparentSettings, UpstreamSettings,
+    LogSettings, MetricsSettings, Mode, NameServer, NamelessTls, Narrow, PolicySettings,
+    PrivateRanges, ProxySettings, ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial,
+    TransparentMode, TransparentSettings, UpstreamSettings,
 };
 
 /// Load a config file (if given) and the process environment, check and compile it.

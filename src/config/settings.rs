@@ -99,6 +99,18 @@ choice! {
 }
 
 choice! {
+    /// `catalog.service_tags_nameless_tls`: what an address on a TLS port gets when only a
+    /// catalog (service tag) prefix allows it.
+    NamelessTls {
+        /// Refused (`service_tag_without_name`); only an operator `[[allow]]` CIDR rule
+        /// allows such an address.
+        Deny = "deny",
+        /// Allowed by the prefix: any tenant behind it can be reached.
+        Allow = "allow",
+    }
+}
+
+choice! {
     /// `upstream.private_ranges`.
     PrivateRanges {
         /// RFC 1918, CGNAT and ULA addresses only for names an allow rule matched.
@@ -241,6 +253,38 @@ impl Setting for ConnectTo {
     }
 }
 
+/// `catalog.narrow`: wildcard patterns of the rendered rule set, each with the names it may
+/// still allow, as written (checked against the rules when the policy is built).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Narrow(pub Vec<(String, Vec<String>)>);
+
+impl Setting for Narrow {
+    fn from_value(v: &Value) -> Result<Self, Bad> {
+        let ValueKind::Table(t) = &v.kind else {
+            return Err(Bad::new(
+                "expected a table",
+                "write [catalog.narrow] with lines such as \"*.blob.core.windows.net\" = [\"amlstore.blob.core.windows.net\"]",
+            ));
+        };
+        let mut out: Vec<(String, Vec<String>)> = t
+            .iter()
+            .map(|(pattern, names)| {
+                Vec::<String>::from_value(names)
+                    .map(|n| (pattern.clone(), n))
+                    .map_err(|_| {
+                        Bad::new(
+                            format!("{pattern:?} = {} is not a list of names", shown(names)),
+                            "write \"*.blob.core.windows.net\" = [\"amlstore.blob.core.windows.net\"]",
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // The table's order is the file reader's; messages and output follow the text.
+        out.sort();
+        Ok(Narrow(out))
+    }
+}
+
 /// Declares a settings section: a struct with one field per key, its defaults, its keys
 /// (name, environment form, reload behaviour), and how it is read.
 macro_rules! section {
@@ -313,6 +357,11 @@ section! {
         /// Files Azure produced for one workspace (its outbound network dependencies, its
         /// managed network's outbound rules): their rules are added.
         import: Vec<PathBuf> = Vec::new(); List, Live;
+        /// Wildcard patterns narrowed to the names they may still allow.
+        narrow: Narrow = Narrow::default(); FileOnly, Live;
+        /// Whether a service tag's (or other catalog) prefix may allow an address on a
+        /// port in `proxy.tls_ports`, where no server name says which tenant is meant.
+        service_tags_nameless_tls: NamelessTls = NamelessTls::Deny; Scalar, Live;
     }
 }
 
@@ -426,6 +475,9 @@ section! {
     MetricsSettings = "metrics" {
         /// Distinct denied `host:port` pairs with their own series (and in `/denied`).
         max_denied_targets: usize = 1000; Scalar, Live;
+        /// Distinct names allowed under wildcard rules kept (in `/allowed`, and counted by
+        /// `aml_egress_wildcard_names`); the least recently seen are evicted.
+        max_allowed_names: usize = 1000; Scalar, Live;
     }
 }
 

@@ -53,6 +53,40 @@ impl PortSet {
         PortSet(v)
     }
 
+    /// This set without `ports`, or `None` when nothing is left (an empty set would mean
+    /// every port).
+    pub fn without(&self, ports: &[u16]) -> Option<PortSet> {
+        let ranges: &[(u16, u16)] = if self.is_any() {
+            &[(1, 65535)]
+        } else {
+            &self.0
+        };
+        let mut out = Vec::new();
+        for &(lo, hi) in ranges {
+            let mut start = lo;
+            let mut cut: Vec<u16> = ports
+                .iter()
+                .copied()
+                .filter(|p| (lo..=hi).contains(p))
+                .collect();
+            cut.sort_unstable();
+            cut.dedup();
+            for p in cut {
+                if p > start {
+                    out.push((start, p - 1));
+                }
+                start = p.saturating_add(1);
+                if p == u16::MAX {
+                    start = 0;
+                }
+            }
+            if start != 0 && start <= hi {
+                out.push((start, hi));
+            }
+        }
+        (!out.is_empty()).then(|| PortSet::from_ranges(out))
+    }
+
     /// Whether the set holds `port`.
     #[inline]
     pub fn contains(&self, port: u16) -> bool {
@@ -268,6 +302,13 @@ pub enum Reason {
     PathHiddenByTls,
     /// The target could not be parsed.
     InvalidTarget(InvalidTarget),
+    /// Only a wildcard that `catalog.narrow` narrowed matches, and the name is not among
+    /// the names it still allows.
+    WildcardNarrowed,
+    /// An address on a TLS port, which only an operator CIDR rule may allow: such a
+    /// connection carries no server name, so a service tag's prefix would let it reach any
+    /// tenant behind it (`catalog.service_tags_nameless_tls = "deny"`).
+    ServiceTagWithoutName,
 }
 
 impl Reason {
@@ -282,12 +323,15 @@ impl Reason {
             Reason::PathNotAllowed => ReasonCode::PathNotAllowed,
             Reason::PathHiddenByTls => ReasonCode::PathHiddenByTls,
             Reason::InvalidTarget(_) => ReasonCode::InvalidTarget,
+            Reason::WildcardNarrowed => ReasonCode::WildcardNarrowed,
+            Reason::ServiceTagWithoutName => ReasonCode::ServiceTagWithoutName,
         }
     }
 
     /// Rank used to keep the most telling near miss.
     fn weight(&self) -> u8 {
         match self {
+            Reason::WildcardNarrowed => 3,
             Reason::PathNotAllowed | Reason::PathHiddenByTls => 2,
             Reason::PortNotAllowed => 1,
             _ => 0,
@@ -331,9 +375,15 @@ impl Decision {
 }
 
 /// Options that change how rules are compiled.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PolicyOptions {
     pub tls_path_rules: TlsPathRules,
+    /// `catalog.narrow`: wildcard patterns with the names (exact, or deeper wildcards) that
+    /// each may still allow. Every allow rule with such a pattern is narrowed.
+    pub narrow: Vec<(HostPattern, Vec<HostPattern>)>,
+    /// Ports on which an address is allowed only by an operator CIDR rule (`proxy.tls_ports`
+    /// under `catalog.service_tags_nameless_tls = "deny"`); empty: any CIDR rule allows.
+    pub nameless_tls_ports: Vec<u16>,
 }
 
 /// A compile-time failure (a regex set too large for the engine, for example).
@@ -352,10 +402,27 @@ struct Tables {
     cidrs: CidrTable,
 }
 
+/// Per rule, what the hot path needs beside the rule itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct RuleFacts {
+    /// Index into [`Policy::wildcards`] when the rule is an allow rule with a wildcard (a
+    /// `*` pattern or a regex): the names it lets through are recorded.
+    wildcard: Option<u32>,
+    /// Index into [`Policy::narrowed`] when `catalog.narrow` narrows the rule.
+    narrowed: Option<u32>,
+    /// An operator's own rule (`[[allow]]`/`[[deny]]`), not the catalog's nor an import's.
+    operator: bool,
+}
+
 /// The compiled, immutable rule set.
 #[derive(Debug)]
 pub struct Policy {
     rules: Vec<Rule>,
+    facts: Vec<RuleFacts>,
+    /// The distinct wildcard patterns of allow rules, as written (`*.blob.core.windows.net`).
+    wildcards: Vec<Box<str>>,
+    /// The names each narrowed pattern still allows.
+    narrowed: Vec<NameTable>,
     allow: Tables,
     deny: Tables,
     options: PolicyOptions,
@@ -440,6 +507,7 @@ impl Policy {
                 source,
             })?;
         notes.dedup();
+        let (facts, wildcards, narrowed) = facts(&specs, &options.narrow);
         let mut by_domain: std::collections::HashMap<String, Vec<usize>> = Default::default();
         for (i, r) in specs.iter().enumerate() {
             if let (Action::Allow, Matchable::Host(h, _)) = (r.action, &r.what) {
@@ -451,6 +519,9 @@ impl Policy {
         }
         Ok(Policy {
             rules: specs,
+            facts,
+            wildcards,
+            narrowed,
             allow,
             deny,
             options,
@@ -492,8 +563,13 @@ impl Policy {
                 let mut widened = false;
                 self.allow.names.find(name, |id| {
                     let rule = &self.rules[id.0 as usize];
+                    let facts = self.facts[id.0 as usize];
                     let near = if !rule.ports.contains(port) {
                         Reason::PortNotAllowed
+                    } else if let Some(n) = facts.narrowed
+                        && !self.narrowed[n as usize].find(name, |_| true)
+                    {
+                        Reason::WildcardNarrowed
                     } else {
                         match (&rule.what, path) {
                             (Matchable::Host(_, Some(p)), PathView::Visible(req)) => {
@@ -537,15 +613,20 @@ impl Policy {
         if let Some(id) = self.deny.cidrs.lookup(ip).find(ports_ok) {
             return Decision::deny(Reason::DeniedByRule, Some(id));
         }
-        let mut near = None;
+        let nameless = self.options.nameless_tls_ports.contains(&port);
+        let mut near: Option<(Reason, RuleId)> = None;
         for id in self.allow.cidrs.lookup(ip) {
-            if ports_ok(&id) {
+            if !ports_ok(&id) {
+                near.get_or_insert((Reason::PortNotAllowed, id));
+            } else if nameless && !self.facts[id.0 as usize].operator {
+                // The most telling miss: the port is right, the kind of rule is not.
+                near = Some((Reason::ServiceTagWithoutName, id));
+            } else {
                 return Decision::allow(id, false);
             }
-            near.get_or_insert(id);
         }
         match near {
-            Some(id) => Decision::deny(Reason::PortNotAllowed, Some(id)),
+            Some((reason, id)) => Decision::deny(reason, Some(id)),
             None => Decision::deny(Reason::NoMatchingRule, None),
         }
     }
@@ -560,6 +641,25 @@ impl Policy {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The wildcard pattern (as written) of the allow rule behind `id`, when it has one:
+    /// the names such a rule lets through are worth recording (`/allowed`).
+    #[inline]
+    pub fn wildcard(&self, id: RuleId) -> Option<&str> {
+        let w = self.facts.get(id.0 as usize)?.wildcard?;
+        Some(&self.wildcards[w as usize])
+    }
+
+    /// The distinct wildcard patterns of allow rules, as written.
+    pub fn wildcards(&self) -> &[Box<str>] {
+        &self.wildcards
+    }
+
+    /// The options the policy was compiled with (narrowing, nameless TLS ports), for the
+    /// exports that must reproduce its decisions.
+    pub fn options(&self) -> &PolicyOptions {
+        &self.options
     }
 
     /// The rule behind an id from a [`Decision`] of this policy.
@@ -655,6 +755,14 @@ impl Policy {
                 r.what
             ),
             (Reason::InvalidTarget(e), _) => format!("invalid target: {e}"),
+            (Reason::WildcardNarrowed, Some(r)) => format!(
+                "{} ({}) is narrowed by catalog.narrow and this name is not among the names it still allows: add it to catalog.narrow.\"{}\" if it should be reached",
+                r.what, r.source, r.what
+            ),
+            (Reason::ServiceTagWithoutName, Some(r)) => format!(
+                "an address on a TLS port carries no server name, so {} ({}) could reach any tenant behind it; only an operator [[allow]] CIDR rule allows it (or catalog.service_tags_nameless_tls = \"allow\")",
+                r.what, r.source
+            ),
             _ => {
                 let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
                 let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -668,6 +776,64 @@ impl Policy {
             }
         }
     }
+}
+
+/// What [`Policy::compile`] keeps per rule: its wildcard pattern (shared by the rules that
+/// share one), its narrowing, and whether an operator wrote it.
+fn facts(
+    specs: &[RuleSpec],
+    narrow: &[(HostPattern, Vec<HostPattern>)],
+) -> (Vec<RuleFacts>, Vec<Box<str>>, Vec<NameTable>) {
+    let mut wildcards: Vec<Box<str>> = Vec::new();
+    let narrowed: Vec<NameTable> = narrow
+        .iter()
+        .map(|(_, names)| {
+            let mut t = NameTable::default();
+            for n in names {
+                t.insert(n, RuleId(0));
+            }
+            t
+        })
+        .collect();
+    let facts = specs
+        .iter()
+        .map(|spec| {
+            let operator = matches!(spec.source, Source::Operator { .. });
+            if spec.action != Action::Allow {
+                return RuleFacts {
+                    operator,
+                    ..RuleFacts::default()
+                };
+            }
+            let (text, pattern) = match &spec.what {
+                Matchable::Host(
+                    h @ (HostPattern::Subdomains(_) | HostPattern::ApexAndSubdomains(_)),
+                    _,
+                ) => (h.to_string(), Some(h)),
+                Matchable::Regex(_) => (spec.what.to_string(), None),
+                _ => {
+                    return RuleFacts {
+                        operator,
+                        ..RuleFacts::default()
+                    };
+                }
+            };
+            let wildcard = match wildcards.iter().position(|w| **w == *text) {
+                Some(i) => i,
+                None => {
+                    wildcards.push(text.into());
+                    wildcards.len() - 1
+                }
+            };
+            let narrowed = pattern.and_then(|p| narrow.iter().position(|(k, _)| k == p));
+            RuleFacts {
+                wildcard: Some(wildcard as u32),
+                narrowed: narrowed.map(|n| n as u32),
+                operator,
+            }
+        })
+        .collect();
+    (facts, wildcards, narrowed)
 }
 
 /// A distance between a requested name and a rule's base name, or `None` when they are
@@ -764,6 +930,25 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::PortSet;
+
+    #[test]
+    fn ports_are_taken_out_of_ranges() {
+        let s = PortSet::from_ranges([(443, 443), (445, 445)]);
+        assert_eq!(s.without(&[443]).unwrap().to_string(), "445");
+        assert!(PortSet::from_ranges([(443, 443)]).without(&[443]).is_none());
+        let any = PortSet::any().without(&[443, 80]).unwrap();
+        assert_eq!(any.ranges(), &[(1, 79), (81, 442), (444, 65535)]);
+        let top = PortSet::from_ranges([(65530, 65535)])
+            .without(&[65535])
+            .unwrap();
+        assert_eq!(top.ranges(), &[(65530, 65534)]);
+        assert_eq!(s.without(&[]).unwrap(), s);
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::addr::ClientAddr;
 use super::dial::DialError;
 use super::respond::Reply;
 use super::state::{Judgement, Live};
+use crate::allowed::Recorded;
 use crate::metrics::{ListenerKind, Metrics, Outcome};
 use crate::policy::{Decision, Host, InvalidTarget, PathView, Reason, Target, Verdict};
 use crate::reason::ReasonCode;
@@ -198,7 +199,7 @@ fn record(live: &Live, seen: &Seen<'_>) {
                 Some(p) => {
                     format!("catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})")
                 }
-                None => allow_entry(t, reason),
+                None => allow_entry(t, reason, rule),
             })
         }
         None => live.metrics.denied("(invalid target)", 0, || {
@@ -287,7 +288,7 @@ pub(crate) fn admit(
     v: &Judgement,
 ) -> Result<Option<AllowCount>, Reply> {
     if v.pass && !v.would_deny {
-        return Ok(Some(AllowCount::new(live, via, v)));
+        return Ok(Some(AllowCount::new(live, via, client, target, v)));
     }
     let shown = shown();
     let rule = live.rule_text(&v.decision);
@@ -320,8 +321,16 @@ pub(crate) struct AllowCount {
 }
 
 impl AllowCount {
-    /// The allow of a request through `via` that `v` let pass, counted when dropped.
-    pub(crate) fn new(live: &Live, via: ListenerKind, v: &Judgement) -> Self {
+    /// The allow of a request through `via` that `v` let pass, counted when dropped; a name
+    /// that a wildcard rule allowed is recorded now ([`note_allowed`]).
+    pub(crate) fn new(
+        live: &Live,
+        via: ListenerKind,
+        client: ClientAddr,
+        target: &Target,
+        v: &Judgement,
+    ) -> Self {
+        note_allowed(live, via, client, target, &v.decision);
         AllowCount {
             metrics: live.metrics.clone(),
             via,
@@ -344,9 +353,71 @@ impl Drop for AllowCount {
     }
 }
 
-/// The configuration entry that would let a refused target through.
-fn allow_entry(t: &Target, reason: ReasonCode) -> String {
+/// Record a name that a wildcard rule allowed (`/allowed`, `aml_egress_wildcard_names`),
+/// with a log line, under the budget, the first time the name is seen under that rule.
+/// Nothing for other decisions: exact names and addresses say what they reach.
+pub(crate) fn note_allowed(
+    live: &Live,
+    via: ListenerKind,
+    client: ClientAddr,
+    target: &Target,
+    d: &Decision,
+) {
+    let (Some(id), Host::Name(name), true) = (d.rule, target.host, d.is_allowed()) else {
+        return;
+    };
+    let policy = &live.built.policy;
+    let Some(pattern) = policy.wildcard(id) else {
+        return;
+    };
+    let rule = policy.rule(id);
+    let name = name.as_str();
+    let first = live
+        .metrics
+        .allowed
+        .record(name, target.port, pattern, || rule.source.to_string());
+    if first == Recorded::First && live.logs.first_use() {
+        tracing::info!(
+            listener = via.as_str(),
+            client = %client,
+            name,
+            port = target.port,
+            rule = pattern,
+            rule_source = %rule.source,
+            "first use under wildcard"
+        );
+    }
+}
+
+/// The reason a refused TLS name (or a hello without one) is reported under: the policy's
+/// own when it says more than `fallback` (`sni_not_allowed`, `no_server_name`), that is a
+/// narrowed wildcard or an address that only a service tag's prefix allows.
+pub(crate) fn name_reason(fallback: ReasonCode, d: &Decision) -> ReasonCode {
+    match d.reason {
+        Reason::WildcardNarrowed | Reason::ServiceTagWithoutName => d.reason.code(),
+        _ => fallback,
+    }
+}
+
+/// The configuration entry that would let a refused target through (`rule`: the rule
+/// that nearly allowed it, as [`Live::rule_text`] shows it).
+fn allow_entry(t: &Target, reason: ReasonCode, rule: &str) -> String {
     match (reason, t.host) {
+        (ReasonCode::WildcardNarrowed, Host::Name(n)) => {
+            // `rule` reads "<pattern> port <ports>".
+            let pattern = rule.split_once(" port ").map_or(rule, |(p, _)| p);
+            format!(
+                "[catalog.narrow]\n\"{pattern}\" = [..., \"{}\"] (the wildcard is narrowed; list the name to let it through)",
+                n.as_str()
+            )
+        }
+        (ReasonCode::ServiceTagWithoutName, Host::Ip(ip)) => {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            format!(
+                "[[allow]]\ncidr = \"{ip}/{bits}\"\nports = [{}] (an address on a TLS port carries no server name: only an operator CIDR rule allows it, not a service tag; or catalog.service_tags_nameless_tls = \"allow\")",
+                t.port
+            )
+        }
         (ReasonCode::ForbiddenAddress, _) => format!(
             "the address guard refused it: list its address in upstream.allow_cidrs (for example allow_cidrs = [\"<address>/32\"]) only if {t} must be reached"
         ),

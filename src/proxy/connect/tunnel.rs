@@ -33,7 +33,9 @@ use crate::policy::{Host, Name, PathView, Target};
 use crate::proxy::addr::ClientAddr;
 use crate::proxy::head::Rewind;
 use crate::proxy::plumbing::Slot;
-use crate::proxy::refusal::{AllowCount, Count, Refusal, Seen, Unanswerable, denial};
+use crate::proxy::refusal::{
+    AllowCount, Count, Refusal, Seen, Unanswerable, denial, name_reason, note_allowed,
+};
 use crate::proxy::serve::serve_requests;
 use crate::proxy::state::{Judgement, Live, Mode, Shared};
 use crate::reason::ReasonCode;
@@ -229,9 +231,11 @@ impl Tunnel {
                 };
                 let v = live.judge(&t, PathView::Hidden);
                 if v.decision.is_allowed() {
+                    note_allowed(live, ListenerKind::Connect, self.client, &t, &v.decision);
                     return Ok(false);
                 }
-                (ReasonCode::SniNotAllowed, Some(v), Some(t))
+                let reason = name_reason(ReasonCode::SniNotAllowed, &v.decision);
+                (reason, Some(v), Some(t))
             }
             // Clients send no name for an IP address (RFC 6066 §3): the CONNECT's
             // decision on the address stands.

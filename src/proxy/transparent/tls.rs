@@ -93,13 +93,13 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
     };
     let v = live.judge(&target, PathView::Hidden);
     let counted = if v.pass && !v.would_deny {
-        Some(AllowCount::new(&live, via, &v))
+        Some(AllowCount::new(&live, via, client, &target, &v))
     } else {
         // Both reasons are policy answers, which audit mode lets pass.
         let pass = v.pass;
         let rule = live.rule_text(&v.decision);
         let answer = refuse(
-            reason,
+            refusal::name_reason(reason, &v.decision),
             &target.to_string(),
             &target,
             &rule,
