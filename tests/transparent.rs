@@ -293,10 +293,22 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
     decoy(ls.next().unwrap(), decoyed.clone());
     let _by_address = serve_tls(ls.next().unwrap(), &[BY_ADDRESS], "the address upstream");
 
+    // A service tag whose prefix covers the decoy: a connection to it without a server
+    // name must not be allowed by the tag (catalog.service_tags_nameless_tls = "deny").
+    let tags = TempFile::new(
+        "ServiceTags.json",
+        &format!(
+            r#"{{"changeNumber":1,"cloud":"Public","values":[
+  {{"name":"Storage.WestEurope","id":"Storage.WestEurope","properties":{{"region":"westeurope","addressPrefixes":["{DECOY}/32"]}}}}]}}"#
+        ),
+    );
     let config = TempFile::new(
         "nva.toml",
         &format!(
             r#"
+[catalog]
+region = "westeurope"
+service_tags_file = {:?}
 [proxy]
 listen = ["127.0.0.1:3128"]
 [transparent]
@@ -312,7 +324,8 @@ cidr = "{BY_ADDRESS}/32"
 ports = [8443]
 [upstream]
 connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80" }}
-"#
+"#,
+            tags.0
         ),
     );
     // TLS arrives on a dual-stack listener, where an IPv4 flow still carries its original
@@ -380,6 +393,16 @@ connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:8
     assert_eq!((code, body.as_str()), (0, "the address upstream"), "{err}");
     let (code, _, _) = curl_in(c, vec!["-k".into(), format!("https://{UNLISTED}:8443/")]).await;
     assert_ne!(code, 0, "an address no rule lists must not get through");
+    // No server name to an address inside a service tag's prefix: refused, with its reason.
+    let (code, _, _) = curl_in(c, vec!["-k".into(), format!("https://{DECOY}/")]).await;
+    assert_ne!(
+        code, 0,
+        "a tag's prefix must not allow a nameless connection"
+    );
+    let (_, metrics, err) =
+        curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
+    let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",reason=\"service_tag_without_name\"} 1";
+    assert!(metrics.contains(refused), "{err}{metrics}");
 
     assert_eq!(decoyed.load(Ordering::SeqCst), 0, "the decoy was reached");
 }
