@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod cmd;
 pub mod config;
 pub mod export;
+pub mod fleet;
 pub mod logs;
 pub mod metrics;
 pub mod nva;
