@@ -3,6 +3,7 @@
 //! arguments and calls these; what the commands compute lives in the library ([`crate::config`],
 //! [`crate::export`], [`crate::suggest`], [`crate::nva`], ...), what they print here.
 
+pub mod allowed;
 pub mod catalog;
 pub mod check;
 pub mod denied;
