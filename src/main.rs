@@ -37,7 +37,8 @@ enum Command {
     /// rule collection group (ARM JSON), or Squid acl and http_access lines.
     Export(cmd::export::Args),
     /// Suggest [[allow]] entries from refused (or, in audit mode, would-be refused) traffic:
-    /// a running proxy's /denied, or its JSON log files.
+    /// a running proxy's /denied, or its JSON log files; with --narrow, a [catalog.narrow]
+    /// table of the names seen under each wildcard rule.
     Suggest(cmd::suggest::Args),
     /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
     /// every failure (for container health checks).
