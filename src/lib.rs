@@ -14,6 +14,7 @@ pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod export;
+pub mod fleet;
 pub mod logs;
 pub mod metrics;
 pub mod nva;

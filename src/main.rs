@@ -28,13 +28,17 @@ enum Command {
     Catalog(cmd::catalog::Args),
     /// Print the most denied destinations of a running proxy, with the entry that would allow each (exit 0, or 2 if the proxy cannot be asked).
     Denied(cmd::denied::Args),
+    /// Print the names let through under each wildcard allow rule of a running proxy (or a
+    /// fleet's, merged), most recently seen first (exit 0, or 2 if a proxy cannot be asked).
+    Allowed(cmd::allowed::Args),
     /// Check a configuration file and print a summary (exit 0 valid, 2 invalid).
     Validate(cmd::validate::Args),
     /// Print the enforced rule set for another enforcement point: an Azure Firewall Policy
     /// rule collection group (ARM JSON), or Squid acl and http_access lines.
     Export(cmd::export::Args),
     /// Suggest [[allow]] entries from refused (or, in audit mode, would-be refused) traffic:
-    /// a running proxy's /denied, or its JSON log files.
+    /// a running proxy's /denied, or its JSON log files; with --narrow, a [catalog.narrow]
+    /// table of the names seen under each wildcard rule.
     Suggest(cmd::suggest::Args),
     /// Ask a running proxy whether it is ready (its `/readyz`): exit 0 when it is, 1 on
     /// every failure (for container health checks).
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Catalog(a) => cmd::catalog::run(a),
         Command::Denied(a) => cmd::denied::run(a),
+        Command::Allowed(a) => cmd::allowed::run(a),
         Command::Validate(a) => cmd::validate::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Suggest(a) => cmd::suggest::run(a),

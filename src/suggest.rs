@@ -5,12 +5,15 @@
 //! names share a parent at or below their registrable domain (the public suffix list, its
 //! private section included, so never `*.blob.core.windows.net` nor a wildcard at or above a
 //! public suffix). Ports as seen. IP destinations become CIDR entries only when asked.
-//! The output is deterministic.
+//! The output is deterministic. [`narrow`] is the other way round: from what wildcard
+//! rules let through, the names to keep (`suggest --narrow`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::policy::{Host, Target};
+
+pub mod narrow;
 
 /// How often one refused destination was seen, and when first and last (as given).
 #[derive(Debug, Clone, Default)]
@@ -20,8 +23,28 @@ pub struct Tally {
     pub last: String,
 }
 
+impl Tally {
+    /// Add `other`'s sightings: counts summed, the earlier first and the later last.
+    pub fn absorb(&mut self, other: &Tally) {
+        self.count = self.count.saturating_add(other.count);
+        if self.first.is_empty() || (!other.first.is_empty() && other.first < self.first) {
+            self.first.clone_from(&other.first);
+        }
+        if other.last > self.last {
+            self.last.clone_from(&other.last);
+        }
+    }
+}
+
 /// Refused destinations by `host:port`.
 pub type Refused = BTreeMap<(String, u16), Tally>;
+
+/// Add `more` (another instance's) to `into`.
+pub fn merge(into: &mut Refused, more: Refused) {
+    for (key, seen) in more {
+        into.entry(key).or_default().absorb(&seen);
+    }
+}
 
 /// From `/denied`'s JSON (`[{host, port, count, first_seen, last_seen}]`).
 pub fn from_denied(json: &str) -> Result<Refused, String> {
@@ -36,10 +59,13 @@ pub fn from_denied(json: &str) -> Result<Refused, String> {
         ) else {
             continue;
         };
-        let e = out.entry((host.to_owned(), port)).or_default();
-        e.count += i["count"].as_u64().unwrap_or(1);
-        e.first = i["first_seen"].as_str().unwrap_or_default().to_owned();
-        e.last = i["last_seen"].as_str().unwrap_or_default().to_owned();
+        out.entry((host.to_owned(), port))
+            .or_default()
+            .absorb(&Tally {
+                count: i["count"].as_u64().unwrap_or(1),
+                first: i["first_seen"].as_str().unwrap_or_default().to_owned(),
+                last: i["last_seen"].as_str().unwrap_or_default().to_owned(),
+            });
     }
     Ok(out)
 }
@@ -64,14 +90,11 @@ pub fn from_log(text: &str, out: &mut Refused) {
             Host::Ip(ip) => ip.to_string(),
         };
         let at = v["timestamp"].as_str().unwrap_or_default().to_owned();
-        let e = out.entry((host, t.port)).or_default();
-        e.count += 1;
-        if e.first.is_empty() || at < e.first {
-            e.first = at.clone();
-        }
-        if at > e.last {
-            e.last = at;
-        }
+        out.entry((host, t.port)).or_default().absorb(&Tally {
+            count: 1,
+            first: at.clone(),
+            last: at,
+        });
     }
 }
 
@@ -205,6 +228,28 @@ mod tests {
             (4, "2026-11-01T00:00:00Z")
         );
         assert!(from_denied("{}").is_err());
+    }
+
+    #[test]
+    fn instances_merge_into_one_tally_per_destination() {
+        let mut all = from_denied(
+            r#"[{"host":"x.example.com","port":443,"count":4,"first_seen":"2026-11-02T00:00:00Z","last_seen":"2026-11-03T00:00:00Z"}]"#,
+        )
+        .unwrap();
+        merge(
+            &mut all,
+            from_denied(
+                r#"[{"host":"x.example.com","port":443,"count":2,"first_seen":"2026-11-01T00:00:00Z","last_seen":"2026-11-02T00:00:00Z"},
+                    {"host":"y.example.com","port":80,"count":1,"first_seen":"2026-11-01T00:00:00Z","last_seen":"2026-11-01T00:00:00Z"}]"#,
+            )
+            .unwrap(),
+        );
+        let x = &all[&("x.example.com".to_owned(), 443)];
+        assert_eq!(
+            (x.count, x.first.as_str(), x.last.as_str()),
+            (6, "2026-11-01T00:00:00Z", "2026-11-03T00:00:00Z")
+        );
+        assert_eq!(all.len(), 2);
     }
 
     #[test]

@@ -283,3 +283,62 @@ fn the_appliance_cloud_init_holds_a_valid_configuration() {
             .contains(&format!("--port {admin} --path /readyz"))
     );
 }
+
+#[test]
+fn the_dashboard_imports_with_one_prometheus_input_and_panels_that_do_not_overlap() {
+    let d: serde_json::Value =
+        serde_json::from_str(include_str!("../deploy/grafana/aml-egress.json")).unwrap();
+    let inputs = d["__inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 1);
+    assert_eq!(
+        (&inputs[0]["name"], &inputs[0]["pluginId"]),
+        (
+            &serde_json::json!("DS_PROMETHEUS"),
+            &serde_json::json!("prometheus")
+        )
+    );
+    // Every data source anywhere (panels, queries, variables) is that input, but Grafana's
+    // own for its built-in annotations.
+    fn sources<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(ds) = m.get("datasource") {
+                    out.push(ds);
+                }
+                m.values().for_each(|v| sources(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| sources(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    sources(&d, &mut found);
+    assert!(found.len() > 20);
+    for ds in found.into_iter().filter(|ds| ds["type"] != "grafana") {
+        assert_eq!(ds["uid"], "${DS_PROMETHEUS}", "{ds}");
+    }
+    // Unique ids, and no two panels on the same cells of the 24-column grid.
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeMap::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "id {}", p["id"]);
+        let g = &p["gridPos"];
+        let [h, w, x, y] = ["h", "w", "x", "y"].map(|k| g[k].as_u64().unwrap());
+        assert!(x + w <= 24, "{}", p["title"]);
+        for cx in x..x + w {
+            for cy in y..y + h {
+                if let Some(other) = cells.insert((cx, cy), p["title"].clone()) {
+                    panic!("{} overlaps {other}", p["title"]);
+                }
+            }
+        }
+    }
+    // The names under each wildcard: a graph per rule and a table.
+    let wildcard: Vec<&str> = panels
+        .iter()
+        .filter(|p| p.to_string().contains("aml_egress_wildcard_names"))
+        .map(|p| p["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(wildcard, ["timeseries", "table"]);
+}

