@@ -274,9 +274,9 @@ fn record_cost(c: &mut Criterion) {
         if let (Some(id), aml_egress::policy::Host::Name(n)) = (d.rule, t.host)
             && let Some(pattern) = policy.wildcard(id)
         {
-            metrics
-                .allowed
-                .record(n.as_str(), t.port, pattern, || policy.rule(id).source.to_string());
+            metrics.allowed.record(n.as_str(), t.port, pattern, || {
+                policy.rule(id).source.to_string()
+            });
         }
         d
     };

@@ -98,7 +98,7 @@ async fn metrics_count_decisions_denied_targets_tunnels_and_limits() {
     let cfg = TempFile::new(
         "ops.toml",
         &format!(
-            "{LISTEN}max_header_bytes = 8192\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+            "{LISTEN}max_header_bytes = 8192\n[[allow]]\nhost = \"*.wild.example\"\nports = [443]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\", \"a.wild.example:443\" = \"{echo}\" }}\n"
         ),
     );
     let p = start(&cfg.0).await;
@@ -480,12 +480,14 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     let cfg = TempFile::new(
         "dash.toml",
         &format!(
-            "{LISTEN}max_header_bytes = 8192\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\" }}\n"
+            "{LISTEN}max_header_bytes = 8192\n[[allow]]\nhost = \"*.wild.example\"\nports = [443]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"pypi.org:443\" = \"{echo}\", \"a.wild.example:443\" = \"{echo}\" }}\n"
         ),
     );
     let p = start(&cfg.0).await;
     // Traffic that makes every labelled family appear.
     let (tunnel, _) = exchange(p.addr, "CONNECT pypi.org:443 HTTP/1.1\r\n\r\n").await;
+    let (wild, resp) = exchange(p.addr, "CONNECT a.wild.example:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let _ = exchange(p.addr, "CONNECT denied.example.net:443 HTTP/1.1\r\n\r\n").await;
     let big = format!(
         "GET http://pypi.org/ HTTP/1.1\r\nX: {}\r\n\r\n",
@@ -493,7 +495,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     );
     let _ = exchange(p.addr, &big).await;
     let (_, families) = scrape(&p).await;
-    drop(tunnel);
+    drop((tunnel, wild));
 
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
@@ -536,15 +538,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
             queried.insert(base.to_owned());
         }
     }
-    // Being added with the table behind /allowed (issue 19); remove once it is exported.
-    let pending = BTreeSet::from([
-        "aml_egress_wildcard_names".to_owned(),
-        "aml_egress_allowed_names_evicted_total".to_owned(),
-    ]);
-    let missing: Vec<_> = queried
-        .difference(&families)
-        .filter(|n| !pending.contains(*n))
-        .collect();
+    let missing: Vec<_> = queried.difference(&families).collect();
     assert!(
         missing.is_empty(),
         "the dashboard or the alerts query metrics the proxy does not export: {missing:?}"

@@ -140,6 +140,15 @@ async fn python(s: &Serving, ca: &TempFile, name: &str) -> String {
     .unwrap()
 }
 
+/// Run a client subcommand: its exit code and standard output (standard error after it).
+fn cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// `/allowed` as (name, port, rule, count) rows, most recent first.
 async fn allowed(s: &Serving, query: &str) -> Vec<(String, u64, String, u64)> {
     let (status, body) = get(s.admin, &format!("/allowed{query}"), None).await;
@@ -203,11 +212,35 @@ async fn names_under_a_wildcard_are_seen_once_narrowed_and_then_only_those_pass(
         "{metrics}"
     );
 
-    // Narrow to what was seen (a reload), then a new name is refused and the two pass.
-    let narrow = format!(
-        "[catalog.narrow]\n\"*.blob.test\" = [\"{}\", \"{}\"]\n",
-        NAMES[0], NAMES[1]
+    // The operator's view: `allowed` prints the same rows.
+    let admin = format!("http://{}", s.admin);
+    let (code, table) = cli(&["allowed", "--admin", &admin]);
+    assert_eq!(code, 0, "{table}");
+    // Rows by last seen (to the second), then by name: both here in the same second.
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    assert!(
+        rows.contains(&vec!["2", "acct1.blob.test:443", "*.blob.test"]),
+        "{table}"
     );
+    assert!(
+        rows.contains(&vec!["1", "acct2.blob.test:443", "*.blob.test"]),
+        "{table}"
+    );
+    assert_eq!(rows.len(), 2, "{table}");
+
+    // Narrow to what was seen with `suggest --narrow`'s table (a reload); then a new name
+    // is refused and the two pass.
+    let (code, narrow) = cli(&["suggest", "--narrow", "--admin", &admin]);
+    assert_eq!(code, 0, "{narrow}");
+    assert!(
+        narrow.contains("[catalog.narrow]") && narrow.contains("\"*.blob.test\" = ["),
+        "{narrow}"
+    );
+    assert!(!narrow.contains(NAMES[2]), "{narrow}");
     std::fs::write(&cfg.0, config(tls, &narrow)).unwrap();
     s.until("configuration reloaded");
     let (code, _, err) = curl(&s, &ca, NAMES[2]).await;
