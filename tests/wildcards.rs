@@ -303,3 +303,20 @@ async fn a_flood_of_names_under_a_wildcard_keeps_allowed_within_its_bound() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_audit_mode_a_narrowed_name_passes_as_would_deny() {
+    let echo = support::net::echo_upstream().await;
+    let p = support::proxy::start_proxy(&format!(
+        "[proxy]\nmode = \"audit\"\ntls_ports = []\nopaque_ports = [443]\n[[allow]]\nhost = \"*.blob.test\"\nports = [443]\n[catalog.narrow]\n\"*.blob.test\" = [\"acct1.blob.test\"]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"other.blob.test:443\" = \"{echo}\" }}\n"
+    ))
+    .await;
+    let (_s, resp) =
+        support::net::exchange(p.addr, "CONNECT other.blob.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let series = "aml_egress_decisions_total{decision=\"would_deny\",listener=\"connect\",reason=\"wildcard_narrowed\"}";
+    assert_eq!(p.sample(series).await, 1.0);
+    // Not an allow under the wildcard: nothing is recorded for it.
+    let (_, body) = get(p.admin_addr, "/allowed", None).await;
+    assert!(!body.contains("other.blob.test"), "{body}");
+}
