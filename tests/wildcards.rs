@@ -320,3 +320,81 @@ async fn in_audit_mode_a_narrowed_name_passes_as_would_deny() {
     let (_, body) = get(p.admin_addr, "/allowed", None).await;
     assert!(!body.contains("other.blob.test"), "{body}");
 }
+
+#[test]
+fn check_and_catalog_show_the_narrowing_and_the_nameless_refusal() {
+    let tags = TempFile::new(
+        "ServiceTags.json",
+        r#"{"changeNumber":1,"cloud":"Public","values":[
+  {"name":"Storage.WestEurope","id":"Storage.WestEurope","properties":{"region":"westeurope","addressPrefixes":["20.1.0.0/16"]}}]}"#,
+    );
+    let cfg = TempFile::new(
+        "narrow.toml",
+        &format!(
+            "[catalog]\nregion = \"westeurope\"\nstorage_account = \"amlstore\"\nservice_tags_file = {:?}\n[catalog.narrow]\n\"*.blob.core.windows.net\" = [\"mlbatchprod7.blob.core.windows.net\"]\n",
+            tags.0
+        ),
+    );
+    let config = cfg.0.to_str().unwrap();
+    let (code, out) = cli(&[
+        "check",
+        "--config",
+        config,
+        "amlstore.blob.core.windows.net:443",
+        "mlbatchprod7.blob.core.windows.net:443",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&[
+        "check",
+        "--json",
+        "--config",
+        config,
+        "attacker.blob.core.windows.net:443",
+        "20.1.2.3:443",
+        "https://20.1.2.3",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let reasons: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].to_string())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "\"wildcard_narrowed\"",
+            "\"service_tag_without_name\"",
+            "\"service_tag_without_name\""
+        ],
+        "{out}"
+    );
+    let (code, out) = cli(&["catalog", "--config", config]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("allow *.blob.core.windows.net")
+                && l.contains("narrowed to mlbatchprod7.blob.core.windows.net")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("20.1.0.0/16") && l.contains("not on TLS port 443")),
+        "{out}"
+    );
+    // A key no rule has, and a name its wildcard does not match: one error each.
+    let bad = TempFile::new(
+        "bad.toml",
+        "[catalog.narrow]\n\"*.blob.core.windows.nt\" = [\"a.blob.core.windows.net\"]\n\"*.queue.core.windows.net\" = [\"a.blob.core.windows.net\"]\n",
+    );
+    let (code, out) = cli(&["check", "--config", bad.0.to_str().unwrap(), "x:443"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("2 problems"), "{out}");
+    assert!(
+        out.contains("*.blob.core.windows.nt matches no allow rule")
+            && out.contains("did you mean *.blob.core.windows.net"),
+        "{out}"
+    );
+    assert!(
+        out.contains("*.queue.core.windows.net does not match a.blob.core.windows.net"),
+        "{out}"
+    );
+}

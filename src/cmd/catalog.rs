@@ -166,6 +166,12 @@ struct RuleJson<'a> {
     pattern: String,
     ports: String,
     source: &'a Source,
+    /// The names `catalog.narrow` keeps a wildcard to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    narrowed_to: Option<Vec<String>>,
+    /// TLS ports on which a catalog CIDR rule allows nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_on_tls_ports: Vec<u16>,
 }
 
 /// Print the rendered rule set (`catalog`), as a table or JSON.
@@ -183,6 +189,11 @@ pub fn print_catalog(built: &Built, json: bool, out: &mut dyn Write) -> io::Resu
                     pattern: r.what.to_string(),
                     ports: r.ports.to_string(),
                     source: &r.source,
+                    narrowed_to: built
+                        .policy
+                        .narrowed_to(r)
+                        .map(|n| n.iter().map(ToString::to_string).collect()),
+                    not_on_tls_ports: built.policy.nameless_ports(r),
                 })
                 .collect(),
             not_enforced: &built.reference,
@@ -215,9 +226,22 @@ pub fn print_catalog(built: &Built, json: bool, out: &mut dyn Write) -> io::Resu
             crate::policy::Action::Allow => "allow",
             crate::policy::Action::Deny => "deny ",
         };
+        let mut note = String::new();
+        if let Some(names) = built.policy.narrowed_to(r) {
+            let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+            note = format!(" [narrowed to {} by catalog.narrow]", names.join(", "));
+        }
+        let nameless = built.policy.nameless_ports(r);
+        if !nameless.is_empty() {
+            let ports: Vec<String> = nameless.iter().map(u16::to_string).collect();
+            note = format!(
+                " [not on TLS port {}: no server name, catalog.service_tags_nameless_tls]",
+                ports.join(", ")
+            );
+        }
         writeln!(
             out,
-            "{action} {:<width$} {:<12} {}",
+            "{action} {:<width$} {:<12} {}{note}",
             r.what.to_string(),
             r.ports.to_string(),
             r.source

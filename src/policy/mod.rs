@@ -662,6 +662,36 @@ impl Policy {
         &self.options
     }
 
+    /// The names `catalog.narrow` keeps `rule` to, when it narrows it.
+    pub fn narrowed_to(&self, rule: &Rule) -> Option<&[HostPattern]> {
+        let Matchable::Host(h, _) = &rule.what else {
+            return None;
+        };
+        if rule.action != Action::Allow {
+            return None;
+        }
+        self.options
+            .narrow
+            .iter()
+            .find(|(k, _)| k == h)
+            .map(|(_, names)| names.as_slice())
+    }
+
+    /// The ports of `rule` on which it allows nothing because it is a catalog or imported
+    /// CIDR rule and those ports carry TLS (`catalog.service_tags_nameless_tls = "deny"`).
+    pub fn nameless_ports(&self, rule: &Rule) -> Vec<u16> {
+        let operator = matches!(rule.source, Source::Operator { .. });
+        if operator || rule.action != Action::Allow || !matches!(rule.what, Matchable::Cidr(_)) {
+            return Vec::new();
+        }
+        self.options
+            .nameless_tls_ports
+            .iter()
+            .copied()
+            .filter(|p| rule.ports.contains(*p))
+            .collect()
+    }
+
     /// The rule behind an id from a [`Decision`] of this policy.
     pub fn rule(&self, id: RuleId) -> &Rule {
         &self.rules[id.0 as usize]
