@@ -65,14 +65,7 @@ pub fn admin_get(
     token_file: Option<&Path>,
     timeout: Option<Duration>,
 ) -> Result<String, String> {
-    let token = token_file
-        .map(crate::admin::read_token)
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let (rt, token) = client_setup(token_file)?;
     rt.block_on(async {
         let fetch = crate::admin::fetch(admin, path, token.as_deref());
         match timeout {
@@ -89,14 +82,11 @@ pub fn admin_get(
     })
 }
 
-/// The same GET from each admin listener of a fleet, all at once (one slow instance does
-/// not wait behind another): the bodies in the order of `admins`, or the first failure in
-/// that order, which names its instance (the errors of [`crate::admin::fetch`] do).
-pub fn admin_get_all(
-    admins: &[String],
-    path: &str,
+/// What every admin client needs first: the bearer token (from `token_file`, when given)
+/// and a small runtime for the requests.
+fn client_setup(
     token_file: Option<&Path>,
-) -> Result<Vec<String>, String> {
+) -> Result<(tokio::runtime::Runtime, Option<String>), String> {
     let token = token_file
         .map(crate::admin::read_token)
         .transpose()
@@ -105,6 +95,18 @@ pub fn admin_get_all(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    Ok((rt, token))
+}
+
+/// The same GET from each admin listener of a fleet, all at once (one slow instance does
+/// not wait behind another): the bodies in the order of `admins`, or the first failure in
+/// that order, which names its instance (the errors of [`crate::admin::fetch`] do).
+pub fn admin_get_all(
+    admins: &[String],
+    path: &str,
+    token_file: Option<&Path>,
+) -> Result<Vec<String>, String> {
+    let (rt, token) = client_setup(token_file)?;
     rt.block_on(async {
         let asked: Vec<_> = admins
             .iter()
