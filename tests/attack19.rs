@@ -171,3 +171,60 @@ fn two_narrow_keys_for_one_pattern_are_refused_or_both_honoured() {
         );
     }
 }
+
+/// A wildcard config with both names pinned to an unanswering address (the decision is
+/// recorded before the dial), and `narrow` appended.
+fn observed(narrow: &str) -> String {
+    format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [443]\n[admin]\nlisten = \"127.0.0.1:0\"\n[[allow]]\nhost = \"*.blob.test\"\nports = [443]\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"acct1.blob.test:443\" = \"127.0.0.1:9\", \"attacker.blob.test:443\" = \"127.0.0.1:9\" }}\n{narrow}"
+    )
+}
+
+/// After the operator narrows a wildcard and reloads, a name the policy now refuses stays
+/// in `/allowed` under that pattern (and in the gauge), so the next `suggest --narrow`
+/// (the documented way to refresh the table, e.g. when a new account is needed) suggests
+/// it again: regenerating the table re-opens the very name the operator left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_narrowing_refuses_is_not_kept_in_allowed_after_the_reload() {
+    use aml_egress::reload::Trigger;
+    let cfg = TempFile::new("observed.toml", &observed(""));
+    let p = support::proxy::start_file(&cfg.0).await;
+    for n in ["acct1.blob.test", "attacker.blob.test"] {
+        let (_s, resp) = exchange(p.addr, &format!("CONNECT {n}:443 HTTP/1.1\r\n\r\n")).await;
+        assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    }
+    std::fs::write(
+        &cfg.0,
+        observed("[catalog.narrow]\n\"*.blob.test\" = [\"acct1.blob.test\"]\n"),
+    )
+    .unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (_s, resp) = exchange(p.addr, "CONNECT attacker.blob.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let (_, body) = support::net::get(p.admin_addr, "/allowed", None).await;
+    let rows: Vec<aml_egress::allowed::AllowedReport> = serde_json::from_str(&body).unwrap();
+    let mut o =
+        aml_egress::suggest::narrow::Observed::new(aml_egress::suggest::narrow::Counted::Allowed);
+    o.add_reports(&rows);
+    let table = o.render();
+    assert!(
+        !table.contains("\"attacker.blob.test\""),
+        "suggest --narrow after the narrowing reload lists the refused name again:\n{table}"
+    );
+}
+
+/// `/allowed?rule=` with a value that does not decode to UTF-8 is treated as no filter at
+/// all: every row is served, where a filter matching nothing (or a 400) is expected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_rule_filter_does_not_return_every_row() {
+    let p = start_proxy(&observed("")).await;
+    let (_s, resp) = exchange(p.addr, "CONNECT acct1.blob.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    let (_, all) = support::net::get(p.admin_addr, "/allowed", None).await;
+    assert!(all.contains("acct1.blob.test"), "{all}");
+    let (status, body) = support::net::get(p.admin_addr, "/allowed?rule=%ff", None).await;
+    assert!(
+        status == 400 || !body.contains("acct1.blob.test"),
+        "{status} {body}"
+    );
+}
