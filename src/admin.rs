@@ -160,6 +160,14 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(usize::MAX);
             let rule = param(query, "rule");
+            if rule.is_none() && query.split('&').any(|kv| kv.starts_with("rule=")) {
+                // A filter that does not decode is not "no filter".
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    PLAIN,
+                    "rule: not UTF-8 once percent-decoded\n".into(),
+                );
+            }
             let rows = admin.metrics.allowed.report(rule.as_deref(), limit);
             let body = serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into());
             text(StatusCode::OK, "application/json", body + "\n")
