@@ -235,6 +235,46 @@ impl AllowedNames {
         out
     }
 
+    /// Forget the names for which `keep(name, port, pattern)` says no (after a reload, those
+    /// the new policy no longer allows under that pattern), so that `/allowed` and
+    /// `suggest --narrow` do not offer again what a narrowing refused. `keep` runs without
+    /// the table's lock (on a copy of the keys); returns how many were forgotten.
+    pub fn retain(&self, keep: impl Fn(&str, u16, &str) -> bool) -> usize {
+        let keys: Vec<(u32, Box<str>, u16, Arc<str>)> = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let e = e.as_ref()?;
+                    Some((i as u32, e.name.clone(), e.port, e.rule.clone()))
+                })
+                .collect()
+        };
+        let gone: Vec<_> = keys
+            .into_iter()
+            .filter(|(_, name, port, rule)| !keep(name, *port, rule))
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (i, name, port, rule) in gone {
+            // The slot may have been evicted and reused since the copy.
+            let same = t.slots[i as usize]
+                .as_ref()
+                .is_some_and(|e| e.name == name && e.port == port && e.rule == rule);
+            if same && let Some(e) = t.remove(i) {
+                if let Some(g) = t.gauges.get(&e.rule) {
+                    g.dec();
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// How many names are kept.
     pub fn len(&self) -> usize {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).len
@@ -322,10 +362,15 @@ impl Table {
 
     /// Remove the least recently seen entry.
     fn evict(&mut self) -> Option<Entry> {
-        let i = self.tail;
-        if i == NIL {
-            return None;
+        match self.tail {
+            NIL => None,
+            i => self.remove(i),
         }
+    }
+
+    /// Remove the entry in slot `i`.
+    fn remove(&mut self, i: u32) -> Option<Entry> {
+        self.slots.get(i as usize)?.as_ref()?;
         self.unlink(i);
         let e = self.slots[i as usize].take()?;
         if let Some(v) = self.index.get_mut(&e.hash) {
@@ -408,6 +453,26 @@ mod tests {
             text.contains("aml_egress_wildcard_names{rule=\"*.x\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn names_a_new_policy_refuses_are_forgotten_and_uncounted() {
+        let reg = Registry::new();
+        let t = AllowedNames::new(&reg, 10);
+        for n in ["a.x", "b.x", "c.x"] {
+            t.record(n, 443, "*.x", String::new);
+        }
+        assert_eq!(t.retain(|name, _, _| name != "b.x"), 1);
+        assert_eq!(rows(&t), ["c.x:443 *.x 1", "a.x:443 *.x 1"]);
+        assert!(render(&reg).contains("aml_egress_wildcard_names{rule=\"*.x\"} 2"));
+        // The freed slot is reused, and the recency list still holds.
+        t.record("d.x", 443, "*.x", String::new);
+        t.record("a.x", 443, "*.x", String::new);
+        assert_eq!(
+            rows(&t),
+            ["a.x:443 *.x 2", "d.x:443 *.x 1", "c.x:443 *.x 1"]
+        );
+        assert_eq!(t.table.lock().unwrap().slots.len(), 3);
     }
 
     #[test]

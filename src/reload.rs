@@ -144,6 +144,7 @@ impl Reloader {
                 self.metrics.set_max_denied(denied);
                 self.metrics.allowed.set_max(allowed);
                 shared.replace(live);
+                forget_refused_names(&self.metrics, &shared.live().built.policy);
                 self.metrics
                     .loaded(true, Some((counts, revision.as_str(), cloud)));
                 tracing::info!(
@@ -247,4 +248,23 @@ pub fn fingerprint(files: &[PathBuf]) -> u64 {
         }
     }
     h.finish()
+}
+
+/// After a reload, forget the names `/allowed` holds that the new policy no longer allows
+/// under the same wildcard (a narrowing refused them), so that the next
+/// `suggest --narrow` does not list them again.
+fn forget_refused_names(metrics: &crate::metrics::Metrics, policy: &crate::policy::Policy) {
+    let forgotten = metrics.allowed.retain(|name, port, pattern| {
+        let Ok(t) = crate::policy::Target::parse(&format!("{name}:{port}")) else {
+            return false;
+        };
+        let d = policy.decide(&t, crate::policy::PathView::Hidden);
+        d.is_allowed() && d.rule.and_then(|id| policy.wildcard(id)) == Some(pattern)
+    });
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            "names no longer allowed under their wildcard removed from /allowed"
+        );
+    }
 }

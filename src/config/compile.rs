@@ -183,6 +183,19 @@ fn narrowing(
                 continue;
             }
         };
+        if let Some((first, _)) = out
+            .iter()
+            .find(|(p, _): &&(HostPattern, Vec<HostPattern>)| *p == pattern)
+        {
+            issues.push(issue(
+                format!("{key:?}"),
+                format!(
+                    "names the same pattern as another key ({first}): one list would be ignored"
+                ),
+                "merge the two lists under one key".into(),
+            ));
+            continue;
+        }
         if !wildcards.contains(&pattern.to_string()) {
             let near = did_you_mean(key, wildcards.iter().map(String::as_str));
             let hint = if near.is_empty() {
@@ -230,6 +243,38 @@ fn narrowing(
     } else {
         Err(ConfigError(issues))
     }
+}
+
+/// A note for each narrowed wildcard that a wider allow wildcard, not narrowed itself,
+/// covers: the wider one still allows every name under it, so the narrowing alone keeps
+/// nothing out (the catalog nests `*.instances.azureml.ms` under `*.azureml.ms`).
+fn narrowing_notes(policy: &Policy) -> Vec<String> {
+    let narrow = &policy.options().narrow;
+    let mut notes = Vec::new();
+    for (key, _) in narrow {
+        for r in policy.rules() {
+            let (Action::Allow, Matchable::Host(wide, _)) = (r.action, &r.what) else {
+                continue;
+            };
+            if !matches!(
+                wide,
+                HostPattern::Subdomains(_) | HostPattern::ApexAndSubdomains(_)
+            ) || wide == key
+                || narrow.iter().any(|(k, _)| k == wide)
+            {
+                continue;
+            }
+            let entry = HostPattern::Subdomains(key.base().to_owned());
+            if narrows(wide, &entry) {
+                notes.push(format!(
+                    "catalog.narrow narrows {key}, but {wide} ({}) still allows every name under it, so the narrowing keeps nothing out: narrow {wide} too",
+                    r.source
+                ));
+            }
+        }
+    }
+    notes.dedup();
+    notes
 }
 
 /// Whether `entry` is a name or pattern that the wildcard `key` matches in full: an exact
@@ -329,6 +374,7 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             NamelessTls::Deny => s.proxy.tls_ports.clone(),
             NamelessTls::Allow => Vec::new(),
         },
+        nameless_tls: s.catalog.service_tags_nameless_tls == NamelessTls::Deny,
     };
     let policy = Policy::compile(specs, options.clone()).map_err(|e| {
         ConfigError(vec![ConfigIssue {
@@ -368,6 +414,19 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
     let off_parts = Policy::compile(off_rules, options.clone()).ok();
     let mut warnings = rendered.warnings;
     warnings.extend(imported_notes);
+    warnings.extend(narrowing_notes(&policy));
+    if options.nameless_tls
+        && s.proxy.tls_ports.is_empty()
+        && policy.rules().iter().any(|r| {
+            r.action == Action::Allow
+                && matches!(r.what, Matchable::Cidr(_))
+                && !matches!(r.source, crate::policy::Source::Operator { .. })
+        })
+    {
+        warnings.push(
+            "proxy.tls_ports is empty, so no port counts as TLS for `check`, `catalog` and the exports: a service tag's prefix shows as allowing an address on every port of the tag. Tunnels and redirected connections that carry a TLS hello without a server name are still refused (service_tag_without_name, catalog.service_tags_nameless_tls = \"deny\"); list the TLS ports (tls_ports = [443]) to make the rest agree".to_owned(),
+        );
+    }
     warnings.extend(policy.notes().iter().cloned());
     Ok(Built {
         policy,

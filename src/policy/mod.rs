@@ -384,6 +384,10 @@ pub struct PolicyOptions {
     /// Ports on which an address is allowed only by an operator CIDR rule (`proxy.tls_ports`
     /// under `catalog.service_tags_nameless_tls = "deny"`); empty: any CIDR rule allows.
     pub nameless_tls_ports: Vec<u16>,
+    /// `catalog.service_tags_nameless_tls = "deny"`: a TLS hello seen without a server name
+    /// ([`Policy::decide_nameless_tls`]) is allowed only by an operator CIDR rule, on any
+    /// port.
+    pub nameless_tls: bool,
 }
 
 /// A compile-time failure (a regex set too large for the engine, for example).
@@ -608,12 +612,24 @@ impl Policy {
         }
     }
 
+    /// The decision on a TLS hello without a server name to `ip` on `port`, once the proxy
+    /// has seen it (a tunnel to an address, a redirected connection): nothing names the
+    /// tenant behind the address, so under `catalog.service_tags_nameless_tls = "deny"`
+    /// only an operator CIDR rule allows it, whatever the port.
+    pub fn decide_nameless_tls(&self, ip: IpAddr, port: u16) -> Decision {
+        self.decide_address(ip, port, self.options.nameless_tls)
+    }
+
     fn decide_ip(&self, ip: IpAddr, port: u16) -> Decision {
+        self.decide_address(ip, port, self.options.nameless_tls_ports.contains(&port))
+    }
+
+    /// `nameless`: only an operator CIDR rule may allow.
+    fn decide_address(&self, ip: IpAddr, port: u16, nameless: bool) -> Decision {
         let ports_ok = |id: &RuleId| self.rules[id.0 as usize].ports.contains(port);
         if let Some(id) = self.deny.cidrs.lookup(ip).find(ports_ok) {
             return Decision::deny(Reason::DeniedByRule, Some(id));
         }
-        let nameless = self.options.nameless_tls_ports.contains(&port);
         let mut near: Option<(Reason, RuleId)> = None;
         for id in self.allow.cidrs.lookup(ip) {
             if !ports_ok(&id) {

@@ -145,6 +145,18 @@ impl Live {
         self.apply_mode(decision)
     }
 
+    /// The judgement of a TLS hello without a server name to an address (see
+    /// [`crate::policy::Policy::decide_nameless_tls`]); a named target is judged as usual.
+    pub(crate) fn judge_nameless_tls(&self, target: &Target) -> Judgement {
+        match target.host {
+            crate::policy::Host::Ip(ip) => {
+                let decision = self.built.policy.decide_nameless_tls(ip, target.port);
+                self.apply_mode(decision)
+            }
+            crate::policy::Host::Name(_) => self.judge(target, PathView::Hidden),
+        }
+    }
+
     /// Apply the mode to a decision: audit mode lets a denial pass, except an operator's
     /// deny rule and an invalid target, which hold in every mode.
     pub(crate) fn apply_mode(&self, decision: Decision) -> Judgement {

@@ -29,7 +29,7 @@ use super::handshake::{
 };
 use super::sni::HelloReader;
 use crate::metrics::ListenerKind;
-use crate::policy::{Host, Name, PathView, Target};
+use crate::policy::{Host, Name, PathView, Reason, Target};
 use crate::proxy::addr::ClientAddr;
 use crate::proxy::head::Rewind;
 use crate::proxy::plumbing::Slot;
@@ -238,8 +238,15 @@ impl Tunnel {
                 (reason, Some(v), Some(t))
             }
             // Clients send no name for an IP address (RFC 6066 §3): the CONNECT's
-            // decision on the address stands.
-            (None, Host::Ip(_)) => return Ok(false),
+            // decision on the address stands, unless only a service tag's (or other
+            // catalog) prefix allowed it, which says nothing of the tenant behind it.
+            (None, Host::Ip(_)) => {
+                let v = live.judge_nameless_tls(&self.target);
+                if v.decision.reason != Reason::ServiceTagWithoutName {
+                    return Ok(false);
+                }
+                (ReasonCode::ServiceTagWithoutName, Some(v), None)
+            }
             (None, Host::Name(_)) if live.config.sni_missing_allowed => return Ok(false),
             (None, Host::Name(_)) => (ReasonCode::NoServerName, None, None),
         };

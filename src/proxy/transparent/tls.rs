@@ -91,7 +91,10 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         ),
         None => (dst, ReasonCode::NoServerName),
     };
-    let v = live.judge(&target, PathView::Hidden);
+    let v = match first.server_name {
+        Some(_) => live.judge(&target, PathView::Hidden),
+        None => live.judge_nameless_tls(&target),
+    };
     let counted = if v.pass && !v.would_deny {
         Some(AllowCount::new(&live, via, client, &target, &v))
     } else {

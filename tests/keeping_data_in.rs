@@ -1,5 +1,8 @@
-//! Review of issue 19 (catalog.narrow, catalog.service_tags_nameless_tls, /allowed): ways
-//! around the two controls, each a failing test until fixed.
+//! Ways around the controls that keep data in (`catalog.narrow`,
+//! `catalog.service_tags_nameless_tls`, `/allowed`) found in review, each held by a test:
+//! a nameless TLS hello on any port of a tag, an empty `proxy.tls_ports`, a narrowed
+//! wildcard under a wider one, two keys for one pattern, a refused name kept in `/allowed`,
+//! an undecodable filter.
 
 mod support;
 
