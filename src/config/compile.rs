@@ -488,13 +488,13 @@ fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>)
             }
         }
         (Some(_), None) | (None, Some(_)) => {
-            let missing = if i.ca_cert.is_none() {
-                "inspect.ca_cert"
+            let (missing, given) = if i.ca_cert.is_none() {
+                ("inspect.ca_cert", "inspect.ca_key")
             } else {
-                "inspect.ca_key"
+                ("inspect.ca_key", "inspect.ca_cert")
             };
             issues.push(ConfigIssue {
-                origin: s.origin_of("inspect"),
+                origin: s.origin_of(given),
                 key: missing.to_owned(),
                 value: None,
                 problem: "inspect.ca_cert and inspect.ca_key go together: set both or neither".into(),
@@ -540,7 +540,7 @@ fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>)
                         notes.push(format!(
                             "the inspection CA {} expires in {} days ({when}): make a new one with aml-egress ca init and install it on compute before then",
                             cert_path.display(),
-                            left / 86_400
+                            (left + 43_200) / 86_400
                         ));
                     }
                     plan.ca = Some(LoadedCa {
