@@ -586,3 +586,20 @@ fn the_ca_must_be_a_ca_and_the_key_its_own() {
     assert!(err.contains("inspect.ca_cert"), "{err}");
     assert!(err.contains("not a CA certificate"), "{err}");
 }
+
+#[test]
+fn upstream_trust_anchors_are_read_at_load() {
+    let dir = Dir::new("anchors");
+    assert_eq!(ca_init(&dir, INSPECTING, &[]).status.code(), Some(0));
+    let good = format!("{INSPECTING}upstream_ca_file = {:?}\n", dir.s("ca/ca.pem"));
+    let c = support::compiled(&good);
+    assert_eq!(c.inspect.upstream_roots.len(), 1);
+    std::fs::write(dir.path("notes.txt"), "not a certificate\n").unwrap();
+    let bad = format!("{INSPECTING}upstream_ca_file = {:?}\n", dir.s("notes.txt"));
+    let err = support::build_error(&bad);
+    assert!(
+        err.contains("inspect.upstream_ca_file")
+            && err.contains("no certificate in it could be read"),
+        "{err}"
+    );
+}
