@@ -60,11 +60,14 @@ fn exportable(
                 r.display(),
                 r.source
             )),
-            (Matchable::Host(_, Some(_)), TlsPathRules::Deny) => warnings.push(format!(
-                "left out {} ({}): path rules cannot be expressed, and policy.tls_path_rules = \"deny\"",
-                r.display(),
-                r.source
-            )),
+            (Matchable::Host(_, Some(_)), TlsPathRules::Deny | TlsPathRules::Inspect) => {
+                warnings.push(format!(
+                    "left out {} ({}): path rules cannot be expressed, and policy.tls_path_rules = \"{}\" never widens them",
+                    r.display(),
+                    r.source,
+                    tls_path_rules.as_str()
+                ))
+            }
             (Matchable::Host(h, path), _) => {
                 if path.is_some() {
                     warnings.push(format!(

@@ -15,6 +15,7 @@ pub mod cmd;
 pub mod config;
 pub mod export;
 pub mod fleet;
+pub mod inspect;
 pub mod logs;
 pub mod metrics;
 pub mod nva;

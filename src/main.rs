@@ -45,6 +45,9 @@ enum Command {
     Health(cmd::health::Args),
     /// Print an nftables rule set for a network virtual appliance VM (`nft -f` loads it).
     NvaRules(cmd::nva_rules::Args),
+    /// Make (`init`) or show (`show`) the CA that signs inspected tunnels' certificates,
+    /// constrained to the names the configuration inspects.
+    Ca(cmd::ca::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Suggest(a) => cmd::suggest::run(a),
         Command::Health(a) => cmd::health::run(a),
         Command::NvaRules(a) => cmd::nva_rules::run(a),
+        Command::Ca(a) => cmd::ca::run(a),
     };
     // Exit codes are 0, 1 and 2.
     ExitCode::from(code as u8)

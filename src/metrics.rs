@@ -133,6 +133,9 @@ pub struct Metrics {
     reload_time: IntGauge,
     rules: IntGaugeVec,
     build_info: IntGaugeVec,
+    /// Seconds until the inspection CA expires; no series without a CA (a vector without
+    /// labels, so that it can be absent).
+    inspect_ca_expiry: IntGaugeVec,
     suppressed: IntCounter,
     /// Requests sent again after a reused upstream connection closed without answering.
     pub upstream_retries: IntCounter,
@@ -288,6 +291,12 @@ impl Metrics {
                 "Always 1; the labels say which build, catalog revision and cloud are serving.",
                 &["version", "catalog_revision", "cloud"],
             ),
+            inspect_ca_expiry: gauge_vec(
+                &r,
+                "aml_egress_inspect_ca_expiry_seconds",
+                "Seconds until the inspection CA (inspect.ca_cert) expires, set at each load; negative once expired; absent without a CA.",
+                &[],
+            ),
             suppressed: counter(
                 &r,
                 "aml_egress_log_lines_suppressed_total",
@@ -435,6 +444,21 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), revision, cloud])
             .set(1);
+    }
+
+    /// The inspection CA of a load: seconds from now to `expires_at` (negative once past),
+    /// or no series without a CA.
+    pub fn inspect_ca(&self, expires_at: Option<SystemTime>) {
+        self.inspect_ca_expiry.reset();
+        if let Some(t) = expires_at {
+            let secs = match t.duration_since(SystemTime::now()) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            };
+            self.inspect_ca_expiry
+                .with_label_values(&[] as &[&str])
+                .set(secs);
+        }
     }
 
     /// Change the bound on denied targets (a reload); evicts down to it at once.
@@ -611,5 +635,28 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("b.example"), "{text}");
+    }
+
+    #[test]
+    fn the_ca_expiry_gauge_is_there_only_with_a_ca_and_goes_negative() {
+        let m = Metrics::new(1);
+        m.inspect_ca(None);
+        assert!(!m.render().contains("aml_egress_inspect_ca_expiry_seconds "));
+        m.inspect_ca(Some(SystemTime::now() + Duration::from_secs(86_400 + 30)));
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("aml_egress_inspect_ca_expiry_seconds "))
+            .unwrap_or_else(|| panic!("{text}"));
+        let secs: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((86_400..=86_430).contains(&secs), "{line}");
+        m.inspect_ca(Some(SystemTime::now() - Duration::from_secs(100)));
+        assert!(
+            m.render()
+                .contains("aml_egress_inspect_ca_expiry_seconds -1"),
+            "expired"
+        );
+        m.inspect_ca(None);
+        assert!(!m.render().contains("aml_egress_inspect_ca_expiry_seconds "));
     }
 }

@@ -109,10 +109,11 @@ impl Reloader {
                 let (revision, cloud) = (c.built.revision.clone(), c.built.cloud.name());
                 let changes = self.started.diff(&c.restart);
                 let files = c.watched_files();
-                let (lines, denied, allowed) = (
+                let (lines, denied, allowed, ca_expiry) = (
                     c.log.denied_lines_per_minute,
                     c.metrics.max_denied_targets,
                     c.metrics.max_allowed_names,
+                    c.inspect.expires_at(),
                 );
                 Live::build(c, self.own.clone(), self.metrics.clone(), self.logs.clone())
                     .map(|live| {
@@ -120,7 +121,7 @@ impl Reloader {
                             live,
                             changes,
                             files,
-                            (lines, denied, allowed),
+                            (lines, denied, allowed, ca_expiry),
                             counts,
                             revision,
                             cloud,
@@ -134,7 +135,15 @@ impl Reloader {
                 tracing::error!(trigger = why.as_str(), error = %e, "configuration reload failed; the previous configuration stays in force");
                 false
             }
-            Ok((live, changes, files, (lines, denied, allowed), counts, revision, cloud)) => {
+            Ok((
+                live,
+                changes,
+                files,
+                (lines, denied, allowed, ca_expiry),
+                counts,
+                revision,
+                cloud,
+            )) => {
                 for c in changes {
                     tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
@@ -143,6 +152,7 @@ impl Reloader {
                 self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);
                 self.metrics.allowed.set_max(allowed);
+                self.metrics.inspect_ca(ca_expiry);
                 shared.replace(live);
                 forget_refused_names(&self.metrics, &shared.live().built.policy);
                 self.metrics

@@ -96,6 +96,7 @@ pub async fn start(
     let (cloud, revision) = (built.cloud, built.revision.clone());
     built.log_notes();
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
+    metrics.inspect_ca(compiled.inspect.expires_at());
     let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());
     let live = Live::build(compiled, own, metrics.clone(), logs)?;
     metrics.loaded(true, Some((counts, revision.as_str(), cloud.name())));

@@ -606,7 +606,7 @@ fn a_config_error_names_the_file_as_given_from_any_directory() {
 fn unknown_tables_are_blamed_on_their_file_and_line() {
     let cfg = TempFile::new(
         "tables.toml",
-        "[proxy]\nfoo = { a = 1 }\n\n[inspect]\nb = 2\n",
+        "[proxy]\nfoo = { a = 1 }\n\n[tunnels]\nb = 2\n",
     );
     let path = cfg.0.to_str().unwrap();
     let out = run(&["validate", "--config", path]);
@@ -617,7 +617,7 @@ fn unknown_tables_are_blamed_on_their_file_and_line() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("  - {path}:4: inspect: unknown key")),
+        err.contains(&format!("  - {path}:4: tunnels: unknown key")),
         "{err}"
     );
     assert!(!err.contains("built-in defaults"), "{err}");

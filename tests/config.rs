@@ -152,6 +152,24 @@ const REJECTED: &[Rejected] = &[
         says: "0 (no watch) to 3600",
     },
     Rejected {
+        name: "max cached certificates",
+        toml: "[inspect]\nmax_cached_certs = 0",
+        key: "inspect.max_cached_certs",
+        says: "1 to 1000000",
+    },
+    Rejected {
+        name: "inspected host with a path",
+        toml: "[inspect]\nhosts = [\"files.example.com/x/*\"]",
+        key: "inspect.hosts",
+        says: "without a path",
+    },
+    Rejected {
+        name: "bypassed host that is no pattern",
+        toml: "[inspect]\nbypass = [\"a.*.example.com\"]",
+        key: "inspect.bypass",
+        says: "a wildcard may only stand at the far left",
+    },
+    Rejected {
         name: "max denied targets",
         toml: "[metrics]\nmax_denied_targets = 0",
         key: "metrics.max_denied_targets",

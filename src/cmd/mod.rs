@@ -4,6 +4,7 @@
 //! [`crate::export`], [`crate::suggest`], [`crate::nva`], ...), what they print here.
 
 pub mod allowed;
+pub mod ca;
 pub mod catalog;
 pub mod check;
 pub mod denied;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::{EXIT_OK, exit_code, load};
 use crate::config::Built;
+use crate::inspect::{Inspection, Why};
 
 /// The arguments of `validate`.
 #[derive(Debug, clap::Args)]
@@ -25,6 +26,7 @@ fn validate(args: Args) -> anyhow::Result<i32> {
     };
     let mut out = io::stdout().lock();
     print_summary(&c.built, &args.config.display().to_string(), &mut out)?;
+    print_inspection(&c.inspect, &mut out)?;
     out.flush()?;
     Ok(EXIT_OK)
 }
@@ -61,6 +63,53 @@ pub fn print_summary(built: &Built, origin: &str, out: &mut dyn Write) -> io::Re
     writeln!(out, "warnings: {}", built.warnings.len())?;
     for w in &built.warnings {
         writeln!(out, "  - {w}")?;
+    }
+    Ok(())
+}
+
+/// Print which tunnels will be inspected and why (after the warnings, which include a path
+/// rule over a bypassed name).
+pub fn print_inspection(i: &Inspection, out: &mut dyn Write) -> io::Result<()> {
+    match &i.ca {
+        Some(ca) => {
+            let days = (ca.cert.seconds_left(std::time::SystemTime::now()) + 43_200) / 86_400;
+            writeln!(
+                out,
+                "TLS inspection: on, CA {} (expires {}, {days} days left)",
+                ca.cert_path.display(),
+                crate::clock::rfc3339(ca.cert.not_after)
+            )?;
+            if i.inspected.is_empty() {
+                writeln!(
+                    out,
+                    "inspected: nothing (no path rule on a TLS port, no inspect.hosts)"
+                )?;
+            } else {
+                writeln!(out, "inspected: {}", i.inspected.len())?;
+            }
+        }
+        None if i.inspected.is_empty() => {
+            writeln!(out, "TLS inspection: off (inspect.ca_cert is not set)")?;
+        }
+        None => writeln!(
+            out,
+            "TLS inspection: off (inspect.ca_cert is not set); with a CA, inspected: {}",
+            i.inspected.len()
+        )?,
+    }
+    for x in &i.inspected {
+        match x.why {
+            Why::PathRule => writeln!(out, "  - {}: path rule {}", x.pattern, x.what)?,
+            Why::Hosts => writeln!(out, "  - {}: inspect.hosts", x.pattern)?,
+        }
+    }
+    if !i.bypass().is_empty() {
+        let names: Vec<String> = i.bypass().iter().map(ToString::to_string).collect();
+        writeln!(
+            out,
+            "never inspected (inspect.bypass): {}",
+            names.join(", ")
+        )?;
     }
     Ok(())
 }

@@ -56,6 +56,7 @@ pub fn check(s: &Settings) -> Vec<ConfigIssue> {
     let mut out: Vec<Problem> = Vec::new();
     catalog(s, &mut out);
     proxy(s, &mut out);
+    inspect(s, &mut out);
     operations(s, &mut out);
     let mut issues: Vec<ConfigIssue> = out
         .into_iter()
@@ -245,6 +246,32 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
             )),
         ));
     }
+}
+
+/// `[inspect]`'s lists and bound. Its CA files are checked when the configuration is
+/// compiled ([`crate::inspect`]), which `aml-egress ca init` skips.
+fn inspect(s: &Settings, out: &mut Vec<Problem>) {
+    let i = &s.inspect;
+    for (key, list) in [("inspect.hosts", &i.hosts), ("inspect.bypass", &i.bypass)] {
+        for entry in list {
+            if let Err(problem) = crate::inspect::host_pattern(entry) {
+                out.push(Problem::new(
+                    key,
+                    format!("{entry:?}"),
+                    problem,
+                    Some("write a host pattern as in rules, without a path: \"files.example.com\", \"*.blob.core.windows.net\"".into()),
+                ));
+            }
+        }
+    }
+    range(
+        out,
+        "inspect.max_cached_certs",
+        i.max_cached_certs,
+        1,
+        1_000_000,
+        "use 1 to 1000000 (each kept certificate holds a few kilobytes)",
+    );
 }
 
 fn operations(s: &Settings, out: &mut Vec<Problem>) {

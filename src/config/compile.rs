@@ -20,9 +20,10 @@ use crate::catalog::{
     ServiceTags,
 };
 use crate::config::{ConfigError, ConfigIssue, NamelessTls, Settings, operator_rule};
+use crate::inspect::{Inspection, LoadedCa, ca};
 use crate::policy::{
     Action, HostPattern, Matchable, PathView, Policy, PolicyOptions, RuleSpec, Target,
-    did_you_mean, parse_pattern,
+    TlsPathRules, did_you_mean, parse_pattern,
 };
 
 /// A compiled policy and what an operator should know about it.
@@ -496,6 +497,135 @@ impl Built {
     }
 }
 
+/// How long before its CA expires a load warns.
+const CA_EXPIRY_WARNING_SECS: i64 = 30 * 86_400;
+
+/// `[inspect]` compiled against the policy: what is inspected, and the CA and upstream
+/// trust anchors read and checked (every problem at once), with the load-time notes.
+/// `aml-egress ca init` compiles with `inspect.ca_cert` and `inspect.ca_key` cleared.
+fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>), ConfigError> {
+    let i = &s.inspect;
+    let mut issues = Vec::new();
+    let shown = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+    let issue = |key: &str, value: Option<String>, p: ca::Problem| ConfigIssue {
+        origin: s.origin_of(key),
+        key: key.to_owned(),
+        value,
+        problem: p.problem,
+        fix: Some(p.fix),
+    };
+    let mut patterns = |key: &str, list: &[String]| -> Vec<HostPattern> {
+        let mut out = Vec::new();
+        for entry in list {
+            match crate::inspect::host_pattern(entry) {
+                Ok(p) => out.push(p),
+                // Checked by Settings::load; an error here means settings built by hand.
+                Err(problem) => issues.push(ConfigIssue {
+                    origin: s.origin_of(key),
+                    key: key.to_owned(),
+                    value: Some(format!("{entry:?}")),
+                    problem,
+                    fix: None,
+                }),
+            }
+        }
+        out
+    };
+    let hosts = patterns("inspect.hosts", &i.hosts);
+    let bypass = patterns("inspect.bypass", &i.bypass);
+    let (mut plan, mut notes) = Inspection::plan(
+        policy,
+        &s.proxy.tls_ports,
+        hosts,
+        bypass,
+        i.max_cached_certs,
+    );
+    match (&i.ca_cert, &i.ca_key) {
+        (None, None) => {
+            if s.policy.tls_path_rules == TlsPathRules::Inspect && !plan.inspected.is_empty() {
+                notes.push("policy.tls_path_rules = \"inspect\" without inspect.ca_cert: path rules are refused over TLS (as with \"deny\") until a CA is set".into());
+            }
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            let (missing, given) = if i.ca_cert.is_none() {
+                ("inspect.ca_cert", "inspect.ca_key")
+            } else {
+                ("inspect.ca_key", "inspect.ca_cert")
+            };
+            issues.push(ConfigIssue {
+                origin: s.origin_of(given),
+                key: missing.to_owned(),
+                value: None,
+                problem: "inspect.ca_cert and inspect.ca_key go together: set both or neither".into(),
+                fix: Some("name the CA's certificate and key files (`aml-egress ca init` writes ca.pem and ca.key), or remove the one given".into()),
+            });
+        }
+        (Some(cert_path), Some(key_path)) => match ca::read_cert(cert_path) {
+            Err(p) => issues.push(issue("inspect.ca_cert", Some(shown(cert_path)), p)),
+            Ok(cert) => match ca::read_key(key_path, &cert) {
+                Err(p) => issues.push(issue("inspect.ca_key", Some(shown(key_path)), p)),
+                Ok(key) => {
+                    if let Some(c) = &cert.constraints {
+                        let config = s
+                            .file
+                            .as_ref()
+                            .map_or_else(|| "FILE".to_owned(), |f| f.display().to_string());
+                        for not in plan.not_permitted(c) {
+                            issues.push(ConfigIssue {
+                                origin: s.origin_of("inspect.ca_cert"),
+                                key: "inspect.ca_cert".into(),
+                                value: Some(shown(cert_path)),
+                                problem: format!(
+                                    "the CA's name constraints ({}) do not permit {}, which this configuration inspects ({}): clients would refuse its certificates",
+                                    c.describe(),
+                                    not.pattern,
+                                    not.what
+                                ),
+                                fix: Some(format!(
+                                    "make a CA for this configuration (aml-egress ca init --config {config} --out DIR --force) and install its ca.pem on compute, or add {} to inspect.bypass if it need not be inspected",
+                                    not.pattern
+                                )),
+                            });
+                        }
+                    }
+                    let left = cert.seconds_left(std::time::SystemTime::now());
+                    let when = crate::clock::rfc3339(cert.not_after);
+                    if left <= 0 {
+                        notes.push(format!(
+                            "the inspection CA {} expired at {when}: tunnels that need inspection will be refused; make a new one with aml-egress ca init and install it on compute",
+                            cert_path.display()
+                        ));
+                    } else if left < CA_EXPIRY_WARNING_SECS {
+                        notes.push(format!(
+                            "the inspection CA {} expires in {} days ({when}): make a new one with aml-egress ca init and install it on compute before then",
+                            cert_path.display(),
+                            (left + 43_200) / 86_400
+                        ));
+                    }
+                    plan.ca = Some(LoadedCa {
+                        cert_path: cert_path.clone(),
+                        key_path: key_path.clone(),
+                        cert,
+                        key,
+                    });
+                }
+            },
+        },
+    }
+    if let Some(f) = &i.upstream_ca_file {
+        match ca::read_anchors(f) {
+            Ok(roots) => plan.upstream_roots = roots,
+            Err(p) => issues.push(issue("inspect.upstream_ca_file", Some(shown(f)), p)),
+        }
+        plan.upstream_ca_file = Some(f.clone());
+    }
+    if issues.is_empty() {
+        Ok((plan, notes))
+    } else {
+        Err(ConfigError(issues))
+    }
+}
+
 /// A configuration ready for the runtime: the compiled policy and the typed options of
 /// every part.
 #[derive(Debug)]
@@ -508,6 +638,8 @@ pub struct Compiled {
     pub log: LogSettings,
     pub metrics: MetricsSettings,
     pub reload: ReloadSettings,
+    /// `[inspect]`: what is inspected, the CA and the upstream trust anchors.
+    pub inspect: Inspection,
     /// The config file, when there is one (watched and re-read on reload).
     pub file: Option<PathBuf>,
     /// The catalog file it names, if any (watched too).
@@ -550,7 +682,9 @@ impl RestartOnly {
 
 /// Compile checked settings.
 pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
-    let built = build_policy(&s)?;
+    let mut built = build_policy(&s)?;
+    let (inspect, notes) = inspection(&s, &built.policy)?;
+    built.warnings.extend(notes);
     let restart = RestartOnly(
         s.shown()
             .into_iter()
@@ -566,6 +700,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
         log: s.log,
         metrics: s.metrics,
         reload: s.reload,
+        inspect,
         file: s.file,
         catalog_file: s.catalog.file,
         service_tags_file: s.catalog.service_tags_file,
@@ -576,7 +711,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
 
 impl Compiled {
     /// The files whose contents decide this configuration: the config file and the files
-    /// it names (catalog, certificate, key). None when serving the embedded defaults.
+    /// it names (catalog, certificates, keys). None when serving the embedded defaults.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let Some(path) = &self.file else {
             return Vec::new();
@@ -587,6 +722,11 @@ impl Compiled {
         files.extend(self.imports.iter().cloned());
         files.extend(self.proxy.tls_cert.clone());
         files.extend(self.proxy.tls_key.clone());
+        if let Some(ca) = &self.inspect.ca {
+            files.push(ca.cert_path.clone());
+            files.push(ca.key_path.clone());
+        }
+        files.extend(self.inspect.upstream_ca_file.clone());
         files
     }
 }

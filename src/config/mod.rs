@@ -26,8 +26,8 @@ use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 pub use compile::{Built, Change, Compiled, build_policy, compile};
 pub use settings::{
-    AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, LogFormat, LogLevel,
-    LogSettings, MetricsSettings, Mode, NameServer, NamelessTls, Narrow, PolicySettings,
+    AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, InspectSettings, LogFormat,
+    LogLevel, LogSettings, MetricsSettings, Mode, NameServer, NamelessTls, Narrow, PolicySettings,
     PrivateRanges, ProxySettings, ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial,
     TransparentMode, TransparentSettings, UpstreamSettings,
 };
@@ -171,6 +171,11 @@ impl Settings {
         let mut settings = Settings::read(&mut reader, rules);
         issues.extend(reader.issues);
         settings.file = path.map(Path::to_path_buf);
+        // With a CA, a path rule over TLS is enforced by inspection unless the file says
+        // otherwise.
+        if settings.inspect.ca_cert.is_some() && !origins.contains_key("policy.tls_path_rules") {
+            settings.policy.tls_path_rules = crate::policy::TlsPathRules::Inspect;
+        }
         settings.origins = origins;
         issues.extend(checks::check(&settings));
         if issues.is_empty() {

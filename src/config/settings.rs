@@ -163,9 +163,10 @@ impl Setting for TlsPathRules {
         match String::from_value(v)?.as_str() {
             "widen" => Ok(TlsPathRules::Widen),
             "deny" => Ok(TlsPathRules::Deny),
+            "inspect" => Ok(TlsPathRules::Inspect),
             _ => Err(Bad::new(
                 "not an accepted value",
-                "use \"widen\" (allow the whole host over TLS) or \"deny\"",
+                "use \"widen\" (allow the whole host over TLS), \"deny\" or \"inspect\" (enforce the path inside the inspected tunnel; needs inspect.ca_cert)",
             )),
         }
     }
@@ -374,6 +375,27 @@ section! {
 }
 
 section! {
+    /// The `[inspect]` section: selective TLS inspection (off unless `ca_cert` is set). The
+    /// CA's files are read and checked when the configuration is compiled, not here, so
+    /// that `aml-egress ca init` can read the rest before any CA exists.
+    InspectSettings = "inspect" {
+        /// PEM certificate of the CA that signs the inspected tunnels' leaf certificates.
+        ca_cert: Option<PathBuf> = None; Scalar, Live;
+        /// PEM (PKCS#8) private key of that CA; mode 0600, never logged nor printed.
+        ca_key: Option<PathBuf> = None; Scalar, Live;
+        /// Host patterns (rule syntax, no path) whose allowed tunnels are inspected even
+        /// without a path rule.
+        hosts: Vec<String> = Vec::new(); List, Live;
+        /// Host patterns never inspected (clients that pin certificates).
+        bypass: Vec<String> = Vec::new(); List, Live;
+        /// PEM trust anchors for verifying upstreams, added to the system's store.
+        upstream_ca_file: Option<PathBuf> = None; Scalar, Live;
+        /// Minted leaf certificates kept; the least recently used is evicted.
+        max_cached_certs: usize = 10_000; Scalar, Live;
+    }
+}
+
+section! {
     /// The `[proxy]` section: listeners, mode, who may connect, limits and tunnels.
     ProxySettings = "proxy" {
         /// Addresses to listen on.
@@ -506,6 +528,7 @@ section! {
 pub const SECTIONS: &[(&str, &[Key])] = &[
     ("catalog", CatalogSettings::KEYS),
     ("policy", PolicySettings::KEYS),
+    ("inspect", InspectSettings::KEYS),
     ("proxy", ProxySettings::KEYS),
     ("upstream", UpstreamSettings::KEYS),
     ("transparent", TransparentSettings::KEYS),
@@ -531,6 +554,7 @@ pub struct RuleEntry {
 pub struct Settings {
     pub catalog: CatalogSettings,
     pub policy: PolicySettings,
+    pub inspect: InspectSettings,
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
     pub transparent: TransparentSettings,
@@ -552,6 +576,7 @@ impl Settings {
         Settings {
             catalog: CatalogSettings::read(r),
             policy: PolicySettings::read(r),
+            inspect: InspectSettings::read(r),
             proxy: ProxySettings::read(r),
             upstream: UpstreamSettings::read(r),
             transparent: TransparentSettings::read(r),
@@ -571,6 +596,7 @@ impl Settings {
         let mut out = Vec::new();
         self.catalog.shown(&mut out);
         self.policy.shown(&mut out);
+        self.inspect.shown(&mut out);
         self.proxy.shown(&mut out);
         self.upstream.shown(&mut out);
         self.transparent.shown(&mut out);

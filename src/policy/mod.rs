@@ -263,6 +263,21 @@ pub enum TlsPathRules {
     Widen,
     /// The rule never matches a TLS destination.
     Deny,
+    /// The path is enforced by inspecting the tunnel (`[inspect]`), never widened. Where
+    /// the policy itself cannot see a path it decides as with `Deny`; the inspection data
+    /// path (issue 20) is what lets such a tunnel through, request by request.
+    Inspect,
+}
+
+impl TlsPathRules {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPathRules::Widen => "widen",
+            TlsPathRules::Deny => "deny",
+            TlsPathRules::Inspect => "inspect",
+        }
+    }
 }
 
 /// How much of the request the caller could see.
@@ -388,6 +403,42 @@ pub struct PolicyOptions {
     /// ([`Policy::decide_nameless_tls`]) is allowed only by an operator CIDR rule, on any
     /// port.
     pub nameless_tls: bool,
+}
+
+/// Host patterns compiled into the policy's own name tables, so that a list of them
+/// (`inspect.hosts`, `inspect.bypass`) matches names exactly as rules do.
+#[derive(Debug, Default)]
+pub struct HostSet {
+    patterns: Vec<HostPattern>,
+    table: NameTable,
+}
+
+impl HostSet {
+    /// The set of `patterns`.
+    pub fn new(patterns: Vec<HostPattern>) -> Self {
+        let mut table = NameTable::default();
+        for (i, p) in patterns.iter().enumerate() {
+            table.insert(p, RuleId(i as u32));
+        }
+        HostSet { patterns, table }
+    }
+
+    /// Whether a pattern matches `name`, a normalised name (lower case, no trailing dot),
+    /// as [`Name`] holds it.
+    #[inline]
+    pub fn contains(&self, name: &str) -> bool {
+        self.table.find(name, |_| true)
+    }
+
+    /// The patterns, in the order given.
+    pub fn patterns(&self) -> &[HostPattern] {
+        &self.patterns
+    }
+
+    /// Whether there is no pattern.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
 }
 
 /// A compile-time failure (a regex set too large for the engine, for example).
@@ -797,8 +848,9 @@ impl Policy {
                 r.what, r.source
             ),
             (Reason::PathHiddenByTls, Some(r)) => format!(
-                "only a path rule matches ({}) and paths are invisible inside TLS (policy.tls_path_rules = \"deny\")",
-                r.what
+                "only a path rule matches ({}) and paths are invisible inside TLS (policy.tls_path_rules = \"{}\")",
+                r.what,
+                self.options.tls_path_rules.as_str()
             ),
             (Reason::InvalidTarget(e), _) => format!("invalid target: {e}"),
             (Reason::WildcardNarrowed, Some(r)) => format!(

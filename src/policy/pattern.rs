@@ -19,6 +19,13 @@ pub enum HostPattern {
     ApexAndSubdomains(String),
 }
 
+/// Whether `name` is a strict subdomain of `base` (`a.b.c` of `b.c`, never `xb.c`).
+fn strictly_under(name: &str, base: &str) -> bool {
+    name.len() > base.len() + 1
+        && name.ends_with(base)
+        && name.as_bytes()[name.len() - base.len() - 1] == b'.'
+}
+
 impl HostPattern {
     /// The name every match ends in (the pattern without its wildcard).
     pub fn base(&self) -> &str {
@@ -26,6 +33,46 @@ impl HostPattern {
             HostPattern::Exact(s)
             | HostPattern::Subdomains(s)
             | HostPattern::ApexAndSubdomains(s) => s,
+        }
+    }
+
+    /// Whether the normalised `name` matches, as the policy's tables would match it (a
+    /// load-time helper; the hot path uses the tables).
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            HostPattern::Exact(n) => name == n,
+            HostPattern::Subdomains(b) => strictly_under(name, b),
+            HostPattern::ApexAndSubdomains(b) => name == b || strictly_under(name, b),
+        }
+    }
+
+    /// Whether every name `other` matches, this matches too.
+    pub fn covers(&self, other: &HostPattern) -> bool {
+        match other {
+            HostPattern::Exact(n) => self.matches(n),
+            HostPattern::Subdomains(b) => match self {
+                HostPattern::Exact(_) => false,
+                HostPattern::Subdomains(a) | HostPattern::ApexAndSubdomains(a) => {
+                    b == a || strictly_under(b, a)
+                }
+            },
+            HostPattern::ApexAndSubdomains(b) => match self {
+                HostPattern::Exact(_) => false,
+                HostPattern::Subdomains(a) => strictly_under(b, a),
+                HostPattern::ApexAndSubdomains(a) => b == a || strictly_under(b, a),
+            },
+        }
+    }
+
+    /// Whether some name matches both patterns.
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        match (self, other) {
+            (HostPattern::Exact(n), p) | (p, HostPattern::Exact(n)) => p.matches(n),
+            // Two wildcards share names exactly when one base is the other or lies under it.
+            (a, b) => {
+                let (a, b) = (a.base(), b.base());
+                a == b || strictly_under(a, b) || strictly_under(b, a)
+            }
         }
     }
 }
@@ -253,6 +300,42 @@ fn punycode_encode(input: &[char]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pat(s: &str) -> HostPattern {
+        parse_pattern(s).unwrap().0
+    }
+
+    #[test]
+    fn patterns_match_cover_and_overlap_as_the_tables_do() {
+        assert!(pat("*.x.com").matches("a.b.x.com"));
+        assert!(!pat("*.x.com").matches("x.com"));
+        assert!(!pat("*.x.com").matches("ax.com"));
+        assert!(pat("*x.com").matches("x.com") && pat("*x.com").matches("a.x.com"));
+        assert!(!pat("*x.com").matches("ax.com"));
+        for (a, b, covers) in [
+            ("*.x.com", "a.x.com", true),
+            ("*.x.com", "*.a.x.com", true),
+            ("*.x.com", "*x.com", false),
+            ("*x.com", "*.x.com", true),
+            ("*x.com", "x.com", true),
+            ("*.a.x.com", "*.x.com", false),
+            ("a.x.com", "a.x.com", true),
+            ("a.x.com", "*.a.x.com", false),
+        ] {
+            assert_eq!(pat(a).covers(&pat(b)), covers, "{a} covers {b}");
+        }
+        for (a, b, overlap) in [
+            ("*.x.com", "*.a.x.com", true),
+            ("*.a.x.com", "*.x.com", true),
+            ("*.x.com", "*.y.com", false),
+            ("*.x.com", "x.com", false),
+            ("*x.com", "x.com", true),
+            ("a.x.com", "*.x.com", true),
+            ("*.ax.com", "*.x.com", false),
+        ] {
+            assert_eq!(pat(a).overlaps(&pat(b)), overlap, "{a} overlaps {b}");
+        }
+    }
 
     #[test]
     fn shapes() {
