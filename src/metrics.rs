@@ -136,6 +136,17 @@ pub struct Metrics {
     /// Seconds until the inspection CA expires; no series without a CA (a vector without
     /// labels, so that it can be absent).
     inspect_ca_expiry: IntGaugeVec,
+    /// Leaf certificates minted for inspected tunnels.
+    pub inspect_minted: IntCounter,
+    /// Leaf certificates kept for inspected tunnels.
+    pub inspect_cached: IntGauge,
+    /// Inspected tunnels whose client did not complete the handshake with the proxy's
+    /// certificate (it does not trust the CA, most often).
+    pub inspect_client_failures: IntCounter,
+    /// Inspected requests refused because the upstream's certificate did not verify.
+    pub inspect_upstream_failures: IntCounter,
+    /// Requests decided inside inspected tunnels, by decision and reason.
+    pub inspected_requests: IntCounterVec,
     suppressed: IntCounter,
     /// Requests sent again after a reused upstream connection closed without answering.
     pub upstream_retries: IntCounter,
@@ -290,6 +301,32 @@ impl Metrics {
                 "aml_egress_build_info",
                 "Always 1; the labels say which build, catalog revision and cloud are serving.",
                 &["version", "catalog_revision", "cloud"],
+            ),
+            inspect_minted: counter(
+                &r,
+                "aml_egress_inspect_certificates_minted_total",
+                "Leaf certificates minted for inspected tunnels (one per name, again when the cached one is evicted or half through its validity).",
+            ),
+            inspect_cached: gauge(
+                &r,
+                "aml_egress_inspect_cached_certificates",
+                "Leaf certificates kept for inspected tunnels; at most inspect.max_cached_certs.",
+            ),
+            inspect_client_failures: counter(
+                &r,
+                "aml_egress_inspect_client_handshake_failures_total",
+                "Inspected tunnels whose client did not complete the TLS handshake with the proxy's certificate (most often: the CA is not installed on the client); the hosts are in the log.",
+            ),
+            inspect_upstream_failures: counter(
+                &r,
+                "aml_egress_inspect_upstream_certificate_failures_total",
+                "Inspected requests refused because the upstream's certificate did not verify (upstream_certificate_invalid).",
+            ),
+            inspected_requests: counter_vec(
+                &r,
+                "aml_egress_inspected_requests_total",
+                "Requests decided inside inspected TLS tunnels, by decision and reason.",
+                &["decision", "reason"],
             ),
             inspect_ca_expiry: gauge_vec(
                 &r,

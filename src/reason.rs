@@ -61,6 +61,10 @@ reasons! {
     WildcardNarrowed = "wildcard_narrowed",
     /// An address on a TLS port that only a service tag's (or other catalog) prefix allows.
     ServiceTagWithoutName = "service_tag_without_name",
+    /// An inspected request's upstream presented a certificate that did not verify.
+    UpstreamCertificateInvalid = "upstream_certificate_invalid",
+    /// A tunnel that needs inspection while the inspection CA has expired.
+    InspectCaExpired = "inspect_ca_expired",
 }
 
 impl ReasonCode {
@@ -90,6 +94,8 @@ impl ReasonCode {
             ReasonCode::HostMismatch => "Host names another host or port",
             ReasonCode::WildcardNarrowed => "name not among the narrowed wildcard's names",
             ReasonCode::ServiceTagWithoutName => "address without a server name",
+            ReasonCode::UpstreamCertificateInvalid => "upstream certificate did not verify",
+            ReasonCode::InspectCaExpired => "inspection CA expired",
         }
     }
 

@@ -143,6 +143,9 @@ pub enum DialError {
     Timeout(Duration),
     #[error("connection failed: {0}")]
     Refused(std::io::Error),
+    /// The upstream's TLS certificate did not verify (an inspected request).
+    #[error("the upstream's TLS certificate did not verify: {0}")]
+    Certificate(String),
 }
 
 impl DialError {
@@ -157,6 +160,10 @@ impl DialError {
             DialError::DenyRule(..) => ("destination_ip_prohibited", ReasonCode::DenyRule),
             DialError::Timeout(_) => ("connection_timeout", ReasonCode::DialTimeout),
             DialError::Refused(_) => ("connection_refused", ReasonCode::DialFailed),
+            DialError::Certificate(_) => (
+                "tls_certificate_error",
+                ReasonCode::UpstreamCertificateInvalid,
+            ),
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod dial;
 pub mod error;
 pub mod forward;
 pub mod head;
+pub mod inspect;
 pub mod keepalive;
 pub mod per_client;
 mod plumbing;

@@ -1,6 +1,8 @@
-//! The pooled keep-alive client for plain HTTP: hyper-util's connection pool over our own
-//! connector, so that every new upstream connection goes through the same resolve-once,
-//! address-guarded dial as a CONNECT tunnel.
+//! The pooled keep-alive client: hyper-util's connection pool over our own connector, so
+//! that every new upstream connection goes through the same resolve-once, address-guarded
+//! dial as a CONNECT tunnel. `http` URIs are plain connections; `https` ones (the requests
+//! of inspected tunnels) are TLS, the upstream's certificate verified against the
+//! inspection's trust anchors with the URI's host as the name.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +31,14 @@ pub struct Connector {
     dial: Arc<DialConfig>,
     allowlisted: bool,
     metrics: Arc<Metrics>,
+    /// For `https` URIs (inspection on); without it they are refused.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A pooled connection's transport.
+enum Transport {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
 /// When a pooled connection was dialled, in its connection metadata: a request sent at a
@@ -38,14 +48,28 @@ pub struct DialledAt(pub Instant);
 
 /// An upstream connection of the pool: the socket and when it was dialled.
 pub struct Pooled {
-    io: TokioIo<TcpStream>,
+    io: Transport,
     at: Instant,
 }
 
 impl Connection for Pooled {
     fn connected(&self) -> Connected {
-        self.io.connected().extra(DialledAt(self.at))
+        let c = match &self.io {
+            Transport::Plain(io) => io.connected(),
+            Transport::Tls(io) => io.inner().get_ref().0.connected(),
+        };
+        c.extra(DialledAt(self.at))
     }
+}
+
+/// Forward a call to whichever transport a connection has.
+macro_rules! transport {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.io {
+            Transport::Plain($io) => $e,
+            Transport::Tls($io) => $e,
+        }
+    };
 }
 
 impl hyper::rt::Read for Pooled {
@@ -54,7 +78,7 @@ impl hyper::rt::Read for Pooled {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        transport!(self, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -64,23 +88,26 @@ impl hyper::rt::Write for Pooled {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        transport!(self, io => Pin::new(io).poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        transport!(self, io => Pin::new(io).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        transport!(self, io => Pin::new(io).poll_shutdown(cx))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Transport::Plain(io) => io.is_write_vectored(),
+            Transport::Tls(io) => io.is_write_vectored(),
+        }
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        transport!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -97,16 +124,38 @@ impl tower_service::Service<Uri> for Connector {
         let cfg = self.dial.clone();
         let allowlisted = self.allowlisted;
         let metrics = self.metrics.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
+            let https = uri.scheme_str() == Some("https");
             let host = uri.host().unwrap_or_default();
-            let port = uri.port_u16().unwrap_or(80);
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let target = Target::from_parts(host, port)
                 .map_err(|e: InvalidTarget| DialError::Dns(e.to_string()))?;
             let started = std::time::Instant::now();
             let dialled = dial(&target, allowlisted, &cfg).await;
             metrics.dial(dialled.is_ok(), started.elapsed());
+            let stream = dialled?.0;
+            let io = if https {
+                let tls = tls.ok_or_else(|| {
+                    DialError::Certificate("no TLS configuration for upstreams".into())
+                })?;
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| DialError::Certificate(e.to_string()))?;
+                let connected = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, stream)
+                    .await;
+                match connected {
+                    Ok(s) => Transport::Tls(Box::new(TokioIo::new(s))),
+                    Err(e) => {
+                        metrics.inspect_upstream_failures.inc();
+                        return Err(DialError::Certificate(e.to_string()));
+                    }
+                }
+            } else {
+                Transport::Plain(TokioIo::new(stream))
+            };
             Ok(Pooled {
-                io: TokioIo::new(dialled?.0),
+                io,
                 at: Instant::now(),
             })
         })
@@ -176,11 +225,13 @@ pub struct Upstream {
 impl Upstream {
     /// Pools whose idle connections close after `idle`; a response head may take up to
     /// `max_head` bytes (`proxy.max_header_bytes`), whatever its field count.
+    /// `tls` verifies the upstreams of `https` URIs (inspected requests).
     pub fn new(
         dial: Arc<DialConfig>,
         idle: Duration,
         max_head: usize,
         metrics: Arc<Metrics>,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
         let client = |allowlisted| {
             Client::builder(TokioExecutor::new())
@@ -194,6 +245,7 @@ impl Upstream {
                     dial: dial.clone(),
                     allowlisted,
                     metrics: metrics.clone(),
+                    tls: tls.clone(),
                 })
         };
         Upstream {

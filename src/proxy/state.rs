@@ -110,6 +110,8 @@ pub struct Live {
     pub config: ProxyConfig,
     pub upstream: pool::Upstream,
     pub tls: Option<TlsAcceptor>,
+    /// TLS inspection, when a CA is configured.
+    pub inspector: Option<Arc<super::inspect::Inspector>>,
     /// The process's metrics (the same registry across reloads).
     pub metrics: Arc<Metrics>,
     /// The process's log budget (kept across reloads).
@@ -143,6 +145,33 @@ impl Live {
     pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Judgement {
         let decision = self.built.policy.decide(target, view);
         self.apply_mode(decision)
+    }
+
+    /// Whether a tunnel to `target`, so decided, is inspected: inspection on, a TLS port, a
+    /// name, not bypassed, and either allowed and in `inspect.hosts`, or only a path rule
+    /// matches it (`policy.tls_path_rules = "inspect"`), whose path inspection will see.
+    pub(crate) fn inspects(&self, target: &Target, d: &crate::policy::Decision) -> bool {
+        let (Some(inspector), crate::policy::Host::Name(name)) = (&self.inspector, target.host)
+        else {
+            return false;
+        };
+        if !self.config.tls_ports.contains(&target.port) {
+            return false;
+        }
+        let path_rule = match d.reason {
+            crate::policy::Reason::PathHiddenByTls => true,
+            _ if d.is_allowed() => d.rule.is_some_and(|id| {
+                matches!(
+                    self.built.policy.rule(id).what,
+                    crate::policy::Matchable::Host(_, Some(_))
+                )
+            }),
+            _ => return false,
+        };
+        inspector
+            .inspection()
+            .inspects(name.as_str(), path_rule)
+            .is_some()
     }
 
     /// The judgement of a TLS hello without a server name to an address (see
@@ -203,13 +232,16 @@ impl Live {
             (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
             _ => None,
         };
+        let inspector = super::inspect::Inspector::new(c.inspect, metrics.clone()).map(Arc::new);
         let upstream = pool::Upstream::new(
             config.dial.clone(),
             config.idle_timeout,
             config.max_header_bytes,
             metrics.clone(),
+            inspector.as_ref().map(|i| i.upstream.clone()),
         );
         Ok(Live {
+            inspector,
             built: c.built,
             config,
             upstream,

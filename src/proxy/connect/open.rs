@@ -28,11 +28,11 @@ use crate::proxy::refusal::{self, AllowCount, dial_failed};
 use crate::proxy::respond::{self, Body, Reply, full};
 use crate::proxy::state::{Judgement, Live, Shared};
 
-/// An allowed CONNECT whose upstream is dialled, before its `200`.
+/// An allowed CONNECT whose upstream is dialled (or, inspected, is not yet: each request
+/// inside dials its own), before its `200`.
 pub(crate) struct Opened {
     target: Target,
-    upstream: TcpStream,
-    addr: SocketAddr,
+    upstream: Option<(TcpStream, SocketAddr)>,
     verdict: Judgement,
     /// The allow, counted when the tunnel's inspection has passed (see [`AllowCount`]).
     pending: Option<AllowCount>,
@@ -42,6 +42,8 @@ pub(crate) struct Opened {
 /// A CONNECT the policy let through (or audit mode passed), before its dial.
 pub(crate) struct Admitted {
     target: Target,
+    /// Its TLS will be inspected: no dial now.
+    inspect: bool,
     verdict: Judgement,
     /// The allow, counted later (see [`AllowCount`]).
     pending: Option<AllowCount>,
@@ -64,6 +66,15 @@ pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admit
         }
     };
     let verdict = live.judge(&target, PathView::Hidden);
+    if live.inspects(&target, &verdict.decision) {
+        // Each request inside is decided (and counted) on its own, path included.
+        return Ok(Admitted {
+            target,
+            inspect: true,
+            verdict,
+            pending: None,
+        });
+    }
     // An allowed tunnel is counted once the dial worked and, on TLS ports, once the name
     // inside has been checked.
     let pending = refusal::admit(
@@ -76,6 +87,7 @@ pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admit
     )?;
     Ok(Admitted {
         target,
+        inspect: false,
         verdict,
         pending,
     })
@@ -86,10 +98,20 @@ pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admit
 async fn dial_admitted(a: Admitted, client: ClientAddr, live: &Live) -> Result<Opened, Reply> {
     let Admitted {
         target,
+        inspect,
         verdict,
         pending,
     } = a;
     let started = Instant::now();
+    if inspect {
+        return Ok(Opened {
+            target,
+            upstream: None,
+            verdict,
+            pending,
+            started,
+        });
+    }
     // Boxed: a refusal's task does not carry the dialler's state.
     let dialling = Box::pin(dial(
         &target,
@@ -115,8 +137,7 @@ async fn dial_admitted(a: Admitted, client: ClientAddr, live: &Live) -> Result<O
     let pending = pending.filter(|_| !live.config.opaque_ports.contains(&target.port));
     Ok(Opened {
         target,
-        upstream,
-        addr,
+        upstream: Some((upstream, addr)),
         verdict,
         pending,
         started,
@@ -253,25 +274,31 @@ fn tunnel(
     let Opened {
         target,
         upstream,
-        addr,
         verdict,
         pending,
         started,
     } = opened;
     let open = live.metrics.open(true, live.config.mode);
+    let addr = upstream.as_ref().map(|(_, a)| *a);
     let t = Tunnel {
         live,
         shared,
         slot,
         client,
         target,
-        addr,
+        addr: addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
         started,
     };
     async move {
         let _open = open;
+        let served = async {
+            match upstream {
+                Some((upstream, _)) => t.run(side, buf, upstream, verdict, pending).await,
+                None => Box::pin(t.inspect(side, buf)).await,
+            }
+        };
         tokio::select! {
-            _ = t.run(side, buf, upstream, verdict, pending) => {}
+            _ = served => {}
             _ = t.shared.tracker.closed() => {
                 tracing::warn!(listener = "connect", client = %t.client, target = %t.target, reason = "grace_period_over", "tunnel closed at shutdown");
             }

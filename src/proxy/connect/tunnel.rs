@@ -289,6 +289,94 @@ impl Tunnel {
         refusal.issue(&self.live, Count::instead_of(pending.take()))
     }
 
+    /// An inspected tunnel: its ClientHello read and checked (it must name the CONNECT's
+    /// host), the handshake completed with a certificate minted for that name, and each
+    /// request inside decided like plain HTTP, path included, then forwarded over a
+    /// verified TLS connection ([`crate::proxy::forward::http::forward_inspected`]). The
+    /// upstream is dialled only for the first allowed request.
+    pub(crate) async fn inspect(&self, mut client: ClientSide, mut buf: BytesMut) {
+        let live = &self.live;
+        let Some(inspector) = live.inspector.clone() else {
+            return;
+        };
+        let deadline = Deadline::now() + live.config.sni_timeout;
+        let mut none = None;
+        let first = match read_hello(&mut client, &mut buf, HelloReader::default(), deadline).await
+        {
+            Ok(h) => h,
+            Err(Unread::Gone) => return,
+            Err(Unread::Refused(reason, seen)) => {
+                let answer = self.refuse(reason, false, &seen, None, "", &mut none);
+                handshake::answer(&mut client, answer).await;
+                return;
+            }
+        };
+        // The certificate is minted for the name the CONNECT was decided on, and for no
+        // other: a hello naming another (or none) is refused. An ECH extension is moot
+        // here: the proxy ends the handshake itself.
+        let Host::Name(name) = self.target.host else {
+            return;
+        };
+        if first.server_name != Some(name) {
+            let (reason, seen) = match first.server_name {
+                Some(n) => (ReasonCode::SniNotAllowed, n.as_str().to_owned()),
+                None => (ReasonCode::NoServerName, "(no server name)".to_owned()),
+            };
+            let answer = self.refuse(reason, false, &seen, None, "", &mut none);
+            handshake::answer(&mut client, answer).await;
+            return;
+        }
+        let config = match inspector.server_config(name.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(client = %self.client, target = %self.target, error = %e, "inspection failed");
+                handshake::answer(&mut client, Unanswerable::Alert).await;
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        match client {
+            ClientSide::Tcp(s) => self.serve_inspected(acceptor, Rewind::new(buf, s)).await,
+            ClientSide::Upgraded(s) => self.serve_inspected(acceptor, Rewind::new(buf, s)).await,
+        }
+    }
+
+    async fn serve_inspected<S>(&self, acceptor: tokio_rustls::TlsAcceptor, stream: Rewind<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let live = &self.live;
+        let tls = match tokio::time::timeout(live.config.sni_timeout, acceptor.accept(stream)).await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                live.metrics.inspect_client_failures.inc();
+                if live.logs.line() {
+                    tracing::warn!(
+                        client = %self.client,
+                        target = %self.target,
+                        error = %e,
+                        "the client did not complete the TLS handshake of an inspected tunnel: if it does not trust the inspection CA, install it on compute (aml-egress ca show prints how)"
+                    );
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        let (client_addr, shared, target) = (self.client, self.shared.clone(), self.target);
+        let handle = move |req, client, shared: Arc<Shared>| {
+            crate::proxy::forward::http::forward_inspected(req, client, shared.live(), target)
+        };
+        serve_requests(
+            Rewind::new(BytesMut::new(), tls),
+            client_addr,
+            shared,
+            self.slot.clone(),
+            handle,
+        )
+        .await;
+    }
+
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
     /// one, its `Host` held to the CONNECT target.
     async fn serve_http(&self, client: ClientSide, buf: BytesMut) {

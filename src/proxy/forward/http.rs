@@ -148,7 +148,7 @@ pub(crate) async fn forward(
         live,
         ListenerKind::Http,
         target,
-        authority.as_str(),
+        (Scheme::Http, authority.as_str()),
         started,
     )
     .await
@@ -202,10 +202,78 @@ pub(crate) async fn forward_in_tunnel(
         live,
         ListenerKind::Http,
         tunnel,
-        &authority,
+        (Scheme::Http, &authority),
         started,
     )
     .await
+}
+
+/// A request inside an inspected TLS tunnel to `tunnel`: the URI's authority (absolute
+/// form) and `Host`, each when present, must name the tunnel's host and port (otherwise
+/// `host_mismatch`: domain fronting); then decided on host, port and path like plain HTTP
+/// and forwarded over TLS, the upstream's certificate verified for the tunnel's name.
+pub(crate) async fn forward_inspected(
+    req: Request<hyper::body::Incoming>,
+    client: ClientAddr,
+    live: Arc<Live>,
+    tunnel: Target,
+) -> Response<Body> {
+    let started = Instant::now();
+    let names = |b: Option<&[u8]>| match host::named(b, tunnel.port) {
+        Named::Host(t) => t == tunnel,
+        _ => false,
+    };
+    let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+    let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    let same = req.method() != hyper::Method::CONNECT
+        && (authority.is_some() || host.is_some())
+        && authority.is_none_or(|a| names(Some(a)))
+        && host.is_none_or(|h| names(Some(h)));
+    if !same {
+        live.metrics
+            .inspected_requests
+            .with_label_values(&["deny", ReasonCode::HostMismatch.as_str()])
+            .inc();
+        let seen = named_text(&req);
+        let reason = ReasonCode::HostMismatch;
+        let seen_as = Seen {
+            via: ListenerKind::Http,
+            client,
+            target: Some(&tunnel),
+            shown: &format!("{tunnel} (request inside the inspected tunnel)"),
+            seen: &seen,
+            outcome: Outcome::Deny,
+            reason,
+            rule: "",
+        };
+        let message = format!(
+            "aml-egress refused a request inside the TLS session with {tunnel}: it names {seen:?}, not the session's host (and port); a request for another host needs its own connection"
+        );
+        return Refusal::host_refused(seen_as, reason.words(), message)
+            .issue(&live, Count::Now)
+            .into_response();
+    }
+    let authority = match tunnel.port {
+        443 => tunnel.host.to_string(),
+        _ => tunnel.to_string(),
+    };
+    send(
+        req,
+        client,
+        live,
+        ListenerKind::Http,
+        tunnel,
+        (Scheme::Https, &authority),
+        started,
+    )
+    .await
+}
+
+/// How a request goes upstream: plain HTTP, or TLS (inspected requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
 }
 
 /// A request redirected to the transparent HTTP listener from `orig`: decided on the host
@@ -238,7 +306,8 @@ pub(crate) async fn forward_transparent(
         Named::Absent => {
             let v = live.judge(&dst, PathView::Hidden);
             if v.pass {
-                return send(req, client, live, via, dst, &dst.to_string(), started).await;
+                let shown = dst.to_string();
+                return send(req, client, live, via, dst, (Scheme::Http, &shown), started).await;
             }
             let reason = ReasonCode::NoServerName;
             let seen_as = Seen {
@@ -284,7 +353,16 @@ pub(crate) async fn forward_transparent(
         80 => target.host.to_string(),
         _ => target.to_string(),
     };
-    send(req, client, live, via, target, &shown, started).await
+    send(
+        req,
+        client,
+        live,
+        via,
+        target,
+        (Scheme::Http, &shown),
+        started,
+    )
+    .await
 }
 
 /// The response to `sent`, or `None` when its head did not come within `idle` of the
@@ -416,7 +494,7 @@ async fn send(
     live: Arc<Live>,
     via: ListenerKind,
     target: Target,
-    authority: &str,
+    (scheme, authority): (Scheme, &str),
     started: Instant,
 ) -> Response<Body> {
     let shown = target.to_string();
@@ -431,11 +509,20 @@ async fn send(
     if !path.starts_with('/') {
         return refusal::invalid(&live, via, client, &path, InvalidTarget::BadCharacter).into();
     }
-    let uri = format!("http://{authority}{path}");
+    let uri = match scheme {
+        Scheme::Http => format!("http://{authority}{path}"),
+        Scheme::Https => format!("https://{authority}{path}"),
+    };
     let Ok(uri) = uri.parse::<Uri>() else {
         return refusal::invalid(&live, via, client, &uri, InvalidTarget::BadCharacter).into();
     };
     let v = live.judge(&target, PathView::Visible(&path));
+    if scheme == Scheme::Https {
+        live.metrics
+            .inspected_requests
+            .with_label_values(&[v.outcome().as_str(), v.decision.reason.code().as_str()])
+            .inc();
+    }
     let pending = match refusal::admit(&live, via, client, &target, || format!("{shown}{path}"), &v)
     {
         Ok(pending) => pending,

@@ -1,0 +1,239 @@
+//! Selective TLS inspection end to end: a path rule over TLS enforced inside the tunnel
+//! with the operator's CA, `Host` held to the tunnel's name, every upstream verified, and
+//! tunnels that need no inspection still relayed untouched. Real clients (curl, Python
+//! requests), real TLS, and a recording upstream on loopback.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::io::AsyncWriteExt;
+
+use support::TempFile;
+use support::clients::curl_async;
+use support::net::{read_request_head, upstream};
+use support::proxy::start_proxy;
+
+/// The CA an upstream's certificates come from (stands in for a public CA).
+struct UpstreamCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: TempFile,
+}
+
+fn upstream_ca() -> UpstreamCa {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test upstream CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    UpstreamCa {
+        pem: TempFile::new("upstream-ca.pem", &cert.pem()),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+/// A TLS upstream with a certificate for `name` from `ca`, answering every request with
+/// `saw <path>`; what it received (request heads) is recorded.
+async fn recording_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    let addr = upstream(move |s| {
+        let (acceptor, rec) = (acceptor.clone(), rec.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            while let Some(head) = read_request_head(&mut tls).await {
+                let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                rec.lock().unwrap().push(head);
+                let body = format!("saw {path}");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if tls.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+/// The inspection CA, made the way `aml-egress ca init` makes it, for `permitted`.
+fn inspection_ca(permitted: &[&str]) -> (TempFile, TempFile) {
+    let permitted: Vec<String> = permitted.iter().map(|s| s.to_string()).collect();
+    let ca =
+        aml_egress::inspect::ca::generate(Some(&permitted), 30, "test", SystemTime::now()).unwrap();
+    let cert = TempFile::new("inspect-ca.pem", &ca.cert_pem);
+    let key = TempFile::new("inspect-ca.key", &ca.key_pem);
+    std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (cert, key)
+}
+
+/// curl through the proxy: exit code, body, and `%{http_code}` after a newline.
+async fn curl(
+    proxy: SocketAddr,
+    ca: Option<&TempFile>,
+    extra: &[&str],
+    url: &str,
+) -> (i32, String, String) {
+    let mut args = vec![
+        "--proxy".to_owned(),
+        format!("http://{proxy}"),
+        "-w".to_owned(),
+        "\n%{http_code}".to_owned(),
+    ];
+    if let Some(ca) = ca {
+        args.push("--cacert".into());
+        args.push(ca.0.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(url.to_owned());
+    curl_async(args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_rule_is_enforced_inside_tls_and_the_upstream_sees_only_allowed_requests() {
+    let up_ca = upstream_ca();
+    let (files, files_seen) = recording_upstream(&up_ca, "files.example.test").await;
+    let (wrong, wrong_seen) = recording_upstream(&up_ca, "someone-else.example.test").await;
+    let (plain, _) = recording_upstream(&up_ca, "plain.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test", "mirror.example.test"]);
+    let p = start_proxy(&format!(
+        r#"
+[[allow]]
+host = "files.example.test/pkg/*"
+ports = [443]
+[[allow]]
+host = "mirror.example.test/pkg/*"
+ports = [443]
+[[allow]]
+host = "plain.example.test"
+ports = [443]
+[inspect]
+ca_cert = {:?}
+ca_key = {:?}
+upstream_ca_file = {:?}
+[upstream]
+allow_cidrs = ["127.0.0.1/32"]
+connect_to = {{ "files.example.test:443" = "{files}", "mirror.example.test:443" = "{wrong}", "plain.example.test:443" = "{plain}" }}
+"#,
+        ca.0, key.0, up_ca.pem.0
+    ))
+    .await;
+
+    // An allowed path, twice on one session, through the proxy's certificate.
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &[],
+        "https://files.example.test/pkg/a.whl",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "saw /pkg/a.whl\n200"), "{err}");
+    let (code, out, err) = curl(p.addr, Some(&ca), &[], "https://files.example.test/evil/x").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n403"), "{out}");
+    assert!(out.contains("path"), "{out}");
+    // Domain fronting: the session's name is allowed, the Host names another.
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &["-H", "Host: other.example.test"],
+        "https://files.example.test/pkg/b.whl",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n403"), "{out}");
+    let seen = files_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(seen[0].starts_with("GET /pkg/a.whl HTTP/1.1"), "{seen:#?}");
+    assert!(
+        seen[0]
+            .to_ascii_lowercase()
+            .contains("host: files.example.test\r\n"),
+        "{seen:#?}"
+    );
+
+    // Python requests with the CA in REQUESTS_CA_BUNDLE.
+    let script = "import requests, sys\nr = requests.get(sys.argv[1], proxies={'https': sys.argv[2]}, timeout=20)\nprint(r.status_code, r.text)\n";
+    let (proxy, ca_path) = (format!("http://{}", p.addr), ca.0.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", script, "https://files.example.test/pkg/c.whl", &proxy])
+            .env("REQUESTS_CA_BUNDLE", &ca_path)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200 saw /pkg/c.whl\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An upstream whose certificate names someone else: 502, nothing sent to it.
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &["-i"],
+        "https://mirror.example.test/pkg/a.whl",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n502"), "{out}");
+    assert!(out.contains("upstream_certificate_invalid"), "{out}");
+    assert!(wrong_seen.lock().unwrap().is_empty());
+
+    // A tunnel that needs no inspection is relayed: the client sees the upstream's own
+    // certificate (it trusts the upstream CA, not the proxy's).
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&up_ca.pem),
+        &[],
+        "https://plain.example.test/anything",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "saw /anything\n200"), "{err}");
+
+    // A client without the CA fails its handshake: counted.
+    let (code, _, _) = curl(p.addr, None, &[], "https://files.example.test/pkg/a.whl").await;
+    assert_ne!(code, 0);
+    p.until_sample("aml_egress_inspect_client_handshake_failures_total", 1.0)
+        .await;
+    let m = p.metrics().await;
+    // Allowed: a.whl, c.whl and the mirror request (allowed, then its upstream failed).
+    for line in [
+        "aml_egress_inspected_requests_total{decision=\"allow\",reason=\"rule\"} 3",
+        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"path_not_allowed\"} 1",
+        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"host_mismatch\"} 1",
+        "aml_egress_inspect_upstream_certificate_failures_total 1",
+        "aml_egress_inspect_cached_certificates 2",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+}
