@@ -237,3 +237,107 @@ connect_to = {{ "files.example.test:443" = "{files}", "mirror.example.test:443" 
         assert!(m.contains(line), "{line} in\n{m}");
     }
 }
+
+/// A TLS client of the proxy's inspected tunnel to `name`, trusting `ca`: whether the
+/// handshake completed, and the certificate the proxy showed.
+async fn handshake_through(
+    proxy: SocketAddr,
+    ca: &TempFile,
+    name: &str,
+) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let (s, resp) =
+        support::net::exchange(proxy, &format!("CONNECT {name}:443 HTTP/1.1\r\n\r\n")).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let sni = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let tls = connector.connect(sni, s).await.ok()?;
+    tls.get_ref().1.peer_certificates()?.first().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minting_is_bounded_under_a_flood_of_names_and_each_leaf_names_only_its_host() {
+    let (ca, key) = inspection_ca(&[".flood.test"]);
+    let p = start_proxy(&format!(
+        "[[allow]]\nhost = \"*.flood.test\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nhosts = [\"*.flood.test\"]\nmax_cached_certs = 3\n",
+        ca.0, key.0
+    ))
+    .await;
+    for i in 0..12 {
+        let name = format!("n{i}.flood.test");
+        let leaf = handshake_through(p.addr, &ca, &name)
+            .await
+            .expect("the handshake completes with the proxy's leaf");
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let sans: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(sans, [format!("DNSName({name})")]);
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+            / 86_400;
+        assert!(days <= 4, "{days} days");
+    }
+    // Each name minted once; only the bound is kept.
+    assert_eq!(
+        p.sample("aml_egress_inspect_certificates_minted_total")
+            .await,
+        12.0
+    );
+    assert_eq!(
+        p.sample("aml_egress_inspect_cached_certificates").await,
+        3.0
+    );
+    // A name the policy refuses gets no certificate at all: the CONNECT is refused.
+    let (_, resp) =
+        support::net::exchange(p.addr, "CONNECT n1.other.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert_eq!(
+        p.sample("aml_egress_inspect_certificates_minted_total")
+            .await,
+        12.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_ca_refuses_what_needs_inspection_and_nothing_else() {
+    let permitted = vec!["files.example.test".to_owned()];
+    let long_ago = SystemTime::now() - std::time::Duration::from_secs(10 * 86_400);
+    let old = aml_egress::inspect::ca::generate(Some(&permitted), 1, "test", long_ago).unwrap();
+    let ca = TempFile::new("expired-ca.pem", &old.cert_pem);
+    let key = TempFile::new("expired-ca.key", &old.key_pem);
+    std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let echo = support::net::echo_upstream().await;
+    let p = start_proxy(&format!(
+        "[proxy]\ntls_ports = [443]\nopaque_ports = [8443]\n[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[[allow]]\nhost = \"plain.example.test\"\nports = [8443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"plain.example.test:8443\" = \"{echo}\" }}\n",
+        ca.0, key.0
+    ))
+    .await;
+    let (_, resp) =
+        support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("inspect_ca_expired"), "{resp}");
+    let (_, resp) =
+        support::net::exchange(p.addr, "CONNECT plain.example.test:8443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(
+        p.sample("aml_egress_inspect_certificates_minted_total")
+            .await,
+        0.0
+    );
+}

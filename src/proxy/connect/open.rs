@@ -67,6 +67,32 @@ pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admit
     };
     let verdict = live.judge(&target, PathView::Hidden);
     if live.inspects(&target, &verdict.decision) {
+        if live
+            .inspector
+            .as_ref()
+            .is_some_and(|i| i.ca_expired(std::time::SystemTime::now()))
+        {
+            // Everything else carries on; what needs inspection cannot be served.
+            let reason = crate::reason::ReasonCode::InspectCaExpired;
+            let shown = target.to_string();
+            let seen = refusal::Seen {
+                via: ListenerKind::Connect,
+                client,
+                target: Some(&target),
+                shown: &shown,
+                seen: "",
+                outcome: crate::metrics::Outcome::Deny,
+                reason,
+                rule: "",
+            };
+            let message = format!(
+                "aml-egress cannot inspect {shown}, which its policy inspects: the inspection CA (inspect.ca_cert) has expired. Make a new one (aml-egress ca init), install it on compute, and reload"
+            );
+            return Err(
+                refusal::Refusal::host_refused(seen, reason.words(), message)
+                    .issue(live, refusal::Count::Now),
+            );
+        }
         // Each request inside is decided (and counted) on its own, path included.
         return Ok(Admitted {
             target,
