@@ -341,3 +341,43 @@ async fn an_expired_ca_refuses_what_needs_inspection_and_nothing_else() {
         0.0
     );
 }
+
+#[test]
+fn check_says_when_a_target_would_be_inspected_and_decides_its_path() {
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let cfg = TempFile::new(
+        "check-inspect.toml",
+        &format!(
+            "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\n",
+            ca.0, key.0
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["check", "--config"])
+        .arg(&cfg.0)
+        .args([
+            "https://files.example.test/pkg/a.whl",
+            "https://files.example.test/evil/x",
+            "files.example.test:443",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        lines[0].starts_with("allow https://files.example.test/pkg/a.whl")
+            && lines[0].ends_with("(inspected)"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("deny https://files.example.test/evil/x path not allowed")
+            && lines[1].ends_with("(inspected)"),
+        "{text}"
+    );
+    // Without a path, a tunnel's name alone: the path rule cannot decide it.
+    assert!(
+        lines[2].starts_with("deny files.example.test:443"),
+        "{text}"
+    );
+}

@@ -32,17 +32,19 @@ pub fn run(args: Args) -> i32 {
 }
 
 fn check(args: Args) -> anyhow::Result<i32> {
-    let built = match load("check", args.config.as_deref()) {
-        Ok(c) => c.built,
+    let compiled = match load("check", args.config.as_deref()) {
+        Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let built = &compiled.built;
+    let inspecting = Some((&compiled.inspect, compiled.proxy.tls_ports.as_slice()));
     if args.verbose {
         for w in &built.warnings {
             eprintln!("note: {w}");
         }
     }
     let mut out = io::stdout().lock();
-    let code = check_targets(&built, &args.targets, args.json, &mut out)?;
+    let code = check_targets(built, inspecting, &args.targets, args.json, &mut out)?;
     out.flush()?;
     Ok(code)
 }
@@ -52,6 +54,8 @@ fn check(args: Args) -> anyhow::Result<i32> {
 pub struct CheckTarget<'a> {
     pub authority: std::borrow::Cow<'a, str>,
     pub path: Option<&'a str>,
+    /// The path of an `https://` URL, which only inspection sees.
+    pub tls_path: Option<&'a str>,
 }
 
 /// Split a `check` argument. `http://host[:port]/path` checks the path as plain HTTP would;
@@ -69,6 +73,7 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
         return CheckTarget {
             authority: input.into(),
             path: None,
+            tls_path: None,
         };
     };
     // Otherwise `http://a:8080?@b/` would read as userinfo `a:8080?` and host `b`.
@@ -90,6 +95,7 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
     CheckTarget {
         authority,
         path: visible.then_some(path),
+        tls_path: (!visible).then_some(path),
     }
 }
 
@@ -111,16 +117,39 @@ struct CheckLine<'a> {
 
 /// Decide one `check` argument.
 pub fn check_one(built: &Built, input: &str) -> (Decision, String) {
-    let (decision, explanation, _) = check_with_hint(built, input);
+    let (decision, explanation, _) = check_with_hint(built, None, input);
     (decision, explanation)
 }
 
-/// As [`check_one`], with the optional part that is off and would allow a denied target.
-pub fn check_with_hint(built: &Built, input: &str) -> (Decision, String, Option<String>) {
+/// What `check` needs to tell an inspected tunnel: the inspection and `proxy.tls_ports`.
+pub type Inspecting<'a> = (&'a crate::inspect::Inspection, &'a [u16]);
+
+/// As [`check_one`], with the optional part that is off and would allow a denied target;
+/// with `inspecting`, an `https://` URL that would be inspected is decided on its path too,
+/// and says so.
+pub fn check_with_hint(
+    built: &Built,
+    inspecting: Option<Inspecting<'_>>,
+    input: &str,
+) -> (Decision, String, Option<String>) {
     let t = parse_check_target(input);
-    let view = t.path.map_or(PathView::Hidden, PathView::Visible);
-    let decision = built.policy.decide_str(&t.authority, view);
+    let mut view = t.path.map_or(PathView::Hidden, PathView::Visible);
+    let mut decision = built.policy.decide_str(&t.authority, view);
+    let mut inspected = false;
+    if let (Some((inspection, tls_ports)), Some(path), Ok(target)) = (
+        inspecting,
+        t.tls_path,
+        crate::policy::Target::parse(&t.authority),
+    ) && inspection.inspects_tunnel(&built.policy, tls_ports, &target, &decision)
+    {
+        view = PathView::Visible(path);
+        decision = built.policy.decide(&target, view);
+        inspected = true;
+    }
     let mut explanation = built.policy.explain(&t.authority, &decision);
+    if inspected {
+        explanation.push_str(" (inspected)");
+    }
     let part = (!decision.is_allowed())
         .then(|| crate::policy::Target::parse(&t.authority).ok())
         .flatten()
@@ -137,13 +166,14 @@ pub fn check_with_hint(built: &Built, input: &str) -> (Decision, String, Option<
 /// [`EXIT_DENIED`] when any is denied, else [`EXIT_OK`].
 pub fn check_targets(
     built: &Built,
+    inspecting: Option<Inspecting<'_>>,
     targets: &[String],
     json: bool,
     out: &mut dyn Write,
 ) -> io::Result<i32> {
     let mut any_denied = false;
     let mut one = |input: &str, out: &mut dyn Write| -> io::Result<()> {
-        let (d, explanation, would_allow_with) = check_with_hint(built, input);
+        let (d, explanation, would_allow_with) = check_with_hint(built, inspecting, input);
         any_denied |= !d.is_allowed();
         if json {
             let rule: Option<&Rule> = d.rule.map(|id| built.policy.rule(id));

@@ -158,6 +158,34 @@ impl Inspection {
         }
     }
 
+    /// Whether a tunnel to `target` on which `policy` decided `d` is inspected: a name on
+    /// one of `tls_ports`, not bypassed, and either allowed by a path rule or in
+    /// `inspect.hosts`, or refused only because a path rule cannot see the path
+    /// (`path_hidden_by_tls`), which inspection will see. The one place this is decided,
+    /// for the proxy and for `check`.
+    pub fn inspects_tunnel(
+        &self,
+        policy: &Policy,
+        tls_ports: &[u16],
+        target: &crate::policy::Target,
+        d: &crate::policy::Decision,
+    ) -> bool {
+        let crate::policy::Host::Name(name) = target.host else {
+            return false;
+        };
+        if self.ca.is_none() || !tls_ports.contains(&target.port) {
+            return false;
+        }
+        let path_rule = match d.reason {
+            crate::policy::Reason::PathHiddenByTls => true,
+            _ if d.is_allowed() => d
+                .rule
+                .is_some_and(|id| matches!(policy.rule(id).what, Matchable::Host(_, Some(_)))),
+            _ => return false,
+        };
+        self.inspects(name.as_str(), path_rule).is_some()
+    }
+
     /// When the CA's certificate expires (with a CA).
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.ca.as_ref().map(|c| c.cert.not_after)

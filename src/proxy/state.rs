@@ -151,27 +151,10 @@ impl Live {
     /// name, not bypassed, and either allowed and in `inspect.hosts`, or only a path rule
     /// matches it (`policy.tls_path_rules = "inspect"`), whose path inspection will see.
     pub(crate) fn inspects(&self, target: &Target, d: &crate::policy::Decision) -> bool {
-        let (Some(inspector), crate::policy::Host::Name(name)) = (&self.inspector, target.host)
-        else {
-            return false;
-        };
-        if !self.config.tls_ports.contains(&target.port) {
-            return false;
-        }
-        let path_rule = match d.reason {
-            crate::policy::Reason::PathHiddenByTls => true,
-            _ if d.is_allowed() => d.rule.is_some_and(|id| {
-                matches!(
-                    self.built.policy.rule(id).what,
-                    crate::policy::Matchable::Host(_, Some(_))
-                )
-            }),
-            _ => return false,
-        };
-        inspector
-            .inspection()
-            .inspects(name.as_str(), path_rule)
-            .is_some()
+        self.inspector.as_ref().is_some_and(|i| {
+            i.inspection()
+                .inspects_tunnel(&self.built.policy, &self.config.tls_ports, target, d)
+        })
     }
 
     /// The judgement of a TLS hello without a server name to an address (see
