@@ -283,6 +283,7 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
         format!("{DECOY}:443"),
         format!("{DECOY}:80"),
         format!("{BY_ADDRESS}:8443"),
+        format!("{REAL}:8443"),
     ]
     .to_vec();
     let mut ls = bind_in(&ns.appliance, &addrs).into_iter();
@@ -292,6 +293,24 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
     decoy(ls.next().unwrap(), decoyed.clone());
     decoy(ls.next().unwrap(), decoyed.clone());
     let _by_address = serve_tls(ls.next().unwrap(), &[BY_ADDRESS], "the address upstream");
+    // An inspected name: its upstream's own certificate is trusted through
+    // inspect.upstream_ca_file; clients trust the proxy's CA.
+    let inspected_upstream = serve_tls(ls.next().unwrap(), &["inspected.test"], "inspected");
+    let permitted = vec!["inspected.test".to_owned()];
+    let proxy_ca = aml_egress::inspect::ca::generate(
+        Some(&permitted),
+        30,
+        "test",
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let proxy_ca_pem = TempFile::new("proxy-ca.pem", &proxy_ca.cert_pem);
+    let proxy_ca_key = TempFile::new("proxy-ca.key", &proxy_ca.key_pem);
+    std::fs::set_permissions(
+        &proxy_ca_key.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
 
     // A service tag whose prefix covers the decoy: a connection to it without a server
     // name must not be allowed by the tag (catalog.service_tags_nameless_tls = "deny").
@@ -311,6 +330,7 @@ region = "westeurope"
 service_tags_file = {:?}
 [proxy]
 listen = ["127.0.0.1:3128"]
+tls_ports = [443, 8443]
 [transparent]
 tls_listen = ["[::]:15443"]
 http_listen = ["0.0.0.0:15080"]
@@ -322,10 +342,17 @@ ports = [443, 80]
 [[allow]]
 cidr = "{BY_ADDRESS}/32"
 ports = [8443]
+[[allow]]
+host = "inspected.test/ok/*"
+ports = [8443]
+[inspect]
+ca_cert = {:?}
+ca_key = {:?}
+upstream_ca_file = {:?}
 [upstream]
-connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80" }}
+connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80", "inspected.test:8443" = "{REAL}:8443" }}
 "#,
-            tags.0
+            tags.0, proxy_ca_pem.0, proxy_ca_key.0, inspected_upstream.0
         ),
     );
     // TLS arrives on a dual-stack listener, where an IPv4 flow still carries its original
@@ -403,6 +430,37 @@ connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:8
         curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
     let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",reason=\"service_tag_without_name\"} 1";
     assert!(metrics.contains(refused), "{err}{metrics}");
+
+    // Inspected on the transparent listener: the path decides, inside TLS.
+    let pca = proxy_ca_pem.0.to_str().unwrap().to_owned();
+    let (code, body, err) = curl_in(
+        c,
+        vec![
+            "--cacert".into(),
+            pca.clone(),
+            "--resolve".into(),
+            format!("inspected.test:8443:{DECOY}"),
+            "https://inspected.test:8443/ok/x".into(),
+        ],
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (0, "inspected"), "{err}");
+    let (code, body, err) = curl_in(
+        c,
+        vec![
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "--cacert".into(),
+            pca,
+            "--resolve".into(),
+            format!("inspected.test:8443:{DECOY}"),
+            "https://inspected.test:8443/evil".into(),
+        ],
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (0, "403"), "{err}");
 
     assert_eq!(decoyed.load(Ordering::SeqCst), 0, "the decoy was reached");
 }

@@ -326,55 +326,12 @@ impl Tunnel {
             handshake::answer(&mut client, answer).await;
             return;
         }
-        let config = match inspector.server_config(name.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(client = %self.client, target = %self.target, error = %e, "inspection failed");
-                handshake::answer(&mut client, Unanswerable::Alert).await;
-                return;
-            }
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        match client {
-            ClientSide::Tcp(s) => self.serve_inspected(acceptor, Rewind::new(buf, s)).await,
-            ClientSide::Upgraded(s) => self.serve_inspected(acceptor, Rewind::new(buf, s)).await,
-        }
-    }
-
-    async fn serve_inspected<S>(&self, acceptor: tokio_rustls::TlsAcceptor, stream: Rewind<S>)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let live = &self.live;
-        let tls = match tokio::time::timeout(live.config.sni_timeout, acceptor.accept(stream)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                live.metrics.inspect_client_failures.inc();
-                if live.logs.line() {
-                    tracing::warn!(
-                        client = %self.client,
-                        target = %self.target,
-                        error = %e,
-                        "the client did not complete the TLS handshake of an inspected tunnel: if it does not trust the inspection CA, install it on compute (aml-egress ca show prints how)"
-                    );
-                }
-                return;
-            }
-            Err(_) => return,
-        };
-        let (client_addr, shared, target) = (self.client, self.shared.clone(), self.target);
-        let handle = move |req, client, shared: Arc<Shared>| {
-            crate::proxy::forward::http::forward_inspected(req, client, shared.live(), target)
-        };
-        serve_requests(
-            Rewind::new(BytesMut::new(), tls),
-            client_addr,
-            shared,
-            self.slot.clone(),
-            handle,
-        )
-        .await;
+        let session = inspected_session(
+            &inspector,
+            (self.client, self.target),
+            (self.shared.clone(), self.slot.clone()),
+        );
+        session.serve(client, buf).await;
     }
 
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
@@ -393,5 +350,91 @@ impl Tunnel {
                 serve_requests(Rewind::new(buf, s), client_addr, shared, slot, handle).await
             }
         }
+    }
+}
+
+/// The TLS session of an inspected tunnel (a CONNECT, or a redirected connection), its
+/// ClientHello already checked to name `target`'s host.
+pub(crate) struct InspectedSession {
+    inspector: Arc<crate::proxy::inspect::Inspector>,
+    client: ClientAddr,
+    target: Target,
+    shared: Arc<Shared>,
+    slot: Option<Arc<Slot>>,
+}
+
+/// See [`InspectedSession`].
+pub(crate) fn inspected_session(
+    inspector: &Arc<crate::proxy::inspect::Inspector>,
+    (client, target): (ClientAddr, Target),
+    (shared, slot): (Arc<Shared>, Option<Arc<Slot>>),
+) -> InspectedSession {
+    InspectedSession {
+        inspector: inspector.clone(),
+        client,
+        target,
+        shared,
+        slot,
+    }
+}
+
+impl InspectedSession {
+    /// Complete the handshake with a leaf for the target's name (the hello's bytes are at
+    /// the start of `buf`), then serve its requests: each decided like plain HTTP, path
+    /// included, and forwarded over a verified TLS connection
+    /// ([`crate::proxy::forward::http::forward_inspected`]).
+    pub(crate) async fn serve(self, mut client: ClientSide, buf: BytesMut) {
+        let Host::Name(name) = self.target.host else {
+            return;
+        };
+        let config = match self.inspector.server_config(name.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(client = %self.client, target = %self.target, error = %e, "inspection failed");
+                handshake::answer(&mut client, Unanswerable::Alert).await;
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        match client {
+            ClientSide::Tcp(s) => self.handshake(acceptor, Rewind::new(buf, s)).await,
+            ClientSide::Upgraded(s) => self.handshake(acceptor, Rewind::new(buf, s)).await,
+        }
+    }
+
+    async fn handshake<S>(self, acceptor: tokio_rustls::TlsAcceptor, stream: Rewind<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let live = self.shared.live();
+        let tls = match tokio::time::timeout(live.config.sni_timeout, acceptor.accept(stream)).await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                live.metrics.inspect_client_failures.inc();
+                if live.logs.line() {
+                    tracing::warn!(
+                        client = %self.client,
+                        target = %self.target,
+                        error = %e,
+                        "the client did not complete the TLS handshake of an inspected tunnel: if it does not trust the inspection CA, install it on compute (aml-egress ca show prints how)"
+                    );
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        let target = self.target;
+        let handle = move |req, client, shared: Arc<Shared>| {
+            crate::proxy::forward::http::forward_inspected(req, client, shared.live(), target)
+        };
+        serve_requests(
+            Rewind::new(BytesMut::new(), tls),
+            self.client,
+            self.shared,
+            self.slot,
+            handle,
+        )
+        .await;
     }
 }

@@ -18,6 +18,7 @@ use crate::proxy::connect::handshake::{
     self, ClientSide, Held, Start, Unread, ech_seen, read_hello,
 };
 use crate::proxy::connect::sni::HelloReader;
+use crate::proxy::connect::tunnel::inspected_session;
 use crate::proxy::dial::dial_preferring;
 use crate::proxy::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
 use crate::proxy::state::Shared;
@@ -61,6 +62,37 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
             return;
         }
     };
+    // By its server name on the original port; without one, only the CIDR rules on the
+    // original destination can allow it.
+    let (target, reason) = match first.server_name {
+        Some(name) => (
+            Target {
+                host: Host::Name(name),
+                port: orig.0.port(),
+            },
+            ReasonCode::SniNotAllowed,
+        ),
+        None => (dst, ReasonCode::NoServerName),
+    };
+    let v = match first.server_name {
+        Some(_) => live.judge(&target, PathView::Hidden),
+        None => live.judge_nameless_tls(&target),
+    };
+    // Inspected: the proxy ends the handshake itself (so an ECH extension is moot), and
+    // each request inside is decided on its own.
+    if let Some(inspector) = &live.inspector
+        && live.inspects(&target, &v.decision)
+    {
+        if inspector.ca_expired(std::time::SystemTime::now()) {
+            let reason = ReasonCode::InspectCaExpired;
+            let answer = refuse(reason, "", &target, "", false, Count::Now);
+            handshake::answer(&mut side, answer).await;
+            return;
+        }
+        let session = inspected_session(inspector, (client, target), (shared.clone(), None));
+        Box::pin(session.serve(side, buf)).await;
+        return;
+    }
     if first.encrypted_client_hello && !cfg.ech_allowed {
         // The real name is encrypted: the outer one is not where the server sends it.
         let target = first.server_name.map_or(dst, |name| Target {
@@ -79,22 +111,6 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         handshake::answer(&mut side, answer).await;
         return;
     }
-    // By its server name on the original port; without one, only the CIDR rules on the
-    // original destination can allow it.
-    let (target, reason) = match first.server_name {
-        Some(name) => (
-            Target {
-                host: Host::Name(name),
-                port: orig.0.port(),
-            },
-            ReasonCode::SniNotAllowed,
-        ),
-        None => (dst, ReasonCode::NoServerName),
-    };
-    let v = match first.server_name {
-        Some(_) => live.judge(&target, PathView::Hidden),
-        None => live.judge_nameless_tls(&target),
-    };
     let counted = if v.pass && !v.would_deny {
         Some(AllowCount::new(&live, via, client, &target, &v))
     } else {
