@@ -526,9 +526,9 @@ fn tls_path_rules_becomes_inspect_with_a_ca_unless_the_file_says_otherwise() {
         TlsPathRules::Widen
     );
 
-    // What check says: refused over TLS with inspect (until the data path inspects it),
-    // widened with an explicit widen.
-    let check = |toml: &str| {
+    // What check says: decided on the path of an inspected https:// URL with inspect (a
+    // bare host:port has no path to decide: refused), widened with an explicit widen.
+    let check_one = |toml: &str, target: &str| {
         let cfg = TempFile::new("check.toml", toml);
         text(
             &run(&[
@@ -536,19 +536,22 @@ fn tls_path_rules_becomes_inspect_with_a_ca_unless_the_file_says_otherwise() {
                 "--json",
                 "--config",
                 cfg.0.to_str().unwrap(),
-                "https://files.example.test/pkg/x",
+                target,
             ])
             .stdout,
         )
     };
+    let check = |toml: &str| check_one(toml, "https://files.example.test/pkg/x");
     let inspect = check(&with_ca(&dir, INSPECTING));
     assert!(
-        inspect.contains("\"reason\":\"path_hidden_by_tls\""),
+        inspect.contains("\"reason\":\"rule\"") && inspect.contains("(inspected)"),
         "{inspect}"
     );
+    let bare = check_one(&with_ca(&dir, INSPECTING), "files.example.test:443");
+    assert!(bare.contains("\"reason\":\"path_hidden_by_tls\""), "{bare}");
     assert!(
-        inspect.contains("policy.tls_path_rules = \\\"inspect\\\""),
-        "{inspect}"
+        bare.contains("policy.tls_path_rules = \\\"inspect\\\""),
+        "{bare}"
     );
     let widen = check(&explicit);
     assert!(widen.contains("\"reason\":\"rule_widened\""), "{widen}");

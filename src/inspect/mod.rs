@@ -159,9 +159,9 @@ impl Inspection {
     }
 
     /// Whether a tunnel to `target` on which `policy` decided `d` is inspected: a name on
-    /// one of `tls_ports`, not bypassed, and either allowed by a path rule or in
-    /// `inspect.hosts`, or refused only because a path rule cannot see the path
-    /// (`path_hidden_by_tls`), which inspection will see. The one place this is decided,
+    /// one of `tls_ports`, not bypassed, and either allowed and in `inspect.hosts`, or
+    /// left undecided because only a path rule matches and `policy.tls_path_rules =
+    /// "inspect"` (`path_hidden_by_tls`), whose path inspection will see. The one place this is decided,
     /// for the proxy and for `check`.
     pub fn inspects_tunnel(
         &self,
@@ -176,11 +176,13 @@ impl Inspection {
         if self.ca.is_none() || !tls_ports.contains(&target.port) {
             return false;
         }
+        // A path rule is inspected where `policy.tls_path_rules = "inspect"` left it
+        // undecided; `widen` and `deny` say what the operator wants instead.
         let path_rule = match d.reason {
-            crate::policy::Reason::PathHiddenByTls => true,
-            _ if d.is_allowed() => d
-                .rule
-                .is_some_and(|id| matches!(policy.rule(id).what, Matchable::Host(_, Some(_)))),
+            crate::policy::Reason::PathHiddenByTls => {
+                policy.options().tls_path_rules == crate::policy::TlsPathRules::Inspect
+            }
+            _ if d.is_allowed() => false,
             _ => return false,
         };
         self.inspects(name.as_str(), path_rule).is_some()
