@@ -300,13 +300,12 @@ impl Tunnel {
             return;
         };
         let deadline = Deadline::now() + live.config.sni_timeout;
-        let mut none = None;
         let first = match read_hello(&mut client, &mut buf, HelloReader::default(), deadline).await
         {
             Ok(h) => h,
             Err(Unread::Gone) => return,
             Err(Unread::Refused(reason, seen)) => {
-                let answer = self.refuse(reason, false, &seen, None, "", &mut none);
+                let answer = self.refuse_inspected(reason, &seen);
                 handshake::answer(&mut client, answer).await;
                 return;
             }
@@ -322,7 +321,7 @@ impl Tunnel {
                 Some(n) => (ReasonCode::SniNotAllowed, n.as_str().to_owned()),
                 None => (ReasonCode::NoServerName, "(no server name)".to_owned()),
             };
-            let answer = self.refuse(reason, false, &seen, None, "", &mut none);
+            let answer = self.refuse_inspected(reason, &seen);
             handshake::answer(&mut client, answer).await;
             return;
         }
@@ -332,6 +331,17 @@ impl Tunnel {
             (self.shared.clone(), self.slot.clone()),
         );
         session.serve(client, buf).await;
+    }
+
+    /// Count, record and log the refusal of an inspected tunnel's hello (its CONNECT was
+    /// not counted: each request inside is), and give the client's answer.
+    fn refuse_inspected(&self, reason: ReasonCode, seen: &str) -> Unanswerable {
+        // Recorded and logged by `refuse` (nothing pending), counted here.
+        let answer = self.refuse(reason, false, seen, None, "", &mut None);
+        self.live
+            .metrics
+            .decision(ListenerKind::Connect, crate::metrics::Outcome::Deny, reason);
+        answer
     }
 
     /// HTTP/1 inside the tunnel: each request decided and forwarded like an absolute-form
