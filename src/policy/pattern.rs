@@ -98,10 +98,15 @@ impl PathPattern {
     /// Whether a request path (the query, if any, is ignored) is within this pattern.
     /// Paths are compared byte for byte, so anything an upstream server might normalise
     /// into another path never matches: `.`/`..` segments, `\`, `;` parameters (`..;`)
-    /// and any percent-encoding (`%2e`, `%2f`, `%5c`, ...).
+    /// and any percent-encoding (`%2e`, `%2f`, `%5c`, ...), and raw non-ASCII, whose
+    /// lookalikes of `.`, `/` and `\` (`．`, `‥`, `／`, `＼`) Unicode normalisation (NFKC)
+    /// turns into them; a conforming client percent-encodes non-ASCII anyway.
     pub fn matches(&self, path: &str) -> bool {
         let path = path.split(['?', '#']).next().unwrap_or("");
-        if path.contains(['%', '\\', ';']) || path.split('/').any(|seg| seg == ".." || seg == ".") {
+        if !path.is_ascii()
+            || path.contains(['%', '\\', ';'])
+            || path.split('/').any(|seg| seg == ".." || seg == ".")
+        {
             return false;
         }
         if self.prefix {
@@ -437,6 +442,11 @@ mod tests {
             "/allowed/%2E%2E/evil",
             "/allowed/%2e%2e/evil",
             "/allowed/fil%65",
+            // non-ASCII lookalikes of `.`, `/` and `\`
+            "/allowed/\u{ff0e}\u{ff0e}/evil",
+            "/allowed/\u{2025}/evil",
+            "/allowed/\u{ff0f}..\u{ff0f}evil",
+            "/allowed/x\u{ff3c}..\u{ff3c}evil",
         ];
         for bad in refused {
             assert!(!prefix.matches(bad), "{bad}");

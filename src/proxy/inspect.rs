@@ -19,6 +19,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use crate::inspect::{Inspection, LoadedCa};
 use crate::metrics::Metrics;
 
+/// Resumable client sessions kept, for all inspected names together.
+const SESSIONS: usize = 4096;
+
 /// How long a minted leaf is valid (from an hour before it was minted); re-minted once
 /// half of it has passed.
 const LEAF_DAYS: u64 = 3;
@@ -58,6 +61,10 @@ pub struct Inspector {
     max: usize,
     /// Verifies upstreams: the system's store and `inspect.upstream_ca_file`.
     pub upstream: Arc<ClientConfig>,
+    /// The clients' resumable sessions, one bounded store for every leaf (rustls' default,
+    /// one per `ServerConfig`, would keep up to 256 per minted name); rustls resumes a
+    /// session only under the name it began with (RFC 6066 §3).
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
     metrics: Arc<Metrics>,
 }
 
@@ -99,6 +106,7 @@ impl Inspector {
             inspection,
             leaves: Mutex::new(Leaves::default()),
             upstream,
+            sessions: rustls::server::ServerSessionMemoryCache::new(SESSIONS),
             metrics,
         })
     }
@@ -208,6 +216,7 @@ impl Inspector {
             .map_err(|e| fail(e.to_string()))?;
         // HTTP/1.1 only for now; early data is never accepted (rustls' default of 0).
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.session_storage = self.sessions.clone();
         Ok(Arc::new(cfg))
     }
 }
