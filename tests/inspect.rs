@@ -381,3 +381,47 @@ fn check_says_when_a_target_would_be_inspected_and_decides_its_path() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_fields_in_an_inspected_request_are_refused_and_nothing_reaches_the_upstream() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let up_ca = upstream_ca();
+    let (files, files_seen) = recording_upstream(&up_ca, "files.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&format!(
+        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
+        ca.0, key.0, up_ca.pem.0
+    ))
+    .await;
+    let (s, resp) =
+        support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("files.example.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, s)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"GET /pkg/a HTTP/1.1\r\nHost: files.example.test\r\nHost: other.example.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tls.read_to_end(&mut got).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(got.contains("host_mismatch"), "{got}");
+    assert!(files_seen.lock().unwrap().is_empty());
+}

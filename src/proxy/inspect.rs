@@ -193,7 +193,9 @@ impl Inspector {
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
         params.not_before = epoch + since.saturating_sub(Duration::from_secs(3600));
-        params.not_after = epoch + since + Duration::from_secs(LEAF_DAYS * 86_400);
+        // Never valid past the CA itself.
+        let until = (now + Duration::from_secs(LEAF_DAYS * 86_400)).min(cert.not_after);
+        params.not_after = epoch + until.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut serial = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
             .map_err(|_| fail("no random numbers for a serial number".into()))?;

@@ -225,7 +225,10 @@ pub(crate) async fn forward_inspected(
     };
     let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
     let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    // Two `Host` fields could each be read by a different hop (RFC 9112 §3.2: a 400).
+    let one_host = req.headers().get_all(header::HOST).iter().count() <= 1;
     let same = req.method() != hyper::Method::CONNECT
+        && one_host
         && (authority.is_some() || host.is_some())
         && authority.is_none_or(|a| names(Some(a)))
         && host.is_none_or(|h| names(Some(h)));
