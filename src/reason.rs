@@ -65,6 +65,9 @@ reasons! {
     UpstreamCertificateInvalid = "upstream_certificate_invalid",
     /// A tunnel that needs inspection while the inspection CA has expired.
     InspectCaExpired = "inspect_ca_expired",
+    /// A hello to an inspected name whose ALPN offers no protocol the inspected session
+    /// speaks (HTTP/1.1).
+    TlsAlpnNotInspectable = "tls_alpn_not_inspectable",
 }
 
 impl ReasonCode {
@@ -96,6 +99,7 @@ impl ReasonCode {
             ReasonCode::ServiceTagWithoutName => "address without a server name",
             ReasonCode::UpstreamCertificateInvalid => "upstream certificate did not verify",
             ReasonCode::InspectCaExpired => "inspection CA expired",
+            ReasonCode::TlsAlpnNotInspectable => "TLS protocol offer cannot be inspected",
         }
     }
 

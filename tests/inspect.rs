@@ -425,3 +425,31 @@ async fn two_host_fields_in_an_inspected_request_are_refused_and_nothing_reaches
     assert!(got.contains("host_mismatch"), "{got}");
     assert!(files_seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_offering_only_h2_to_an_inspected_name_is_refused_naming_the_offer() {
+    use tokio::io::AsyncReadExt;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&format!(
+        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\n",
+        ca.0, key.0
+    ))
+    .await;
+    let (mut s, resp) =
+        support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let h2_only: &[u8] = &[0, 3, 2, b'h', b'2'];
+    let hello = support::tls::crafted_hello_with(&[b"files.example.test"], 1, &[(16, h2_only)]);
+    s.write_all(&hello).await.unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    // A fatal access_denied alert, and nothing minted.
+    assert_eq!(got, support::tls::ACCESS_DENIED);
+    let series = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=\"tls_alpn_not_inspectable\"}";
+    assert_eq!(p.sample(series).await, 1.0);
+    assert_eq!(
+        p.sample("aml_egress_inspect_certificates_minted_total")
+            .await,
+        0.0
+    );
+}

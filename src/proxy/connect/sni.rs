@@ -72,8 +72,38 @@ pub struct ClientHello {
     /// The hello carries the `encrypted_client_hello` extension (0xfe0d, RFC 9849): the
     /// real server name is encrypted inside, and a front end that accepts ECH routes by it.
     pub encrypted_client_hello: bool,
+    /// The application protocols it offers (ALPN, RFC 7301).
+    pub alpn: Alpn,
     /// Offset in the stream just past the hello's last record.
     pub end: usize,
+}
+
+/// What a ClientHello's `application_layer_protocol_negotiation` extension offers, as far
+/// as inspection cares: an inspected session speaks HTTP/1.1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Alpn {
+    /// The extension is present.
+    pub offered: bool,
+    /// `http/1.1` is among the protocols.
+    pub http11: bool,
+    /// `h2` is among the protocols.
+    pub h2: bool,
+}
+
+impl Alpn {
+    /// Whether an inspected session can serve this client: no ALPN, or `http/1.1` offered.
+    pub fn inspectable(self) -> bool {
+        !self.offered || self.http11
+    }
+
+    /// The offer in words, for a log line: `h2`, `h2 and others`, `others`.
+    pub fn shown(self) -> &'static str {
+        match (self.h2, self.http11) {
+            (true, _) => "h2 without http/1.1",
+            (false, false) => "protocols other than http/1.1 and h2",
+            (false, true) => "http/1.1",
+        }
+    }
 }
 
 /// Reads one ClientHello from the start of a stream, record by record.
@@ -170,10 +200,11 @@ impl HelloReader {
                     "bytes after the ClientHello in its record",
                 ));
             }
-            let (server_name, encrypted_client_hello) = parse_client_hello(&msg[4..])?;
+            let (server_name, encrypted_client_hello, alpn) = parse_client_hello(&msg[4..])?;
             return Ok(Some(ClientHello {
                 server_name,
                 encrypted_client_hello,
+                alpn,
                 end: self.pos,
             }));
         }
@@ -263,7 +294,7 @@ const ENCRYPTED_CLIENT_HELLO: usize = 0xfe0d;
 /// The ClientHello body (RFC 8446 §4.1.2), every length consistent, each extension type
 /// once (§4.2), and at most one server_name extension with exactly one `host_name`: the
 /// name, and whether the hello carries an encrypted one ([`ENCRYPTED_CLIENT_HELLO`]).
-fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool), SniError> {
+fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool, Alpn), SniError> {
     let mut c = Cursor(body);
     c.take(2 + 32)?; // legacy_version, random
     if c.vec8()?.len() > 32 {
@@ -277,7 +308,7 @@ fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool), SniError> {
         return Err(SniError::Malformed("no compression method"));
     }
     if c.0.is_empty() {
-        return Ok((None, false)); // no extensions: an old client that names no server
+        return Ok((None, false, Alpn::default())); // no extensions: an old client that names no server
     }
     let mut exts = Cursor(c.vec16()?);
     if !c.0.is_empty() {
@@ -285,6 +316,7 @@ fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool), SniError> {
     }
     let mut seen = [0u64; 1024]; // one bit per extension type
     let mut name = None;
+    let mut alpn = Alpn::default();
     while !exts.0.is_empty() {
         let ty = exts.u16()?;
         let data = exts.vec16()?;
@@ -295,10 +327,44 @@ fn parse_client_hello(body: &[u8]) -> Result<(Option<Name>, bool), SniError> {
         seen[word] |= bit;
         if ty == 0 {
             name = Some(parse_server_name(data)?);
+        } else if ty == ALPN {
+            alpn = parse_alpn(data);
         }
     }
     let ech = seen[ENCRYPTED_CLIENT_HELLO / 64] & (1u64 << (ENCRYPTED_CLIENT_HELLO % 64)) != 0;
-    Ok((name, ech))
+    Ok((name, ech, alpn))
+}
+
+/// The `application_layer_protocol_negotiation` extension type (RFC 7301 §3.1).
+const ALPN: usize = 16;
+
+/// The protocols of an ALPN extension. A malformed list offers nothing inspection can
+/// serve (its server would refuse it anyway): `offered` without `http11`.
+fn parse_alpn(ext: &[u8]) -> Alpn {
+    let mut out = Alpn {
+        offered: true,
+        ..Alpn::default()
+    };
+    let mut c = Cursor(ext);
+    let Ok(list) = c.vec16() else {
+        return out;
+    };
+    if !c.0.is_empty() {
+        return out;
+    }
+    let mut list = Cursor(list);
+    let (mut http11, mut h2) = (false, false);
+    while !list.0.is_empty() {
+        match list.vec8() {
+            Ok(b"http/1.1") => http11 = true,
+            Ok(b"h2") => h2 = true,
+            Ok([]) | Err(_) => return out,
+            Ok(_) => {}
+        }
+    }
+    out.http11 = http11;
+    out.h2 = h2;
+    out
 }
 
 /// The server_name extension (RFC 6066 §3): a list holding exactly one `host_name`.
@@ -659,6 +725,38 @@ mod tests {
         assert_eq!(change_cipher_spec(&[22, 3, 3], 0), Ok(Some(0)));
         assert_eq!(change_cipher_spec(&[], 0), Ok(None));
         assert!(change_cipher_spec(&[20, 3, 3, 0, 2, 1, 1], 0).is_err());
+    }
+
+    #[test]
+    fn the_alpn_offer_is_read_and_a_malformed_one_offers_nothing_inspectable() {
+        let alpn = |names: &[&[u8]]| {
+            let mut list = Vec::new();
+            for n in names {
+                list.push(n.len() as u8);
+                list.extend_from_slice(n);
+            }
+            let mut ext = (list.len() as u16).to_be_bytes().to_vec();
+            ext.extend(list);
+            parse_alpn(&ext)
+        };
+        let both = alpn(&[b"h2", b"http/1.1"]);
+        assert!(both.offered && both.h2 && both.http11 && both.inspectable());
+        let h2 = alpn(&[b"h2"]);
+        assert!(!h2.inspectable());
+        assert_eq!(h2.shown(), "h2 without http/1.1");
+        assert!(!alpn(&[b"imap"]).inspectable());
+        assert!(
+            !alpn(&[b"", b"http/1.1"]).inspectable(),
+            "an empty name is malformed"
+        );
+        assert!(
+            !parse_alpn(&[0, 5, 2]).inspectable(),
+            "a short list is malformed"
+        );
+        assert!(
+            Alpn::default().inspectable(),
+            "no ALPN: HTTP/1.1 by default"
+        );
     }
 
     #[test]

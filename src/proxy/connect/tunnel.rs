@@ -325,6 +325,12 @@ impl Tunnel {
             handshake::answer(&mut client, answer).await;
             return;
         }
+        if !first.alpn.inspectable() {
+            let answer =
+                self.refuse_inspected(ReasonCode::TlsAlpnNotInspectable, first.alpn.shown());
+            handshake::answer(&mut client, answer).await;
+            return;
+        }
         let session = inspected_session(
             &inspector,
             (self.client, self.target),

@@ -89,6 +89,12 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
             handshake::answer(&mut side, answer).await;
             return;
         }
+        if !first.alpn.inspectable() {
+            let reason = ReasonCode::TlsAlpnNotInspectable;
+            let answer = refuse(reason, first.alpn.shown(), &target, "", false, Count::Now);
+            handshake::answer(&mut side, answer).await;
+            return;
+        }
         let session = inspected_session(inspector, (client, target), (shared.clone(), None));
         Box::pin(session.serve(side, buf)).await;
         return;
