@@ -196,6 +196,45 @@ connect_to = {{ "files.example.test:443" = "{files}", "mirror.example.test:443" 
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // HTTP/2 between client and proxy (ALPN h2), HTTP/1.1 to the upstream; the same
+    // path rule and Host check hold there.
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &["--http2", "-w", "\n%{http_code} %{http_version}"],
+        "https://files.example.test/pkg/h2.whl",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "saw /pkg/h2.whl\n200 2"), "{err}");
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &["--http2", "-w", "\n%{http_code} %{http_version}"],
+        "https://files.example.test/evil/h2",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n403 2"), "{out}");
+    // Domain fronting over h2: the :authority names another host.
+    let (code, out, err) = curl(
+        p.addr,
+        Some(&ca),
+        &[
+            "--http2",
+            "-H",
+            "Host: other.example.test",
+            "-w",
+            "\n%{http_code} %{http_version}",
+        ],
+        "https://files.example.test/pkg/h2.whl",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n403 2"), "{out}");
+    let seen = files_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "only a.whl, c.whl and h2.whl: {seen:#?}");
+    files_seen.lock().unwrap().clear();
+
     // An upstream whose certificate names someone else: 502, nothing sent to it.
     let (code, out, err) = curl(
         p.addr,
@@ -226,11 +265,12 @@ connect_to = {{ "files.example.test:443" = "{files}", "mirror.example.test:443" 
     p.until_sample("aml_egress_inspect_client_handshake_failures_total", 1.0)
         .await;
     let m = p.metrics().await;
-    // Allowed: a.whl, c.whl and the mirror request (allowed, then its upstream failed).
+    // Allowed: a.whl, c.whl, h2.whl and the mirror request (allowed, then its upstream
+    // failed); refused by path: /evil/x and /evil/h2.
     for line in [
-        "aml_egress_inspected_requests_total{decision=\"allow\",reason=\"rule\"} 3",
-        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"path_not_allowed\"} 1",
-        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"host_mismatch\"} 1",
+        "aml_egress_inspected_requests_total{decision=\"allow\",reason=\"rule\"} 4",
+        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"path_not_allowed\"} 2",
+        "aml_egress_inspected_requests_total{decision=\"deny\",reason=\"host_mismatch\"} 2",
         "aml_egress_inspect_upstream_certificate_failures_total 1",
         "aml_egress_inspect_cached_certificates 2",
     ] {
@@ -427,7 +467,7 @@ async fn two_host_fields_in_an_inspected_request_are_refused_and_nothing_reaches
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_offering_only_h2_to_an_inspected_name_is_refused_naming_the_offer() {
+async fn a_hello_offering_neither_h2_nor_http11_to_an_inspected_name_is_refused() {
     use tokio::io::AsyncReadExt;
     let (ca, key) = inspection_ca(&["files.example.test"]);
     let p = start_proxy(&format!(
@@ -438,8 +478,8 @@ async fn a_hello_offering_only_h2_to_an_inspected_name_is_refused_naming_the_off
     let (mut s, resp) =
         support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let h2_only: &[u8] = &[0, 3, 2, b'h', b'2'];
-    let hello = support::tls::crafted_hello_with(&[b"files.example.test"], 1, &[(16, h2_only)]);
+    let imap: &[u8] = &[0, 5, 4, b'i', b'm', b'a', b'p'];
+    let hello = support::tls::crafted_hello_with(&[b"files.example.test"], 1, &[(16, imap)]);
     s.write_all(&hello).await.unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got).await;

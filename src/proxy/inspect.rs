@@ -216,8 +216,8 @@ impl Inspector {
             .with_no_client_auth()
             .with_single_cert(chain, key_der)
             .map_err(|e| fail(e.to_string()))?;
-        // HTTP/1.1 only for now; early data is never accepted (rustls' default of 0).
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Early data is never accepted (rustls' default of 0).
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         cfg.session_storage = self.sessions.clone();
         Ok(Arc::new(cfg))
     }

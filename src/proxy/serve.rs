@@ -170,6 +170,46 @@ pub(crate) async fn serve_requests<S, H, F>(
     }
 }
 
+/// HTTP/2 on `stream` (an inspected session whose client chose `h2` by ALPN): each request
+/// stream handed to `handle`, as [`serve_requests`] does for HTTP/1. At most 100 streams
+/// at once, header lists within `proxy.max_header_bytes`; closed gracefully at shutdown.
+pub(crate) async fn serve_h2_requests<S, H, F>(
+    stream: S,
+    client: ClientAddr,
+    shared: Arc<Shared>,
+    handle: H,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<hyper::body::Incoming>, ClientAddr, Arc<Shared>) -> F + Copy + Send + 'static,
+    F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let max_header = shared.live().config.max_header_bytes;
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, client, shared).await) }
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(100)
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut stopping = shared.stopping.clone();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(&mut stopping) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shared.tracker.closed() => {}
+            }
+        }
+    }
+}
+
 /// Write a raw refusal, then read and discard what the client is still sending (bounded in
 /// bytes and time) before closing, so that the kernel does not reset the connection and
 /// destroy the answer before the client reads it.

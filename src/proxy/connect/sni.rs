@@ -91,17 +91,17 @@ pub struct Alpn {
 }
 
 impl Alpn {
-    /// Whether an inspected session can serve this client: no ALPN, or `http/1.1` offered.
+    /// Whether an inspected session can serve this client: no ALPN, or `h2` or `http/1.1`
+    /// among the protocols.
     pub fn inspectable(self) -> bool {
-        !self.offered || self.http11
+        !self.offered || self.http11 || self.h2
     }
 
-    /// The offer in words, for a log line: `h2`, `h2 and others`, `others`.
+    /// The offer in words, for a log line.
     pub fn shown(self) -> &'static str {
         match (self.h2, self.http11) {
-            (true, _) => "h2 without http/1.1",
             (false, false) => "protocols other than http/1.1 and h2",
-            (false, true) => "http/1.1",
+            _ => "http/1.1 or h2",
         }
     }
 }
@@ -741,10 +741,10 @@ mod tests {
         };
         let both = alpn(&[b"h2", b"http/1.1"]);
         assert!(both.offered && both.h2 && both.http11 && both.inspectable());
-        let h2 = alpn(&[b"h2"]);
-        assert!(!h2.inspectable());
-        assert_eq!(h2.shown(), "h2 without http/1.1");
-        assert!(!alpn(&[b"imap"]).inspectable());
+        assert!(alpn(&[b"h2"]).inspectable());
+        let imap = alpn(&[b"imap"]);
+        assert!(!imap.inspectable());
+        assert_eq!(imap.shown(), "protocols other than http/1.1 and h2");
         assert!(
             !alpn(&[b"", b"http/1.1"]).inspectable(),
             "an empty name is malformed"

@@ -36,7 +36,7 @@ use crate::proxy::plumbing::Slot;
 use crate::proxy::refusal::{
     AllowCount, Count, Refusal, Seen, Unanswerable, denial, name_reason, note_allowed,
 };
-use crate::proxy::serve::serve_requests;
+use crate::proxy::serve::{serve_h2_requests, serve_requests};
 use crate::proxy::state::{Judgement, Live, Mode, Shared};
 use crate::reason::ReasonCode;
 
@@ -444,6 +444,10 @@ impl InspectedSession {
         let handle = move |req, client, shared: Arc<Shared>| {
             crate::proxy::forward::http::forward_inspected(req, client, shared.live(), target)
         };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            serve_h2_requests(tls, self.client, self.shared, handle).await;
+            return;
+        }
         serve_requests(
             Rewind::new(BytesMut::new(), tls),
             self.client,

@@ -565,6 +565,11 @@ async fn send(
         req.headers_mut().insert(header::HOST, v);
     }
     *req.uri_mut() = uri;
+    // Upstreams are spoken to in HTTP/1, whatever the client spoke (h2 inside an
+    // inspected session).
+    if req.version() == hyper::Version::HTTP_2 {
+        *req.version_mut() = hyper::Version::HTTP_11;
+    }
     let method = req.method().clone();
     // A request that can be sent again (RFC 9112 §9.3.1): idempotent, without a body.
     let replay =
