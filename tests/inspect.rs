@@ -493,3 +493,35 @@ async fn a_hello_offering_neither_h2_nor_http11_to_an_inspected_name_is_refused(
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_the_ca_for_new_sessions() {
+    let (ca1, key1) = inspection_ca(&[".flood.test"]);
+    let (ca2, key2) = inspection_ca(&[".flood.test"]);
+    let config = |ca: &TempFile, key: &TempFile| {
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[[allow]]\nhost = \"*.flood.test\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nhosts = [\"*.flood.test\"]\n",
+            ca.0, key.0
+        )
+    };
+    let cfg = TempFile::new("reload-ca.toml", &config(&ca1, &key1));
+    let p = support::proxy::start_file(&cfg.0).await;
+    assert!(
+        handshake_through(p.addr, &ca1, "a.flood.test")
+            .await
+            .is_some()
+    );
+    std::fs::write(&cfg.0, config(&ca2, &key2)).unwrap();
+    assert!(p.reloader.reload(aml_egress::reload::Trigger::Requested));
+    // The same name, minted again under the new CA: a client of the old one refuses it.
+    assert!(
+        handshake_through(p.addr, &ca2, "a.flood.test")
+            .await
+            .is_some()
+    );
+    assert!(
+        handshake_through(p.addr, &ca1, "a.flood.test")
+            .await
+            .is_none()
+    );
+}
