@@ -525,3 +525,158 @@ async fn a_reload_swaps_the_ca_for_new_sessions() {
             .is_none()
     );
 }
+
+/// A TLS upstream for `name` (certificate from `ca`) serving `files` by path (200 with the
+/// bytes, 404 otherwise); the request lines it received are recorded.
+async fn file_upstream(
+    ca: &UpstreamCa,
+    name: &str,
+    files: Vec<(String, Vec<u8>)>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let files = Arc::new(files);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    let addr = upstream(move |s| {
+        let (acceptor, rec, files) = (acceptor.clone(), rec.clone(), files.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            while let Some(head) = read_request_head(&mut tls).await {
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                rec.lock().unwrap().push(line);
+                let (status, body) = match files.iter().find(|(p, _)| *p == path) {
+                    Some((_, b)) => ("200 OK", b.clone()),
+                    None => ("404 Not Found", b"not here".to_vec()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: text/html\r\n\r\n",
+                    body.len()
+                );
+                if tls.write_all(head.as_bytes()).await.is_err()
+                    || tls.write_all(&body).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pip_downloads_from_an_inspected_index_under_a_path_rule_and_nothing_else() {
+    let dir = std::env::temp_dir().join(format!("aml-egress-pip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A real wheel, made by Python's zipfile (the format pip checks).
+    let wheel = dir.join("demo_pkg-1.0-py3-none-any.whl");
+    let made = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('demo_pkg/__init__.py', '')\nz.writestr('demo_pkg-1.0.dist-info/METADATA', 'Metadata-Version: 2.1\\nName: demo-pkg\\nVersion: 1.0\\n')\nz.writestr('demo_pkg-1.0.dist-info/WHEEL', 'Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n')\nz.writestr('demo_pkg-1.0.dist-info/RECORD', '')\nz.close()\n")
+        .arg(&wheel)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let bytes = std::fs::read(&wheel).unwrap();
+    let index = b"<!DOCTYPE html><html><body><a href=\"/pkg/files/demo_pkg-1.0-py3-none-any.whl\">demo_pkg-1.0-py3-none-any.whl</a></body></html>".to_vec();
+    let up_ca = upstream_ca();
+    let (files, seen) = file_upstream(
+        &up_ca,
+        "files.example.test",
+        vec![
+            ("/pkg/simple/demo-pkg/".into(), index.clone()),
+            ("/other/simple/demo-pkg/".into(), index),
+            ("/pkg/files/demo_pkg-1.0-py3-none-any.whl".into(), bytes),
+        ],
+    )
+    .await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&format!(
+        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
+        ca.0, key.0, up_ca.pem.0
+    ))
+    .await;
+    let pip = |index: &str, into: &std::path::Path| {
+        let (proxy, ca, index, into) = (
+            format!("http://{}", p.addr),
+            ca.0.clone(),
+            index.to_owned(),
+            into.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir"])
+                .args([
+                    "--disable-pip-version-check",
+                    "--retries",
+                    "0",
+                    "--timeout",
+                    "20",
+                ])
+                .arg("--index-url")
+                .arg(index)
+                .arg("--proxy")
+                .arg(proxy)
+                .arg("--cert")
+                .arg(ca)
+                .arg("-d")
+                .arg(into)
+                .arg("demo-pkg")
+                // The machine's own pip and TLS settings stay out of the test.
+                .env("PIP_CONFIG_FILE", "/dev/null")
+                .env_remove("PIP_INDEX_URL")
+                .env_remove("PIP_CERT")
+                .env_remove("PIP_FIND_LINKS")
+                .env_remove("REQUESTS_CA_BUNDLE")
+                .env_remove("CURL_CA_BUNDLE")
+                .env_remove("SSL_CERT_FILE")
+                .env_remove("SSL_CERT_DIR")
+                .env_remove("HTTPS_PROXY")
+                .env_remove("https_proxy")
+                .output()
+                .expect("python3 with pip is installed (.ci/run installs it)")
+        })
+    };
+    let got = dir.join("got");
+    let out = pip("https://files.example.test/pkg/simple/", &got)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(got.join("demo_pkg-1.0-py3-none-any.whl").exists());
+    // The same index under another path of the same host: refused inside TLS.
+    let other = dir.join("other");
+    let out = pip("https://files.example.test/other/simple/", &other)
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let lines = seen.lock().unwrap().clone();
+    assert!(
+        lines.iter().all(|l| l.contains(" /pkg/")),
+        "the upstream saw a refused path: {lines:#?}"
+    );
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
