@@ -526,8 +526,8 @@ async fn a_reload_swaps_the_ca_for_new_sessions() {
     );
 }
 
-/// A TLS upstream for `name` (certificate from `ca`) serving `files` by path (200 with the
-/// bytes, 404 otherwise); the request lines it received are recorded.
+/// A TLS upstream for `name` (certificate from `ca`) serving `files` by path, the query
+/// ignored (200 with the bytes, 404 otherwise); the request lines it received are recorded.
 async fn file_upstream(
     ca: &UpstreamCa,
     name: &str,
@@ -561,7 +561,10 @@ async fn file_upstream(
                 let line = head.lines().next().unwrap_or_default().to_owned();
                 let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
                 rec.lock().unwrap().push(line);
-                let (status, body) = match files.iter().find(|(p, _)| *p == path) {
+                // By path alone: git's first request asks `info/refs?service=...`, and a
+                // plain file there tells it the server is a "dumb" one.
+                let file = path.split('?').next().unwrap_or_default();
+                let (status, body) = match files.iter().find(|(p, _)| p == file) {
                     Some((_, b)) => ("200 OK", b.clone()),
                     None => ("404 Not Found", b"not here".to_vec()),
                 };
@@ -678,5 +681,147 @@ async fn pip_downloads_from_an_inspected_index_under_a_path_rule_and_nothing_els
         "the upstream saw a refused path: {lines:#?}"
     );
     assert_eq!(lines.len(), 2, "{lines:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every file under `root`, as (`prefix` + its path under root, contents).
+fn files_under(root: &std::path::Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((format!("{prefix}/{rel}"), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clones_over_https_through_an_inspected_path_rule() {
+    let dir = std::env::temp_dir().join(format!("aml-egress-git-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let git = |args: &[&str], cwd: &std::path::Path| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(cwd)
+            .env("HOME", &dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env_remove("GIT_SSL_CAINFO")
+            .output()
+            .expect("git is installed")
+    };
+    // A bare repository with one commit, served as files (git's "dumb" HTTP protocol).
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(git(&["init", "-q", "-b", "main"], &work).status.success());
+    std::fs::write(work.join("README"), "cloned through the proxy\n").unwrap();
+    assert!(git(&["add", "README"], &work).status.success());
+    let commit = git(
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.test",
+            "commit",
+            "-q",
+            "-m",
+            "one",
+        ],
+        &work,
+    );
+    assert!(
+        commit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&commit.stderr)
+    );
+    let bare = dir.join("repo.git");
+    assert!(
+        git(
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().unwrap(),
+                bare.to_str().unwrap()
+            ],
+            &dir
+        )
+        .status
+        .success()
+    );
+    assert!(git(&["update-server-info"], &bare).status.success());
+    let up_ca = upstream_ca();
+    let (files, seen) = file_upstream(
+        &up_ca,
+        "files.example.test",
+        files_under(&bare, "/pkg/repo.git"),
+    )
+    .await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&format!(
+        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
+        ca.0, key.0, up_ca.pem.0
+    ))
+    .await;
+    let clone = |url: &str, into: &str| {
+        let (dir, proxy, ca, url, into) = (
+            dir.clone(),
+            format!("http://{}", p.addr),
+            ca.0.clone(),
+            url.to_owned(),
+            into.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("git")
+                .args(["clone", "-q", &url, &into])
+                .current_dir(&dir)
+                .env("HOME", &dir)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_TERMINAL_PROMPT", "0")
+                .env("GIT_SSL_CAINFO", &ca)
+                .env("https_proxy", &proxy)
+                .env_remove("HTTPS_PROXY")
+                .env_remove("no_proxy")
+                .env_remove("NO_PROXY")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = clone("https://files.example.test/pkg/repo.git", "cloned")
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cloned/README")).unwrap(),
+        "cloned through the proxy\n"
+    );
+    let out = clone("https://files.example.test/other/repo.git", "refused")
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|l| l.contains(" /pkg/repo.git/")),
+        "{:#?}",
+        seen.lock().unwrap()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
