@@ -213,7 +213,7 @@ impl Metrics {
             "Bytes relayed through tunnels, by direction (up: client to upstream, down: upstream to client).",
             &["direction"],
         );
-        Metrics {
+        let m = Metrics {
             decisions_vec: counter_vec(
                 &r,
                 "aml_egress_decisions_total",
@@ -347,7 +347,9 @@ impl Metrics {
             denied: Mutex::new(DeniedTable::new(max_denied)),
             allowed: AllowedNames::new(&r, 1000),
             registry: r,
-        }
+        };
+        m.inspected_zero();
+        m
     }
 
     /// Count one decision (an atomic add once the handle exists).
@@ -508,6 +510,19 @@ impl Metrics {
                 self.series_evicted.inc();
                 self.denials_evicted.inc_by(count);
             }
+        }
+    }
+
+    /// Start the inspected-request series a dashboard plots at zero, so that the family is
+    /// exported (and a rate reads 0, not nothing) before the first inspected request.
+    fn inspected_zero(&self) {
+        for (decision, reason) in [
+            (Outcome::Allow, ReasonCode::Rule),
+            (Outcome::Deny, ReasonCode::PathNotAllowed),
+            (Outcome::Deny, ReasonCode::HostMismatch),
+        ] {
+            self.inspected_requests
+                .with_label_values(&[decision.as_str(), reason.as_str()]);
         }
     }
 
