@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use support::TempFile;
 use support::clients::curl_async;
@@ -88,6 +89,81 @@ fn inspection_ca(permitted: &[&str]) -> (TempFile, TempFile) {
     let key = TempFile::new("inspect-ca.key", &ca.key_pem);
     std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (cert, key)
+}
+
+/// A path rule `files.example.test/pkg/*` inspected with `ca`, its upstream at `files`
+/// verified through `up_ca`.
+fn config(ca: &TempFile, key: &TempFile, up_ca: &UpstreamCa, files: SocketAddr) -> String {
+    format!(
+        r#"
+[[allow]]
+host = "files.example.test/pkg/*"
+ports = [443]
+[inspect]
+ca_cert = {:?}
+ca_key = {:?}
+upstream_ca_file = {:?}
+[upstream]
+allow_cidrs = ["127.0.0.1/32"]
+connect_to = {{ "files.example.test:443" = "{files}" }}
+"#,
+        ca.0, key.0, up_ca.pem.0
+    )
+}
+
+/// `CONNECT name:443` through the proxy, then a TLS session with it trusting only `ca`.
+async fn session(
+    proxy: SocketAddr,
+    name: &str,
+    ca: &TempFile,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {name}:443 HTTP/1.1\r\nHost: {name}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_request_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, s)
+        .await
+        .unwrap()
+}
+
+/// Send `raw` and read one response (head, and a body by its Content-Length).
+async fn roundtrip<S>(s: &mut S, raw: &[u8]) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// curl through the proxy: exit code, body, and `%{http_code}` after a newline.
@@ -429,11 +505,7 @@ async fn two_host_fields_in_an_inspected_request_are_refused_and_nothing_reaches
     let up_ca = upstream_ca();
     let (files, files_seen) = recording_upstream(&up_ca, "files.example.test").await;
     let (ca, key) = inspection_ca(&["files.example.test"]);
-    let p = start_proxy(&format!(
-        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
-        ca.0, key.0, up_ca.pem.0
-    ))
-    .await;
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
     let (s, resp) =
         support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -612,11 +684,7 @@ async fn pip_downloads_from_an_inspected_index_under_a_path_rule_and_nothing_els
     )
     .await;
     let (ca, key) = inspection_ca(&["files.example.test"]);
-    let p = start_proxy(&format!(
-        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
-        ca.0, key.0, up_ca.pem.0
-    ))
-    .await;
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
     let pip = |index: &str, into: &std::path::Path| {
         let (proxy, ca, index, into) = (
             format!("http://{}", p.addr),
@@ -770,11 +838,7 @@ async fn git_clones_over_https_through_an_inspected_path_rule() {
     )
     .await;
     let (ca, key) = inspection_ca(&["files.example.test"]);
-    let p = start_proxy(&format!(
-        "[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\nupstream_ca_file = {:?}\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"files.example.test:443\" = \"{files}\" }}\n",
-        ca.0, key.0, up_ca.pem.0
-    ))
-    .await;
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
     let clone = |url: &str, into: &str| {
         let (dir, proxy, ca, url, into) = (
             dir.clone(),
@@ -824,4 +888,72 @@ async fn git_clones_over_https_through_an_inspected_path_rule() {
         seen.lock().unwrap()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A path rule matches byte for byte so that nothing an upstream might normalise out of
+/// the prefix ever matches (`..`, `%2e`, `\`, `;`). Raw non-ASCII in the request target
+/// (which no conforming client sends: RFC 3986 percent-encodes it, and `%` is refused
+/// already) slipped through: `/pkg/．．/evil` (U+FF0E), `/pkg/‥/evil` (U+2025) and
+/// `/pkg/／..／evil` (U+FF0F) reach the upstream, which after Unicode (NFKC)
+/// normalisation, as some frameworks and IIS's best-fit mapping do, serves `/evil`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_lookalikes_of_dots_and_slashes_never_match_a_path_rule() {
+    let up_ca = upstream_ca();
+    let (files, seen) = recording_upstream(&up_ca, "files.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
+    let mut s = session(p.addr, "files.example.test", &ca).await;
+    for path in [
+        "/pkg/\u{ff0e}\u{ff0e}/evil",
+        "/pkg/\u{2025}/evil",
+        "/pkg/\u{ff0f}..\u{ff0f}evil",
+        "/pkg/x\u{ff3c}..\u{ff3c}..\u{ff3c}evil",
+    ] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: files.example.test\r\n\r\n");
+        let answer = roundtrip(&mut s, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{path}: {answer}");
+    }
+    // The session still works for an allowed path; only that reached the upstream.
+    let answer = roundtrip(
+        &mut s,
+        b"GET /pkg/ok HTTP/1.1\r\nHost: files.example.test\r\n\r\n",
+    )
+    .await;
+    assert!(answer.ends_with("saw /pkg/ok"), "{answer}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+}
+
+/// Each minted leaf got its own `ServerConfig` with rustls' default session store (256
+/// sessions, two TLS 1.3 tickets stored per handshake). With a wildcard path rule a client
+/// fills `inspect.max_cached_certs` (10000) leaves' stores: measured on loopback, about
+/// 150 kB more per leaf (20 names × 128 handshakes: +3.3 MB; one name × 2560: +0.3 MB), so
+/// some 1.5 GB at the default bound where the certificates themselves are ~10 MB. The
+/// leaves must share one bounded store (rustls refuses to resume across names anyway,
+/// RFC 6066 §3).
+#[test]
+fn minted_leaves_share_one_bounded_session_store() {
+    let (ca, key) = inspection_ca(&[".wild.example.test"]);
+    let c = support::compiled(&format!(
+        r#"
+[[allow]]
+host = "*.wild.example.test/pkg/*"
+ports = [443]
+[inspect]
+ca_cert = {:?}
+ca_key = {:?}
+"#,
+        ca.0, key.0
+    ));
+    let metrics = Arc::new(aml_egress::metrics::Metrics::new(16));
+    let inspector = aml_egress::proxy::inspect::Inspector::new(c.inspect, metrics).unwrap();
+    let a = inspector.server_config("a.wild.example.test").unwrap();
+    let b = inspector.server_config("b.wild.example.test").unwrap();
+    let key = b"a session id of some client".to_vec();
+    assert!(a.session_storage.put(key.clone(), b"state".to_vec()));
+    assert_eq!(
+        b.session_storage.get(&key).as_deref(),
+        Some(&b"state"[..]),
+        "each leaf has a session store of its own"
+    );
 }

@@ -173,23 +173,10 @@ pub(crate) async fn forward_in_tunnel(
     };
     if !same {
         let seen = named_text(&req);
-        let reason = ReasonCode::HostMismatch;
-        let seen_as = Seen {
-            via: ListenerKind::Http,
-            client,
-            target: Some(&tunnel),
-            shown: &format!("{tunnel} (request inside the tunnel)"),
-            seen: &seen,
-            outcome: Outcome::Deny,
-            reason,
-            rule: "",
-        };
         let message = format!(
             "aml-egress refused a request inside the tunnel to {tunnel}: it names {seen:?}, not the tunnel's host (and port); send requests for other hosts through their own CONNECT or as absolute-form requests"
         );
-        return Refusal::host_refused(seen_as, reason.words(), message)
-            .issue(&live, Count::Now)
-            .into_response();
+        return host_mismatch(&live, client, tunnel, ("the tunnel", &seen), message);
     }
     // The authority sent upstream: the tunnel's host, and its port unless it is 80.
     let authority = match tunnel.port {
@@ -238,23 +225,16 @@ pub(crate) async fn forward_inspected(
             .with_label_values(&["deny", ReasonCode::HostMismatch.as_str()])
             .inc();
         let seen = named_text(&req);
-        let reason = ReasonCode::HostMismatch;
-        let seen_as = Seen {
-            via: ListenerKind::Http,
-            client,
-            target: Some(&tunnel),
-            shown: &format!("{tunnel} (request inside the inspected tunnel)"),
-            seen: &seen,
-            outcome: Outcome::Deny,
-            reason,
-            rule: "",
-        };
         let message = format!(
             "aml-egress refused a request inside the TLS session with {tunnel}: it names {seen:?}, not the session's host (and port); a request for another host needs its own connection"
         );
-        return Refusal::host_refused(seen_as, reason.words(), message)
-            .issue(&live, Count::Now)
-            .into_response();
+        return host_mismatch(
+            &live,
+            client,
+            tunnel,
+            ("the inspected tunnel", &seen),
+            message,
+        );
     }
     let authority = match tunnel.port {
         443 => tunnel.host.to_string(),
@@ -270,6 +250,31 @@ pub(crate) async fn forward_inspected(
         started,
     )
     .await
+}
+
+/// Refuse (count, record, log, answer `403`) a request inside a tunnel (`inside`: which
+/// kind) that names another host or port than the tunnel's (`seen`, as it named it).
+fn host_mismatch(
+    live: &Live,
+    client: ClientAddr,
+    tunnel: Target,
+    (inside, seen): (&str, &str),
+    message: String,
+) -> Response<Body> {
+    let reason = ReasonCode::HostMismatch;
+    let seen_as = Seen {
+        via: ListenerKind::Http,
+        client,
+        target: Some(&tunnel),
+        shown: &format!("{tunnel} (request inside {inside})"),
+        seen,
+        outcome: Outcome::Deny,
+        reason,
+        rule: "",
+    };
+    Refusal::host_refused(seen_as, reason.words(), message)
+        .issue(live, Count::Now)
+        .into_response()
 }
 
 /// How a request goes upstream: plain HTTP, or TLS (inspected requests).
