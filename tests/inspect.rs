@@ -957,3 +957,18 @@ ca_key = {:?}
         "each leaf has a session store of its own"
     );
 }
+
+#[test]
+fn a_client_distrusting_the_ca_is_counted_each_time_and_logged_once_a_minute_per_name() {
+    let (ca, key) = inspection_ca(&[".wild.example.test"]);
+    let c = support::compiled(&format!(
+        "[[allow]]\nhost = \"*.wild.example.test/pkg/*\"\nports = [443]\n[inspect]\nca_cert = {:?}\nca_key = {:?}\n",
+        ca.0, key.0
+    ));
+    let metrics = Arc::new(aml_egress::metrics::Metrics::new(16));
+    let inspector = aml_egress::proxy::inspect::Inspector::new(c.inspect, metrics.clone()).unwrap();
+    assert!(inspector.handshake_failed("a.wild.example.test"));
+    assert!(!inspector.handshake_failed("a.wild.example.test"));
+    assert!(inspector.handshake_failed("b.wild.example.test"));
+    assert_eq!(metrics.inspect_client_failures.get(), 3);
+}

@@ -33,6 +33,10 @@ const SYSTEM_BUNDLES: [&str; 2] = [
     "/etc/pki/tls/certs/ca-bundle.crt",
 ];
 
+/// Names whose clients' handshake failures were logged in the current minute, at most
+/// this many (a flood of names is then counted only).
+const FAILURES_LOGGED: usize = 1024;
+
 /// Why a leaf could not be minted (a broken CA; logged, and the tunnel refused).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot mint a certificate for {name}: {why}")]
@@ -65,6 +69,10 @@ pub struct Inspector {
     /// one per `ServerConfig`, would keep up to 256 per minted name); rustls resumes a
     /// session only under the name it began with (RFC 6066 §3).
     sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    /// (minute, names logged in it): a client that distrusts the CA is logged once per
+    /// name per minute.
+    failures: Mutex<(u64, std::collections::HashSet<Box<str>>)>,
+    started: std::time::Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -107,8 +115,22 @@ impl Inspector {
             leaves: Mutex::new(Leaves::default()),
             upstream,
             sessions: rustls::server::ServerSessionMemoryCache::new(SESSIONS),
+            failures: Mutex::new((0, Default::default())),
+            started: std::time::Instant::now(),
             metrics,
         })
+    }
+
+    /// Count a client's failed handshake with the leaf for `name`; whether to log it (the
+    /// first for that name this minute, for at most [`FAILURES_LOGGED`] names a minute).
+    pub fn handshake_failed(&self, name: &str) -> bool {
+        self.metrics.inspect_client_failures.inc();
+        let minute = self.started.elapsed().as_secs() / 60;
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 != minute {
+            *f = (minute, Default::default());
+        }
+        f.1.len() < FAILURES_LOGGED && f.1.insert(name.into())
     }
 
     /// What is inspected, and why.

@@ -427,8 +427,8 @@ impl InspectedSession {
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                live.metrics.inspect_client_failures.inc();
-                if live.logs.line() {
+                let name = self.target.host.to_string();
+                if self.inspector.handshake_failed(&name) && live.logs.line() {
                     tracing::warn!(
                         client = %self.client,
                         target = %self.target,
