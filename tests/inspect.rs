@@ -37,9 +37,8 @@ fn upstream_ca() -> UpstreamCa {
     }
 }
 
-/// A TLS upstream with a certificate for `name` from `ca`, answering every request with
-/// `saw <path>`; what it received (request heads) is recorded.
-async fn recording_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// A TLS server side for `name`, its certificate from `ca`.
+fn acceptor_for(ca: &UpstreamCa, name: &str) -> tokio_rustls::TlsAcceptor {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
@@ -53,7 +52,29 @@ async fn recording_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mut
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// A TLS client that trusts only the CA in `ca` (PEM).
+fn connector_trusting(ca: &TempFile) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// A TLS upstream with a certificate for `name` from `ca`, answering every request with
+/// `saw <path>`; what it received (request heads) is recorded.
+async fn recording_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let acceptor = acceptor_for(ca, name);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let rec = seen.clone();
     let addr = upstream(move |s| {
@@ -123,22 +144,8 @@ async fn session(
         .unwrap();
     let head = read_request_head(&mut s).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, s)
-        .await
-        .unwrap()
+    connector_trusting(ca).connect(name, s).await.unwrap()
 }
 
 /// Send `raw` and read one response (head, and a body by its Content-Length).
@@ -361,21 +368,10 @@ async fn handshake_through(
     ca: &TempFile,
     name: &str,
 ) -> Option<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
     let (s, resp) =
         support::net::exchange(proxy, &format!("CONNECT {name}:443 HTTP/1.1\r\n\r\n")).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = connector_trusting(ca);
     let sni = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
     let tls = connector.connect(sni, s).await.ok()?;
     tls.get_ref().1.peer_certificates()?.first().cloned()
@@ -500,31 +496,11 @@ fn check_says_when_a_target_would_be_inspected_and_decides_its_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_host_fields_in_an_inspected_request_are_refused_and_nothing_reaches_the_upstream() {
-    use rustls::pki_types::pem::PemObject;
-    use tokio::io::AsyncReadExt;
     let up_ca = upstream_ca();
     let (files, files_seen) = recording_upstream(&up_ca, "files.example.test").await;
     let (ca, key) = inspection_ca(&["files.example.test"]);
     let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
-    let (s, resp) =
-        support::net::exchange(p.addr, "CONNECT files.example.test:443 HTTP/1.1\r\n\r\n").await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("files.example.test").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, s)
-        .await
-        .unwrap();
+    let mut tls = session(p.addr, "files.example.test", &ca).await;
     tls.write_all(
         b"GET /pkg/a HTTP/1.1\r\nHost: files.example.test\r\nHost: other.example.test\r\nConnection: close\r\n\r\n",
     )
@@ -605,21 +581,7 @@ async fn file_upstream(
     name: &str,
     files: Vec<(String, Vec<u8>)>,
 ) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = acceptor_for(ca, name);
     let files = Arc::new(files);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let rec = seen.clone();
