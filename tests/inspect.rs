@@ -934,3 +934,106 @@ fn a_client_distrusting_the_ca_is_counted_each_time_and_logged_once_a_minute_per
     assert!(inspector.handshake_failed("b.wild.example.test"));
     assert_eq!(metrics.inspect_client_failures.get(), 3);
 }
+
+/// A TLS upstream for `name` that accepts a WebSocket handshake on any path (a `101`, then
+/// an echo of whatever bytes follow), and answers `101` even to a request that did not ask
+/// to upgrade when its path ends in `/switch`; request heads are recorded.
+async fn websocket_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let acceptor = acceptor_for(ca, name);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    let addr = upstream(move |s| {
+        let (acceptor, rec) = (acceptor.clone(), rec.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let Some(head) = read_request_head(&mut tls).await else {
+                return;
+            };
+            rec.lock().unwrap().push(head.clone());
+            let lower = head.to_ascii_lowercase();
+            if !lower.contains("\r\nupgrade: websocket") && !lower.starts_with("get /pkg/switch") {
+                let _ = tls
+                    .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let switched = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+            if tls.write_all(switched.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tls.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_on_an_allowed_inspected_path_is_relayed_after_the_101_and_only_there() {
+    let up_ca = upstream_ca();
+    let (files, files_seen) = websocket_upstream(&up_ca, "files.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
+    let handshake = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: files.example.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+
+    // Allowed path: the 101 arrives with its upgrade fields, then bytes go both ways.
+    let mut tls = session(p.addr, "files.example.test", &ca).await;
+    tls.write_all(handshake("/pkg/ws").as_bytes())
+        .await
+        .unwrap();
+    let head = read_request_head(&mut tls).await.unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(lower.contains("\r\nupgrade: websocket"), "{head}");
+    assert!(lower.contains("\r\nconnection: upgrade"), "{head}");
+    assert!(lower.contains("sec-websocket-accept: "), "{head}");
+    for frame in [
+        &b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"[..],
+        b"second message",
+    ] {
+        tls.write_all(frame).await.unwrap();
+        let mut back = vec![0u8; frame.len()];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, frame);
+    }
+    let up_head = files_seen.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(up_head.starts_with("get /pkg/ws "), "{up_head}");
+    assert!(up_head.contains("\r\nupgrade: websocket"), "{up_head}");
+    assert!(up_head.contains("sec-websocket-key: "), "{up_head}");
+    drop(tls);
+
+    // Another path on the same host: refused before the upstream hears of it.
+    let mut tls = session(p.addr, "files.example.test", &ca).await;
+    let got = roundtrip(&mut tls, handshake("/other/ws").as_bytes()).await;
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(got.contains("path_not_allowed"), "{got}");
+    assert_eq!(files_seen.lock().unwrap().len(), 1);
+
+    // A 101 the request did not ask for is not passed on.
+    let mut tls = session(p.addr, "files.example.test", &ca).await;
+    let got = roundtrip(
+        &mut tls,
+        b"GET /pkg/switch HTTP/1.1\r\nHost: files.example.test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    assert!(got.contains("http_upgrade_failed"), "{got}");
+    let switch_head = files_seen.lock().unwrap()[1].to_ascii_lowercase();
+    assert!(!switch_head.contains("upgrade"), "{switch_head}");
+}

@@ -33,6 +33,7 @@ pub mod per_client;
 mod plumbing;
 pub mod pool;
 mod refusal;
+pub mod relay;
 pub mod respond;
 mod serve;
 mod state;

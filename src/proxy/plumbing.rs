@@ -22,6 +22,9 @@ pub(crate) struct ConnHandles {
     /// Handed on to a tunnel, which holds the place until it closes.
     pub slot: Arc<Slot>,
     pub turn: Arc<keepalive::Turn>,
+    /// Where a connection that outlives its request (an upgraded one) registers, so that
+    /// shutdown waits for it and closes it at the end of the grace period.
+    pub tracker: Arc<Tracker>,
 }
 
 /// A permit that, when given back while a lowered limit is owed permits, is kept instead.

@@ -121,6 +121,7 @@ pub(crate) async fn serve_requests<S, H, F>(
             req.extensions_mut().insert(ConnHandles {
                 slot: slot.clone(),
                 turn: turn.clone(),
+                tracker: shared.tracker.clone(),
             });
         }
         async move {

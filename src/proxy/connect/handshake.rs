@@ -367,13 +367,15 @@ pub(crate) async fn relay(
     }
     // The head's buffer is not kept for the tunnel's life: only its length is needed.
     drop(start.buf);
-    let counters = super::relay::Counters {
+    let counters = crate::proxy::relay::Counters {
         up: &metrics.tunnel_up,
         down: &metrics.tunnel_down,
     };
     let (up, down) = match client {
-        ClientSide::Tcp(s) => super::relay::splice_both(s, upstream, idle, counters).await,
-        ClientSide::Upgraded(s) => super::relay::copy_both(s, upstream, idle, counters).await,
+        ClientSide::Tcp(s) => crate::proxy::relay::splice_both(s, upstream, idle, counters).await,
+        ClientSide::Upgraded(s) => {
+            crate::proxy::relay::copy_both(s, upstream, idle, counters).await
+        }
     };
     (up + held as u64, down + start.down)
 }

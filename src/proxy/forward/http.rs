@@ -11,6 +11,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::{CaptureConnection, HttpInfo, capture_connection};
 
 use super::host::{self, Named};
+use super::upgrade::{self, ClientUpgrade};
 use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{InvalidTarget, PathView, Target};
 use crate::proxy::activity::Activity;
@@ -558,8 +559,14 @@ async fn send(
         }
         Framing::Length => {}
     }
+    // An allowed WebSocket handshake keeps its upgrade; the client's side is taken now,
+    // before the request moves on.
+    let websocket = upgrade::asks_websocket(&req).then(|| ClientUpgrade::take(&mut req));
     // Route by the URI's authority and make the Host header say the same (RFC 9112 3.2.2).
     strip_hop_by_hop(req.headers_mut());
+    if websocket.is_some() {
+        upgrade::keep_upgrade(req.headers_mut());
+    }
     if live.config.strip_forwarding {
         strip_forwarding(req.headers_mut());
     }
@@ -628,6 +635,22 @@ async fn send(
     };
     match answered {
         Ok(mut resp) => {
+            // A 101 is relayed only as the answer to a WebSocket handshake that asked for it.
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if switched && !(websocket.is_some() && upgrade::accepted(&resp)) {
+                return failed(
+                    pending,
+                    Reply::new(
+                        StatusCode::BAD_GATEWAY,
+                        "http_upgrade_failed",
+                        ReasonCode::UpstreamResponse.as_str(),
+                        (Some(&shown), "unrequested protocol switch"),
+                        format!(
+                            "aml-egress got a 101 from {shown} that does not switch to the WebSocket the request asked for; only WebSocket upgrades are relayed"
+                        ),
+                    ),
+                );
+            }
             match framing(resp.headers()) {
                 Framing::Other(coding) => {
                     return failed(
@@ -652,6 +675,10 @@ async fn send(
             strip_hop_by_hop(resp.headers_mut());
             if live.config.via {
                 add_via(resp.headers_mut());
+            }
+            if let (true, Some(client_side)) = (switched, websocket) {
+                upgrade::keep_upgrade(resp.headers_mut());
+                client_side.relay(&mut resp, &live, shown.clone());
             }
             // Our own version in the status line (RFC 9110 §6.2).
             *resp.version_mut() = hyper::Version::HTTP_11;

@@ -5,3 +5,4 @@
 
 pub mod host;
 pub(crate) mod http;
+mod upgrade;
