@@ -39,6 +39,11 @@ fn upstream_ca() -> UpstreamCa {
 
 /// A TLS server side for `name`, its certificate from `ca`.
 fn acceptor_for(ca: &UpstreamCa, name: &str) -> tokio_rustls::TlsAcceptor {
+    acceptor_offering(ca, name, &[])
+}
+
+/// [`acceptor_for`] choosing from `alpn` (in its order of preference) by ALPN.
+fn acceptor_offering(ca: &UpstreamCa, name: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
@@ -52,6 +57,8 @@ fn acceptor_for(ca: &UpstreamCa, name: &str) -> tokio_rustls::TlsAcceptor {
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
         .unwrap();
+    let mut cfg = cfg;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
 }
 
@@ -938,8 +945,12 @@ fn a_client_distrusting_the_ca_is_counted_each_time_and_logged_once_a_minute_per
 /// A TLS upstream for `name` that accepts a WebSocket handshake on any path (a `101`, then
 /// an echo of whatever bytes follow), and answers `101` even to a request that did not ask
 /// to upgrade when its path ends in `/switch`; request heads are recorded.
-async fn websocket_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let acceptor = acceptor_for(ca, name);
+async fn websocket_upstream(
+    ca: &UpstreamCa,
+    name: &str,
+    alpn: &[&[u8]],
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let acceptor = acceptor_offering(ca, name, alpn);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let rec = seen.clone();
     let addr = upstream(move |s| {
@@ -983,7 +994,9 @@ async fn websocket_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mut
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_on_an_allowed_inspected_path_is_relayed_after_the_101_and_only_there() {
     let up_ca = upstream_ca();
-    let (files, files_seen) = websocket_upstream(&up_ca, "files.example.test").await;
+    // It prefers h2, as real servers do: a handshake must reach it over HTTP/1.1 anyway.
+    let (files, files_seen) =
+        websocket_upstream(&up_ca, "files.example.test", &[b"h2", b"http/1.1"]).await;
     let (ca, key) = inspection_ca(&["files.example.test"]);
     let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
     let handshake = |path: &str| {
@@ -1025,7 +1038,10 @@ async fn a_websocket_on_an_allowed_inspected_path_is_relayed_after_the_101_and_o
     assert!(got.contains("path_not_allowed"), "{got}");
     assert_eq!(files_seen.lock().unwrap().len(), 1);
 
-    // A 101 the request did not ask for is not passed on.
+    // A 101 the request did not ask for is not passed on (from an HTTP/1.1-only upstream:
+    // over h2 there is no 101).
+    let (files, files_seen) = websocket_upstream(&up_ca, "files.example.test", &[]).await;
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
     let mut tls = session(p.addr, "files.example.test", &ca).await;
     let got = roundtrip(
         &mut tls,
@@ -1034,6 +1050,126 @@ async fn a_websocket_on_an_allowed_inspected_path_is_relayed_after_the_101_and_o
     .await;
     assert!(got.starts_with("HTTP/1.1 502"), "{got}");
     assert!(got.contains("http_upgrade_failed"), "{got}");
-    let switch_head = files_seen.lock().unwrap()[1].to_ascii_lowercase();
+    let switch_head = files_seen.lock().unwrap()[0].to_ascii_lowercase();
     assert!(!switch_head.contains("upgrade"), "{switch_head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_httpclient_with_a_trust_store_gets_allowed_paths_over_h2_and_403_elsewhere() {
+    let up_ca = upstream_ca();
+    let (files, files_seen) = recording_upstream(&up_ca, "files.example.test").await;
+    // A constraint as `ca init` writes it for `*.example.test`: older JDKs refused a
+    // leading-dot DNS constraint (JDK-8311546), which would fail every handshake.
+    let (ca, key) = inspection_ca(&[".example.test"]);
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
+    // The trust store compute would have: the inspection CA imported with keytool.
+    let store = ca.0.with_extension("p12");
+    let imported = std::process::Command::new("keytool")
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "aml-egress-inspection",
+        ])
+        .args(["-storetype", "PKCS12", "-storepass", "changeit"])
+        .arg("-file")
+        .arg(&ca.0)
+        .arg("-keystore")
+        .arg(&store)
+        .output()
+        .expect("keytool is installed (.ci/run installs a JDK)");
+    assert!(imported.status.success(), "{imported:?}");
+    let program = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/ProxyGet.java");
+    let proxy = p.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("java")
+            .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
+            .args([
+                "-Djavax.net.ssl.trustStorePassword=changeit",
+                "-Djavax.net.ssl.trustStoreType=PKCS12",
+                program,
+                &proxy,
+                "https://files.example.test/pkg/a.jar",
+                "https://files.example.test/evil/x.jar",
+            ])
+            .env_remove("JAVA_TOOL_OPTIONS")
+            .output()
+            .expect("java is installed (.ci/run installs a JDK)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "200 HTTP_2 saw /pkg/a.jar", "{stdout}");
+    assert!(lines[1].starts_with("403 HTTP_2 "), "{stdout}");
+    assert!(lines[1].contains("path not allowed"), "{stdout}");
+    let seen = files_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(seen[0].starts_with("GET /pkg/a.jar HTTP/1.1"), "{seen:#?}");
+}
+
+/// A TLS upstream for `name` that prefers `h2` by ALPN and answers each request with
+/// `saw <path> over <version>`, served by hyper; it records `<version> <path>`.
+async fn h2_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let acceptor = acceptor_offering(ca, name, &[b"h2", b"http/1.1"]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    let addr = upstream(move |s| {
+        let (acceptor, rec) = (acceptor.clone(), rec.clone());
+        async move {
+            let Ok(tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let line = format!("{:?} {}", req.version(), req.uri().path());
+                    rec.lock().unwrap().push(line.clone());
+                    let body = format!("saw {line}");
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_chooses_h2_is_spoken_to_in_h2_whatever_the_client_speaks() {
+    let up_ca = upstream_ca();
+    let (files, files_seen) = h2_upstream(&up_ca, "files.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let p = start_proxy(&config(&ca, &key, &up_ca, files)).await;
+    for (flag, path) in [("--http1.1", "/pkg/one"), ("--http2", "/pkg/two")] {
+        let url = format!("https://files.example.test{path}");
+        let (code, out, err) = curl(p.addr, Some(&ca), &[flag], &url).await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, format!("saw HTTP/2.0 {path}\n200"), "{err}");
+    }
+    let (code, out, err) = curl(p.addr, Some(&ca), &[], "https://files.example.test/evil").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n403"), "{out}");
+    assert_eq!(
+        *files_seen.lock().unwrap(),
+        ["HTTP/2.0 /pkg/one", "HTTP/2.0 /pkg/two"]
+    );
 }

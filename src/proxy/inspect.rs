@@ -83,7 +83,7 @@ impl std::fmt::Debug for Inspector {
 }
 
 /// The TLS configuration that verifies inspected tunnels' upstreams: the system's trust
-/// store (its PEM bundle) and `extra`. Offers HTTP/1.1 only.
+/// store (its PEM bundle) and `extra`. Offers `h2` and `http/1.1` by ALPN.
 pub fn upstream_config(extra: &[CertificateDer<'static>]) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     if let Some(bundle) = SYSTEM_BUNDLES
@@ -100,7 +100,7 @@ pub fn upstream_config(extra: &[CertificateDer<'static>]) -> Arc<ClientConfig> {
         .expect("ring supports the default versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(cfg)
 }
 

@@ -2,7 +2,8 @@
 //! that every new upstream connection goes through the same resolve-once, address-guarded
 //! dial as a CONNECT tunnel. `http` URIs are plain connections; `https` ones (the requests
 //! of inspected tunnels) are TLS, the upstream's certificate verified against the
-//! inspection's trust anchors with the URI's host as the name.
+//! inspection's trust anchors with the URI's host as the name, and HTTP/2 when the upstream
+//! chooses `h2` by ALPN.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
 use super::activity::Activity;
@@ -46,10 +48,12 @@ enum Transport {
 #[derive(Debug, Clone, Copy)]
 pub struct DialledAt(pub Instant);
 
-/// An upstream connection of the pool: the socket and when it was dialled.
+/// An upstream connection of the pool: the socket, when it was dialled, and whether the
+/// upstream chose `h2` by ALPN (then hyper speaks HTTP/2 on it and multiplexes requests).
 pub struct Pooled {
     io: Transport,
     at: Instant,
+    h2: bool,
 }
 
 impl Connection for Pooled {
@@ -58,7 +62,8 @@ impl Connection for Pooled {
             Transport::Plain(io) => io.connected(),
             Transport::Tls(io) => io.inner().get_ref().0.connected(),
         };
-        c.extra(DialledAt(self.at))
+        let c = c.extra(DialledAt(self.at));
+        if self.h2 { c.negotiated_h2() } else { c }
     }
 }
 
@@ -135,6 +140,7 @@ impl tower_service::Service<Uri> for Connector {
             let dialled = dial(&target, allowlisted, &cfg).await;
             metrics.dial(dialled.is_ok(), started.elapsed());
             let stream = dialled?.0;
+            let mut h2 = false;
             let io = if https {
                 let tls = tls.ok_or_else(|| {
                     DialError::Certificate("no TLS configuration for upstreams".into())
@@ -145,7 +151,10 @@ impl tower_service::Service<Uri> for Connector {
                     .connect(name, stream)
                     .await;
                 match connected {
-                    Ok(s) => Transport::Tls(Box::new(TokioIo::new(s))),
+                    Ok(s) => {
+                        h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                        Transport::Tls(Box::new(TokioIo::new(s)))
+                    }
                     Err(e) => {
                         metrics.inspect_upstream_failures.inc();
                         return Err(DialError::Certificate(e.to_string()));
@@ -157,6 +166,7 @@ impl tower_service::Service<Uri> for Connector {
             Ok(Pooled {
                 io,
                 at: Instant::now(),
+                h2,
             })
         })
     }
@@ -216,10 +226,14 @@ impl hyper::body::Body for UploadBody {
     }
 }
 
-/// Two pools: for names an allow rule matched, and for audit-mode passes.
+/// The pools: for names an allow rule matched, and for audit-mode passes; each also in an
+/// HTTP/1.1-only variant for WebSocket handshakes, since an upgrade needs HTTP/1.1 and an
+/// upstream offered `h2` would choose it.
 pub struct Upstream {
     allowlisted: Client<Connector, UploadBody>,
     unlisted: Client<Connector, UploadBody>,
+    allowlisted_h1: Client<Connector, UploadBody>,
+    unlisted_h1: Client<Connector, UploadBody>,
 }
 
 impl Upstream {
@@ -231,12 +245,19 @@ impl Upstream {
         idle: Duration,
         max_head: usize,
         metrics: Arc<Metrics>,
-        tls: Option<Arc<rustls::ClientConfig>>,
+        tls: Option<Arc<ClientConfig>>,
     ) -> Self {
-        let client = |allowlisted| {
+        let h1 = tls.as_ref().map(|c| {
+            let mut c = ClientConfig::clone(c);
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        });
+        let client = |allowlisted, tls: &Option<Arc<ClientConfig>>| {
             Client::builder(TokioExecutor::new())
                 .http1_max_buf_size(max_head.max(8192))
                 .http1_max_headers(max_head / 4)
+                .http2_max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+                .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(idle)
                 .pool_max_idle_per_host(32)
@@ -249,17 +270,21 @@ impl Upstream {
                 })
         };
         Upstream {
-            allowlisted: client(true),
-            unlisted: client(false),
+            allowlisted: client(true, &tls),
+            unlisted: client(false, &tls),
+            allowlisted_h1: client(true, &h1),
+            unlisted_h1: client(false, &h1),
         }
     }
 
-    /// The pool for a request whose name an allow rule matched (or not).
-    pub fn client(&self, allowlisted: bool) -> &Client<Connector, UploadBody> {
-        if allowlisted {
-            &self.allowlisted
-        } else {
-            &self.unlisted
+    /// The pool for a request whose name an allow rule matched (or not); `upgrade`: one
+    /// that asks to switch protocols, which needs an HTTP/1.1 connection.
+    pub fn client(&self, allowlisted: bool, upgrade: bool) -> &Client<Connector, UploadBody> {
+        match (allowlisted, upgrade) {
+            (true, false) => &self.allowlisted,
+            (false, false) => &self.unlisted,
+            (true, true) => &self.allowlisted_h1,
+            (false, true) => &self.unlisted_h1,
         }
     }
 }

@@ -577,8 +577,8 @@ async fn send(
         req.headers_mut().insert(header::HOST, v);
     }
     *req.uri_mut() = uri;
-    // Upstreams are spoken to in HTTP/1, whatever the client spoke (h2 inside an
-    // inspected session).
+    // Each side speaks what it negotiated: the pool's connection decides the upstream's
+    // version (HTTP/1.1, or h2 when an inspected upstream chose it by ALPN).
     if req.version() == hyper::Version::HTTP_2 {
         *req.version_mut() = hyper::Version::HTTP_11;
     }
@@ -597,7 +597,9 @@ async fn send(
     let mut req = req.map(|body| UploadBody::new(body, upload.clone()));
     let captured = capture_connection(&mut req);
     let sent_at = std::time::Instant::now();
-    let pool = live.upstream.client(v.decision.is_allowed());
+    let pool = live
+        .upstream
+        .client(v.decision.is_allowed(), websocket.is_some());
     let idle = live.config.idle_timeout;
     let mut answered = answer(pool.request(req), &upload, idle).await;
     // A reused connection the upstream closed or reset without answering: once more (on
