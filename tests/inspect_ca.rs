@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -308,12 +308,24 @@ fn a_configuration_that_inspects_nothing_gets_no_constrained_ca() {
 }
 
 #[test]
-fn the_ca_key_must_be_closed_to_group_and_others() {
+fn the_ca_key_must_be_its_owners_alone_or_roots_and_its_groups() {
     let dir = Dir::new("mode");
     assert_eq!(ca_init(&dir, INSPECTING, &[]).status.code(), Some(0));
     let key = dir.path("ca/ca.key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let cfg = TempFile::new("inspect.toml", &with_ca(&dir, INSPECTING));
+    // Owned by root, group-readable: how a Kubernetes Secret with fsGroup arrives.
+    if std::fs::metadata(&key).unwrap().uid() == 0 {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+        let out = run(&["validate", "--config", cfg.0.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = run(&["validate", "--config", cfg.0.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("(mode 0644)"));
+        // Anyone else's key must be its owner's alone.
+        std::os::unix::fs::chown(&key, Some(65532), Some(65532)).unwrap();
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let out = run(&["validate", "--config", cfg.0.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);

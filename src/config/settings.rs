@@ -381,7 +381,8 @@ section! {
     InspectSettings = "inspect" {
         /// PEM certificate of the CA that signs the inspected tunnels' leaf certificates.
         ca_cert: Option<PathBuf> = None; Scalar, Live;
-        /// PEM (PKCS#8) private key of that CA; mode 0600, never logged nor printed.
+        /// PEM (PKCS#8) private key of that CA: its owner's alone (0600), or root's and its
+        /// group's (0640, a Kubernetes Secret with fsGroup); never logged nor printed.
         ca_key: Option<PathBuf> = None; Scalar, Live;
         /// Host patterns (rule syntax, no path) whose allowed tunnels are inspected even
         /// without a path rule.

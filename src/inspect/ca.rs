@@ -305,8 +305,12 @@ impl fmt::Debug for CaKey {
     }
 }
 
-/// Whether a key file's mode lets anyone but its owner in (`None` when it does not).
+/// Whether a key file's mode lets in anyone it should not (`None` when it does not): only
+/// its owner may read it, or, for a file owned by root, its group too (as PostgreSQL allows
+/// for its key: a Kubernetes Secret mounted with `fsGroup` and `defaultMode: 0440` is
+/// root's, readable by the proxy's group).
 fn open_mode(path: &Path) -> Result<Option<u32>, Problem> {
+    use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(path).map_err(|e| {
         Problem::new(
             format!("cannot read the file: {e}"),
@@ -314,10 +318,15 @@ fn open_mode(path: &Path) -> Result<Option<u32>, Problem> {
         )
     })?;
     let mode = meta.permissions().mode() & 0o777;
-    Ok((mode & 0o077 != 0).then_some(mode))
+    let closed = match meta.uid() {
+        0 => 0o037,
+        _ => 0o077,
+    };
+    Ok((mode & closed != 0).then_some(mode))
 }
 
-/// Read the CA's private key: the file must be closed to group and others, hold one
+/// Read the CA's private key: the file must be closed to others (and to its group unless
+/// root owns it, see [`open_mode`]), hold one
 /// unencrypted PKCS#8 key, and that key must be the certificate's. No message carries any
 /// of the file's contents.
 pub fn read_key(path: &Path, cert: &CaCert) -> Result<CaKey, Problem> {
@@ -325,7 +334,9 @@ pub fn read_key(path: &Path, cert: &CaCert) -> Result<CaKey, Problem> {
     if let Some(mode) = open_mode(path)? {
         return Err(Problem::new(
             format!("the key file is open to group or others (mode {mode:04o})"),
-            format!("chmod 600 {shown} (owned by the user the proxy runs as)"),
+            format!(
+                "chmod 600 {shown} (owned by the user the proxy runs as), or, owned by root, chmod 640 with the proxy's group (a Kubernetes Secret: fsGroup and defaultMode 0440)"
+            ),
         ));
     }
     let text = fs::read_to_string(path).map_err(|e| {
