@@ -1173,3 +1173,55 @@ async fn an_upstream_that_chooses_h2_is_spoken_to_in_h2_whatever_the_client_spea
         ["HTTP/2.0 /pkg/one", "HTTP/2.0 /pkg/two"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_session_is_closed_after_the_idle_timeout() {
+    use rustls::pki_types::pem::PemObject;
+    let up_ca = upstream_ca();
+    let (files, _) = recording_upstream(&up_ca, "files.example.test").await;
+    let (ca, key) = inspection_ca(&["files.example.test"]);
+    let cfg = config(&ca, &key, &up_ca, files);
+    let p = start_proxy(&format!("[proxy]\nidle_timeout_secs = 0.5\n{cfg}")).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"CONNECT files.example.test:443 HTTP/1.1\r\nHost: files.example.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_request_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("files.example.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_cfg))
+        .connect(name, s)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get("https://files.example.test/pkg/a")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Then nothing: the proxy ends the connection (GOAWAY, close), which ends the client's
+    // connection task. The bound only turns a session left open into a failure.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the idle h2 session was still open after 60 s"
+    );
+}

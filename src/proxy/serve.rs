@@ -173,7 +173,9 @@ pub(crate) async fn serve_requests<S, H, F>(
 
 /// HTTP/2 on `stream` (an inspected session whose client chose `h2` by ALPN): each request
 /// stream handed to `handle`, as [`serve_requests`] does for HTTP/1. At most 100 streams
-/// at once, header lists within `proxy.max_header_bytes`; closed gracefully at shutdown.
+/// at once, header lists within `proxy.max_header_bytes`; closed gracefully (`GOAWAY`) at
+/// shutdown or when no byte has moved either way for `proxy.idle_timeout_secs`, and
+/// dropped if its streams are still open one more idle timeout later.
 pub(crate) async fn serve_h2_requests<S, H, F>(
     stream: S,
     client: ClientAddr,
@@ -184,7 +186,12 @@ pub(crate) async fn serve_h2_requests<S, H, F>(
     H: Fn(Request<hyper::body::Incoming>, ClientAddr, Arc<Shared>) -> F + Copy + Send + 'static,
     F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
 {
-    let max_header = shared.live().config.max_header_bytes;
+    let (max_header, idle) = {
+        let live = shared.live();
+        (live.config.max_header_bytes, live.config.idle_timeout)
+    };
+    let activity = Arc::new(super::activity::Activity::new());
+    let stream = super::activity::Touching::new(stream, activity.clone());
     let svc_shared = shared.clone();
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let shared = svc_shared.clone();
@@ -199,8 +206,21 @@ pub(crate) async fn serve_h2_requests<S, H, F>(
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let mut stopping = shared.stopping.clone();
+    let quiet = async {
+        loop {
+            let q = activity.quiet_for();
+            if q >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - q).await;
+        }
+    };
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = quiet => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(idle, conn.as_mut()).await;
+        }
         _ = stopped(&mut stopping) => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
