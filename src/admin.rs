@@ -147,10 +147,19 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
             admin.metrics.render(),
         ),
         "/denied" => {
-            let limit = param(req.uri().query().unwrap_or_default(), "limit")
+            let query = req.uri().query().unwrap_or_default();
+            let limit = param(query, "limit")
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(100);
-            let top = admin.metrics.top_denied(limit);
+            let policy = param(query, "policy");
+            if policy.is_none() && query.split('&').any(|kv| kv.starts_with("policy=")) {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    PLAIN,
+                    "policy: not UTF-8 once percent-decoded\n".into(),
+                );
+            }
+            let top = admin.metrics.top_denied(limit, policy.as_deref());
             let body = serde_json::to_string_pretty(&top).unwrap_or_else(|_| "[]".into());
             text(StatusCode::OK, "application/json", body + "\n")
         }

@@ -67,15 +67,15 @@ pub fn merge_allowed(lists: impl IntoIterator<Item = Vec<AllowedReport>>) -> Vec
     v
 }
 
-/// The denied targets, one row per target across the instances' lists: most denied first,
-/// then by target, at most `limit`.
+/// The denied targets, one row per target and policy across the instances' lists: most
+/// denied first, then by target, at most `limit`.
 pub fn merge_denied(
     lists: impl IntoIterator<Item = Vec<DeniedReport>>,
     limit: usize,
 ) -> Vec<DeniedReport> {
-    let mut rows: BTreeMap<String, DeniedReport> = BTreeMap::new();
+    let mut rows: BTreeMap<(String, String), DeniedReport> = BTreeMap::new();
     for row in lists.into_iter().flatten() {
-        match rows.entry(row.target.clone()) {
+        match rows.entry((row.target.clone(), row.policy.clone())) {
             Entry::Vacant(v) => {
                 v.insert(row);
             }
@@ -89,7 +89,12 @@ pub fn merge_denied(
     }
     let mut v: Vec<DeniedReport> = rows.into_values().collect();
     // The order /denied itself uses, so that one instance's list comes out as it went in.
-    v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.target.cmp(&b.target)));
+    v.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.target.cmp(&b.target))
+            .then_with(|| a.policy.cmp(&b.policy))
+    });
     v.truncate(limit);
     v
 }
@@ -182,6 +187,7 @@ mod tests {
             target: target.into(),
             host: host.into(),
             port: port.parse().unwrap(),
+            policy: "default".into(),
             count,
             first_seen: first.into(),
             last_seen: last.into(),

@@ -106,11 +106,41 @@ impl Limit {
 
 const DECISION_SLOTS: usize = ListenerKind::ALL.len() * Outcome::ALL.len() * ReasonCode::ALL.len();
 
+/// The policy label of the default policy (the top-level `[catalog]` and `[[allow]]`).
+pub const DEFAULT_POLICY: &str = "default";
+
+/// The policy label of a client that no policy serves (`policy.unmatched_clients =
+/// "refuse"`); `(` cannot start a policy's name.
+pub const NO_POLICY: &str = "(none)";
+
+/// One policy's decision counters (`aml_egress_decisions_total` with its `policy` label),
+/// each made on first use: counting a decision then touches no map and no lock.
+pub struct DecisionSlots {
+    policy: Box<str>,
+    slots: Box<[OnceLock<IntCounter>]>,
+}
+
+impl DecisionSlots {
+    /// Counters for the policy named `policy`.
+    pub fn new(policy: &str) -> Self {
+        DecisionSlots {
+            policy: policy.into(),
+            slots: (0..DECISION_SLOTS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The policy's name, as the `policy` label shows it.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
 /// Every metric the proxy exports, on one registry.
 pub struct Metrics {
     registry: Registry,
     decisions_vec: IntCounterVec,
-    decisions: Vec<OnceLock<IntCounter>>,
+    /// The default policy's counters.
+    decisions: DecisionSlots,
     denied_vec: IntCounterVec,
     series_evicted: IntCounter,
     denials_evicted: IntCounter,
@@ -217,15 +247,15 @@ impl Metrics {
             decisions_vec: counter_vec(
                 &r,
                 "aml_egress_decisions_total",
-                "Decisions on destinations, by listener, decision (allow, deny, would_deny, error) and reason.",
-                &["listener", "decision", "reason"],
+                "Decisions on destinations, by listener, decision (allow, deny, would_deny, error), reason and the policy that served the client (default, a [[client_policy]]'s name, or (none)).",
+                &["listener", "decision", "reason", "policy"],
             ),
-            decisions: (0..DECISION_SLOTS).map(|_| OnceLock::new()).collect(),
+            decisions: DecisionSlots::new(DEFAULT_POLICY),
             denied_vec: counter_vec(
                 &r,
                 "aml_egress_denied_total",
-                "Denied (or, in audit mode, would-be denied) requests by destination host and port; at most metrics.max_denied_targets series, least recently denied evicted first.",
-                &["host", "port"],
+                "Denied (or, in audit mode, would-be denied) requests by destination host and port and the client's policy; at most metrics.max_denied_targets series, least recently denied evicted first.",
+                &["host", "port", "policy"],
             ),
             series_evicted: counter(
                 &r,
@@ -354,30 +384,54 @@ impl Metrics {
 
     /// Count one decision (an atomic add once the handle exists).
     pub fn decision(&self, listener: ListenerKind, outcome: Outcome, reason: ReasonCode) {
+        self.decision_counter(&self.decisions, listener, outcome, reason)
+            .inc();
+    }
+
+    /// The counter of one kind of decision under the policy whose counters `slots` are.
+    pub fn decision_counter<'a>(
+        &self,
+        slots: &'a DecisionSlots,
+        listener: ListenerKind,
+        outcome: Outcome,
+        reason: ReasonCode,
+    ) -> &'a IntCounter {
         let (l, o) = (listener as usize, outcome as usize);
         let slot = (l * Outcome::ALL.len() + o) * ReasonCode::ALL.len() + reason.index();
-        self.decisions[slot]
-            .get_or_init(|| {
-                self.decisions_vec.with_label_values(&[
-                    listener.as_str(),
-                    outcome.as_str(),
-                    reason.as_str(),
-                ])
-            })
-            .inc();
+        slots.slots[slot].get_or_init(|| {
+            self.decisions_vec.with_label_values(&[
+                listener.as_str(),
+                outcome.as_str(),
+                reason.as_str(),
+                &slots.policy,
+            ])
+        })
+    }
+
+    /// The default policy's decision counters.
+    pub fn default_decisions(&self) -> &DecisionSlots {
+        &self.decisions
     }
 
     /// Record a denied (or would-be denied) destination; returns how often it was denied in
     /// the current minute (which the log budget, [`crate::logs::LogBudget`], judges).
-    pub fn denied(&self, host: &str, port: u16, suggestion: impl FnOnce() -> String) -> u64 {
+    pub fn denied(
+        &self,
+        host: &str,
+        port: u16,
+        policy: &str,
+        suggestion: impl FnOnce() -> String,
+    ) -> u64 {
         let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-        let note = t.note(host, port, suggestion, |h, p| {
-            self.denied_vec.with_label_values(&[h, &p.to_string()])
+        let note = t.note((host, port, policy), suggestion, |h, p, pol| {
+            self.denied_vec.with_label_values(&[h, &p.to_string(), pol])
         });
         // Unregister evicted series under the table's lock: a target evicted here and
         // denied again by another thread must get a registered series, not this one.
-        for (h, p, count) in note.evicted {
-            let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
+        for ((h, p, pol), count) in note.evicted {
+            let _ = self
+                .denied_vec
+                .remove_label_values(&[&h, &p.to_string(), &pol]);
             self.series_evicted.inc();
             self.denials_evicted.inc_by(count);
         }
@@ -390,23 +444,30 @@ impl Metrics {
         self.suppressed.clone()
     }
 
-    /// The most denied targets, most first.
-    pub fn top_denied(&self, limit: usize) -> Vec<DeniedReport> {
+    /// The most denied targets, most first; `policy`: only those refused under it.
+    pub fn top_denied(&self, limit: usize, policy: Option<&str>) -> Vec<DeniedReport> {
         let t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<DeniedReport> = t
             .entries
             .iter()
-            .map(|((host, port), e)| DeniedReport {
+            .filter(|((_, _, p), _)| policy.is_none_or(|want| want == p))
+            .map(|((host, port, policy), e)| DeniedReport {
                 target: format!("{host}:{port}"),
                 host: host.clone(),
                 port: *port,
+                policy: policy.clone(),
                 count: e.count,
                 first_seen: rfc3339(e.first),
                 last_seen: rfc3339(e.last),
                 allow_entry: e.suggestion.clone(),
             })
             .collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.target.cmp(&b.target)));
+        v.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| a.target.cmp(&b.target))
+                .then_with(|| a.policy.cmp(&b.policy))
+        });
         v.truncate(limit);
         v
     }
@@ -505,8 +566,10 @@ impl Metrics {
         let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
         t.max = max.max(1);
         while t.entries.len() > t.max {
-            if let Some((h, p, count)) = t.evict_oldest() {
-                let _ = self.denied_vec.remove_label_values(&[&h, &p.to_string()]);
+            if let Some(((h, p, pol), count)) = t.evict_oldest() {
+                let _ = self
+                    .denied_vec
+                    .remove_label_values(&[&h, &p.to_string(), &pol]);
                 self.series_evicted.inc();
                 self.denials_evicted.inc_by(count);
             }
@@ -549,12 +612,23 @@ pub struct DeniedReport {
     pub target: String,
     pub host: String,
     pub port: u16,
+    /// The policy that served the refused client (`default` without client policies;
+    /// instances from before policies per client send none).
+    #[serde(default = "default_policy")]
+    pub policy: String,
     pub count: u64,
     pub first_seen: String,
     pub last_seen: String,
     /// The `[[allow]]` entry that would let it through.
     pub allow_entry: String,
 }
+
+fn default_policy() -> String {
+    DEFAULT_POLICY.to_owned()
+}
+
+/// A denied-table key: host, port, policy.
+type DeniedKey = (String, u16, String);
 
 struct DeniedEntry {
     count: u64,
@@ -571,15 +645,15 @@ struct DeniedEntry {
 
 struct Noted {
     this_minute: u64,
-    evicted: Vec<(String, u16, u64)>,
+    evicted: Vec<(DeniedKey, u64)>,
 }
 
 struct DeniedTable {
     max: usize,
     tick: u64,
-    entries: HashMap<(String, u16), DeniedEntry>,
+    entries: HashMap<DeniedKey, DeniedEntry>,
     /// The same keys by recency, so that eviction takes O(log n), not a scan.
-    by_tick: BTreeMap<u64, (String, u16)>,
+    by_tick: BTreeMap<u64, DeniedKey>,
 }
 
 impl DeniedTable {
@@ -592,23 +666,22 @@ impl DeniedTable {
         }
     }
 
-    fn evict_oldest(&mut self) -> Option<(String, u16, u64)> {
+    fn evict_oldest(&mut self) -> Option<(DeniedKey, u64)> {
         let (_, key) = self.by_tick.pop_first()?;
         let e = self.entries.remove(&key)?;
-        Some((key.0, key.1, e.count))
+        Some((key, e.count))
     }
 
     fn note(
         &mut self,
-        host: &str,
-        port: u16,
+        (host, port, policy): (&str, u16, &str),
         suggestion: impl FnOnce() -> String,
-        series: impl FnOnce(&str, u16) -> IntCounter,
+        series: impl FnOnce(&str, u16, &str) -> IntCounter,
     ) -> Noted {
         self.tick += 1;
         let now = Instant::now();
         let mut evicted = Vec::new();
-        let key = (host.to_owned(), port);
+        let key = (host.to_owned(), port, policy.to_owned());
         if !self.entries.contains_key(&key) {
             while self.entries.len() >= self.max {
                 evicted.extend(self.evict_oldest());
@@ -620,7 +693,7 @@ impl DeniedTable {
                     first: SystemTime::now(),
                     last: SystemTime::now(),
                     tick: 0,
-                    series: series(host, port),
+                    series: series(host, port, policy),
                     suggestion: suggestion(),
                     window: now,
                     in_window: 0,
@@ -670,11 +743,15 @@ mod tests {
     fn the_denied_table_evicts_the_least_recently_denied_and_counts_it() {
         let m = Metrics::new(2);
         let logs = crate::logs::LogBudget::new(1, m.suppressed_lines());
-        assert!(logs.denial(m.denied("a.example", 443, String::new)));
-        assert!(logs.denial(m.denied("b.example", 443, String::new)));
-        assert!(!logs.denial(m.denied("a.example", 443, String::new))); // over 1 line per minute
-        assert!(logs.denial(m.denied("c.example", 443, String::new))); // evicts b (least recent)
-        let top: Vec<String> = m.top_denied(10).into_iter().map(|r| r.target).collect();
+        assert!(logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, String::new)));
+        assert!(logs.denial(m.denied("b.example", 443, DEFAULT_POLICY, String::new)));
+        assert!(!logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, String::new))); // over 1 line per minute
+        assert!(logs.denial(m.denied("c.example", 443, DEFAULT_POLICY, String::new))); // evicts b (least recent)
+        let top: Vec<String> = m
+            .top_denied(10, None)
+            .into_iter()
+            .map(|r| r.target)
+            .collect();
         assert_eq!(top, ["a.example:443", "c.example:443"]);
         let text = m.render();
         assert!(

@@ -68,6 +68,8 @@ reasons! {
     /// A hello to an inspected name whose ALPN offers no protocol the inspected session
     /// speaks (HTTP/1.1).
     TlsAlpnNotInspectable = "tls_alpn_not_inspectable",
+    /// No `[[client_policy]]` claims the client, under `policy.unmatched_clients = "refuse"`.
+    NoPolicyForClient = "no_policy_for_client",
 }
 
 impl ReasonCode {
@@ -100,6 +102,7 @@ impl ReasonCode {
             ReasonCode::UpstreamCertificateInvalid => "upstream certificate did not verify",
             ReasonCode::InspectCaExpired => "inspection CA expired",
             ReasonCode::TlsAlpnNotInspectable => "TLS protocol offer cannot be inspected",
+            ReasonCode::NoPolicyForClient => "no policy serves this client",
         }
     }
 

@@ -540,7 +540,7 @@ async fn a_hello_offering_neither_h2_nor_http11_to_an_inspected_name_is_refused(
     let _ = s.read_to_end(&mut got).await;
     // A fatal access_denied alert, and nothing minted.
     assert_eq!(got, support::tls::ACCESS_DENIED);
-    let series = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=\"tls_alpn_not_inspectable\"}";
+    let series = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"default\",reason=\"tls_alpn_not_inspectable\"}";
     assert_eq!(p.sample(series).await, 1.0);
     assert_eq!(
         p.sample("aml_egress_inspect_certificates_minted_total")

@@ -98,7 +98,7 @@ connect_to = {{ "allowed.test:443" = "{tls}", "web.test:80" = "{web}", "web.test
 }
 
 const CONNECT_DENY: &str =
-    "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=";
+    "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"default\",reason=";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_or_refused_hellos_never_reach_the_upstream() {
@@ -482,7 +482,7 @@ async fn http_inside_a_tunnel_is_decided_per_request_like_absolute_form() {
         seen[1]
     );
     assert_eq!(
-        p.sample("aml_egress_decisions_total{decision=\"deny\",listener=\"http\",reason=\"host_mismatch\"}").await,
+        p.sample("aml_egress_decisions_total{decision=\"deny\",listener=\"http\",policy=\"default\",reason=\"host_mismatch\"}").await,
         5.0
     );
 }
@@ -568,7 +568,7 @@ async fn audit_mode_passes_policy_refusals_but_never_unreadable_hellos() {
     read_to_close(&mut s).await;
     assert_eq!(rec.bytes(), denied, "audit mode passes a denied name");
     assert_eq!(
-        p.sample("aml_egress_decisions_total{decision=\"would_deny\",listener=\"connect\",reason=\"sni_not_allowed\"}").await,
+        p.sample("aml_egress_decisions_total{decision=\"would_deny\",listener=\"connect\",policy=\"default\",reason=\"sni_not_allowed\"}").await,
         1.0
     );
 }
@@ -776,7 +776,7 @@ async fn a_hello_with_an_encrypted_client_hello_is_refused_unless_allowed() {
     // The outer name is allowed; the real one, encrypted, could be any tenant of the front end.
     let ech: &[u8] = &[0, 0, 1, 0, 1, 7, 0, 0, 0, 0];
     let hello = crafted_hello_with(&[b"allowed.test"], 1, &[(0xfe0d, ech)]);
-    let ech_deny = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=\"tls_ech_present\"}";
+    let ech_deny = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"default\",reason=\"tls_ech_present\"}";
     for mode in ["enforce", "audit"] {
         let (raw, rec) = recorder().await;
         let p = start_proxy(&pinned(raw, raw, &format!("mode = \"{mode}\""))).await;

@@ -127,6 +127,7 @@ async fn metrics_count_decisions_denied_targets_tunnels_and_limits() {
                 ("listener", "connect"),
                 ("decision", decision),
                 ("reason", reason),
+                ("policy", "default"),
             ],
         )
     };
@@ -137,7 +138,11 @@ async fn metrics_count_decisions_denied_targets_tunnels_and_limits() {
         value(
             &m,
             "aml_egress_denied_total",
-            &[("host", "evil.example.com"), ("port", "443")]
+            &[
+                ("host", "evil.example.com"),
+                ("port", "443"),
+                ("policy", "default")
+            ]
         ),
         Some(2.0)
     );

@@ -428,7 +428,7 @@ connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:8
     );
     let (_, metrics, err) =
         curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
-    let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",reason=\"service_tag_without_name\"} 1";
+    let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",policy=\"default\",reason=\"service_tag_without_name\"} 1";
     assert!(metrics.contains(refused), "{err}{metrics}");
 
     // Inspected on the transparent listener: the path decides, inside TLS.

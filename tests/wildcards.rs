@@ -256,7 +256,7 @@ async fn names_under_a_wildcard_are_seen_once_narrowed_and_then_only_those_pass(
     assert_eq!(python(&s, &ca, NAMES[1]).await, "200 hello over TLS");
     let metrics = get(s.admin, "/metrics", None).await.1;
     assert!(
-        metrics.contains("aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",reason=\"wildcard_narrowed\"} 2"),
+        metrics.contains("aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"default\",reason=\"wildcard_narrowed\"} 2"),
         "{metrics}"
     );
     // /denied says how to let it through.
@@ -314,7 +314,7 @@ async fn in_audit_mode_a_narrowed_name_passes_as_would_deny() {
     let (_s, resp) =
         support::net::exchange(p.addr, "CONNECT other.blob.test:443 HTTP/1.1\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let series = "aml_egress_decisions_total{decision=\"would_deny\",listener=\"connect\",reason=\"wildcard_narrowed\"}";
+    let series = "aml_egress_decisions_total{decision=\"would_deny\",listener=\"connect\",policy=\"default\",reason=\"wildcard_narrowed\"}";
     assert_eq!(p.sample(series).await, 1.0);
     // Not an allow under the wildcard: nothing is recorded for it.
     let (_, body) = get(p.admin_addr, "/allowed", None).await;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{EXIT_DENIED, EXIT_OK, exit_code, load};
-use crate::config::Built;
+use crate::config::{Built, Chosen};
 use crate::policy::{Decision, PathView, Rule, Source, Verdict};
 
 /// The arguments of `check`.
@@ -21,6 +21,13 @@ pub struct Args {
     /// Print load-time notes and warnings to standard error.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Decide as a client at this address would be: under the [[client_policy]] whose
+    /// sources hold it (else as policy.unmatched_clients says).
+    #[arg(long, value_name = "IP", conflicts_with = "policy")]
+    pub client: Option<std::net::IpAddr>,
+    /// Decide under this policy: `default`, or a [[client_policy]]'s name.
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
     /// Targets as host:port, http://host/path (path checked) or https://host; one per line on standard input when none are given.
     pub targets: Vec<String>,
 }
@@ -36,7 +43,42 @@ fn check(args: Args) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let built = &compiled.built;
+    let clients = &compiled.clients;
+    let chosen = match (&args.client, &args.policy) {
+        (Some(ip), _) => clients.choose(*ip),
+        (None, Some(name)) => match clients.named(name) {
+            Some(c) => c,
+            None => {
+                eprintln!(
+                    "aml-egress check: --policy {name:?}: no such policy; this configuration has {}",
+                    clients.names().join(", ")
+                );
+                return Ok(super::EXIT_USAGE);
+            }
+        },
+        (None, None) => Chosen::Default,
+    };
+    let built = match chosen {
+        Chosen::Default => &compiled.built,
+        Chosen::Client(i) => &*clients.policies[i].built,
+        Chosen::Refused => {
+            let ip = args.client.map(|ip| ip.to_string()).unwrap_or_default();
+            let mut out = io::stdout().lock();
+            for t in &args.targets {
+                writeln!(
+                    out,
+                    "deny {t} no [[client_policy]] serves the client {ip} (policy.unmatched_clients = \"refuse\")"
+                )?;
+            }
+            return Ok(EXIT_DENIED);
+        }
+    };
+    // Named in the output once a configuration has several policies.
+    let policy = match chosen {
+        Chosen::Client(i) => Some(clients.policies[i].name.as_str()),
+        _ if !clients.policies.is_empty() => Some(crate::config::clients::DEFAULT_POLICY),
+        _ => None,
+    };
     let inspecting = Some((&compiled.inspect, compiled.proxy.tls_ports.as_slice()));
     if args.verbose {
         for w in &built.warnings {
@@ -44,7 +86,13 @@ fn check(args: Args) -> anyhow::Result<i32> {
         }
     }
     let mut out = io::stdout().lock();
-    let code = check_targets(built, inspecting, &args.targets, args.json, &mut out)?;
+    let code = check_targets(
+        (built, policy),
+        inspecting,
+        &args.targets,
+        args.json,
+        &mut out,
+    )?;
     out.flush()?;
     Ok(code)
 }
@@ -113,6 +161,9 @@ struct CheckLine<'a> {
     explanation: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     would_allow_with: Option<String>,
+    /// The policy that decided, when the configuration has client policies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a str>,
 }
 
 /// Decide one `check` argument.
@@ -162,10 +213,11 @@ pub fn check_with_hint(
 }
 
 /// Decide every target of the arguments, or of standard input (one a line, `#` comments
-/// and blank lines skipped) when there are none, printing one line each (text or JSON):
-/// [`EXIT_DENIED`] when any is denied, else [`EXIT_OK`].
+/// and blank lines skipped) when there are none, under `built` (the policy named `policy`
+/// in the output, when given), printing one line each (text or JSON): [`EXIT_DENIED`] when
+/// any is denied, else [`EXIT_OK`].
 pub fn check_targets(
-    built: &Built,
+    (built, policy): (&Built, Option<&str>),
     inspecting: Option<Inspecting<'_>>,
     targets: &[String],
     json: bool,
@@ -186,6 +238,7 @@ pub fn check_targets(
                 source: rule.map(|r| &r.source),
                 explanation,
                 would_allow_with,
+                policy,
             };
             serde_json::to_writer(&mut *out, &line)?;
             writeln!(out)
@@ -194,7 +247,10 @@ pub fn check_targets(
                 Verdict::Allow => "allow",
                 Verdict::Deny => "deny",
             };
-            writeln!(out, "{verdict} {input} {explanation}")
+            match policy {
+                Some(p) => writeln!(out, "{verdict} {input} {explanation} [policy {p}]"),
+                None => writeln!(out, "{verdict} {input} {explanation}"),
+            }
         }
     };
     if targets.is_empty() {

@@ -24,6 +24,10 @@ pub struct Args {
     /// Print the JSON as served by /denied (of several instances, merged in that shape).
     #[arg(long)]
     pub json: bool,
+    /// Only the targets refused under this policy (`default`, or a [[client_policy]]'s
+    /// name).
+    #[arg(long)]
+    pub policy: Option<String>,
 }
 
 /// `denied`: 0 after printing the table, 2 (with one line saying why) when the proxy
@@ -33,7 +37,10 @@ pub fn run(args: Args) -> i32 {
 }
 
 fn denied(args: Args) -> anyhow::Result<i32> {
-    let path = format!("/denied?limit={}", args.limit);
+    let path = match &args.policy {
+        Some(p) => format!("/denied?limit={}&policy={}", args.limit, encode(p)),
+        None => format!("/denied?limit={}", args.limit),
+    };
     let fetched = admin_get_all(&args.admin, &path, args.token_file.as_deref());
     let mut out = io::stdout().lock();
     let printed = fetched.and_then(|bodies| match bodies.as_slice() {
@@ -66,7 +73,18 @@ fn denied(args: Args) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// `aml-egress denied`: the most denied destinations, as a table.
+/// A query value, percent-encoded (a policy name is `[a-z0-9_-]`, but a typo is not).
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `aml-egress denied`: the most denied destinations, as a table (with a POLICY column
+/// when any row is another policy's than `default`).
 pub fn print_denied(rows: &[DeniedReport], out: &mut impl Write) -> Result<(), String> {
     let w = rows
         .iter()
@@ -74,15 +92,33 @@ pub fn print_denied(rows: &[DeniedReport], out: &mut impl Write) -> Result<(), S
         .max()
         .unwrap_or(6)
         .max(6);
+    let policies = rows
+        .iter()
+        .any(|r| r.policy != crate::metrics::DEFAULT_POLICY);
+    let pw = rows
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let policy_col = |p: &str| match policies {
+        true => format!("{p:<pw$}  "),
+        false => String::new(),
+    };
     let mut text = format!(
-        "{:>8}  {:<w$}  {:<20}  {:<20}  TO ALLOW\n",
-        "COUNT", "TARGET", "LAST SEEN", "FIRST SEEN"
+        "{:>8}  {:<w$}  {}{:<20}  {:<20}  TO ALLOW\n",
+        "COUNT",
+        "TARGET",
+        policy_col("POLICY"),
+        "LAST SEEN",
+        "FIRST SEEN"
     );
     for r in rows {
         text.push_str(&format!(
-            "{:>8}  {:<w$}  {:<20}  {:<20}  {}\n",
+            "{:>8}  {:<w$}  {}{:<20}  {:<20}  {}\n",
             r.count,
             r.target,
+            policy_col(&r.policy),
             r.last_seen,
             r.first_seen,
             r.allow_entry.replace('\n', " ")

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use super::{EXIT_OK, exit_code, load};
-use crate::config::Built;
+use crate::config::{Built, ClientPolicies};
 use crate::inspect::{Inspection, Why};
 
 /// The arguments of `validate`.
@@ -26,6 +26,7 @@ fn validate(args: Args) -> anyhow::Result<i32> {
     };
     let mut out = io::stdout().lock();
     print_summary(&c.built, &args.config.display().to_string(), &mut out)?;
+    print_clients(&c.clients, &mut out)?;
     print_inspection(&c.inspect, &mut out)?;
     out.flush()?;
     Ok(EXIT_OK)
@@ -65,6 +66,43 @@ pub fn print_summary(built: &Built, origin: &str, out: &mut dyn Write) -> io::Re
         writeln!(out, "  - {w}")?;
     }
     Ok(())
+}
+
+/// Print the client policies: whom each serves, its catalog and rules, its warnings; and
+/// what serves everyone else.
+pub fn print_clients(clients: &ClientPolicies, out: &mut dyn Write) -> io::Result<()> {
+    if clients.policies.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "client policies: {}", clients.policies.len())?;
+    for cp in &clients.policies {
+        let c = cp.built.policy.counts();
+        let mut whom: Vec<String> = cp.sources.iter().map(ToString::to_string).collect();
+        whom.extend(cp.client_names.iter().map(|n| format!("certificate {n}")));
+        writeln!(
+            out,
+            "  - {} ({}): {}; catalog {} for the {} cloud, {} exact, {} wildcard, {} with a path, {} cidr allow; {} deny; {} warnings",
+            cp.name,
+            cp.mode.as_str(),
+            whom.join(", "),
+            cp.built.revision,
+            cp.built.cloud,
+            c.exact,
+            c.wildcard,
+            c.path,
+            c.cidr,
+            c.deny,
+            cp.built.warnings.len()
+        )?;
+        for w in &cp.built.warnings {
+            writeln!(out, "      - {w}")?;
+        }
+    }
+    let rest = match clients.unmatched {
+        crate::config::UnmatchedClients::Default => "served by the default policy",
+        crate::config::UnmatchedClients::Refuse => "refused (no_policy_for_client)",
+    };
+    writeln!(out, "other clients: {rest} (policy.unmatched_clients)")
 }
 
 /// Print which tunnels will be inspected and why (after the warnings, which include a path

@@ -78,6 +78,34 @@ pub fn check(s: &Settings) -> Vec<ConfigIssue> {
             }
         }
     }
+    issues.extend(super::clients::check(s));
+    // Each client policy's catalog and rules, as its own settings (named as its keys).
+    for cp in &s.client_policies {
+        let d = super::clients::derived(s, cp);
+        let mut own = Vec::new();
+        catalog(&d, &mut own);
+        for p in own {
+            let issue = ConfigIssue {
+                origin: d.origin_of(p.key),
+                key: p.key.to_owned(),
+                value: Some(p.value),
+                problem: p.problem,
+                fix: p.fix,
+            };
+            issues.push(super::clients::rekey(issue, cp));
+        }
+        for (list, entries) in [
+            ("client_policy.allow", &cp.allow),
+            ("client_policy.deny", &cp.deny),
+        ] {
+            for (i, e) in entries.iter().enumerate() {
+                if let Err(issue) = operator_rule(list, i, e) {
+                    let origin = d.origin_of(&issue.key);
+                    issues.push(super::clients::rekey(ConfigIssue { origin, ..issue }, cp));
+                }
+            }
+        }
+    }
     issues
 }
 

@@ -362,7 +362,18 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             imported_notes.push(format!("{what} in {file} is not enforced: {why}"));
         }
     }
-    for (list, entries) in [("allow", &s.allow), ("deny", &s.deny)] {
+    // A client policy's own lists are named as such in every explanation; the global
+    // `[[deny]]` applies to it as to the default policy.
+    let allow_list = match s.policy_name {
+        Some(_) => "client_policy.allow",
+        None => "allow",
+    };
+    let lists = [
+        (allow_list, &s.allow),
+        ("deny", &s.deny),
+        ("client_policy.deny", &s.own_deny),
+    ];
+    for (list, entries) in lists {
         for (i, e) in entries.iter().enumerate() {
             // Checked by Settings::load; an error here means settings built by hand.
             specs.push(operator_rule(list, i, e).map_err(|i| ConfigError(vec![i]))?);
@@ -626,11 +637,138 @@ fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>)
     }
 }
 
+/// A `[[client_policy]]` compiled: whom it serves, its mode, and its policy.
+#[derive(Debug)]
+pub struct ClientBuilt {
+    pub name: String,
+    pub sources: Vec<ipnet::IpNet>,
+    pub client_names: Vec<String>,
+    pub mode: crate::config::Mode,
+    /// Shared by policies whose catalog selection, rules and mode are the same.
+    pub built: std::sync::Arc<Built>,
+}
+
+/// The `[[client_policy]]` policies, in file order, and how a client's is chosen: the
+/// one place the rule lives, for the proxy and for `check --client`.
+#[derive(Debug)]
+pub struct ClientPolicies {
+    pub policies: Vec<ClientBuilt>,
+    /// Each source network to its policy's place.
+    by_source: crate::policy::cidr::CidrTable,
+    /// What serves a client no policy claims.
+    pub unmatched: crate::config::UnmatchedClients,
+}
+
+/// Which policy serves a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// The default policy (the top-level settings).
+    Default,
+    /// The client policy at this place in [`ClientPolicies::policies`].
+    Client(usize),
+    /// None: `policy.unmatched_clients = "refuse"` and no policy claims the client.
+    Refused,
+}
+
+impl ClientPolicies {
+    fn new(policies: Vec<ClientBuilt>, unmatched: crate::config::UnmatchedClients) -> Self {
+        let mut by_source = crate::policy::cidr::CidrTable::default();
+        for (i, cp) in policies.iter().enumerate() {
+            for net in &cp.sources {
+                by_source.insert(*net, crate::policy::RuleId(i as u32));
+            }
+        }
+        ClientPolicies {
+            policies,
+            by_source,
+            unmatched,
+        }
+    }
+
+    /// The policy of a client at `ip`: the one whose most specific source network holds
+    /// it (one hash probe per prefix length in use), else as `policy.unmatched_clients`
+    /// says. Without client policies, always the default one.
+    pub fn choose(&self, ip: std::net::IpAddr) -> Chosen {
+        if self.policies.is_empty() {
+            return Chosen::Default;
+        }
+        match self.by_source.lookup(ip).next() {
+            Some(id) => Chosen::Client(id.0 as usize),
+            None if self.unmatched == crate::config::UnmatchedClients::Refuse => Chosen::Refused,
+            None => Chosen::Default,
+        }
+    }
+
+    /// The policy named `name` (`default`, or a client policy's name).
+    pub fn named(&self, name: &str) -> Option<Chosen> {
+        if name == crate::config::clients::DEFAULT_POLICY {
+            return Some(Chosen::Default);
+        }
+        self.policies
+            .iter()
+            .position(|p| p.name == name)
+            .map(Chosen::Client)
+    }
+
+    /// The names of every policy, `default` first.
+    pub fn names(&self) -> Vec<&str> {
+        std::iter::once(crate::config::clients::DEFAULT_POLICY)
+            .chain(self.policies.iter().map(|p| p.name.as_str()))
+            .collect()
+    }
+}
+
+/// Compile every client policy as its own settings (see [`crate::config::clients`]), all
+/// problems at once, each naming its policy. Identical policies share one compiled copy.
+fn client_policies(s: &Settings) -> Result<Vec<ClientBuilt>, ConfigError> {
+    use crate::config::clients::{derived, rekey};
+    let mut out = Vec::new();
+    let mut issues = Vec::new();
+    let mut seen: Vec<(String, std::sync::Arc<Built>)> = Vec::new();
+    for cp in &s.client_policies {
+        let d = derived(s, cp);
+        // What decides the compiled policy: the catalog selection, the rules and the mode.
+        let key = format!(
+            "{:?} {:?} {:?} {:?}",
+            d.catalog, d.allow, d.own_deny, d.proxy.mode
+        );
+        let built = match seen.iter().find(|(k, _)| *k == key) {
+            Some((_, b)) => b.clone(),
+            None => match build_policy(&d) {
+                Ok(b) => {
+                    let b = std::sync::Arc::new(b);
+                    seen.push((key, b.clone()));
+                    b
+                }
+                Err(e) => {
+                    issues.extend(e.0.into_iter().map(|i| rekey(i, cp)));
+                    continue;
+                }
+            },
+        };
+        out.push(ClientBuilt {
+            name: cp.name.clone(),
+            sources: cp.sources.clone(),
+            client_names: cp.client_names.clone(),
+            mode: d.proxy.mode,
+            built,
+        });
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigError(issues))
+    }
+}
+
 /// A configuration ready for the runtime: the compiled policy and the typed options of
 /// every part.
 #[derive(Debug)]
 pub struct Compiled {
+    /// The default policy: the top-level `[catalog]`, `[[allow]]`, `[[deny]]`.
     pub built: Built,
+    /// The `[[client_policy]]` policies and how a client's is chosen.
+    pub clients: ClientPolicies,
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
     pub transparent: TransparentSettings,
@@ -685,6 +823,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
     let mut built = build_policy(&s)?;
     let (inspect, notes) = inspection(&s, &built.policy)?;
     built.warnings.extend(notes);
+    let clients = ClientPolicies::new(client_policies(&s)?, s.policy.unmatched_clients);
     let restart = RestartOnly(
         s.shown()
             .into_iter()
@@ -693,6 +832,7 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
     );
     Ok(Compiled {
         built,
+        clients,
         proxy: s.proxy,
         upstream: s.upstream,
         transparent: s.transparent,

@@ -9,6 +9,7 @@
 //! all problems are reported at once, so that an operator fixes a file in one pass.
 
 pub mod checks;
+pub mod clients;
 pub mod compile;
 pub mod origin;
 pub mod read;
@@ -24,12 +25,14 @@ use ipnet::IpNet;
 
 use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
-pub use compile::{Built, Change, Compiled, build_policy, compile};
+pub use compile::{
+    Built, Change, Chosen, ClientBuilt, ClientPolicies, Compiled, build_policy, compile,
+};
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, InspectSettings, LogFormat,
     LogLevel, LogSettings, MetricsSettings, Mode, NameServer, NamelessTls, Narrow, PolicySettings,
     PrivateRanges, ProxySettings, ReloadSettings, RuleEntry, Settings, SniMissing, TransparentDial,
-    TransparentMode, TransparentSettings, UpstreamSettings,
+    TransparentMode, TransparentSettings, UnmatchedClients, UpstreamSettings,
 };
 
 /// Load a config file (if given) and the process environment, check and compile it.
@@ -170,6 +173,7 @@ impl Settings {
         let mut reader = read::Reader::new(&root, &origins);
         let mut settings = Settings::read(&mut reader, rules);
         issues.extend(reader.issues);
+        settings.client_policies = clients::read(&root, &origins, &mut issues);
         settings.file = path.map(Path::to_path_buf);
         // With a CA, a path rule over TLS is enforced by inspection unless the file says
         // otherwise.
@@ -266,7 +270,7 @@ pub fn operator_rule(list: &str, index: usize, e: &RuleEntry) -> Result<RuleSpec
             Some("split the entry into one [[allow]]/[[deny]] table per pattern".into()),
         ));
     }
-    let action = if list == "deny" {
+    let action = if list.ends_with("deny") {
         Action::Deny
     } else {
         Action::Allow

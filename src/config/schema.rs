@@ -64,11 +64,16 @@ pub fn check_keys(
         .iter()
         .map(|(s, _)| *s)
         .chain(RULE_LISTS.iter().copied())
+        .chain(["client_policy"])
         .collect();
     for (name, value) in root {
         let origin = places.of(value, name);
         if RULE_LISTS.contains(&name.as_str()) {
             check_rules(name, value, places, origin, origins, issues);
+            continue;
+        }
+        if name == "client_policy" {
+            check_client_policies(value, places, origin, origins, issues);
             continue;
         }
         let Some((_, keys)) = super::settings::SECTIONS.iter().find(|(s, _)| s == name) else {
@@ -140,6 +145,84 @@ fn check_rules(
                 origins.insert(key, origin);
             } else {
                 issues.push(unknown(origin, key, field, RULE_FIELDS));
+            }
+        }
+    }
+}
+
+/// `[[client_policy]]` tables: their fields, their `catalog` table's keys (those of
+/// `[catalog]`) and their rule lists.
+fn check_client_policies(
+    value: &Value,
+    places: &Origins,
+    origin: String,
+    origins: &mut BTreeMap<String, String>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    use super::clients::FIELDS;
+    let ValueKind::Array(entries) = &value.kind else {
+        issues.push(ConfigIssue {
+            origin,
+            key: "client_policy".to_owned(),
+            value: Some(shown(value)),
+            problem: "expected an array of tables".into(),
+            fix: Some(
+                "write [[client_policy]] tables in the config file (they cannot come from the environment)"
+                    .into(),
+            ),
+        });
+        return;
+    };
+    origins.insert("client_policy".to_owned(), origin);
+    let catalog_fields: Vec<&str> = super::settings::CatalogSettings::KEYS
+        .iter()
+        .map(|k| &k.name["catalog.".len()..])
+        .collect();
+    for (i, entry) in entries.iter().enumerate() {
+        let path = format!("client_policy[{}]", i + 1);
+        let origin = places.of(entry, &path);
+        let ValueKind::Table(t) = &entry.kind else {
+            issues.push(ConfigIssue {
+                origin,
+                key: path,
+                value: Some(shown(entry)),
+                problem: "expected a table".into(),
+                fix: Some("write each policy as a [[client_policy]] table".into()),
+            });
+            continue;
+        };
+        origins.insert(path.clone(), origin);
+        for (field, v) in t {
+            let key = format!("{path}.{field}");
+            let origin = places.of(v, &key);
+            match field.as_str() {
+                "allow" | "deny" => check_rules(&key, v, places, origin, origins, issues),
+                "catalog" => {
+                    let ValueKind::Table(c) = &v.kind else {
+                        issues.push(ConfigIssue {
+                            origin,
+                            key,
+                            value: Some(shown(v)),
+                            problem: "expected a table".into(),
+                            fix: Some(format!("write a [{path}.catalog] table (as [client_policy.catalog] after the policy's [[client_policy]])")),
+                        });
+                        continue;
+                    };
+                    origins.insert(key.clone(), origin);
+                    for (cf, cv) in c {
+                        let ck = format!("{key}.{cf}");
+                        let origin = places.of(cv, &ck);
+                        if catalog_fields.contains(&cf.as_str()) {
+                            origins.insert(ck, origin);
+                        } else {
+                            issues.push(unknown(origin, ck, cf, &catalog_fields));
+                        }
+                    }
+                }
+                f if FIELDS.contains(&f) => {
+                    origins.insert(key, origin);
+                }
+                _ => issues.push(unknown(origin, key, field, FIELDS)),
             }
         }
     }

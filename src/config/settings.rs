@@ -320,7 +320,7 @@ macro_rules! section {
                 }, )*
             ];
 
-            fn read(r: &mut Reader<'_>) -> Self {
+            pub(super) fn read(r: &mut Reader<'_>) -> Self {
                 let d = Self::default();
                 $name {
                     $( $field: r.read(concat!($prefix, ".", stringify!($field)), d.$field), )*
@@ -366,11 +366,24 @@ section! {
     }
 }
 
+choice! {
+    /// `policy.unmatched_clients`: what serves a client no `[[client_policy]]` claims.
+    UnmatchedClients {
+        /// The default policy (the top-level `[catalog]`, `[[allow]]` and `proxy.mode`).
+        Default = "default",
+        /// Refused (`no_policy_for_client`).
+        Refuse = "refuse",
+    }
+}
+
 section! {
     /// The `[policy]` section.
     PolicySettings = "policy" {
         /// What path rules do when the path is hidden by TLS.
         tls_path_rules: TlsPathRules = TlsPathRules::Widen; Scalar, Live;
+        /// What serves a client that no `[[client_policy]]` claims: the default policy,
+        /// or a refusal.
+        unmatched_clients: UnmatchedClients = UnmatchedClients::Default; Scalar, Live;
     }
 }
 
@@ -565,6 +578,13 @@ pub struct Settings {
     pub reload: ReloadSettings,
     pub allow: Vec<RuleEntry>,
     pub deny: Vec<RuleEntry>,
+    /// `[[client_policy]]`: policies per client, in file order.
+    pub client_policies: Vec<super::clients::ClientPolicySettings>,
+    /// In a client policy's [`super::clients::derived`] settings: its name, and its own
+    /// `[[client_policy.deny]]` (applied after the global `deny`). `None` and empty for
+    /// the default policy.
+    pub policy_name: Option<String>,
+    pub own_deny: Vec<RuleEntry>,
     /// The file the settings came from, if any.
     pub file: Option<PathBuf>,
     /// Where each value came from (`catalog.region` → `file:line` or the variable name).
@@ -587,6 +607,9 @@ impl Settings {
             reload: ReloadSettings::read(r),
             allow: rules.0,
             deny: rules.1,
+            client_policies: Vec::new(),
+            policy_name: None,
+            own_deny: Vec::new(),
             file: None,
             origins: BTreeMap::new(),
         }

@@ -5,7 +5,7 @@
 //! [`Policy::compile`], and every question gets a [`Decision`] that names the rule that
 //! allowed or denied it, or the reason nothing did.
 
-mod cidr;
+pub mod cidr;
 mod hash;
 mod matcher;
 pub mod pattern;
@@ -324,6 +324,9 @@ pub enum Reason {
     /// connection carries no server name, so a service tag's prefix would let it reach any
     /// tenant behind it (`catalog.service_tags_nameless_tls = "deny"`).
     ServiceTagWithoutName,
+    /// No policy serves the client (`policy.unmatched_clients = "refuse"`): decided before
+    /// any policy, by whoever chooses one.
+    NoPolicyForClient,
 }
 
 impl Reason {
@@ -340,6 +343,7 @@ impl Reason {
             Reason::InvalidTarget(_) => ReasonCode::InvalidTarget,
             Reason::WildcardNarrowed => ReasonCode::WildcardNarrowed,
             Reason::ServiceTagWithoutName => ReasonCode::ServiceTagWithoutName,
+            Reason::NoPolicyForClient => ReasonCode::NoPolicyForClient,
         }
     }
 
@@ -853,6 +857,10 @@ impl Policy {
                 self.options.tls_path_rules.as_str()
             ),
             (Reason::InvalidTarget(e), _) => format!("invalid target: {e}"),
+            (Reason::NoPolicyForClient, _) => {
+                "no [[client_policy]] serves this client (policy.unmatched_clients = \"refuse\")"
+                    .to_owned()
+            }
             (Reason::WildcardNarrowed, Some(r)) => format!(
                 "{} ({}) is narrowed by catalog.narrow and this name is not among the names it still allows: add it to catalog.narrow.\"{}\" if it should be reached",
                 r.what, r.source, r.what

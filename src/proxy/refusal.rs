@@ -10,16 +10,14 @@
 //! Allowed requests are counted when they end ([`AllowCount`]), so that a later refusal
 //! (a TLS name, a failed dial) can be counted in their place.
 
-use std::sync::Arc;
-
 use hyper::StatusCode;
 
 use super::addr::ClientAddr;
 use super::dial::DialError;
 use super::respond::Reply;
-use super::state::{Judgement, Live};
+use super::state::{Judgement, Live, PolicyIx};
 use crate::allowed::Recorded;
-use crate::metrics::{ListenerKind, Metrics, Outcome};
+use crate::metrics::{ListenerKind, Outcome};
 use crate::policy::{Decision, Host, InvalidTarget, PathView, Reason, Target, Verdict};
 use crate::reason::ReasonCode;
 
@@ -149,8 +147,11 @@ fn note(live: &Live, seen: &Seen<'_>, count: Count) {
         }
         Count::Already => false,
     };
+    // The policy that served the client: the one its decision came from.
+    let policy = live.choose(seen.client);
     if counted {
-        live.metrics.decision(seen.via, seen.outcome, seen.reason);
+        live.decision_counter(policy, seen.via, seen.outcome, seen.reason)
+            .inc();
     }
     match seen.outcome {
         Outcome::Allow => {} // allowed connections are logged once, when they finish
@@ -166,18 +167,19 @@ fn note(live: &Live, seen: &Seen<'_>, count: Count) {
                     target = seen.shown,
                     decision = "error",
                     reason = seen.reason.as_str(),
-                    mode = live.config.mode.as_str(),
+                    policy = live.policy_name(policy),
+                    mode = live.mode_of(policy).as_str(),
                     error = seen.seen,
                     "{what}"
                 );
             }
         }
-        Outcome::Deny | Outcome::WouldDeny => record(live, seen),
+        Outcome::Deny | Outcome::WouldDeny => record(live, seen, policy),
     }
 }
 
 /// Put a refusal in the denied-target table and log it (rate-limited per target).
-fn record(live: &Live, seen: &Seen<'_>) {
+fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
     let Seen {
         via,
         client,
@@ -194,17 +196,23 @@ fn record(live: &Live, seen: &Seen<'_>) {
                 Host::Name(n) => n.as_str().to_owned(),
                 Host::Ip(ip) => ip.to_string(),
             };
-            let part = live.built.would_allow_with(t, PathView::Hidden);
-            live.metrics.denied(&host, t.port, || match part {
-                Some(p) => {
-                    format!("catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})")
-                }
-                None => allow_entry(t, reason, rule),
+            let part = live.built_of(policy).would_allow_with(t, PathView::Hidden);
+            let name = live.policy_name(policy);
+            live.metrics.denied(&host, t.port, name, || {
+                let entry = match part {
+                    Some(p) => format!(
+                        "catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})"
+                    ),
+                    None => allow_entry(t, reason, rule),
+                };
+                in_policy(entry, policy, name, client)
             })
         }
-        None => live.metrics.denied("(invalid target)", 0, || {
-            "nothing: the request did not name a valid host:port".to_owned()
-        }),
+        None => live
+            .metrics
+            .denied("(invalid target)", 0, live.policy_name(policy), || {
+                "nothing: the request did not name a valid host:port".to_owned()
+            }),
     };
     if live.logs.denial(this_minute) {
         tracing::warn!(
@@ -215,36 +223,73 @@ fn record(live: &Live, seen: &Seen<'_>) {
             decision = outcome.as_str(),
             reason = reason.as_str(),
             rule,
-            mode = live.config.mode.as_str(),
+            policy = live.policy_name(policy),
+            mode = live.mode_of(policy).as_str(),
             "destination denied"
         );
     }
 }
 
+/// Where a suggested configuration entry goes: as written for the default policy, in
+/// the client's `[[client_policy]]` for its policy, or, for a client no policy serves, a
+/// policy that claims it.
+fn in_policy(entry: String, policy: PolicyIx, name: &str, client: ClientAddr) -> String {
+    match policy {
+        PolicyIx::DEFAULT => entry,
+        PolicyIx::NONE => format!(
+            "a [[client_policy]] whose sources hold {} (no policy serves it under policy.unmatched_clients = \"refuse\")",
+            client.ip()
+        ),
+        _ => format!(
+            "in the [[client_policy]] named {name:?}: {}",
+            entry
+                .replace("[[allow]]", "[[client_policy.allow]]")
+                .replace("catalog.features", "client_policy.catalog.features")
+        ),
+    }
+}
+
 /// The policy's `403` for `target` (`None`: it could not be parsed), shown to the client
-/// as `shown`.
+/// as `shown`, under the judgement `v` of the policy that serves `client`.
 pub(crate) fn policy_reply(
     live: &Live,
+    client: ClientAddr,
     shown: &str,
     target: Option<&Target>,
-    d: &Decision,
+    v: &Judgement,
 ) -> Reply {
-    let mut why = live.built.policy.explain(shown, d);
-    if let Some(part) = target.and_then(|t| live.built.would_allow_with(t, PathView::Hidden)) {
-        why.push_str(&crate::config::optional_part_hint(part));
-    }
+    let d = &v.decision;
     let code = d.reason.code();
     // An unparseable target is not repeated in the status line.
     let in_phrase = (code != ReasonCode::InvalidTarget).then_some(shown);
-    Reply::new(
-        StatusCode::FORBIDDEN,
-        "destination_not_allowed",
-        code.as_str(),
-        (in_phrase, code.words()),
-        format!(
+    let reply = |message: String| {
+        Reply::new(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            code.as_str(),
+            (in_phrase, code.words()),
+            message,
+        )
+    };
+    let built = live.built_of(v.policy);
+    let mut why = built.policy.explain(shown, d);
+    if let Some(part) = target.and_then(|t| built.would_allow_with(t, PathView::Hidden)) {
+        why.push_str(&crate::config::optional_part_hint(part));
+    }
+    match v.policy {
+        PolicyIx::NONE => reply(format!(
+            "aml-egress refused {shown}: no [[client_policy]] serves the client {} (policy.unmatched_clients = \"refuse\"). Add its network to the sources of the workspace's [[client_policy]], or set policy.unmatched_clients = \"default\", and reload.",
+            client.ip()
+        )),
+        PolicyIx::DEFAULT => reply(format!(
             "aml-egress refused {shown}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
-        ),
-    )
+        )),
+        ix => reply(format!(
+            "aml-egress refused {shown} under the policy {:?} that serves the client {}: {why}. If the workspace needs it, add a [[client_policy.allow]] entry to that policy (or switch on the catalog part that covers it) and reload.",
+            live.policy_name(ix),
+            client.ip()
+        )),
+    }
 }
 
 /// Refuse a target that could not be parsed (counted and logged like any denial).
@@ -255,11 +300,14 @@ pub(crate) fn invalid(
     shown: &str,
     e: InvalidTarget,
 ) -> Reply {
-    let v = live.apply_mode(Decision {
-        verdict: Verdict::Deny,
-        reason: Reason::InvalidTarget(e),
-        rule: None,
-    });
+    let v = live.apply_mode(
+        live.choose(client),
+        Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::InvalidTarget(e),
+            rule: None,
+        },
+    );
     let refusal = Refusal {
         seen: Seen {
             via,
@@ -271,7 +319,7 @@ pub(crate) fn invalid(
             reason: ReasonCode::InvalidTarget,
             rule: "",
         },
-        answer: policy_reply(live, shown, None, &v.decision),
+        answer: policy_reply(live, client, shown, None, &v),
     };
     refusal.issue(live, Count::Now)
 }
@@ -291,7 +339,7 @@ pub(crate) fn admit(
         return Ok(Some(AllowCount::new(live, via, client, target, v)));
     }
     let shown = shown();
-    let rule = live.rule_text(&v.decision);
+    let rule = live.rule_text(v);
     let seen = Seen {
         via,
         client,
@@ -306,7 +354,7 @@ pub(crate) fn admit(
         note(live, &seen, Count::Now);
         return Ok(None);
     }
-    let answer = policy_reply(live, &shown, Some(target), &v.decision);
+    let answer = policy_reply(live, client, &shown, Some(target), v);
     Err(Refusal { seen, answer }.issue(live, Count::Now))
 }
 
@@ -314,9 +362,8 @@ pub(crate) fn admit(
 /// counted in its place ([`Count::Instead`]). A request whose client leaves while the
 /// proxy dials or waits for the upstream is then still counted, once.
 pub(crate) struct AllowCount {
-    metrics: Arc<Metrics>,
-    via: ListenerKind,
-    reason: ReasonCode,
+    /// The allow's counter, under the policy that allowed it.
+    counter: prometheus::IntCounter,
     armed: bool,
 }
 
@@ -330,11 +377,11 @@ impl AllowCount {
         target: &Target,
         v: &Judgement,
     ) -> Self {
-        note_allowed(live, via, client, target, &v.decision);
+        note_allowed(live, via, client, target, v);
         AllowCount {
-            metrics: live.metrics.clone(),
-            via,
-            reason: v.decision.reason.code(),
+            counter: live
+                .decision_counter(v.policy, via, Outcome::Allow, v.decision.reason.code())
+                .clone(),
             armed: true,
         }
     }
@@ -348,7 +395,7 @@ impl AllowCount {
 impl Drop for AllowCount {
     fn drop(&mut self) {
         if self.armed {
-            self.metrics.decision(self.via, Outcome::Allow, self.reason);
+            self.counter.inc();
         }
     }
 }
@@ -361,12 +408,13 @@ pub(crate) fn note_allowed(
     via: ListenerKind,
     client: ClientAddr,
     target: &Target,
-    d: &Decision,
+    v: &Judgement,
 ) {
+    let d = &v.decision;
     let (Some(id), Host::Name(name), true) = (d.rule, target.host, d.is_allowed()) else {
         return;
     };
-    let policy = &live.built.policy;
+    let policy = &live.built_of(v.policy).policy;
     let Some(pattern) = policy.wildcard(id) else {
         return;
     };

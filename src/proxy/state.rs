@@ -12,17 +12,18 @@ use ipnet::IpNet;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::addr::ClientAddr;
 use super::addr::ListenAddr;
 use super::dial::{DialConfig, Resolver};
 use super::error::SetupError;
 use super::per_client;
 use super::plumbing::Tracker;
 use super::pool;
-use crate::config::Built;
-use crate::config::Compiled;
+use crate::config::{Built, Chosen, ClientBuilt, ClientPolicies, Compiled};
 use crate::logs::LogBudget;
-use crate::metrics::{Limit, Metrics, Outcome};
-use crate::policy::{Decision, PathView, Reason, Target};
+use crate::metrics::{DecisionSlots, Limit, ListenerKind, Metrics, Outcome};
+use crate::policy::{Decision, PathView, Reason, Target, Verdict};
+use crate::reason::ReasonCode;
 
 pub use crate::config::Mode;
 
@@ -102,11 +103,51 @@ impl ProxyConfig {
     }
 }
 
+/// Which policy serves a client, in one [`Live`]: the default policy, a client policy (by
+/// its place), or none (`policy.unmatched_clients = "refuse"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PolicyIx(u16);
+
+impl PolicyIx {
+    /// The default policy (the top-level `[catalog]` and `[[allow]]`).
+    pub(crate) const DEFAULT: PolicyIx = PolicyIx(0);
+    /// No policy: the client is refused.
+    pub(crate) const NONE: PolicyIx = PolicyIx(u16::MAX);
+}
+
+/// The client policies of a configuration ([`ClientPolicies`] chooses a client's), with
+/// each one's decision counters.
+pub struct Clients {
+    pub compiled: ClientPolicies,
+    /// By the policies' places.
+    decisions: Vec<DecisionSlots>,
+    /// The counters of refused unclaimed clients (policy `(none)`).
+    unserved: DecisionSlots,
+}
+
+impl Clients {
+    fn new(compiled: ClientPolicies) -> Self {
+        let decisions = compiled
+            .policies
+            .iter()
+            .map(|cp| DecisionSlots::new(&cp.name))
+            .collect();
+        Clients {
+            compiled,
+            decisions,
+            unserved: DecisionSlots::new(crate::metrics::NO_POLICY),
+        }
+    }
+}
+
 /// Everything a configuration load produces: the compiled policy, the runtime settings,
 /// the upstream pools and the TLS certificate. Swapped whole on reload, so that a request
 /// sees one consistent version from decision to dial.
 pub struct Live {
+    /// The default policy.
     pub built: Built,
+    /// The `[[client_policy]]` policies.
+    pub clients: Clients,
     pub config: ProxyConfig,
     pub upstream: pool::Upstream,
     pub tls: Option<TlsAcceptor>,
@@ -126,6 +167,8 @@ pub(crate) struct Judgement {
     pub pass: bool,
     /// Denied by the policy but let through by audit mode.
     pub would_deny: bool,
+    /// The policy that decided.
+    pub policy: PolicyIx,
 }
 
 impl Judgement {
@@ -140,55 +183,152 @@ impl Judgement {
 }
 
 impl Live {
-    /// The policy's decision on `target` (its path as `view` shows it), with the mode
-    /// applied.
-    pub(crate) fn judge(&self, target: &Target, view: PathView<'_>) -> Judgement {
-        let decision = self.built.policy.decide(target, view);
-        self.apply_mode(decision)
+    /// The policy that serves `client`: the client policy with the most specific source
+    /// network holding its address, else the default policy (or none, under
+    /// `policy.unmatched_clients = "refuse"`).
+    pub(crate) fn choose(&self, client: ClientAddr) -> PolicyIx {
+        match self.clients.compiled.choose(client.ip()) {
+            Chosen::Default => PolicyIx::DEFAULT,
+            Chosen::Client(i) => PolicyIx(i as u16 + 1),
+            Chosen::Refused => PolicyIx::NONE,
+        }
     }
 
-    /// Whether a tunnel to `target`, so decided, is inspected: inspection on, a TLS port, a
+    /// The compiled policy `ix` names (the default policy's for [`PolicyIx::NONE`], whose
+    /// decisions never reach a rule).
+    pub(crate) fn built_of(&self, ix: PolicyIx) -> &Built {
+        match self.client_policy(ix) {
+            Some(cp) => &cp.built,
+            None => &self.built,
+        }
+    }
+
+    fn client_policy(&self, ix: PolicyIx) -> Option<&ClientBuilt> {
+        match ix {
+            PolicyIx::DEFAULT | PolicyIx::NONE => None,
+            PolicyIx(i) => self.clients.compiled.policies.get(usize::from(i) - 1),
+        }
+    }
+
+    /// The policy's name, as the `policy` label and log field show it.
+    pub(crate) fn policy_name(&self, ix: PolicyIx) -> &str {
+        match ix {
+            PolicyIx::NONE => crate::metrics::NO_POLICY,
+            _ => self
+                .client_policy(ix)
+                .map_or(crate::metrics::DEFAULT_POLICY, |cp| &cp.name),
+        }
+    }
+
+    /// The mode the policy runs in.
+    pub(crate) fn mode_of(&self, ix: PolicyIx) -> Mode {
+        self.client_policy(ix)
+            .map_or(self.config.mode, |cp| cp.mode)
+    }
+
+    /// The counter of one kind of decision under policy `ix`.
+    pub(crate) fn decision_counter(
+        &self,
+        ix: PolicyIx,
+        via: ListenerKind,
+        outcome: Outcome,
+        reason: ReasonCode,
+    ) -> &prometheus::IntCounter {
+        let slots = match ix {
+            PolicyIx::NONE => &self.clients.unserved,
+            PolicyIx::DEFAULT => self.metrics.default_decisions(),
+            PolicyIx(i) => self
+                .clients
+                .decisions
+                .get(usize::from(i) - 1)
+                .unwrap_or(self.metrics.default_decisions()),
+        };
+        self.metrics.decision_counter(slots, via, outcome, reason)
+    }
+
+    /// The decision of the policy serving `client` on `target` (its path as `view` shows
+    /// it), with that policy's mode applied.
+    pub(crate) fn judge(
+        &self,
+        client: ClientAddr,
+        target: &Target,
+        view: PathView<'_>,
+    ) -> Judgement {
+        let ix = self.choose(client);
+        if ix == PolicyIx::NONE {
+            return self.unserved();
+        }
+        let decision = self.built_of(ix).policy.decide(target, view);
+        self.apply_mode(ix, decision)
+    }
+
+    /// The refusal of a client no policy serves.
+    fn unserved(&self) -> Judgement {
+        let decision = Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::NoPolicyForClient,
+            rule: None,
+        };
+        self.apply_mode(PolicyIx::NONE, decision)
+    }
+
+    /// Whether a tunnel to `target`, so judged, is inspected: inspection on, a TLS port, a
     /// name, not bypassed, and either allowed and in `inspect.hosts`, or only a path rule
-    /// matches it (`policy.tls_path_rules = "inspect"`), whose path inspection will see.
-    pub(crate) fn inspects(&self, target: &Target, d: &crate::policy::Decision) -> bool {
+    /// of the deciding policy matches it (`policy.tls_path_rules = "inspect"`), whose path
+    /// inspection will see.
+    pub(crate) fn inspects(&self, target: &Target, v: &Judgement) -> bool {
         self.inspector.as_ref().is_some_and(|i| {
-            i.inspection()
-                .inspects_tunnel(&self.built.policy, &self.config.tls_ports, target, d)
+            i.inspection().inspects_tunnel(
+                &self.built_of(v.policy).policy,
+                &self.config.tls_ports,
+                target,
+                &v.decision,
+            )
         })
     }
 
     /// The judgement of a TLS hello without a server name to an address (see
     /// [`crate::policy::Policy::decide_nameless_tls`]); a named target is judged as usual.
-    pub(crate) fn judge_nameless_tls(&self, target: &Target) -> Judgement {
+    pub(crate) fn judge_nameless_tls(&self, client: ClientAddr, target: &Target) -> Judgement {
         match target.host {
             crate::policy::Host::Ip(ip) => {
-                let decision = self.built.policy.decide_nameless_tls(ip, target.port);
-                self.apply_mode(decision)
+                let ix = self.choose(client);
+                if ix == PolicyIx::NONE {
+                    return self.unserved();
+                }
+                let decision = self
+                    .built_of(ix)
+                    .policy
+                    .decide_nameless_tls(ip, target.port);
+                self.apply_mode(ix, decision)
             }
-            crate::policy::Host::Name(_) => self.judge(target, PathView::Hidden),
+            crate::policy::Host::Name(_) => self.judge(client, target, PathView::Hidden),
         }
     }
 
-    /// Apply the mode to a decision: audit mode lets a denial pass, except an operator's
-    /// deny rule and an invalid target, which hold in every mode.
-    pub(crate) fn apply_mode(&self, decision: Decision) -> Judgement {
+    /// Apply policy `ix`'s mode to its decision: audit mode lets a denial pass, except an
+    /// operator's deny rule, an invalid target and a client no policy serves, which hold in
+    /// every mode.
+    pub(crate) fn apply_mode(&self, ix: PolicyIx, decision: Decision) -> Judgement {
         let allowed = decision.is_allowed();
         let auditable = !matches!(
             decision.reason,
-            Reason::DeniedByRule | Reason::InvalidTarget(_)
+            Reason::DeniedByRule | Reason::InvalidTarget(_) | Reason::NoPolicyForClient
         );
-        let would_deny = !allowed && auditable && self.config.mode == Mode::Audit;
+        let would_deny = !allowed && auditable && self.mode_of(ix) == Mode::Audit;
         Judgement {
             decision,
             pass: allowed || would_deny,
             would_deny,
+            policy: ix,
         }
     }
 
-    /// The rule a decision names, as shown in logs (empty when none).
-    pub(crate) fn rule_text(&self, d: &Decision) -> String {
-        d.rule
-            .map(|id| self.built.policy.rule(id).display())
+    /// The rule a judgement names, as shown in logs (empty when none).
+    pub(crate) fn rule_text(&self, v: &Judgement) -> String {
+        v.decision
+            .rule
+            .map(|id| self.built_of(v.policy).policy.rule(id).display())
             .unwrap_or_default()
     }
 
@@ -215,6 +355,7 @@ impl Live {
             (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
             _ => None,
         };
+        let clients = Clients::new(c.clients);
         let inspector = super::inspect::Inspector::new(c.inspect, metrics.clone()).map(Arc::new);
         let upstream = pool::Upstream::new(
             config.dial.clone(),
@@ -225,6 +366,7 @@ impl Live {
         );
         Ok(Live {
             inspector,
+            clients,
             built: c.built,
             config,
             upstream,

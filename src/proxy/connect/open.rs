@@ -65,8 +65,8 @@ pub(crate) fn decide(raw: &str, client: ClientAddr, live: &Live) -> Result<Admit
             ));
         }
     };
-    let verdict = live.judge(&target, PathView::Hidden);
-    if live.inspects(&target, &verdict.decision) {
+    let verdict = live.judge(client, &target, PathView::Hidden);
+    if live.inspects(&target, &verdict) {
         if live
             .inspector
             .as_ref()

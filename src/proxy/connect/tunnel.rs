@@ -134,8 +134,9 @@ impl Tunnel {
             upstream = %self.addr,
             sni = %sni,
             decision = if v.would_deny { "would_deny" } else { "allow" },
-            rule = %self.live.rule_text(&v.decision),
-            mode = cfg.mode.as_str(),
+            rule = %self.live.rule_text(&v),
+            policy = self.live.policy_name(v.policy),
+            mode = self.live.mode_of(v.policy).as_str(),
             bytes_up = up,
             bytes_down = down,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -229,9 +230,9 @@ impl Tunnel {
                     host: Host::Name(n),
                     port: self.target.port,
                 };
-                let v = live.judge(&t, PathView::Hidden);
+                let v = live.judge(self.client, &t, PathView::Hidden);
                 if v.decision.is_allowed() {
-                    note_allowed(live, ListenerKind::Connect, self.client, &t, &v.decision);
+                    note_allowed(live, ListenerKind::Connect, self.client, &t, &v);
                     return Ok(false);
                 }
                 let reason = name_reason(ReasonCode::SniNotAllowed, &v.decision);
@@ -241,7 +242,7 @@ impl Tunnel {
             // decision on the address stands, unless only a service tag's (or other
             // catalog) prefix allowed it, which says nothing of the tenant behind it.
             (None, Host::Ip(_)) => {
-                let v = live.judge_nameless_tls(&self.target);
+                let v = live.judge_nameless_tls(self.client, &self.target);
                 if v.decision.reason != Reason::ServiceTagWithoutName {
                     return Ok(false);
                 }
@@ -253,10 +254,8 @@ impl Tunnel {
         let shown = by_name.as_ref().map(|t| t.to_string());
         let seen = shown.as_deref().unwrap_or("(no server name)");
         // A policy answer (a name not allowed, or none) passes in audit mode.
-        let pass = live.config.mode == Mode::Audit;
-        let rule = verdict
-            .map(|v| live.rule_text(&v.decision))
-            .unwrap_or_default();
+        let pass = live.mode_of(live.choose(self.client)) == Mode::Audit;
+        let rule = verdict.map(|v| live.rule_text(&v)).unwrap_or_default();
         let answer = self.refuse(reason, pass, seen, by_name.as_ref(), &rule, pending);
         if pass { Ok(true) } else { Err(answer) }
     }
@@ -344,9 +343,15 @@ impl Tunnel {
     fn refuse_inspected(&self, reason: ReasonCode, seen: &str) -> Unanswerable {
         // Recorded and logged by `refuse` (nothing pending), counted here.
         let answer = self.refuse(reason, false, seen, None, "", &mut None);
+        let policy = self.live.choose(self.client);
         self.live
-            .metrics
-            .decision(ListenerKind::Connect, crate::metrics::Outcome::Deny, reason);
+            .decision_counter(
+                policy,
+                ListenerKind::Connect,
+                crate::metrics::Outcome::Deny,
+                reason,
+            )
+            .inc();
         answer
     }
 

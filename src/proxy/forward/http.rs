@@ -313,7 +313,7 @@ pub(crate) async fn forward_transparent(
             return refusal::invalid(&live, via, client, named_text(&req).as_str(), e).into();
         }
         Named::Absent => {
-            let v = live.judge(&dst, PathView::Hidden);
+            let v = live.judge(client, &dst, PathView::Hidden);
             if v.pass {
                 let shown = dst.to_string();
                 return send(req, client, live, via, dst, (Scheme::Http, &shown), started).await;
@@ -525,7 +525,7 @@ async fn send(
     let Ok(uri) = uri.parse::<Uri>() else {
         return refusal::invalid(&live, via, client, &uri, InvalidTarget::BadCharacter).into();
     };
-    let v = live.judge(&target, PathView::Visible(&path));
+    let v = live.judge(client, &target, PathView::Visible(&path));
     if scheme == Scheme::Https {
         live.metrics
             .inspected_requests
@@ -698,8 +698,9 @@ async fn send(
                 path = %path,
                 status = resp.status().as_u16(),
                 decision = if v.would_deny { "would_deny" } else { "allow" },
-                rule = %live.rule_text(&v.decision),
-                mode = live.config.mode.as_str(),
+                rule = %live.rule_text(&v),
+                policy = live.policy_name(v.policy),
+                mode = live.mode_of(v.policy).as_str(),
                 duration_ms = started.elapsed().as_millis() as u64,
                 "request forwarded"
             );

@@ -75,13 +75,13 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         None => (dst, ReasonCode::NoServerName),
     };
     let v = match first.server_name {
-        Some(_) => live.judge(&target, PathView::Hidden),
-        None => live.judge_nameless_tls(&target),
+        Some(_) => live.judge(client, &target, PathView::Hidden),
+        None => live.judge_nameless_tls(client, &target),
     };
     // Inspected: the proxy ends the handshake itself (so an ECH extension is moot), and
     // each request inside is decided on its own.
     if let Some(inspector) = &live.inspector
-        && live.inspects(&target, &v.decision)
+        && live.inspects(&target, &v)
     {
         if inspector.ca_expired(std::time::SystemTime::now()) {
             let reason = ReasonCode::InspectCaExpired;
@@ -122,7 +122,7 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
     } else {
         // Both reasons are policy answers, which audit mode lets pass.
         let pass = v.pass;
-        let rule = live.rule_text(&v.decision);
+        let rule = live.rule_text(&v);
         let answer = refuse(
             refusal::name_reason(reason, &v.decision),
             &target.to_string(),
@@ -190,8 +190,9 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         original_destination = %orig,
         upstream = %addr,
         decision = if v.would_deny { "would_deny" } else { "allow" },
-        rule = %live.rule_text(&v.decision),
-        mode = cfg.mode.as_str(),
+        rule = %live.rule_text(&v),
+        policy = live.policy_name(v.policy),
+        mode = live.mode_of(v.policy).as_str(),
         bytes_up = up,
         bytes_down = down,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -1,0 +1,264 @@
+//! `[[client_policy]]`: policies per client for one appliance serving several workspaces
+//! (hub and spoke). Each names the clients it serves (source networks, client certificate
+//! names) and has its own `[client_policy.catalog]`, `[[client_policy.allow]]`,
+//! `[[client_policy.deny]]` and `mode`. The top-level `[catalog]`, `[[allow]]` and
+//! `proxy.mode` stay the default policy (`default`); the top-level `[[deny]]` applies to
+//! every policy.
+//!
+//! A client policy is compiled as a configuration of its own ([`derived`]: the global
+//! settings with its catalog, rules and mode), so that it is checked and built by exactly
+//! the code the default policy goes through; its messages name it ([`rekey`]).
+
+use std::collections::BTreeMap;
+
+use config::{Map, Value, ValueKind};
+use ipnet::IpNet;
+
+use super::read::Reader;
+use super::settings::{CatalogSettings, Mode, RuleEntry, Settings};
+use super::{ConfigIssue, rule_entries};
+
+/// The name of the policy the top-level settings make.
+pub const DEFAULT_POLICY: &str = "default";
+
+/// Fields of a `[[client_policy]]` table.
+pub const FIELDS: &[&str] = &[
+    "name",
+    "sources",
+    "client_names",
+    "mode",
+    "catalog",
+    "allow",
+    "deny",
+];
+
+/// One `[[client_policy]]` as read: whom it serves and what it allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientPolicySettings {
+    /// `[a-z0-9_-]`, unique, not `default`: the `policy` label of metrics and logs.
+    pub name: String,
+    /// Client networks it serves; the most specific prefix over all policies wins.
+    pub sources: Vec<IpNet>,
+    /// Client certificate DNS SAN (or CN) patterns it serves on `proxy.tls_listen`.
+    pub client_names: Vec<String>,
+    /// Its mode; `None`: `proxy.mode`.
+    pub mode: Option<Mode>,
+    /// Its catalog selection; keys it does not give take the built-in defaults, never the
+    /// top-level `[catalog]`'s (another workspace's storage account must not leak in).
+    pub catalog: CatalogSettings,
+    pub allow: Vec<RuleEntry>,
+    /// Its own denials, after the global `[[deny]]`.
+    pub deny: Vec<RuleEntry>,
+    /// Where each of its keys came from, keyed as inside the table (`catalog.region`).
+    pub origins: BTreeMap<String, String>,
+    /// Its 1-based place among the `[[client_policy]]` tables.
+    pub index: usize,
+}
+
+impl ClientPolicySettings {
+    /// `client_policy[2]`, as keys in messages start.
+    pub fn path(&self) -> String {
+        format!("client_policy[{}]", self.index)
+    }
+}
+
+/// Read every `[[client_policy]]` table of the collected tree (its keys were checked by
+/// the schema); problems go to `issues`, keyed by their place (`client_policy[2].sources`).
+pub(super) fn read(
+    root: &Map<String, Value>,
+    origins: &BTreeMap<String, String>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<ClientPolicySettings> {
+    let Some(ValueKind::Array(entries)) = root.get("client_policy").map(|v| &v.kind) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let ValueKind::Table(table) = &entry.kind else {
+            continue; // reported by the schema check
+        };
+        let prefix = format!("client_policy[{}].", i + 1);
+        let own: BTreeMap<String, String> = origins
+            .iter()
+            .filter_map(|(k, o)| Some((k.strip_prefix(&prefix)?.to_owned(), o.clone())))
+            .collect();
+        let mut r = Reader::new(table, &own);
+        let name: String = r.read("name", String::new());
+        let sources: Vec<IpNet> = r.read("sources", Vec::new());
+        let client_names: Vec<String> = r.read("client_names", Vec::new());
+        let mode: Option<Mode> = r.read("mode", None);
+        let catalog = CatalogSettings::read(&mut r);
+        let mut found = r.issues;
+        let allow = rule_entries(table, "allow", &own, &mut found);
+        let deny = rule_entries(table, "deny", &own, &mut found);
+        let cp = ClientPolicySettings {
+            name,
+            sources,
+            client_names,
+            mode,
+            catalog,
+            allow,
+            deny,
+            origins: own,
+            index: i + 1,
+        };
+        issues.extend(found.into_iter().map(|issue| rekey(issue, &cp)));
+        out.push(cp);
+    }
+    out
+}
+
+/// A problem found inside a client policy, as the operator finds it: the key from the top
+/// of the file (`client_policy[2].catalog.region`, `client_policy[2].allow[1].host`) and
+/// the policy's name in the problem.
+pub fn rekey(mut issue: ConfigIssue, cp: &ClientPolicySettings) -> ConfigIssue {
+    let inner = issue
+        .key
+        .strip_prefix("client_policy.")
+        .unwrap_or(&issue.key)
+        .to_owned();
+    issue.key = format!("{}.{inner}", cp.path());
+    if !cp.name.is_empty() {
+        issue.problem = format!("(policy {}) {}", cp.name, issue.problem);
+    }
+    if issue.origin.is_empty() {
+        issue.origin = cp.origins.get(&inner).cloned().unwrap_or_default();
+    }
+    issue
+}
+
+/// The settings a client policy is compiled from: the global ones, with its catalog, its
+/// allow rules, the global deny rules followed by its own, its mode, and the origins of
+/// its own keys in place of the top-level ones. It has no client policies itself.
+pub fn derived(s: &Settings, cp: &ClientPolicySettings) -> Settings {
+    let mut d = s.clone();
+    d.client_policies = Vec::new();
+    d.catalog = cp.catalog.clone();
+    d.allow = cp.allow.clone();
+    d.own_deny = cp.deny.clone();
+    d.policy_name = Some(cp.name.clone());
+    if let Some(mode) = cp.mode {
+        d.proxy.mode = mode;
+    }
+    d.origins
+        .retain(|k, _| !k.starts_with("catalog.") && !k.starts_with("allow"));
+    for (k, o) in &cp.origins {
+        if k.starts_with("catalog.") {
+            d.origins.insert(k.clone(), o.clone());
+        } else if let Some(rest) = k.strip_prefix("allow") {
+            d.origins
+                .insert(format!("client_policy.allow{rest}"), o.clone());
+        } else if let Some(rest) = k.strip_prefix("deny") {
+            d.origins
+                .insert(format!("client_policy.deny{rest}"), o.clone());
+        }
+    }
+    d
+}
+
+/// Whether `name` may name a policy: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The cross-policy checks: names, whom each serves, sources claimed twice. (Each
+/// policy's own catalog and rules are checked as its [`derived`] settings.)
+pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
+    let mut out = Vec::new();
+    let mut named: BTreeMap<&str, &ClientPolicySettings> = BTreeMap::new();
+    let mut claimed: BTreeMap<IpNet, &ClientPolicySettings> = BTreeMap::new();
+    let mut certs: BTreeMap<String, &ClientPolicySettings> = BTreeMap::new();
+    for cp in &s.client_policies {
+        let issue = |field: &str, value: Option<String>, problem: String, fix: &str| ConfigIssue {
+            origin: cp
+                .origins
+                .get(field)
+                .cloned()
+                .unwrap_or_else(|| s.origin_of(&cp.path())),
+            key: format!("{}.{field}", cp.path()),
+            value,
+            problem,
+            fix: Some(fix.to_owned()),
+        };
+        if !valid_name(&cp.name) || cp.name == DEFAULT_POLICY {
+            let (problem, fix) = if cp.name.is_empty() {
+                (
+                    "a client policy needs a name",
+                    "add name = \"team-a\" (a-z, 0-9, _ and -): metrics and logs carry it",
+                )
+            } else if cp.name == DEFAULT_POLICY {
+                (
+                    "\"default\" is the policy of the top-level [catalog] and [[allow]]",
+                    "choose another name",
+                )
+            } else {
+                (
+                    "not a policy name",
+                    "use 1 to 64 of a-z, 0-9, _ and - (metrics and logs carry it)",
+                )
+            };
+            out.push(issue(
+                "name",
+                Some(format!("{:?}", cp.name)),
+                problem.into(),
+                fix,
+            ));
+        } else if let Some(first) = named.insert(&cp.name, cp) {
+            out.push(issue(
+                "name",
+                Some(format!("{:?}", cp.name)),
+                format!("{} already has this name", first.path()),
+                "give each [[client_policy]] its own name",
+            ));
+        }
+        if cp.sources.is_empty() && cp.client_names.is_empty() {
+            out.push(issue(
+                "sources",
+                None,
+                format!("policy {:?} serves no client", cp.name),
+                "add sources = [\"10.1.0.0/16\"] (the spoke's client networks) or client_names for client certificates",
+            ));
+        }
+        for net in &cp.sources {
+            if let Some(first) = claimed.insert(*net, cp) {
+                out.push(issue(
+                    "sources",
+                    Some(net.to_string()),
+                    format!(
+                        "policies {:?} ({}) and {:?} both claim {net}: a client there would have two policies",
+                        first.name,
+                        first.path(),
+                        cp.name
+                    ),
+                    "give the network to one policy (a more specific prefix in another wins over it)",
+                ));
+            }
+        }
+        for pattern in &cp.client_names {
+            let p = pattern.to_ascii_lowercase();
+            let ok = matches!(crate::policy::parse_pattern(&p), Ok((_, None)));
+            if !ok {
+                out.push(issue(
+                    "client_names",
+                    Some(format!("{pattern:?}")),
+                    "not a certificate name pattern".into(),
+                    "write a DNS name such as \"workspace-a.contoso.com\" or \"*.team-a.contoso.com\"",
+                ));
+            } else if let Some(first) = certs.insert(p, cp) {
+                out.push(issue(
+                    "client_names",
+                    Some(format!("{pattern:?}")),
+                    format!(
+                        "policies {:?} and {:?} both claim certificates named {pattern:?}",
+                        first.name, cp.name
+                    ),
+                    "give each certificate name to one policy",
+                ));
+            }
+        }
+    }
+    out
+}

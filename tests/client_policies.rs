@@ -1,0 +1,472 @@
+//! Policies per client: one proxy serving several workspaces (hub and spoke), each client
+//! decided by the policy its source network chooses. Clients bind to different loopback
+//! addresses (127.0.0.2, 127.0.0.3, ::1); real clients are curl and Python requests.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+
+use aml_egress::reload::Trigger;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use support::TempFile;
+use support::net::{echo_upstream, get, read_request_head, upstream};
+use support::proxy::{start_file, start_proxy};
+
+/// Team A's and team B's workspaces behind one proxy, and the default policy for anyone
+/// else: each storage wildcard narrowed to that workspace's own account; each team also
+/// has one host of its own over plain HTTP. `extra` goes into `[policy]`.
+fn hub(echo: SocketAddr, web: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[catalog]
+region = "westeurope"
+storage_account = "defaultstore"
+[catalog.narrow]
+"*.blob.core.windows.net" = ["defaultstore.blob.core.windows.net"]
+[policy]
+{extra}
+[upstream]
+allow_cidrs = ["127.0.0.1/32"]
+connect_to = {{ "teamastore.blob.core.windows.net:443" = "{echo}", "teambstore.blob.core.windows.net:443" = "{echo}", "defaultstore.blob.core.windows.net:443" = "{echo}", "a.example.test:80" = "{web}", "b.example.test:80" = "{web}" }}
+
+[[client_policy]]
+name = "team-a"
+sources = ["127.0.0.2/32"]
+[client_policy.catalog]
+region = "westeurope"
+storage_account = "teamastore"
+[client_policy.catalog.narrow]
+"*.blob.core.windows.net" = ["teamastore.blob.core.windows.net"]
+[[client_policy.allow]]
+host = "a.example.test"
+ports = [80]
+
+[[client_policy]]
+name = "team-b"
+sources = ["127.0.0.3/32", "::1/128"]
+[client_policy.catalog]
+region = "westeurope"
+storage_account = "teambstore"
+[client_policy.catalog.narrow]
+"*.blob.core.windows.net" = ["teambstore.blob.core.windows.net"]
+[[client_policy.allow]]
+host = "b.example.test"
+ports = [80]
+"#
+    )
+}
+
+/// A plain HTTP upstream answering every request `saw <Host>`.
+async fn web_upstream() -> SocketAddr {
+    upstream(|mut s| async move {
+        while let Some(head) = read_request_head(&mut s).await {
+            let host = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("host: ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            let body = format!("saw {host}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Connect to `proxy` from `from`, send `head`, and read the first answer.
+async fn exchange_from(from: IpAddr, proxy: SocketAddr, head: &str) -> (TcpStream, String) {
+    let socket = match from {
+        IpAddr::V4(_) => TcpSocket::new_v4().unwrap(),
+        IpAddr::V6(_) => TcpSocket::new_v6().unwrap(),
+    };
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf).await.unwrap();
+    (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// curl through `proxy` from the local address `from`: `%{http_connect}` (the CONNECT's
+/// status) of an HTTPS URL, or the body and `%{http_code}` of an HTTP one.
+async fn curl_from(from: &str, proxy: SocketAddr, url: &str) -> String {
+    let write_out = match url.starts_with("https") {
+        true => "%{http_connect}",
+        false => "\n%{http_code}",
+    };
+    let args: Vec<String> = [
+        "--proxy",
+        &format!("http://{proxy}"),
+        "--interface",
+        from,
+        "-w",
+        write_out,
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_, out, _) = support::clients::curl_async(args).await;
+    out
+}
+
+/// Python requests through `proxy` with its connections bound to `from` (an adapter
+/// passing `source_address` to urllib3): `<status> <body>`.
+async fn requests_from(from: &str, proxy: SocketAddr, url: &str) -> String {
+    let script = r#"
+import requests, sys
+src, proxy, url = sys.argv[1], sys.argv[2], sys.argv[3]
+class Bound(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *a, **kw):
+        kw["source_address"] = (src, 0)
+        super().init_poolmanager(*a, **kw)
+    def proxy_manager_for(self, proxy, **kw):
+        kw["source_address"] = (src, 0)
+        return super().proxy_manager_for(proxy, **kw)
+s = requests.Session()
+s.mount("http://", Bound())
+r = s.get(url, proxies={"http": proxy}, timeout=20)
+print(r.status_code, r.text)
+"#;
+    let (from, proxy, url) = (from.to_owned(), format!("http://{proxy}"), url.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", script, &from, &proxy, &url])
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .expect("python3 with requests is installed (.ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let p = start_proxy(&hub(echo, web, "")).await;
+    let (a, b, other) = ("127.0.0.2", "127.0.0.3", "127.0.0.1");
+    let store = |s: &str| format!("https://{s}.blob.core.windows.net/");
+
+    // curl: team A reaches its own storage account only, team B its own.
+    assert_eq!(curl_from(a, p.addr, &store("teamastore")).await, "200");
+    assert_eq!(curl_from(a, p.addr, &store("teambstore")).await, "403");
+    assert_eq!(curl_from(b, p.addr, &store("teambstore")).await, "200");
+    assert_eq!(curl_from(b, p.addr, &store("teamastore")).await, "403");
+    // A client no policy claims is served by the default policy.
+    assert_eq!(
+        curl_from(other, p.addr, &store("defaultstore")).await,
+        "200"
+    );
+    assert_eq!(curl_from(other, p.addr, &store("teamastore")).await, "403");
+
+    // Python requests, absolute-form HTTP: each team's own host.
+    assert_eq!(
+        requests_from(a, p.addr, "http://a.example.test/").await,
+        "200 saw a.example.test"
+    );
+    let refused = requests_from(a, p.addr, "http://b.example.test/").await;
+    assert!(refused.starts_with("403 "), "{refused}");
+    assert!(
+        refused.contains("under the policy \"team-a\" that serves the client 127.0.0.2"),
+        "{refused}"
+    );
+    assert!(refused.contains("[[client_policy.allow]]"), "{refused}");
+    assert_eq!(
+        requests_from(b, p.addr, "http://b.example.test/").await,
+        "200 saw b.example.test"
+    );
+
+    // What the operator sees: decisions and denials by policy, /denied filtered.
+    let m = p.metrics().await;
+    for series in [
+        "aml_egress_decisions_total{decision=\"allow\",listener=\"connect\",policy=\"team-a\",reason=\"rule\"} 1",
+        "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"team-a\",reason=\"wildcard_narrowed\"} 1",
+        "aml_egress_decisions_total{decision=\"deny\",listener=\"http\",policy=\"team-a\",reason=\"no_matching_rule\"} 1",
+        "aml_egress_decisions_total{decision=\"allow\",listener=\"connect\",policy=\"default\",reason=\"rule\"} 1",
+        "aml_egress_denied_total{host=\"teambstore.blob.core.windows.net\",policy=\"team-a\",port=\"443\"} 1",
+        "aml_egress_denied_total{host=\"teamastore.blob.core.windows.net\",policy=\"team-b\",port=\"443\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing:\n{m}");
+    }
+    let (status, body) = get(p.admin_addr, "/denied?policy=team-a", None).await;
+    assert_eq!(status, 200);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let targets: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["target"].as_str().unwrap(), r["policy"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("b.example.test:80", "team-a"),
+            ("teambstore.blob.core.windows.net:443", "team-a")
+        ],
+        "{body}"
+    );
+    let entry = rows[1]["allow_entry"].as_str().unwrap();
+    assert!(
+        entry.starts_with("in the [[client_policy]] named \"team-a\": [catalog.narrow]"),
+        "{entry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_is_chosen_by_its_own_prefix() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let cfg = TempFile::new(
+        "hub6.toml",
+        &format!(
+            "[proxy]\nlisten = [\"[::1]:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            hub(echo, web, "")
+        ),
+    );
+    let p = start_file(&cfg.0).await;
+    assert!(p.addr.is_ipv6());
+    let store = |s: &str| format!("https://{s}.blob.core.windows.net/");
+    assert_eq!(curl_from("::1", p.addr, &store("teambstore")).await, "200");
+    assert_eq!(curl_from("::1", p.addr, &store("teamastore")).await, "403");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_clients_are_refused_when_the_setting_says_so() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let p = start_proxy(&hub(echo, web, "unmatched_clients = \"refuse\"")).await;
+    let head = "CONNECT defaultstore.blob.core.windows.net:443 HTTP/1.1\r\n\r\n";
+    let (_, resp) = exchange_from("127.0.0.1".parse().unwrap(), p.addr, head).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 403 Forbidden by aml-egress: defaultstore.blob.core.windows.net:443 no policy serves this client"),
+        "{resp}"
+    );
+    assert!(
+        resp.contains("error=destination_not_allowed; details=\"no_policy_for_client\""),
+        "{resp}"
+    );
+    assert!(
+        resp.contains("no [[client_policy]] serves the client 127.0.0.1"),
+        "{resp}"
+    );
+    assert!(resp.contains("policy.unmatched_clients"), "{resp}");
+    // Plain HTTP too; claimed clients carry on.
+    let out = curl_from("127.0.0.1", p.addr, "http://a.example.test/").await;
+    assert!(out.ends_with("\n403"), "{out}");
+    assert_eq!(
+        curl_from(
+            "127.0.0.2",
+            p.addr,
+            "https://teamastore.blob.core.windows.net/"
+        )
+        .await,
+        "200"
+    );
+    let m = p.metrics().await;
+    let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"(none)\",reason=\"no_policy_for_client\"} 1";
+    assert!(m.contains(refused), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_changes_and_removes_policies_while_their_tunnels_stay_open() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    // Tunnels carry raw bytes (an opaque port) so that the echo shows they still flow.
+    let listen = "[proxy]\nlisten = [\"127.0.0.1:0\"]\ntls_ports = []\nopaque_ports = [443]\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let only_a = hub(echo, web, "");
+    let only_a = &only_a[..only_a.rfind("[[client_policy]]").unwrap()];
+    let cfg = TempFile::new("reload-hub.toml", &format!("{listen}{only_a}"));
+    let p = start_file(&cfg.0).await;
+    let b_store = "CONNECT teambstore.blob.core.windows.net:443 HTTP/1.1\r\n\r\n";
+    let a_store = "CONNECT teamastore.blob.core.windows.net:443 HTTP/1.1\r\n\r\n";
+    // 127.0.0.3 is nobody's yet: the default policy refuses team B's account.
+    let (_, resp) = exchange_from("127.0.0.3".parse().unwrap(), p.addr, b_store).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let (mut a_tunnel, resp) = exchange_from("127.0.0.2".parse().unwrap(), p.addr, a_store).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // Added: team B.
+    std::fs::write(&cfg.0, format!("{listen}{}", hub(echo, web, ""))).unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (mut b_tunnel, resp) = exchange_from("127.0.0.3".parse().unwrap(), p.addr, b_store).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // Changed: team A's network moves to 127.0.0.4; removed: team B.
+    let moved = only_a.replace("\"127.0.0.2/32\"", "\"127.0.0.4/32\"");
+    std::fs::write(&cfg.0, format!("{listen}{moved}")).unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (_, resp) = exchange_from("127.0.0.2".parse().unwrap(), p.addr, a_store).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let (_, resp) = exchange_from("127.0.0.4".parse().unwrap(), p.addr, a_store).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (_, resp) = exchange_from("127.0.0.3".parse().unwrap(), p.addr, b_store).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+
+    // The tunnels opened under the old policies still carry bytes.
+    for t in [&mut a_tunnel, &mut b_tunnel] {
+        t.write_all(b"still").await.unwrap();
+        let mut got = [0u8; 5];
+        t.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"still");
+    }
+}
+
+#[test]
+fn policy_problems_are_reported_at_once_each_naming_its_policy() {
+    let err = support::build_error(
+        r#"
+[[client_policy]]
+name = "team-a"
+sources = ["10.1.0.0/16"]
+[client_policy.catalog]
+region = "westeurop"
+storage_account = "Team-A-Store"
+[[client_policy.allow]]
+host = "a.example.test"
+
+[[client_policy]]
+name = "Team B"
+sources = ["10.1.0.0/16"]
+
+[[client_policy]]
+name = "team-a"
+"#,
+    );
+    for part in [
+        "client_policy[1].catalog.region = \"westeurop\": (policy team-a) not an Azure region",
+        "client_policy[1].catalog.storage_account = \"Team-A-Store\": (policy team-a) not a storage account name",
+        "client_policy[1].allow[1].ports: (policy team-a) an allow entry needs its ports",
+        "client_policy[2].name = \"Team B\": not a policy name",
+        "client_policy[2].sources = 10.1.0.0/16: policies \"team-a\" (client_policy[1]) and \"Team B\" both claim 10.1.0.0/16",
+        "client_policy[3].name = \"team-a\": client_policy[1] already has this name",
+        "client_policy[3].sources: policy \"team-a\" serves no client",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from:\n{err}");
+    }
+    let err = support::build_error(
+        "[[client_policy]]\nname = \"a\"\nsources = [\"10.0.0.0/8\"]\nsource = [\"10.0.0.0/8\"]\n[client_policy.catalog]\ncolour = \"blue\"\n",
+    );
+    assert!(
+        err.contains("client_policy[1].source: unknown key; did you mean sources?"),
+        "{err}"
+    );
+    assert!(
+        err.contains("client_policy[1].catalog.colour: unknown key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_decides_as_a_client_or_a_policy_would_and_validate_lists_the_policies() {
+    let echo: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let cfg = TempFile::new("hub.toml", &hub(echo, echo, ""));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+            .arg("check")
+            .arg("--config")
+            .arg(&cfg.0)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&[
+        "--client",
+        "127.0.0.2",
+        "teamastore.blob.core.windows.net:443",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("allow teamastore.blob.core.windows.net:443 "),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("[policy team-a]"), "{out}");
+    let (code, out, _) = run(&["--client", "::1", "teamastore.blob.core.windows.net:443"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("narrowed") && out.contains("[policy team-b]"),
+        "{out}"
+    );
+    let (code, out, _) = run(&[
+        "--client",
+        "10.9.9.9",
+        "defaultstore.blob.core.windows.net:443",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.trim_end().ends_with("[policy default]"), "{out}");
+    let (code, out, _) = run(&["--policy", "team-b", "--json", "b.example.test:80"]);
+    assert_eq!(code, Some(0), "{out}");
+    let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(line["policy"], "team-b");
+    assert_eq!(line["source"]["list"], "client_policy.allow");
+    let (code, _, err) = run(&["--policy", "team-c", "x.example:443"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("no such policy; this configuration has default, team-a, team-b"),
+        "{err}"
+    );
+
+    let refuse = TempFile::new(
+        "hub-refuse.toml",
+        &hub(echo, echo, "unmatched_clients = \"refuse\""),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["check", "--config"])
+        .arg(&refuse.0)
+        .args([
+            "--client",
+            "10.9.9.9",
+            "defaultstore.blob.core.windows.net:443",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("no [[client_policy]] serves the client 10.9.9.9"),
+        "{out:?}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["validate", "--config"])
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("client policies: 2\n"), "{text}");
+    assert!(
+        text.contains("  - team-a (enforce): 127.0.0.2/32; catalog "),
+        "{text}"
+    );
+    assert!(
+        text.contains("  - team-b (enforce): 127.0.0.3/32, ::1/128; catalog "),
+        "{text}"
+    );
+    assert!(
+        text.contains("other clients: served by the default policy"),
+        "{text}"
+    );
+}
