@@ -470,3 +470,144 @@ fn check_decides_as_a_client_or_a_policy_would_and_validate_lists_the_policies()
         "{text}"
     );
 }
+
+/// A CA that signs client certificates, and a certificate for `name` from it (PEM files).
+struct ClientCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: TempFile,
+}
+
+fn client_ca(cn: &str) -> ClientCa {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    ClientCa {
+        pem: TempFile::new("client-ca.pem", &cert.pem()),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+fn client_cert(ca: &ClientCa, name: &str) -> (TempFile, TempFile) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (
+        TempFile::new("client.pem", &cert.pem()),
+        TempFile::new("client.key", &key.serialize_pem()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_choose_the_policy_over_the_address_and_a_foreign_one_is_refused() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let pc = support::clients::proxy_cert();
+    let ca = client_ca("workspace clients");
+    let (a_cert, a_key) = client_cert(&ca, "ws-a.clients.test");
+    let (b_cert, b_key) = client_cert(&ca, "ws-b.clients.test");
+    let stranger = client_ca("someone else");
+    let (x_cert, x_key) = client_cert(&stranger, "ws-a.clients.test");
+    let cfg = hub(echo, web, "")
+        .replace(
+            "sources = [\"127.0.0.2/32\"]",
+            "sources = [\"127.0.0.2/32\"]\nclient_names = [\"ws-a.clients.test\"]",
+        )
+        .replace(
+            "sources = [\"127.0.0.3/32\", \"::1/128\"]",
+            "sources = [\"127.0.0.3/32\", \"::1/128\"]\nclient_names = [\"*.b.clients.test\", \"ws-b.clients.test\"]",
+        );
+    let p = start_proxy(&format!(
+        "[proxy]\n{}tls_client_ca = {:?}\n{cfg}",
+        pc.keys, ca.pem.0
+    ))
+    .await;
+    let tls = p.tls_addr.unwrap();
+    let through = |from: &'static str, cert: &TempFile, key: &TempFile, url: &str| {
+        let args: Vec<String> = vec![
+            "--proxy".into(),
+            format!("https://{tls}"),
+            "--proxy-cacert".into(),
+            pc.cert.0.display().to_string(),
+            "--proxy-cert".into(),
+            cert.0.display().to_string(),
+            "--proxy-key".into(),
+            key.0.display().to_string(),
+            "--interface".into(),
+            from.into(),
+            "-w".into(),
+            "%{http_connect}".into(),
+            url.into(),
+        ];
+        support::clients::curl_async(args)
+    };
+    let store = |s: &str| format!("https://{s}.blob.core.windows.net/");
+    // From team A's address, each certificate gets its own team's account.
+    let (_, out, err) = through("127.0.0.2", &a_cert, &a_key, &store("teamastore")).await;
+    assert_eq!(out, "200", "{err}");
+    let (_, out, err) = through("127.0.0.2", &b_cert, &b_key, &store("teambstore")).await;
+    assert_eq!(out, "200", "{err}");
+    let (_, out, err) = through("127.0.0.2", &b_cert, &b_key, &store("teamastore")).await;
+    assert_eq!(out, "403", "{err}");
+    // A certificate from another CA never gets past the handshake.
+    let (code, out, err) = through("127.0.0.2", &x_cert, &x_key, &store("teamastore")).await;
+    assert_ne!(code, 0);
+    assert_eq!(out, "000", "{err}");
+    // Nor does a client without a certificate.
+    let (code, _, err) = support::clients::curl_async(vec![
+        "--proxy".into(),
+        format!("https://{tls}"),
+        "--proxy-cacert".into(),
+        pc.cert.0.display().to_string(),
+        store("teamastore"),
+    ])
+    .await;
+    assert_ne!(code, 0, "{err}");
+    let m = p.metrics().await;
+    assert!(
+        m.contains("aml_egress_decisions_total{decision=\"deny\",listener=\"connect\",policy=\"team-b\",reason=\"wildcard_narrowed\"} 1"),
+        "{m}"
+    );
+    // `check` decides the same way: the certificate's name over the address.
+    let file = TempFile::new(
+        "hub-certs.toml",
+        &format!("[proxy]\n{}tls_client_ca = {:?}\n{cfg}", pc.keys, ca.pem.0),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["check", "--config"])
+        .arg(&file.0)
+        .args(["--client", "127.0.0.2", "--client-name", "x.b.clients.test"])
+        .arg("teamastore.blob.core.windows.net:443")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.trim_end().ends_with("[policy team-b]"), "{text}");
+}
+
+#[test]
+fn certificate_names_two_policies_could_share_are_refused_at_load() {
+    let ca = client_ca("c");
+    let err = support::build_error(&format!(
+        "[proxy]\ntls_client_ca = {:?}\n[[client_policy]]\nname = \"a\"\nclient_names = [\"*.clients.test\"]\n[[client_policy]]\nname = \"b\"\nclient_names = [\"ws-b.clients.test\"]\n",
+        ca.pem.0
+    ));
+    assert!(
+        err.contains("client_policy[2].client_names = \"ws-b.clients.test\": policies \"a\" (\"*.clients.test\") and \"b\" (\"ws-b.clients.test\") both claim some certificate names"),
+        "{err}"
+    );
+    assert!(
+        err.contains("proxy.tls_client_ca") && err.contains("proxy.tls_listen, which is not set"),
+        "{err}"
+    );
+    let err = support::build_error(
+        "[[client_policy]]\nname = \"a\"\nclient_names = [\"ws.clients.test\"]\n",
+    );
+    assert!(
+        err.contains("client_policy[1].client_names") && err.contains("set proxy.tls_client_ca"),
+        "{err}"
+    );
+}

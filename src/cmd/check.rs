@@ -25,6 +25,11 @@ pub struct Args {
     /// sources hold it (else as policy.unmatched_clients says).
     #[arg(long, value_name = "IP", conflicts_with = "policy")]
     pub client: Option<std::net::IpAddr>,
+    /// Decide as a client presenting a certificate with this DNS name would be (on
+    /// proxy.tls_listen with proxy.tls_client_ca); with --client, the certificate wins as
+    /// it does in the proxy.
+    #[arg(long, value_name = "NAME", conflicts_with = "policy")]
+    pub client_name: Option<String>,
     /// Decide under this policy: `default`, or a [[client_policy]]'s name.
     #[arg(long, value_name = "NAME")]
     pub policy: Option<String>,
@@ -44,9 +49,15 @@ fn check(args: Args) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     let clients = &compiled.clients;
-    let chosen = match (&args.client, &args.policy) {
-        (Some(ip), _) => clients.choose(*ip),
-        (None, Some(name)) => match clients.named(name) {
+    // A certificate's name wins over the address, as in the proxy.
+    let certified = args
+        .client_name
+        .as_ref()
+        .and_then(|n| clients.by_certificate(std::slice::from_ref(n)).ok());
+    let chosen = match (certified, &args.client, &args.policy) {
+        (Some(i), _, _) => Chosen::Client(i),
+        (None, Some(ip), _) => clients.choose(*ip),
+        (None, None, Some(name)) => match clients.named(name) {
             Some(c) => c,
             None => {
                 eprintln!(
@@ -56,13 +67,18 @@ fn check(args: Args) -> anyhow::Result<i32> {
                 return Ok(super::EXIT_USAGE);
             }
         },
-        (None, None) => Chosen::Default,
+        (None, None, None) if args.client_name.is_some() => clients.unclaimed(),
+        (None, None, None) => Chosen::Default,
     };
     let built = match chosen {
         Chosen::Default => &compiled.built,
         Chosen::Client(i) => &*clients.policies[i].built,
         Chosen::Refused => {
-            let ip = args.client.map(|ip| ip.to_string()).unwrap_or_default();
+            let ip = args
+                .client
+                .map(|ip| ip.to_string())
+                .or(args.client_name.clone())
+                .unwrap_or_default();
             let mut out = io::stdout().lock();
             for t in &args.targets {
                 writeln!(

@@ -195,6 +195,20 @@ fn proxy(s: &Settings, out: &mut Vec<Problem>) {
             }
         }
     }
+    if p.tls_client_ca.is_some() && p.tls_listen.is_empty() {
+        out.push(Problem::new(
+            "proxy.tls_client_ca",
+            format!(
+                "{:?}",
+                p.tls_client_ca
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default()
+            ),
+            "client certificates are asked for on proxy.tls_listen, which is not set".into(),
+            Some("add proxy.tls_listen, or remove proxy.tls_client_ca".into()),
+        ));
+    }
     range(
         out,
         "proxy.max_connections",

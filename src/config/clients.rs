@@ -170,7 +170,7 @@ pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
     let mut out = Vec::new();
     let mut named: BTreeMap<&str, &ClientPolicySettings> = BTreeMap::new();
     let mut claimed: BTreeMap<IpNet, &ClientPolicySettings> = BTreeMap::new();
-    let mut certs: BTreeMap<String, &ClientPolicySettings> = BTreeMap::new();
+    let mut certs: Vec<(crate::policy::HostPattern, &str, &ClientPolicySettings)> = Vec::new();
     for cp in &s.client_policies {
         let issue = |field: &str, value: Option<String>, problem: String, fix: &str| ConfigIssue {
             origin: cp
@@ -237,27 +237,48 @@ pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
                 ));
             }
         }
+        if !cp.client_names.is_empty() && s.proxy.tls_client_ca.is_none() {
+            out.push(issue(
+                "client_names",
+                Some(format!("{:?}", cp.client_names)),
+                format!(
+                    "policy {:?} is chosen by client certificates, which the proxy asks for only with proxy.tls_client_ca",
+                    cp.name
+                ),
+                "set proxy.tls_client_ca (and proxy.tls_listen), or remove client_names",
+            ));
+        }
         for pattern in &cp.client_names {
             let p = pattern.to_ascii_lowercase();
-            let ok = matches!(crate::policy::parse_pattern(&p), Ok((_, None)));
-            if !ok {
+            let parsed = match crate::policy::parse_pattern(&p) {
+                Ok((host, None)) => Some(host),
+                _ => None,
+            };
+            let Some(host) = parsed else {
                 out.push(issue(
                     "client_names",
                     Some(format!("{pattern:?}")),
                     "not a certificate name pattern".into(),
                     "write a DNS name such as \"workspace-a.contoso.com\" or \"*.team-a.contoso.com\"",
                 ));
-            } else if let Some(first) = certs.insert(p, cp) {
+                continue;
+            };
+            // A certificate name two policies' patterns both match would have two policies.
+            if let Some((_, other, first)) = certs
+                .iter()
+                .find(|(h, _, first)| first.index != cp.index && h.overlaps(&host))
+            {
                 out.push(issue(
                     "client_names",
                     Some(format!("{pattern:?}")),
                     format!(
-                        "policies {:?} and {:?} both claim certificates named {pattern:?}",
+                        "policies {:?} ({other:?}) and {:?} ({pattern:?}) both claim some certificate names",
                         first.name, cp.name
                     ),
-                    "give each certificate name to one policy",
+                    "give each certificate name to one policy (patterns that cannot match the same name)",
                 ));
             }
+            certs.push((host, pattern, cp));
         }
     }
     out

@@ -655,8 +655,38 @@ pub struct ClientPolicies {
     pub policies: Vec<ClientBuilt>,
     /// Each source network to its policy's place.
     by_source: crate::policy::cidr::CidrTable,
+    /// Each `client_names` pattern with its policy's place (no two policies' overlap).
+    by_certificate: Vec<(HostPattern, usize)>,
+    /// Each policy's key to its place.
+    by_key: std::collections::HashMap<PolicyKey, usize>,
     /// What serves a client no policy claims.
     pub unmatched: crate::config::UnmatchedClients,
+}
+
+/// A policy's name as a small copyable key, which a connection carries when a client
+/// certificate chose its policy: found again by name in whichever configuration is live
+/// when each request is decided (a reload that removes the policy leaves the client to
+/// `policy.unmatched_clients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyKey(u64);
+
+impl PolicyKey {
+    /// The key of the policy named `name`.
+    pub fn of(name: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        PolicyKey(h.finish())
+    }
+}
+
+/// Why a client certificate chose no policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateChoice {
+    /// None of its names is any policy's.
+    Unclaimed,
+    /// Its names are two policies' (one name each): the connection is refused.
+    Ambiguous(String, String),
 }
 
 /// Which policy serves a client.
@@ -678,11 +708,59 @@ impl ClientPolicies {
                 by_source.insert(*net, crate::policy::RuleId(i as u32));
             }
         }
+        let mut by_certificate = Vec::new();
+        for (i, cp) in policies.iter().enumerate() {
+            for n in &cp.client_names {
+                // Checked by Settings::load.
+                if let Ok((host, None)) = parse_pattern(&n.to_ascii_lowercase()) {
+                    by_certificate.push((host, i));
+                }
+            }
+        }
+        let by_key = policies
+            .iter()
+            .enumerate()
+            .map(|(i, cp)| (PolicyKey::of(&cp.name), i))
+            .collect();
         ClientPolicies {
             policies,
             by_source,
+            by_certificate,
+            by_key,
             unmatched,
         }
+    }
+
+    /// The policy a client certificate's DNS names (or, without any, its CN) choose.
+    ///
+    /// # Errors
+    /// None is claimed, or two policies claim its names.
+    pub fn by_certificate(&self, names: &[String]) -> Result<usize, CertificateChoice> {
+        let mut found: Option<usize> = None;
+        for name in names {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            for (pattern, i) in &self.by_certificate {
+                if !pattern.matches(&name) {
+                    continue;
+                }
+                match found {
+                    Some(j) if j != *i => {
+                        return Err(CertificateChoice::Ambiguous(
+                            self.policies[j].name.clone(),
+                            self.policies[*i].name.clone(),
+                        ));
+                    }
+                    _ => found = Some(*i),
+                }
+            }
+        }
+        found.ok_or(CertificateChoice::Unclaimed)
+    }
+
+    /// The policy a certificate chose earlier, in this configuration: its place, or `None`
+    /// when a reload removed it (or renamed it).
+    pub fn by_key(&self, key: PolicyKey) -> Option<usize> {
+        self.by_key.get(&key).copied()
     }
 
     /// The policy of a client at `ip`: the one whose most specific source network holds
@@ -696,6 +774,14 @@ impl ClientPolicies {
             Some(id) => Chosen::Client(id.0 as usize),
             None if self.unmatched == crate::config::UnmatchedClients::Refuse => Chosen::Refused,
             None => Chosen::Default,
+        }
+    }
+
+    /// What serves a client that no policy claims.
+    pub fn unclaimed(&self) -> Chosen {
+        match self.unmatched {
+            crate::config::UnmatchedClients::Refuse if !self.policies.is_empty() => Chosen::Refused,
+            _ => Chosen::Default,
         }
     }
 

@@ -26,7 +26,8 @@ use ipnet::IpNet;
 use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 pub use compile::{
-    Built, Change, Chosen, ClientBuilt, ClientPolicies, Compiled, build_policy, compile,
+    Built, CertificateChoice, Change, Chosen, ClientBuilt, ClientPolicies, Compiled, PolicyKey,
+    build_policy, compile,
 };
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, InspectSettings, LogFormat,

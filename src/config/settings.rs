@@ -455,6 +455,9 @@ section! {
         tls_cert: Option<PathBuf> = None; Scalar, Live;
         /// PEM private key (PKCS#8, PKCS#1 or SEC1) for the TLS listeners.
         tls_key: Option<PathBuf> = None; Scalar, Live;
+        /// PEM certificates of the CA that signs client certificates: when set, clients of
+        /// `proxy.tls_listen` must present one, whose names choose a `[[client_policy]]`.
+        tls_client_ca: Option<PathBuf> = None; Scalar, Live;
         /// Add `Via: 1.1 aml-egress` to forwarded requests and responses.
         via: bool = true; Scalar, Live;
         /// Remove (`strip`) or pass on (`keep`) the forwarding fields of forwarded requests.

@@ -5,9 +5,14 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// The address a client connected from (the accepted socket's peer).
+/// The address a client connected from (the accepted socket's peer), and the policy its
+/// certificate chose, when it presented one on `proxy.tls_listen` (`proxy.tls_client_ca`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAddr(pub SocketAddr);
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    /// Chosen by the client's certificate, which wins over its address.
+    pub certified: Option<crate::config::PolicyKey>,
+}
 
 /// The destination a redirected connection was addressed to before the firewall sent it
 /// here (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`).
@@ -19,9 +24,23 @@ pub struct OrigDstAddr(pub SocketAddr);
 pub struct ListenAddr(pub SocketAddr);
 
 impl ClientAddr {
+    /// A client at `addr`, no certificate seen (yet).
+    pub fn new(addr: SocketAddr) -> Self {
+        ClientAddr {
+            addr,
+            certified: None,
+        }
+    }
+
     /// The client's IP address, an IPv4-mapped IPv6 one (a dual-stack listener) as IPv4.
     pub fn ip(self) -> IpAddr {
-        self.0.ip().to_canonical()
+        self.addr.ip().to_canonical()
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr.fmt(f)
     }
 }
 
@@ -35,4 +54,4 @@ macro_rules! shown_as_socket_addr {
     )+};
 }
 
-shown_as_socket_addr!(ClientAddr, OrigDstAddr, ListenAddr);
+shown_as_socket_addr!(OrigDstAddr, ListenAddr);

@@ -187,7 +187,14 @@ impl Live {
     /// network holding its address, else the default policy (or none, under
     /// `policy.unmatched_clients = "refuse"`).
     pub(crate) fn choose(&self, client: ClientAddr) -> PolicyIx {
-        match self.clients.compiled.choose(client.ip()) {
+        let chosen = match client.certified {
+            Some(key) => match self.clients.compiled.by_key(key) {
+                Some(i) => Chosen::Client(i),
+                None => self.clients.compiled.unclaimed(),
+            },
+            None => self.clients.compiled.choose(client.ip()),
+        };
+        match chosen {
             Chosen::Default => PolicyIx::DEFAULT,
             Chosen::Client(i) => PolicyIx(i as u16 + 1),
             Chosen::Refused => PolicyIx::NONE,
@@ -352,7 +359,11 @@ impl Live {
         // Loaded whenever configured, so that a reload that drops tls_listen (which only a
         // restart changes) still has the certificate for the bound TLS listeners.
         let tls = match (&c.proxy.tls_cert, &c.proxy.tls_key) {
-            (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(super::tls::acceptor(
+                cert,
+                key,
+                c.proxy.tls_client_ca.as_deref(),
+            )?),
             _ => None,
         };
         let clients = Clients::new(c.clients);

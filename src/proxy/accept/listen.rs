@@ -294,7 +294,12 @@ async fn serve_other(
             let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
             drop(live);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => serve_connection(s, client, shared, permit, route).await,
+                Ok(Ok(s)) => {
+                    let Some(client) = certified(&s, client, &shared) else {
+                        return;
+                    };
+                    serve_connection(s, client, shared, permit, route).await
+                }
                 Ok(Err(e)) => {
                     metrics.limit(Limit::TlsHandshake);
                     if logs.line() {
@@ -308,6 +313,56 @@ async fn serve_other(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The client of a TLS connection, with the policy its certificate chose, if it presented
+/// one that a `[[client_policy]]` claims (the certificate wins over the address, and the
+/// choice is logged when the address would have chosen another). `None`: its names are
+/// two policies', and the connection is closed.
+fn certified(
+    s: &tokio_rustls::server::TlsStream<TcpStream>,
+    client: ClientAddr,
+    shared: &Shared,
+) -> Option<ClientAddr> {
+    use crate::config::CertificateChoice;
+    let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Some(client);
+    };
+    let live = shared.live();
+    let names = crate::proxy::tls::certificate_names(cert);
+    match live.clients.compiled.by_certificate(&names) {
+        Ok(i) => {
+            let name = &live.clients.compiled.policies[i].name;
+            let certified = ClientAddr {
+                certified: Some(crate::config::PolicyKey::of(name)),
+                ..client
+            };
+            let by_address = live.choose(client);
+            if live.policy_name(by_address) != name.as_str() && live.logs.line() {
+                tracing::info!(
+                    client = %client,
+                    certificate = %names.join(","),
+                    policy = %name,
+                    by_address = live.policy_name(by_address),
+                    "the client certificate chose the policy (over the one its address would)"
+                );
+            }
+            Some(certified)
+        }
+        Err(CertificateChoice::Unclaimed) => Some(client),
+        Err(CertificateChoice::Ambiguous(a, b)) => {
+            live.metrics.limit(Limit::TlsHandshake);
+            if live.logs.line() {
+                tracing::warn!(
+                    client = %client,
+                    certificate = %names.join(","),
+                    reason = "tls_handshake",
+                    "the client certificate's names are claimed by two policies ({a}, {b}); connection closed: give each name to one policy's client_names"
+                );
+            }
+            None
         }
     }
 }
@@ -336,7 +391,7 @@ async fn accept(
         });
         match accepted {
             Ok(Ok((fd, addr))) => match addr.and_then(|a| SocketAddr::try_from(a).ok()) {
-                Some(peer) => return Ok((std::net::TcpStream::from(fd), ClientAddr(peer))),
+                Some(peer) => return Ok((std::net::TcpStream::from(fd), ClientAddr::new(peer))),
                 None => continue, // a TCP listener's peers are IP addresses; closed
             },
             // Only a lack of descriptors or memory is the listener's problem; the rest are
