@@ -240,15 +240,15 @@ fn run_load(args: &[String]) -> Res<()> {
         _ => return Err("give exactly one of --proxy and --direct".into()),
     };
     let target = need(&o, "target")?.to_owned();
-    let (host, port) = target
-        .rsplit_once(':')
-        .ok_or("--target is host:port")?;
+    let (host, port) = target.rsplit_once(':').ok_or("--target is host:port")?;
     port.parse::<u16>()
         .map_err(|_| format!("--target {target}: bad port"))?;
     if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>()
         && !ip.is_loopback()
     {
-        return Err(format!("--target {target}: only loopback addresses are allowed"));
+        return Err(format!(
+            "--target {target}: only loopback addresses are allowed"
+        ));
     }
     let mode = match need(&o, "mode")? {
         "new" => Mode::New,
@@ -256,11 +256,16 @@ fn run_load(args: &[String]) -> Res<()> {
         m => return Err(format!("--mode {m}: new or keepalive")),
     };
     let conns = num(&o, "conns", 1usize)?.clamp(1, MAX_CONNS);
-    let duration = Duration::from_secs_f64(num(&o, "duration", 3.0f64)?.clamp(0.1, MAX_DURATION_S as f64));
+    let duration =
+        Duration::from_secs_f64(num(&o, "duration", 3.0f64)?.clamp(0.1, MAX_DURATION_S as f64));
     let label = one(&o, "label").unwrap_or("").to_owned();
     let pids: Vec<u32> = o
         .get("cpu-pid")
-        .map(|v| v.iter().map(|p| p.parse().map_err(|_| format!("--cpu-pid {p}"))).collect())
+        .map(|v| {
+            v.iter()
+                .map(|p| p.parse().map_err(|_| format!("--cpu-pid {p}")))
+                .collect()
+        })
         .transpose()?
         .unwrap_or_default();
 
@@ -380,7 +385,12 @@ struct WorkerResult {
     first_error: Option<String>,
 }
 
-async fn worker(load: Arc<Load>, mode: Mode, deadline: Instant, done: Arc<AtomicU64>) -> WorkerResult {
+async fn worker(
+    load: Arc<Load>,
+    mode: Mode,
+    deadline: Instant,
+    done: Arc<AtomicU64>,
+) -> WorkerResult {
     let mut r = WorkerResult {
         lat: Vec::new(),
         errors: 0,
@@ -395,7 +405,8 @@ async fn worker(load: Arc<Load>, mode: Mode, deadline: Instant, done: Arc<Atomic
                 Ok(mut s) => {
                     let res = timed(request(&mut s, &load.request, &mut buf)).await;
                     if res.is_ok() {
-                        let _ = tokio::time::timeout(Duration::from_millis(100), s.shutdown()).await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(100), s.shutdown()).await;
                     }
                     res
                 }
@@ -438,7 +449,8 @@ async fn worker(load: Arc<Load>, mode: Mode, deadline: Instant, done: Arc<Atomic
 }
 
 fn record(r: &mut WorkerResult, done: &AtomicU64, t: Instant) {
-    r.lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    r.lat
+        .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
     done.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -477,7 +489,10 @@ async fn open(load: &Load) -> Res<Session> {
             if got.len() > MAX_HEAD {
                 return Err("CONNECT answer too long".into());
             }
-            let n = s.read(&mut chunk).await.map_err(|e| format!("CONNECT: {e}"))?;
+            let n = s
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("CONNECT: {e}"))?;
             if n == 0 {
                 return Err("CONNECT: closed".into());
             }
