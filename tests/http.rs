@@ -152,7 +152,7 @@ async fn bytes_behind_a_refused_connect_are_never_read_as_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_byte_limit_is_the_only_limit_on_a_head() {
+async fn a_head_may_hold_many_fields_within_its_byte_limit() {
     let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let p = start_proxy(&config(web, "")).await;
     let fields: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
@@ -162,6 +162,14 @@ async fn the_byte_limit_is_the_only_limit_on_a_head() {
     let resp = raw(p.addr, request.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
     assert!(heads.lock().unwrap()[0].contains("x-f119: v"));
+    // More than one field per 64 bytes of the limit (256 at the default): 431.
+    let fields: String = (0..300).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let request = format!(
+        "GET http://web.test/many HTTP/1.1\r\nHost: web.test\r\n{fields}Connection: close\r\n\r\n"
+    );
+    let resp = raw(p.addr, request.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431 "), "{resp}");
+    assert_eq!(heads.lock().unwrap().len(), 1);
 
     // A response head with many fields passes; one over the byte limit is a 502.
     let many: &'static str = Box::leak(

@@ -10,6 +10,14 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+/// How many fields a head may have: one per 64 bytes of `proxy.max_header_bytes` (256 at
+/// the default 16 KiB; Apache's default is 100, and clients send a few dozen). hyper sizes
+/// two arrays by this for every head it parses, so a count sized for the byte limit's
+/// smallest fields (one per 4 bytes) cost a fifth of an inspected keep-alive request's CPU.
+pub fn max_fields(max_header_bytes: usize) -> usize {
+    (max_header_bytes / 64).max(100)
+}
+
 /// Why no request head could be read.
 #[derive(Debug)]
 pub enum HeadError {

@@ -238,7 +238,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Pools whose idle connections close after `idle`; a response head may take up to
-    /// `max_head` bytes (`proxy.max_header_bytes`), whatever its field count.
+    /// `max_head` bytes (`proxy.max_header_bytes`), one field per 64 of them.
     /// `tls` verifies the upstreams of `https` URIs (inspected requests).
     pub fn new(
         dial: Arc<DialConfig>,
@@ -255,7 +255,7 @@ impl Upstream {
         let client = |allowlisted, tls: &Option<Arc<ClientConfig>>| {
             Client::builder(TokioExecutor::new())
                 .http1_max_buf_size(max_head.max(8192))
-                .http1_max_headers(max_head / 4)
+                .http1_max_headers(super::head::max_fields(max_head))
                 .http2_max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())

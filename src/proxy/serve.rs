@@ -133,8 +133,7 @@ pub(crate) async fn serve_requests<S, H, F>(
     builder
         .header_read_timeout(None) // see keepalive: ours answers 408
         .max_buf_size(cfg.max_header_bytes.max(8192))
-        // Our byte limit is the only limit on a head: room for as many fields as fit.
-        .max_headers(cfg.max_header_bytes / 4)
+        .max_headers(head::max_fields(cfg.max_header_bytes))
         .keep_alive(true);
     let (metrics, logs) = (live.metrics.clone(), live.logs.clone());
     drop(live);
@@ -150,7 +149,7 @@ pub(crate) async fn serve_requests<S, H, F>(
                 )),
                 Err(e) if e.is_parse_too_large() => Some((
                     Limit::HeaderSize,
-                    "a later request head was larger than proxy.max_header_bytes; answered 431",
+                    "a later request head was larger than proxy.max_header_bytes (or had more than one field per 64 of its bytes); answered 431",
                 )),
                 _ => None,
             };
