@@ -1,5 +1,6 @@
-//! Transparent mode end to end, in two network namespaces this test creates: a client
-//! namespace with no proxy setting whose default route is the "appliance" namespace, where
+//! Transparent mode end to end, in network namespaces this test creates: two client
+//! namespaces (spokes, each with a policy of its own) with no proxy setting whose default
+//! route is the "appliance" namespace, where
 //! nftables redirects its HTTPS and HTTP to the proxy's transparent listeners (the binary,
 //! run there with `ip netns exec`). The upstreams listen in the appliance namespace on
 //! documentation addresses (203.0.113.0/24, 198.51.100.0/24) of its own; a decoy
@@ -22,15 +23,18 @@ use support::TempFile;
 use support::net::read_request_head;
 use support::netns::run;
 
-/// The two namespaces and their veth pair, removed when dropped.
+/// The client namespaces (two spokes) and the appliance's, each client with its veth pair
+/// to the appliance, removed when dropped.
 struct Namespaces {
     client: String,
+    /// Another spoke, on 10.232.0.0/24, with a policy of its own.
+    spoke: String,
     appliance: String,
 }
 
 impl Drop for Namespaces {
     fn drop(&mut self) {
-        for ns in [&self.client, &self.appliance] {
+        for ns in [&self.client, &self.spoke, &self.appliance] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
@@ -46,33 +50,50 @@ fn namespaces() -> Namespaces {
     let id = (std::process::id() % 10_000) * 10 + N.fetch_add(1, Ordering::Relaxed) as u32;
     let ns = Namespaces {
         client: format!("amlc{id}"),
+        spoke: format!("amls{id}"),
         appliance: format!("amln{id}"),
     };
-    let (c, n) = (ns.client.as_str(), ns.appliance.as_str());
-    let (vc, vn) = (format!("vc{id}"), format!("vn{id}"));
-    run(&["ip", "netns", "add", c]);
+    let n = ns.appliance.as_str();
     run(&["ip", "netns", "add", n]);
-    run(&[
-        "ip", "link", "add", &vc, "type", "veth", "peer", "name", &vn,
-    ]);
-    run(&["ip", "link", "set", &vc, "netns", c]);
-    run(&["ip", "link", "set", &vn, "netns", n]);
-    run(&["ip", "-n", c, "addr", "add", "10.231.0.2/24", "dev", &vc]);
-    run(&["ip", "-n", n, "addr", "add", "10.231.0.1/24", "dev", &vn]);
-    for (ns, dev) in [(c, vc.as_str()), (n, vn.as_str())] {
-        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    run(&["ip", "-n", n, "link", "set", "lo", "up"]);
+    let mut inward = Vec::new();
+    for (c, net, side) in [(&ns.client, "10.231.0", "c"), (&ns.spoke, "10.232.0", "s")] {
+        let (vc, vn) = (format!("v{side}{id}"), format!("v{side}n{id}"));
+        run(&["ip", "netns", "add", c]);
+        run(&[
+            "ip", "link", "add", &vc, "type", "veth", "peer", "name", &vn,
+        ]);
+        run(&["ip", "link", "set", &vc, "netns", c]);
+        run(&["ip", "link", "set", &vn, "netns", n]);
+        run(&[
+            "ip",
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{net}.2/24"),
+            "dev",
+            &vc,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{net}.1/24"),
+            "dev",
+            &vn,
+        ]);
+        for (ns, dev) in [(c.as_str(), vc.as_str()), (n, vn.as_str())] {
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        run(&["ip", "-n", c, "link", "set", "lo", "up"]);
+        let gw = format!("{net}.1");
+        run(&["ip", "-n", c, "route", "add", "default", "via", &gw]);
+        inward.push(format!("\"{vn}\""));
     }
-    run(&[
-        "ip",
-        "-n",
-        c,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.231.0.1",
-    ]);
+    let vn = inward.join(", ");
     // The upstreams' addresses are the appliance's own (on its loopback device), so that
     // what reaches them is delivered there, recorded, and goes nowhere else.
     for a in [REAL, DECOY, BY_ADDRESS] {
@@ -90,7 +111,7 @@ fn namespaces() -> Namespaces {
     let rules = TempFile::new(
         "redirect.nft",
         &format!(
-            "table ip aml {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    iifname \"{vn}\" tcp dport {{ 443, 8443 }} redirect to :15443\n    iifname \"{vn}\" tcp dport 80 redirect to :15080\n  }}\n}}\n"
+            "table ip aml {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    iifname {{ {vn} }} tcp dport {{ 443, 8443 }} redirect to :15443\n    iifname {{ {vn} }} tcp dport 80 redirect to :15080\n  }}\n}}\n"
         ),
     );
     run(&[
@@ -287,7 +308,11 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
     ]
     .to_vec();
     let mut ls = bind_in(&ns.appliance, &addrs).into_iter();
-    let ca = serve_tls(ls.next().unwrap(), &["allowed.test"], "the real upstream");
+    let ca = serve_tls(
+        ls.next().unwrap(),
+        &["allowed.test", "spoke.test"],
+        "the real upstream",
+    );
     serve_http(ls.next().unwrap(), "the real web upstream");
     let decoyed = Arc::new(AtomicUsize::new(0));
     decoy(ls.next().unwrap(), decoyed.clone());
@@ -350,7 +375,15 @@ ca_cert = {:?}
 ca_key = {:?}
 upstream_ca_file = {:?}
 [upstream]
-connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80", "inspected.test:8443" = "{REAL}:8443" }}
+connect_to = {{ "allowed.test:443" = "{REAL}:443", "spoke.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:80", "inspected.test:8443" = "{REAL}:8443" }}
+
+# The other spoke's workspace: its own host, not the first spoke's.
+[[client_policy]]
+name = "spoke-b"
+sources = ["10.232.0.0/24"]
+[[client_policy.allow]]
+host = "spoke.test"
+ports = [443]
 "#,
             tags.0, proxy_ca_pem.0, proxy_ca_key.0, inspected_upstream.0
         ),
@@ -430,6 +463,34 @@ connect_to = {{ "allowed.test:443" = "{REAL}:443", "allowed.test:80" = "{REAL}:8
         curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
     let refused = "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",policy=\"default\",reason=\"service_tag_without_name\"} 1";
     assert!(metrics.contains(refused), "{err}{metrics}");
+
+    // Two spokes behind the one appliance, each decided by its own policy (chosen by the
+    // redirected client's address): the first spoke cannot reach the second's host, nor the
+    // second the first's.
+    let https_to = |name: &str| {
+        vec![
+            "--cacert".to_owned(),
+            ca.clone(),
+            "--resolve".into(),
+            format!("{name}:443:{DECOY}"),
+            format!("https://{name}/"),
+        ]
+    };
+    let (code, _, _) = curl_in(c, https_to("spoke.test")).await;
+    assert_ne!(code, 0, "the first spoke must not reach the second's host");
+    let (code, body, err) = curl_in(&ns.spoke, https_to("spoke.test")).await;
+    assert_eq!((code, body.as_str()), (0, "the real upstream"), "{err}");
+    let (code, _, _) = curl_in(&ns.spoke, https_to("allowed.test")).await;
+    assert_ne!(code, 0, "the second spoke must not reach the first's host");
+    let (_, metrics, err) =
+        curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
+    for series in [
+        "aml_egress_decisions_total{decision=\"allow\",listener=\"transparent_tls\",policy=\"spoke-b\",reason=\"rule\"} 1",
+        "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",policy=\"spoke-b\",reason=\"sni_not_allowed\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series}: {err}{metrics}");
+    }
+    assert_eq!(decoyed.load(Ordering::SeqCst), 0);
 
     // Inspected on the transparent listener: the path decides, inside TLS.
     let pca = proxy_ca_pem.0.to_str().unwrap().to_owned();
