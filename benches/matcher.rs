@@ -1,11 +1,34 @@
 //! Decision time of the compiled matcher against two baselines (one `RegexSet` and a linear
 //! scan of patterns), on the rendered catalog and on synthetic rule sets of 1,000, 10,000
-//! and 100,000 rules; plus the time to compile each rule set.
+//! and 100,000 rules; plus the time to compile each rule set. Policies per client: the load
+//! time and memory of 200 `[[client_policy]]` tables over the catalog against one, and the
+//! cost of choosing a client's policy.
 //!
 //! Run: `cargo bench --bench matcher`. README quotes the figures.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// The system allocator, counting the bytes in use (for the policies' memory figures).
+struct Counting;
+
+static IN_USE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        IN_USE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        IN_USE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 use aml_egress::metrics::{ListenerKind, Outcome};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -297,7 +320,59 @@ fn record_cost(c: &mut Criterion) {
     g.finish();
 }
 
+/// A hub configuration of `n` client policies over the catalog, each a spoke's /24 with
+/// its own storage account (the storage wildcard narrowed to it).
+fn hub(n: usize) -> String {
+    let mut t = String::from("[catalog]\nregion = \"westeurope\"\n");
+    for i in 0..n {
+        t.push_str(&format!(
+            "[[client_policy]]\nname = \"ws{i}\"\nsources = [\"10.{}.{}.0/24\"]\n[client_policy.catalog]\nregion = \"westeurope\"\nstorage_account = \"ws{i}store\"\n[client_policy.catalog.narrow]\n\"*.blob.core.windows.net\" = [\"ws{i}store.blob.core.windows.net\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    t
+}
+
+/// Load time and memory of 1 and 200 client policies (printed), and the cost of choosing
+/// the policy of a client (one per connection), with 1 and 200 policies.
+fn client_policies(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("aml-egress-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut compiled = Vec::new();
+    for n in [1usize, 200] {
+        let file = dir.join(format!("hub{n}.toml"));
+        std::fs::write(&file, hub(n)).unwrap();
+        let before = IN_USE.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let s = Settings::load_with_env(Some(&file), Some(Default::default())).unwrap();
+        let built = aml_egress::config::compile(s).unwrap();
+        let took = start.elapsed();
+        let bytes = IN_USE.load(Ordering::Relaxed) - before;
+        eprintln!(
+            "client policies: {n} loaded in {took:?}, {:.1} MiB held ({:.0} KiB per policy with the default one)",
+            bytes as f64 / (1 << 20) as f64,
+            bytes as f64 / 1024.0 / (n + 1) as f64
+        );
+        compiled.push((n, built));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut g = c.benchmark_group("choose");
+    for (n, built) in &compiled {
+        let claimed: std::net::IpAddr = format!("10.0.{}.7", n - 1).parse().unwrap();
+        let unclaimed: std::net::IpAddr = "192.168.1.1".parse().unwrap();
+        g.bench_function(BenchmarkId::new("claimed", n), |b| {
+            b.iter(|| built.clients.choose(black_box(claimed)))
+        });
+        g.bench_function(BenchmarkId::new("unclaimed", n), |b| {
+            b.iter(|| built.clients.choose(black_box(unclaimed)))
+        });
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    client_policies(c);
     record_cost(c);
     service_tags(c);
     bench_set(

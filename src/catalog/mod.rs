@@ -245,12 +245,27 @@ impl Catalog {
 
     /// The embedded catalog of a revision, or `None` for an unknown revision.
     pub fn embedded(revision: &str) -> Option<Self> {
-        let (name, text) = REVISIONS.iter().find(|(r, _)| *r == revision)?;
-        // The embedded files are checked by the test suite; a failure here is a build defect.
-        Some(
-            Catalog::from_toml(text, &format!("embedded catalog {name}"))
-                .expect("embedded catalog is valid"),
-        )
+        Self::embedded_ref(revision).cloned()
+    }
+
+    /// The embedded revision `revision`, parsed once per process: a hub with hundreds of
+    /// client policies renders the same revision for each, and parsing (or copying) it was
+    /// most of a policy's load time.
+    pub fn embedded_ref(revision: &str) -> Option<&'static Self> {
+        static PARSED: std::sync::OnceLock<Vec<Catalog>> = std::sync::OnceLock::new();
+        let i = REVISIONS.iter().position(|(r, _)| *r == revision)?;
+        let parsed = PARSED.get_or_init(|| {
+            REVISIONS
+                .iter()
+                .map(|(name, text)| {
+                    // The embedded files are checked by the test suite; a failure here is a
+                    // build defect.
+                    Catalog::from_toml(text, &format!("embedded catalog {name}"))
+                        .expect("embedded catalog is valid")
+                })
+                .collect()
+        });
+        parsed.get(i)
     }
 
     fn check(&self, origin: &str) -> Result<(), CatalogError> {

@@ -47,7 +47,7 @@ pub struct Built {
     pub left_out: LeftOut,
 }
 
-fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
+fn load_catalog(s: &Settings) -> Result<std::borrow::Cow<'static, Catalog>, ConfigIssue> {
     if let Some(path) = &s.catalog.file {
         let issue = |problem: String, fix: Option<String>| ConfigIssue {
             origin: s.origin_of("catalog.file"),
@@ -79,22 +79,24 @@ fn load_catalog(s: &Settings) -> Result<Catalog, ConfigIssue> {
                 fix: Some("remove catalog.revision, or make it match the file".into()),
             });
         }
-        return Ok(catalog);
+        return Ok(std::borrow::Cow::Owned(catalog));
     }
     let rev = s.catalog.revision.as_deref().unwrap_or(DEFAULT_REVISION);
-    Catalog::embedded(rev).ok_or_else(|| {
-        let names: Vec<&str> = REVISIONS.iter().map(|(r, _)| *r).collect();
-        ConfigIssue {
-            origin: s.origin_of("catalog.revision"),
-            key: "catalog.revision".into(),
-            value: Some(format!("{rev:?}")),
-            problem: "no such catalog revision is built in".into(),
-            fix: Some(format!(
-                "use one of {}, or load a file with catalog.file",
-                names.join(", ")
-            )),
-        }
-    })
+    Catalog::embedded_ref(rev)
+        .map(std::borrow::Cow::Borrowed)
+        .ok_or_else(|| {
+            let names: Vec<&str> = REVISIONS.iter().map(|(r, _)| *r).collect();
+            ConfigIssue {
+                origin: s.origin_of("catalog.revision"),
+                key: "catalog.revision".into(),
+                value: Some(format!("{rev:?}")),
+                problem: "no such catalog revision is built in".into(),
+                fix: Some(format!(
+                    "use one of {}, or load a file with catalog.file",
+                    names.join(", ")
+                )),
+            }
+        })
 }
 
 /// The Service Tags file `catalog.service_tags_file` names, checked against the cloud.
