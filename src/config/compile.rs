@@ -516,7 +516,10 @@ const CA_EXPIRY_WARNING_SECS: i64 = 30 * 86_400;
 /// `[inspect]` compiled against the policy: what is inspected, and the CA and upstream
 /// trust anchors read and checked (every problem at once), with the load-time notes.
 /// `aml-egress ca init` compiles with `inspect.ca_cert` and `inspect.ca_key` cleared.
-fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>), ConfigError> {
+fn inspection(
+    s: &Settings,
+    policies: &[&Policy],
+) -> Result<(Inspection, Vec<String>), ConfigError> {
     let i = &s.inspect;
     let mut issues = Vec::new();
     let shown = |p: &std::path::Path| format!("{:?}", p.display().to_string());
@@ -547,7 +550,7 @@ fn inspection(s: &Settings, policy: &Policy) -> Result<(Inspection, Vec<String>)
     let hosts = patterns("inspect.hosts", &i.hosts);
     let bypass = patterns("inspect.bypass", &i.bypass);
     let (mut plan, mut notes) = Inspection::plan(
-        policy,
+        policies,
         &s.proxy.tls_ports,
         hosts,
         bypass,
@@ -909,9 +912,12 @@ impl RestartOnly {
 /// Compile checked settings.
 pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
     let mut built = build_policy(&s)?;
-    let (inspect, notes) = inspection(&s, &built.policy)?;
-    built.warnings.extend(notes);
     let clients = ClientPolicies::new(client_policies(&s)?, s.policy.unmatched_clients);
+    // One CA serves every policy: what any of them inspects, it must permit.
+    let mut policies = vec![&built.policy];
+    policies.extend(clients.policies.iter().map(|c| &c.built.policy));
+    let (inspect, notes) = inspection(&s, &policies)?;
+    built.warnings.extend(notes);
     let restart = RestartOnly(
         s.shown()
             .into_iter()

@@ -84,11 +84,12 @@ pub struct Inspection {
 }
 
 impl Inspection {
-    /// What `hosts` and the path rules of `policy` on `tls_ports` inspect, less what
-    /// `bypass` covers whole; and one warning per path rule over a bypassed name, which
-    /// cannot be enforced there. No CA yet: [`Inspection::with_ca`] adds it.
+    /// What `hosts` and the path rules of `policies` (the default policy and every client
+    /// policy: one CA serves them all) on `tls_ports` inspect, less what `bypass` covers
+    /// whole; and one warning per path rule over a bypassed name, which cannot be enforced
+    /// there. No CA yet: [`Inspection::with_ca`] adds it.
     pub fn plan(
-        policy: &Policy,
+        policies: &[&Policy],
         tls_ports: &[u16],
         hosts: Vec<HostPattern>,
         bypass: Vec<HostPattern>,
@@ -97,7 +98,7 @@ impl Inspection {
         let mut inspected = Vec::new();
         let mut warnings = Vec::new();
         let bypassed = |p: &HostPattern| bypass.iter().any(|b| b.covers(p));
-        for r in policy.rules() {
+        for r in policies.iter().flat_map(|p| p.rules()) {
             let Matchable::Host(h, Some(_)) = &r.what else {
                 continue;
             };
@@ -248,7 +249,7 @@ mod tests {
         )
         .unwrap();
         let (mut plan, warnings) = Inspection::plan(
-            &policy,
+            &[&policy],
             &[443],
             pats(&["*.blob.core.windows.net", "keep.pinned.example"]),
             pats(&["pinned.example", "x.blob.core.windows.net"]),
