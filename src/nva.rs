@@ -1,7 +1,8 @@
 //! `aml-egress nva-rules`: a complete, commented nftables rule set for a network virtual
 //! appliance VM. Compute's TCP to the ports the host rules name is redirected to the
 //! transparent listeners (decided there by name); the catalog's network rules (service-tag
-//! prefixes on their ports, TCP and UDP) are forwarded with source NAT; everything else from
+//! prefixes on their ports, TCP and UDP) and the other CIDR rules (TCP, denials first) are
+//! forwarded with source NAT; everything else from
 //! the compute subnets is counted and dropped. `nft -f` loads it; loading it again replaces
 //! the previous version. With `[[client_policy]]` policies, each policy's network rules
 //! are forwarded for the addresses it serves only (see [`rules`]).
@@ -13,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::catalog::Protocol;
 use crate::config::{Built, Compiled, UnmatchedClients};
-use crate::policy::{Action, Matchable, PortSet};
+use crate::policy::{Action, Matchable, PortSet, Source};
 
 /// Where a redirected port goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +310,63 @@ fn network_block(w: &mut String, b: &Block<'_>) {
     if !b.comment.is_empty() {
         let _ = writeln!(w, "    # {}", b.comment);
     }
+    let nameless = &b.built.policy.options().nameless_tls_ports;
+    // CIDR rules other than a service tag's prefixes (operator's, imported): denials
+    // first, as the policy applies them, then allows. Ports the proxy's listeners take
+    // are redirected before this chain and never reach these rules.
+    let cidrs: Vec<_> = b
+        .built
+        .policy
+        .rules()
+        .iter()
+        .filter(|r| matches!(r.what, Matchable::Cidr(_)))
+        .filter(|r| {
+            !matches!(
+                r.source,
+                Source::Catalog {
+                    service_tag: Some(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    let denials = cidrs.iter().filter(|r| r.action == Action::Deny);
+    let allows = cidrs.iter().filter(|r| r.action == Action::Allow);
+    for r in denials.chain(allows) {
+        let Matchable::Cidr(net) = &r.what else {
+            continue;
+        };
+        let ports = if r.action == Action::Allow
+            && !matches!(r.source, Source::Operator { .. })
+            && !nameless.is_empty()
+        {
+            match r.ports.without(nameless) {
+                Some(p) => p,
+                None => continue,
+            }
+        } else {
+            r.ports.clone()
+        };
+        let l4 = match ports.is_any() {
+            true => " meta l4proto tcp".to_owned(),
+            false => format!(" tcp dport {{ {} }}", ports_text(ports.ranges())),
+        };
+        let (family, src) = match net {
+            IpNet::V4(_) => ("ip", &b.src4),
+            IpNet::V6(_) => ("ip6", &b.src6),
+        };
+        let (verdict, word) = match r.action {
+            Action::Deny => ("counter drop", "deny"),
+            Action::Allow => ("accept", "allow"),
+        };
+        let _ = writeln!(
+            w,
+            "    {family} saddr @{src} {family} daddr {}{l4} {verdict} comment \"{}{word} {}\"",
+            net.trunc(),
+            b.label,
+            net.trunc()
+        );
+    }
     if network.is_empty() {
         let _ = writeln!(
             w,
@@ -322,7 +380,6 @@ fn network_block(w: &mut String, b: &Block<'_>) {
         };
         // Under catalog.service_tags_nameless_tls = "deny" a tag's prefix allows no TLS
         // port: that traffic is redirected to the proxy and decided there by name.
-        let nameless = &b.built.policy.options().nameless_tls_ports;
         let ports = match n.protocol {
             Protocol::Tcp if !nameless.is_empty() => match n.ports.without(nameless) {
                 Some(p) => p,
