@@ -58,6 +58,11 @@ storage_account = "teamastore"
 service_tags_file = {tags:?}
 [client_policy.catalog.narrow]
 "*.blob.core.windows.net" = ["teamastore.blob.core.windows.net"]
+[[client_policy.allow]]
+cidr = "192.0.2.0/24"
+ports = [5432]
+[[client_policy.deny]]
+cidr = "2603:1030:f:1::/64"
 
 [[client_policy]]
 name = "team-b"
@@ -158,7 +163,10 @@ fn azure_firewall_gets_one_rule_collection_group_per_policy_for_its_own_sources(
     for g in groups {
         let collections = g["properties"]["ruleCollections"].as_array().unwrap();
         assert_eq!(collections[0]["action"]["type"], "Deny", "{g}");
-        assert!(collections[0].to_string().contains("bad.anaconda.com"), "{g}");
+        assert!(
+            collections[0].to_string().contains("bad.anaconda.com"),
+            "{g}"
+        );
     }
     // The default policy cannot be written for "every other source": said, with the way.
     assert!(
@@ -365,9 +373,16 @@ fn squid_gets_a_section_per_policy_and_parses() {
             .lines()
             .filter(|l| l.starts_with("http_access") && *l != "http_access deny all")
             .collect();
-        let allows = lines.iter().position(|l| l.starts_with("http_access allow"));
-        let denies = lines.iter().rposition(|l| l.starts_with("http_access deny"));
-        assert!(matches!((denies, allows), (Some(d), Some(a)) if d < a), "{section}");
+        let allows = lines
+            .iter()
+            .position(|l| l.starts_with("http_access allow"));
+        let denies = lines
+            .iter()
+            .rposition(|l| l.starts_with("http_access deny"));
+        assert!(
+            matches!((denies, allows), (Some(d), Some(a)) if d < a),
+            "{section}"
+        );
     }
     let (_, refusing, _) = aml(&["export", "--format", "squid"], &hub(&tags, "refuse"));
     assert!(!refusing.contains("aml_claimed"), "{refusing}");
@@ -436,6 +451,11 @@ fn nva_rules_forward_each_policys_network_rules_for_its_own_clients() {
         }
         let src = l.split_whitespace().nth(2).unwrap();
         let dst = l.split_whitespace().nth(5).unwrap();
+        if !dst.starts_with('@') {
+            // A CIDR rule of a policy's own: its clients, its comment.
+            assert!(src == "@p1_src4" && l.contains("\"team-a: "), "{l}");
+            continue;
+        }
         let ok = match src {
             "@p1_src4" | "@p1_src6" => dst.starts_with("@p1_tag") && l.contains("\"team-a: "),
             "@p2_src4" | "@p2_src6" => dst.starts_with("@p2_tag") && l.contains("\"team-b: "),
@@ -444,6 +464,24 @@ fn nva_rules_forward_each_policys_network_rules_for_its_own_clients() {
         };
         assert!(ok, "{l}");
     }
+    // Team A's own CIDR rules, for team A's clients alone: its denial before any accept.
+    let a_deny = "ip6 saddr @p1_src6 ip6 daddr 2603:1030:f:1::/64 meta l4proto tcp counter drop comment \"team-a: deny 2603:1030:f:1::/64\"";
+    let a_allow = "ip saddr @p1_src4 ip daddr 192.0.2.0/24 tcp dport { 5432 } accept comment \"team-a: allow 192.0.2.0/24\"";
+    let at = |l: &str| {
+        rules
+            .find(l)
+            .unwrap_or_else(|| panic!("missing {l:?} in:\n{rules}"))
+    };
+    assert!(
+        at(a_deny) < at("ip saddr @p1_src4 ip daddr @p1_tag"),
+        "{rules}"
+    );
+    at(a_allow);
+    assert_eq!(
+        rules.matches("192.0.2.0/24 tcp dport").count(),
+        1,
+        "{rules}"
+    );
     // Team B forwards its storage tag on 443; nobody else does.
     let storage: Vec<&str> = rules
         .lines()
