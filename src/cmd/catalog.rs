@@ -23,6 +23,9 @@ pub struct Args {
     /// List the optional parts (features) instead, marking those switched on.
     #[arg(long)]
     pub features: bool,
+    /// Show this policy's rule set: `default`, or a [[client_policy]]'s name.
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
     #[command(subcommand)]
     pub action: Option<Action>,
 }
@@ -75,14 +78,22 @@ fn catalog(args: Args) -> anyhow::Result<i32> {
         out.flush()?;
         return Ok(code);
     }
-    let built = match load("catalog", args.config.as_deref()) {
-        Ok(c) => c.built,
+    let compiled = match load("catalog", args.config.as_deref()) {
+        Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let chosen = match &args.policy {
+        Some(name) => match super::named_policy("catalog", &compiled.clients, name) {
+            Ok(c) => c,
+            Err(code) => return Ok(code),
+        },
+        None => crate::config::Chosen::Default,
+    };
+    let built = super::chosen_built(&compiled, chosen);
     if args.features {
-        print_features(&built, &mut out)?;
+        print_features(built, &mut out)?;
     } else {
-        print_catalog(&built, matches!(args.format, Format::Json), &mut out)?;
+        print_catalog(built, matches!(args.format, Format::Json), &mut out)?;
         for w in &built.warnings {
             eprintln!("warning: {w}");
         }

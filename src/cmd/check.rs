@@ -57,15 +57,9 @@ fn check(args: Args) -> anyhow::Result<i32> {
     let chosen = match (certified, &args.client, &args.policy) {
         (Some(i), _, _) => Chosen::Client(i),
         (None, Some(ip), _) => clients.choose(*ip),
-        (None, None, Some(name)) => match clients.named(name) {
-            Some(c) => c,
-            None => {
-                eprintln!(
-                    "aml-egress check: --policy {name:?}: no such policy; this configuration has {}",
-                    clients.names().join(", ")
-                );
-                return Ok(super::EXIT_USAGE);
-            }
+        (None, None, Some(name)) => match super::named_policy("check", clients, name) {
+            Ok(c) => c,
+            Err(code) => return Ok(code),
         },
         (None, None, None) if args.client_name.is_some() => clients.unclaimed(),
         (None, None, None) => Chosen::Default,

@@ -56,6 +56,32 @@ pub fn load(command: &str, path: Option<&Path>) -> Result<Compiled, i32> {
     })
 }
 
+/// The policy `--policy NAME` names for `command`: `default` or a `[[client_policy]]`'s
+/// name; an unknown name is printed with the policies there are, and gives
+/// [`EXIT_USAGE`].
+pub fn named_policy(
+    command: &str,
+    clients: &config::ClientPolicies,
+    name: &str,
+) -> Result<config::Chosen, i32> {
+    clients.named(name).ok_or_else(|| {
+        eprintln!(
+            "aml-egress {command}: --policy {name:?}: no such policy; this configuration has {}",
+            clients.names().join(", ")
+        );
+        EXIT_USAGE
+    })
+}
+
+/// The compiled policy a choice names (the default one for a refused client, which
+/// [`config::ClientPolicies::named`] never gives).
+pub fn chosen_built(c: &Compiled, chosen: config::Chosen) -> &config::Built {
+    match chosen {
+        config::Chosen::Client(i) => &c.clients.policies[i].built,
+        config::Chosen::Default | config::Chosen::Refused => &c.built,
+    }
+}
+
 /// One GET to the admin listener for the client subcommands (`health`; `denied`,
 /// `allowed` and `suggest` ask every instance with [`admin_get_all`]): reads the bearer token file when given, runs the request on a small
 /// runtime and returns the body of a 200 answer, or one line saying what went wrong

@@ -13,7 +13,8 @@ use crate::nva::{parse_redirect, rules};
 pub struct Args {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// A compute subnet whose traffic the VM handles (repeatable).
+    /// A compute subnet whose traffic the VM handles (repeatable). With [[client_policy]]
+    /// policies, their sources when left out.
     #[arg(long = "from", value_name = "CIDR")]
     pub from: Vec<String>,
     /// Send PORT to the TLS or the HTTP listener, or leave it to the network rules.

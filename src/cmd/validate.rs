@@ -12,6 +12,10 @@ use crate::inspect::{Inspection, Why};
 pub struct Args {
     #[arg(long, short)]
     pub config: PathBuf,
+    /// Summarise this policy instead of the default one: `default`, or a
+    /// [[client_policy]]'s name.
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
 }
 
 /// `validate`: 0 and the summary when the file is valid, 2 and every problem when not.
@@ -25,8 +29,21 @@ fn validate(args: Args) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     let mut out = io::stdout().lock();
-    print_summary(&c.built, &args.config.display().to_string(), &mut out)?;
-    print_clients(&c.clients, &mut out)?;
+    let origin = args.config.display().to_string();
+    match &args.policy {
+        Some(name) => {
+            let chosen = match super::named_policy("validate", &c.clients, name) {
+                Ok(chosen) => chosen,
+                Err(code) => return Ok(code),
+            };
+            print_summary(super::chosen_built(&c, chosen), &origin, &mut out)?;
+            print_policy(&c.clients, chosen, &mut out)?;
+        }
+        None => {
+            print_summary(&c.built, &origin, &mut out)?;
+            print_clients(&c.clients, &mut out)?;
+        }
+    }
     print_inspection(&c.inspect, &mut out)?;
     out.flush()?;
     Ok(EXIT_OK)
@@ -103,6 +120,40 @@ pub fn print_clients(clients: &ClientPolicies, out: &mut dyn Write) -> io::Resul
         crate::config::UnmatchedClients::Refuse => "refused (no_policy_for_client)",
     };
     writeln!(out, "other clients: {rest} (policy.unmatched_clients)")
+}
+
+/// Print whom the policy `chosen` serves (after its summary, for `validate --policy`).
+pub fn print_policy(
+    clients: &ClientPolicies,
+    chosen: crate::config::Chosen,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    match chosen {
+        crate::config::Chosen::Client(i) => {
+            let cp = &clients.policies[i];
+            let mut whom: Vec<String> = cp.sources.iter().map(ToString::to_string).collect();
+            whom.extend(cp.client_names.iter().map(|n| format!("certificate {n}")));
+            writeln!(
+                out,
+                "policy {} ({}): serves {}",
+                cp.name,
+                cp.mode.as_str(),
+                whom.join(", ")
+            )
+        }
+        _ if clients.policies.is_empty() => Ok(()),
+        _ => {
+            let whom = match clients.unmatched {
+                crate::config::UnmatchedClients::Default => {
+                    "serves the clients no [[client_policy]] claims"
+                }
+                crate::config::UnmatchedClients::Refuse => {
+                    "serves no client (policy.unmatched_clients = \"refuse\")"
+                }
+            };
+            writeln!(out, "policy default: {whom}")
+        }
+    }
 }
 
 /// Print which tunnels will be inspected and why (after the warnings, which include a path

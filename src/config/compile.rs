@@ -801,12 +801,87 @@ impl ClientPolicies {
             .map(Chosen::Client)
     }
 
+    /// The addresses the client policy at `i` serves: its `sources` less the more specific
+    /// prefixes of other policies inside them (which choose those clients instead), so
+    /// that the lists of two policies never overlap.
+    pub fn served(&self, i: usize) -> Vec<ipnet::IpNet> {
+        let own = &self.policies[i].sources;
+        let others: Vec<ipnet::IpNet> = self
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, p)| p.sources.iter().copied())
+            .filter(|t| {
+                own.iter()
+                    .any(|s| s.contains(t) && s.prefix_len() < t.prefix_len())
+            })
+            .collect();
+        carve(own, &others)
+    }
+
+    /// Every client policy's sources: the addresses some client policy claims.
+    pub fn claimed(&self) -> Vec<ipnet::IpNet> {
+        self.policies
+            .iter()
+            .flat_map(|p| p.sources.iter().copied())
+            .collect()
+    }
+
     /// The names of every policy, `default` first.
     pub fn names(&self) -> Vec<&str> {
         std::iter::once(crate::config::clients::DEFAULT_POLICY)
             .chain(self.policies.iter().map(|p| p.name.as_str()))
             .collect()
     }
+}
+
+/// The `[[client_policy]]` policies alone, compiled from `s` as [`compile`] does but
+/// without the rest of the configuration (no inspection CA is read): for `export`, which
+/// needs the policies' rules and whom each serves, never the CA's key.
+pub fn build_client_policies(s: &Settings) -> Result<ClientPolicies, ConfigError> {
+    Ok(ClientPolicies::new(
+        client_policies(s)?,
+        s.policy.unmatched_clients,
+    ))
+}
+
+/// `nets` less every network in `claimed` that lies inside one of them, as a list of
+/// networks covering exactly the rest (a claimed network that holds a whole piece removes
+/// it). IPv4 and IPv6 alike.
+pub fn carve(nets: &[ipnet::IpNet], claimed: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    let mut pieces: Vec<ipnet::IpNet> = nets.iter().map(ipnet::IpNet::trunc).collect();
+    for t in claimed.iter().map(ipnet::IpNet::trunc) {
+        let mut out = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            if t.contains(&p) {
+                continue;
+            }
+            if !p.contains(&t) {
+                out.push(p);
+                continue;
+            }
+            // Halve `p` down to `t`, keeping each half that does not hold it.
+            let mut cur = p;
+            while cur.prefix_len() < t.prefix_len() {
+                let Ok(halves) = cur.subnets(cur.prefix_len() + 1) else {
+                    break;
+                };
+                let mut next = cur;
+                for h in halves {
+                    if h.contains(&t) {
+                        next = h;
+                    } else {
+                        out.push(h);
+                    }
+                }
+                cur = next;
+            }
+        }
+        pieces = out;
+    }
+    pieces.sort();
+    pieces
 }
 
 /// Compile every client policy as its own settings (see [`crate::config::clients`]), all
@@ -962,5 +1037,44 @@ impl Compiled {
         }
         files.extend(self.inspect.upstream_ca_file.clone());
         files
+    }
+}
+
+#[cfg(test)]
+mod carve_tests {
+    use super::carve;
+    use ipnet::IpNet;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn carving_leaves_exactly_the_rest() {
+        assert_eq!(
+            carve(&nets(&["10.0.0.0/8"]), &nets(&["10.0.0.0/9"])),
+            nets(&["10.128.0.0/9"])
+        );
+        let rest = carve(&nets(&["10.0.0.0/16"]), &nets(&["10.0.5.0/24"]));
+        assert_eq!(rest.len(), 8);
+        for a in ["10.0.4.1", "10.0.6.1", "10.0.0.1", "10.0.255.1"] {
+            let a: std::net::IpAddr = a.parse().unwrap();
+            assert!(rest.iter().any(|n| n.contains(&a)), "{a}");
+        }
+        let inside: std::net::IpAddr = "10.0.5.9".parse().unwrap();
+        assert!(!rest.iter().any(|n| n.contains(&inside)));
+        // A claim that holds the whole network, one elsewhere, another family.
+        assert!(carve(&nets(&["10.1.0.0/16"]), &nets(&["10.0.0.0/8"])).is_empty());
+        assert_eq!(
+            carve(
+                &nets(&["10.1.0.0/16", "fd00::/48"]),
+                &nets(&["192.168.0.0/16"])
+            ),
+            nets(&["10.1.0.0/16", "fd00::/48"])
+        );
+        assert_eq!(
+            carve(&nets(&["fd00::/47"]), &nets(&["fd00::/48"])),
+            nets(&["fd00:0:1::/48"])
+        );
     }
 }

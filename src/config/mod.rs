@@ -27,7 +27,7 @@ use crate::catalog::port_set;
 use crate::policy::{Action, Matchable, PortSet, RuleSpec, Source, parse_pattern};
 pub use compile::{
     Built, CertificateChoice, Change, Chosen, ClientBuilt, ClientPolicies, Compiled, PolicyKey,
-    build_policy, compile,
+    build_client_policies, build_policy, carve, compile,
 };
 pub use settings::{
     AdminSettings, CatalogSettings, ConnectTo, Ech, ForwardedHeaders, InspectSettings, LogFormat,
