@@ -53,6 +53,53 @@ fn unknown(origin: String, path: String, key: &str, known: &[&str]) -> ConfigIss
     }
 }
 
+/// Where one load's keys came from, and the problems found so far: what every check below
+/// records into.
+struct Found<'a> {
+    places: &'a Origins,
+    origins: &'a mut BTreeMap<String, String>,
+    issues: &'a mut Vec<ConfigIssue>,
+}
+
+impl Found<'_> {
+    /// Record where each field of `table` (at `path`) came from; a field not in `known`
+    /// is an unknown key.
+    fn fields(&mut self, path: &str, table: &Map<String, Value>, known: &[&str]) {
+        for (field, v) in table {
+            let key = format!("{path}.{field}");
+            let origin = self.places.of(v, &key);
+            if known.contains(&field.as_str()) {
+                self.origins.insert(key, origin);
+            } else {
+                self.issues.push(unknown(origin, key, field, known));
+            }
+        }
+    }
+
+    /// `value` at `key` as a table, or a problem saying to `write` one.
+    fn table<'v>(
+        &mut self,
+        key: &str,
+        value: &'v Value,
+        origin: String,
+        write: String,
+    ) -> Option<&'v Map<String, Value>> {
+        match &value.kind {
+            ValueKind::Table(t) => Some(t),
+            _ => {
+                self.issues.push(ConfigIssue {
+                    origin,
+                    key: key.to_owned(),
+                    value: Some(shown(value)),
+                    problem: "expected a table".into(),
+                    fix: Some(write),
+                });
+                None
+            }
+        }
+    }
+}
+
 /// Find unknown keys (with a did-you-mean) and record where each known one came from.
 pub fn check_keys(
     root: &Map<String, Value>,
@@ -80,26 +127,17 @@ pub fn check_keys(
             issues.push(unknown(origin, name.clone(), name, &sections));
             continue;
         };
-        let ValueKind::Table(table) = &value.kind else {
-            issues.push(ConfigIssue {
-                origin,
-                key: name.clone(),
-                value: Some(shown(value)),
-                problem: "expected a table".into(),
-                fix: Some(format!("write a [{name}] section")),
-            });
+        let mut found = Found {
+            places,
+            origins: &mut *origins,
+            issues: &mut *issues,
+        };
+        let Some(table) = found.table(name, value, origin, format!("write a [{name}] section"))
+        else {
             continue;
         };
         let fields: Vec<&str> = keys.iter().map(|k| &k.name[name.len() + 1..]).collect();
-        for (field, v) in table {
-            let path = format!("{name}.{field}");
-            let origin = places.of(v, &path);
-            if fields.contains(&field.as_str()) {
-                origins.insert(path, origin);
-            } else {
-                issues.push(unknown(origin, path, field, &fields));
-            }
-        }
+        found.fields(name, table, &fields);
     }
 }
 
@@ -124,29 +162,20 @@ fn check_rules(
         return;
     };
     origins.insert(list.to_owned(), origin.clone());
+    let mut found = Found {
+        places,
+        origins,
+        issues,
+    };
     for (i, entry) in entries.iter().enumerate() {
         let path = format!("{list}[{}]", i + 1);
         let origin = places.of(entry, &path);
-        let ValueKind::Table(t) = &entry.kind else {
-            issues.push(ConfigIssue {
-                origin,
-                key: path,
-                value: Some(shown(entry)),
-                problem: "expected a table".into(),
-                fix: Some(format!("write each entry as a [[{list}]] table")),
-            });
+        let write = format!("write each entry as a [[{list}]] table");
+        let Some(t) = found.table(&path, entry, origin.clone(), write) else {
             continue;
         };
-        origins.insert(path.clone(), origin);
-        for (field, v) in t {
-            let key = format!("{path}.{field}");
-            let origin = places.of(v, &key);
-            if RULE_FIELDS.contains(&field.as_str()) {
-                origins.insert(key, origin);
-            } else {
-                issues.push(unknown(origin, key, field, RULE_FIELDS));
-            }
-        }
+        found.origins.insert(path.clone(), origin);
+        found.fields(&path, t, RULE_FIELDS);
     }
 }
 
@@ -181,14 +210,13 @@ fn check_client_policies(
     for (i, entry) in entries.iter().enumerate() {
         let path = format!("client_policy[{}]", i + 1);
         let origin = places.of(entry, &path);
-        let ValueKind::Table(t) = &entry.kind else {
-            issues.push(ConfigIssue {
-                origin,
-                key: path,
-                value: Some(shown(entry)),
-                problem: "expected a table".into(),
-                fix: Some("write each policy as a [[client_policy]] table".into()),
-            });
+        let mut found = Found {
+            places,
+            origins: &mut *origins,
+            issues: &mut *issues,
+        };
+        let write = "write each policy as a [[client_policy]] table".to_owned();
+        let Some(t) = found.table(&path, entry, origin.clone(), write) else {
             continue;
         };
         origins.insert(path.clone(), origin);
@@ -198,26 +226,19 @@ fn check_client_policies(
             match field.as_str() {
                 "allow" | "deny" => check_rules(&key, v, places, origin, origins, issues),
                 "catalog" => {
-                    let ValueKind::Table(c) = &v.kind else {
-                        issues.push(ConfigIssue {
-                            origin,
-                            key,
-                            value: Some(shown(v)),
-                            problem: "expected a table".into(),
-                            fix: Some(format!("write a [{path}.catalog] table (as [client_policy.catalog] after the policy's [[client_policy]])")),
-                        });
+                    let mut found = Found {
+                        places,
+                        origins: &mut *origins,
+                        issues: &mut *issues,
+                    };
+                    let write = format!(
+                        "write a [{path}.catalog] table (as [client_policy.catalog] after the policy's [[client_policy]])"
+                    );
+                    let Some(c) = found.table(&key, v, origin.clone(), write) else {
                         continue;
                     };
-                    origins.insert(key.clone(), origin);
-                    for (cf, cv) in c {
-                        let ck = format!("{key}.{cf}");
-                        let origin = places.of(cv, &ck);
-                        if catalog_fields.contains(&cf.as_str()) {
-                            origins.insert(ck, origin);
-                        } else {
-                            issues.push(unknown(origin, ck, cf, &catalog_fields));
-                        }
-                    }
+                    found.origins.insert(key.clone(), origin);
+                    found.fields(&key, c, &catalog_fields);
                 }
                 f if FIELDS.contains(&f) => {
                     origins.insert(key, origin);
