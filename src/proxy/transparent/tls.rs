@@ -142,7 +142,13 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         _ => None,
     };
     let dial_started = Instant::now();
-    let dialled = dial_preferring(&target, prefer, v.decision.is_allowed(), &cfg.dial).await;
+    let dialled = dial_preferring(
+        &target,
+        prefer,
+        v.decision.is_allowed(),
+        live.dial_of(v.policy),
+    )
+    .await;
     live.metrics.dial(dialled.is_ok(), dial_started.elapsed());
     let (mut upstream, addr) = match dialled {
         Ok(x) => x,
