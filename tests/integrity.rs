@@ -586,7 +586,11 @@ async fn audit_mode_never_passes_a_hello_naming_a_host_a_deny_rule_refuses() {
     s.write_all(&client_hello("blocked.test")).await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(read_to_close(&mut s).await, ACCESS_DENIED);
-    assert_eq!(rec.bytes(), b"", "a hello naming a denied host reached the upstream");
+    assert_eq!(
+        rec.bytes(),
+        b"",
+        "a hello naming a denied host reached the upstream"
+    );
 }
 
 /// A config that allows every loopback address on every port by CIDR and exempts loopback
