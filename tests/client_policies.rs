@@ -648,3 +648,32 @@ fn the_inspection_ca_must_permit_what_every_policy_inspects() {
         .collect();
     assert_eq!(inspected, ["files.example.test", "other.example.test"]);
 }
+
+/// A `[[client_policy.deny]]` CIDR holds for the addresses its clients' names resolve to
+/// (or are connected to), as a top-level `[[deny]]` CIDR does: through CONNECT and
+/// absolute-form HTTP alike; another policy's clients are not affected by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_policy_deny_cidr_applies_to_the_addresses_its_names_reach() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let own_a = "host = \"a.example.test\"\nports = [80]\n";
+    let cfg = hub(echo, web, "").replace(
+        own_a,
+        &format!("{own_a}[[client_policy.deny]]\ncidr = \"127.0.0.1/32\"\n"),
+    );
+    let p = start_proxy(&cfg).await;
+    let a: IpAddr = "127.0.0.2".parse().unwrap();
+    let connect = "CONNECT teamastore.blob.core.windows.net:443 HTTP/1.1\r\n\r\n";
+    let (_, resp) = exchange_from(a, p.addr, connect).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("details=\"deny_rule\""), "{resp}");
+    let get = "GET http://a.example.test/ HTTP/1.1\r\nHost: a.example.test\r\n\r\n";
+    let (_, resp) = exchange_from(a, p.addr, get).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("details=\"deny_rule\""), "{resp}");
+    // Team B's clients reach the same address.
+    let b: IpAddr = "127.0.0.3".parse().unwrap();
+    let get = "GET http://b.example.test/ HTTP/1.1\r\nHost: b.example.test\r\n\r\n";
+    let (_, resp) = exchange_from(b, p.addr, get).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("saw b.example.test"), "{resp}");
+}

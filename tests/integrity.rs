@@ -573,6 +573,26 @@ async fn audit_mode_passes_policy_refusals_but_never_unreadable_hellos() {
     );
 }
 
+/// An operator's `[[deny]]` rule holds in audit mode for the name a tunnel's hello gives,
+/// as it does for the name a CONNECT gives: audit mode passes only policy answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_never_passes_a_hello_naming_a_host_a_deny_rule_refuses() {
+    let (tls, rec) = recorder().await;
+    let extra = "mode = \"audit\"\n[[deny]]\nhost = \"blocked.test\"\n";
+    let p = start_proxy(&pinned(tls, tls, extra)).await;
+    let (_, resp) = exchange(p.addr, "CONNECT blocked.test:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    let mut s = tunnel(&p, "allowed.test:443").await;
+    s.write_all(&client_hello("blocked.test")).await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_close(&mut s).await, ACCESS_DENIED);
+    assert_eq!(
+        rec.bytes(),
+        b"",
+        "a hello naming a denied host reached the upstream"
+    );
+}
+
 /// A config that allows every loopback address on every port by CIDR and exempts loopback
 /// from the guard: only the self check stands between a client and the proxy itself.
 const LOOPBACK_OPEN: &str = r#"

@@ -525,3 +525,195 @@ ports = [443]
 
     assert_eq!(decoyed.load(Ordering::SeqCst), 0, "the decoy was reached");
 }
+
+/// A TLS upstream for `name` (self-signed; its certificate is returned) that accepts a
+/// WebSocket handshake with a `101`, then echoes what follows.
+fn serve_websocket(l: tokio::net::TcpListener, name: &str) -> TempFile {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let ca = TempFile::new("ws.pem", &ck.cert.pem());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                if read_request_head(&mut tls).await.is_none() {
+                    return;
+                }
+                let switched = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if tls.write_all(switched.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                    if tls.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    ca
+}
+
+/// A TCP connection to `addr` made from inside namespace `ns`.
+fn connect_in(ns: &str, addr: String) -> tokio::net::TcpStream {
+    let ns = ns.to_owned();
+    let s = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        rustix::thread::move_into_link_name_space(
+            f.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    })
+    .join()
+    .unwrap();
+    tokio::net::TcpStream::from_std(s).unwrap()
+}
+
+/// A WebSocket relayed inside an inspected redirected TLS session holds the connection's
+/// place under `proxy.max_connections` as long as it is open, as it does through the
+/// proxy's own listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_in_a_redirected_inspected_session_counts_against_the_connection_limit() {
+    use tokio::io::AsyncReadExt;
+    if !support::netns::able() {
+        return;
+    }
+    let ns = namespaces();
+    let mut ls = bind_in(
+        &ns.appliance,
+        &[format!("{REAL}:8443"), format!("{REAL}:80")],
+    )
+    .into_iter();
+    let upstream_cert = serve_websocket(ls.next().unwrap(), "inspected.test");
+    serve_http(ls.next().unwrap(), "the real web upstream");
+    let permitted = vec!["inspected.test".to_owned()];
+    let proxy_ca = aml_egress::inspect::ca::generate(
+        Some(&permitted),
+        30,
+        "test",
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let proxy_ca_pem = TempFile::new("proxy-ca.pem", &proxy_ca.cert_pem);
+    let proxy_ca_key = TempFile::new("proxy-ca.key", &proxy_ca.key_pem);
+    std::fs::set_permissions(
+        &proxy_ca_key.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = TempFile::new(
+        "nva-ws.toml",
+        &format!(
+            r#"
+[proxy]
+listen = ["127.0.0.1:3128"]
+tls_ports = [8443]
+max_connections = 1
+[transparent]
+tls_listen = ["0.0.0.0:15443"]
+http_listen = ["0.0.0.0:15080"]
+[admin]
+listen = "127.0.0.1:9464"
+[[allow]]
+host = "inspected.test/ok/*"
+ports = [8443]
+[[allow]]
+host = "allowed.test"
+ports = [80]
+[inspect]
+ca_cert = {:?}
+ca_key = {:?}
+upstream_ca_file = {:?}
+[upstream]
+connect_to = {{ "inspected.test:8443" = "{REAL}:8443", "allowed.test:80" = "{REAL}:80" }}
+"#,
+            proxy_ca_pem.0, proxy_ca_key.0, upstream_cert.0
+        ),
+    );
+    let _proxy = serve(&ns.appliance, &config);
+
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&proxy_ca_pem.0).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_cfg));
+    let s = connect_in(&ns.client, format!("{REAL}:8443"));
+    let name = rustls::pki_types::ServerName::try_from("inspected.test").unwrap();
+    let mut ws = connector.connect(name, s).await.unwrap();
+    ws.write_all(b"GET /ok/ws HTTP/1.1\r\nHost: inspected.test:8443\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_request_head(&mut ws).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    ws.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+
+    // The relay is the one connection the limit allows: another is turned away.
+    let mut other = connect_in(&ns.client, format!("{REAL}:80"));
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        other.read_to_end(&mut got),
+    )
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("connection_limit"), "{got}");
+
+    // The relay still works; once it closes, the place is free again.
+    ws.write_all(b"pong").await.unwrap();
+    ws.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+    drop(ws);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut again = connect_in(&ns.client, format!("{REAL}:80"));
+    again
+        .write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        again.read_to_end(&mut got),
+    )
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}

@@ -123,6 +123,16 @@ pub struct Clients {
     decisions: Vec<DecisionSlots>,
     /// The counters of refused unclaimed clients (policy `(none)`).
     unserved: DecisionSlots,
+    /// By the policies' places: the dialler's settings and pools of a policy whose
+    /// `[[deny]]` networks (the global ones and its own) are not the default policy's,
+    /// so that its addresses are refused when its clients' names resolve into them.
+    dialling: Vec<Option<Dialling>>,
+}
+
+/// How a policy's upstream connections are dialled: with its `[[deny]]` networks.
+struct Dialling {
+    dial: Arc<DialConfig>,
+    upstream: pool::Upstream,
 }
 
 impl Clients {
@@ -136,6 +146,7 @@ impl Clients {
             compiled,
             decisions,
             unserved: DecisionSlots::new(crate::metrics::NO_POLICY),
+            dialling: Vec::new(),
         }
     }
 }
@@ -207,6 +218,24 @@ impl Live {
         match self.client_policy(ix) {
             Some(cp) => &cp.built,
             None => &self.built,
+        }
+    }
+
+    /// The dialler's settings for the connections policy `ix` decides: its own `[[deny]]`
+    /// networks are refused however a name resolves.
+    pub(crate) fn dial_of(&self, ix: PolicyIx) -> &Arc<DialConfig> {
+        self.dialling_of(ix).map_or(&self.config.dial, |d| &d.dial)
+    }
+
+    /// The upstream pools for the requests policy `ix` decides (see [`Live::dial_of`]).
+    pub(crate) fn upstream_of(&self, ix: PolicyIx) -> &pool::Upstream {
+        self.dialling_of(ix).map_or(&self.upstream, |d| &d.upstream)
+    }
+
+    fn dialling_of(&self, ix: PolicyIx) -> Option<&Dialling> {
+        match ix {
+            PolicyIx::DEFAULT | PolicyIx::NONE => None,
+            PolicyIx(i) => self.clients.dialling.get(usize::from(i) - 1)?.as_ref(),
         }
     }
 
@@ -366,15 +395,36 @@ impl Live {
             )?),
             _ => None,
         };
-        let clients = Clients::new(c.clients);
+        let mut clients = Clients::new(c.clients);
         let inspector = super::inspect::Inspector::new(c.inspect, metrics.clone()).map(Arc::new);
-        let upstream = pool::Upstream::new(
-            config.dial.clone(),
-            config.idle_timeout,
-            config.max_header_bytes,
-            metrics.clone(),
-            inspector.as_ref().map(|i| i.upstream.clone()),
-        );
+        let pools = |dial: Arc<DialConfig>| {
+            pool::Upstream::new(
+                dial,
+                config.idle_timeout,
+                config.max_header_bytes,
+                metrics.clone(),
+                inspector.as_ref().map(|i| i.upstream.clone()),
+            )
+        };
+        let upstream = pools(config.dial.clone());
+        clients.dialling = clients
+            .compiled
+            .policies
+            .iter()
+            .map(|cp| {
+                let deny = cp.built.policy.deny_networks();
+                (deny != config.dial.deny_cidrs).then(|| {
+                    let dial = Arc::new(DialConfig {
+                        deny_cidrs: deny,
+                        ..DialConfig::clone(&config.dial)
+                    });
+                    Dialling {
+                        upstream: pools(dial.clone()),
+                        dial,
+                    }
+                })
+            })
+            .collect();
         Ok(Live {
             inspector,
             clients,

@@ -285,7 +285,7 @@ async fn serve_other(
         // Never here: the plain proxy is served by serve_plain, and a TLS listener without
         // a certificate was closed before.
         (Role::Proxy, _) | (Role::ProxyTls, None) => {}
-        (Role::TransparentTls, _) => transparent::tls::serve(stream, client, shared).await,
+        (Role::TransparentTls, _) => transparent::tls::serve(stream, client, shared, permit).await,
         (Role::TransparentHttp, _) => {
             transparent::http::serve(stream, client, shared, permit).await
         }

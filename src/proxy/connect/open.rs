@@ -142,7 +142,7 @@ async fn dial_admitted(a: Admitted, client: ClientAddr, live: &Live) -> Result<O
     let dialling = Box::pin(dial(
         &target,
         verdict.decision.is_allowed(),
-        &live.config.dial,
+        live.dial_of(verdict.policy),
     ));
     let dialled = dialling.await;
     live.metrics.dial(dialled.is_ok(), started.elapsed());

@@ -253,8 +253,12 @@ impl Tunnel {
         };
         let shown = by_name.as_ref().map(|t| t.to_string());
         let seen = shown.as_deref().unwrap_or("(no server name)");
-        // A policy answer (a name not allowed, or none) passes in audit mode.
-        let pass = live.mode_of(live.choose(self.client)) == Mode::Audit;
+        // A policy answer (a name not allowed, or none) passes in audit mode; an operator's
+        // deny rule, an invalid name and a client no policy serves hold in every mode.
+        let pass = match verdict {
+            Some(v) => v.pass,
+            None => live.mode_of(live.choose(self.client)) == Mode::Audit,
+        };
         let rule = verdict.map(|v| live.rule_text(&v)).unwrap_or_default();
         let answer = self.refuse(reason, pass, seen, by_name.as_ref(), &rule, pending);
         if pass { Ok(true) } else { Err(answer) }

@@ -598,7 +598,7 @@ async fn send(
     let captured = capture_connection(&mut req);
     let sent_at = std::time::Instant::now();
     let pool = live
-        .upstream
+        .upstream_of(v.policy)
         .client(v.decision.is_allowed(), websocket.is_some());
     let idle = live.config.idle_timeout;
     let mut answered = answer(pool.request(req), &upload, idle).await;

@@ -20,13 +20,20 @@ use crate::proxy::connect::handshake::{
 use crate::proxy::connect::sni::HelloReader;
 use crate::proxy::connect::tunnel::inspected_session;
 use crate::proxy::dial::dial_preferring;
+use crate::proxy::plumbing::Slot;
 use crate::proxy::refusal::{self, AllowCount, Count, Refusal, Seen, Unanswerable, denial};
 use crate::proxy::state::Shared;
 use crate::reason::ReasonCode;
 
 /// A redirected TLS connection: read the ClientHello, decide, dial, follow the handshake,
-/// relay.
-pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Shared>) {
+/// relay. `permit` is the connection's place under `proxy.max_connections`, held until it
+/// ends (handed on to an inspected session, whose upgraded WebSockets outlive it).
+pub(crate) async fn serve(
+    stream: TcpStream,
+    client: ClientAddr,
+    shared: Arc<Shared>,
+    permit: Arc<Slot>,
+) {
     let started = Instant::now();
     let live = shared.live();
     let via = ListenerKind::TransparentTls;
@@ -95,7 +102,8 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
             handshake::answer(&mut side, answer).await;
             return;
         }
-        let session = inspected_session(inspector, (client, target), (shared.clone(), None));
+        let session =
+            inspected_session(inspector, (client, target), (shared.clone(), Some(permit)));
         Box::pin(session.serve(side, buf)).await;
         return;
     }
@@ -142,7 +150,13 @@ pub(crate) async fn serve(stream: TcpStream, client: ClientAddr, shared: Arc<Sha
         _ => None,
     };
     let dial_started = Instant::now();
-    let dialled = dial_preferring(&target, prefer, v.decision.is_allowed(), &cfg.dial).await;
+    let dialled = dial_preferring(
+        &target,
+        prefer,
+        v.decision.is_allowed(),
+        live.dial_of(v.policy),
+    )
+    .await;
     live.metrics.dial(dialled.is_ok(), dial_started.elapsed());
     let (mut upstream, addr) = match dialled {
         Ok(x) => x,
