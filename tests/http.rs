@@ -651,3 +651,26 @@ async fn forwarding_fields_are_removed_from_forwarded_requests_unless_kept() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_is_passed_on_and_any_other_transfer_coding_is_not() {
+    for (te, kept) in [
+        ("TE: trailers\r\n", true),
+        ("TE: trailers, deflate\r\n", false),
+        ("TE: gzip\r\n", false),
+    ] {
+        let (web, heads) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let p = start_proxy(&config(web, "")).await;
+        let request = format!(
+            "GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n{te}Connection: close\r\n\r\n"
+        );
+        let resp = raw(p.addr, request.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+        let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert_eq!(head.contains("\r\nte: trailers\r\n"), kept, "{te}: {head}");
+        assert!(
+            !head.contains("deflate") && !head.contains("gzip"),
+            "{head}"
+        );
+    }
+}

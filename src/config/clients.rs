@@ -84,7 +84,11 @@ pub(super) fn read(
             .collect();
         let mut r = Reader::new(table, &own);
         let name: String = r.read("name", String::new());
-        let sources: Vec<IpNet> = r.read("sources", Vec::new());
+        let sources: Vec<IpNet> = r
+            .read("sources", Vec::new())
+            .into_iter()
+            .map(canonical)
+            .collect();
         let client_names: Vec<String> = r.read("client_names", Vec::new());
         let mode: Option<Mode> = r.read("mode", None);
         let catalog = CatalogSettings::read(&mut r);
@@ -154,6 +158,21 @@ pub fn derived(s: &Settings, cp: &ClientPolicySettings) -> Settings {
         }
     }
     d
+}
+
+/// A source network as clients are looked up: an IPv4-mapped IPv6 prefix
+/// (`::ffff:10.1.0.0/112`) as the IPv4 one it maps (`10.1.0.0/16`), since a client on a
+/// dual-stack listener is looked up by its IPv4 address.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 /// Whether `name` may name a policy: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
@@ -282,4 +301,19 @@ pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_source_prefixes_are_read_as_the_ipv4_ones_clients_are_looked_up_by() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(canonical(net("::ffff:10.1.0.0/112")), net("10.1.0.0/16"));
+        assert_eq!(canonical(net("::ffff:127.0.0.5/128")), net("127.0.0.5/32"));
+        assert_eq!(canonical(net("fd00:2::/48")), net("fd00:2::/48"));
+        assert_eq!(canonical(net("::/0")), net("::/0"));
+        assert_eq!(canonical(net("10.0.0.0/8")), net("10.0.0.0/8"));
+    }
 }

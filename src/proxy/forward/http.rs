@@ -71,6 +71,13 @@ fn strip_forwarding(h: &mut HeaderMap) {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // `TE: trailers` says the client takes trailers, which the proxy passes on (gRPC
+    // needs it); any other transfer coding it names is hop-by-hop and goes.
+    let trailers = h
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        && h.contains_key(header::TE);
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -91,6 +98,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .collect();
     for n in proxy {
         h.remove(n);
+    }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
