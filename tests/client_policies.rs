@@ -614,17 +614,7 @@ fn certificate_names_two_policies_could_share_are_refused_at_load() {
 
 #[test]
 fn the_inspection_ca_must_permit_what_every_policy_inspects() {
-    let ca_for = |names: &[&str]| {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let ca =
-            aml_egress::inspect::ca::generate(Some(&names), 30, "t", std::time::SystemTime::now())
-                .unwrap();
-        let cert = TempFile::new("ca.pem", &ca.cert_pem);
-        let key = TempFile::new("ca.key", &ca.key_pem);
-        std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        (cert, key)
-    };
+    let ca_for = support::tls::inspection_ca;
     let config = |cert: &TempFile, key: &TempFile| {
         format!(
             "[inspect]\nca_cert = {:?}\nca_key = {:?}\n[[allow]]\nhost = \"files.example.test/pkg/*\"\nports = [443]\n[[client_policy]]\nname = \"team-a\"\nsources = [\"10.1.0.0/16\"]\n[[client_policy.allow]]\nhost = \"other.example.test/pkg/*\"\nports = [443]\n",

@@ -16,6 +16,7 @@ use support::TempFile;
 use support::clients::curl_async;
 use support::net::{read_request_head, upstream};
 use support::proxy::start_proxy;
+use support::tls::inspection_ca;
 
 /// The CA an upstream's certificates come from (stands in for a public CA).
 struct UpstreamCa {
@@ -106,17 +107,6 @@ async fn recording_upstream(ca: &UpstreamCa, name: &str) -> (SocketAddr, Arc<Mut
     })
     .await;
     (addr, seen)
-}
-
-/// The inspection CA, made the way `aml-egress ca init` makes it, for `permitted`.
-fn inspection_ca(permitted: &[&str]) -> (TempFile, TempFile) {
-    let permitted: Vec<String> = permitted.iter().map(|s| s.to_string()).collect();
-    let ca =
-        aml_egress::inspect::ca::generate(Some(&permitted), 30, "test", SystemTime::now()).unwrap();
-    let cert = TempFile::new("inspect-ca.pem", &ca.cert_pem);
-    let key = TempFile::new("inspect-ca.key", &ca.key_pem);
-    std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    (cert, key)
 }
 
 /// A path rule `files.example.test/pkg/*` inspected with `ca`, its upstream at `files`

@@ -321,21 +321,7 @@ async fn redirected_traffic_is_decided_on_its_name_and_never_reaches_the_address
     // An inspected name: its upstream's own certificate is trusted through
     // inspect.upstream_ca_file; clients trust the proxy's CA.
     let inspected_upstream = serve_tls(ls.next().unwrap(), &["inspected.test"], "inspected");
-    let permitted = vec!["inspected.test".to_owned()];
-    let proxy_ca = aml_egress::inspect::ca::generate(
-        Some(&permitted),
-        30,
-        "test",
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
-    let proxy_ca_pem = TempFile::new("proxy-ca.pem", &proxy_ca.cert_pem);
-    let proxy_ca_key = TempFile::new("proxy-ca.key", &proxy_ca.key_pem);
-    std::fs::set_permissions(
-        &proxy_ca_key.0,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let (proxy_ca_pem, proxy_ca_key) = support::tls::inspection_ca(&["inspected.test"]);
 
     // A service tag whose prefix covers the decoy: a connection to it without a server
     // name must not be allowed by the tag (catalog.service_tags_nameless_tls = "deny").
@@ -606,21 +592,7 @@ async fn a_websocket_in_a_redirected_inspected_session_counts_against_the_connec
     .into_iter();
     let upstream_cert = serve_websocket(ls.next().unwrap(), "inspected.test");
     serve_http(ls.next().unwrap(), "the real web upstream");
-    let permitted = vec!["inspected.test".to_owned()];
-    let proxy_ca = aml_egress::inspect::ca::generate(
-        Some(&permitted),
-        30,
-        "test",
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
-    let proxy_ca_pem = TempFile::new("proxy-ca.pem", &proxy_ca.cert_pem);
-    let proxy_ca_key = TempFile::new("proxy-ca.key", &proxy_ca.key_pem);
-    std::fs::set_permissions(
-        &proxy_ca_key.0,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let (proxy_ca_pem, proxy_ca_key) = support::tls::inspection_ca(&["inspected.test"]);
     let config = TempFile::new(
         "nva-ws.toml",
         &format!(

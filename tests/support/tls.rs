@@ -97,3 +97,21 @@ pub fn server_hello(retry: bool) -> Vec<u8> {
     msg.extend_from_slice(&body);
     record(0x16, &msg)
 }
+
+/// An inspection CA made the way `aml-egress ca init` makes it, constrained to `permitted`
+/// (DNS subtrees, `.x` for subdomains), valid 30 days: its certificate and its key (mode
+/// 0600) as files.
+pub fn inspection_ca(permitted: &[&str]) -> (super::TempFile, super::TempFile) {
+    let permitted: Vec<String> = permitted.iter().map(|s| s.to_string()).collect();
+    let ca = aml_egress::inspect::ca::generate(
+        Some(&permitted),
+        30,
+        "test",
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let cert = super::TempFile::new("inspect-ca.pem", &ca.cert_pem);
+    let key = super::TempFile::new("inspect-ca.key", &ca.key_pem);
+    std::fs::set_permissions(&key.0, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (cert, key)
+}
