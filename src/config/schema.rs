@@ -76,7 +76,7 @@ impl Found<'_> {
         }
     }
 
-    /// `value` at `key` as a table, or a problem saying to `write` one.
+    /// `value` at `key` (from `origin`) as a table, or a problem saying to `write` one.
     fn table<'v>(
         &mut self,
         key: &str,
@@ -98,6 +98,81 @@ impl Found<'_> {
             }
         }
     }
+
+    /// The entries of the array of tables `list` (from `origin`), each with its place
+    /// (`list[1]`) and origins recorded; a value that is not one, or an entry that is not
+    /// a table (each `entry` its noun in the fix), is a problem.
+    fn entries<'v>(
+        &mut self,
+        list: &str,
+        value: &'v Value,
+        origin: String,
+        entry: &str,
+    ) -> Vec<(String, &'v Map<String, Value>)> {
+        let ValueKind::Array(items) = &value.kind else {
+            self.issues.push(ConfigIssue {
+                origin,
+                key: list.to_owned(),
+                value: Some(shown(value)),
+                problem: "expected an array of tables".into(),
+                fix: Some(format!(
+                    "write [[{list}]] tables in the config file (they cannot come from the environment)"
+                )),
+            });
+            return Vec::new();
+        };
+        self.origins.insert(list.to_owned(), origin);
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{list}[{}]", i + 1);
+            let origin = self.places.of(item, &path);
+            let write = format!("write each {entry} as a [[{list}]] table");
+            if let Some(t) = self.table(&path, item, origin.clone(), write) {
+                self.origins.insert(path.clone(), origin);
+                out.push((path, t));
+            }
+        }
+        out
+    }
+
+    /// `[[allow]]` or `[[deny]]` entries at `list`: their fields.
+    fn rules(&mut self, list: &str, value: &Value, origin: String) {
+        for (path, t) in self.entries(list, value, origin, "entry") {
+            self.fields(&path, t, RULE_FIELDS);
+        }
+    }
+
+    /// `[[client_policy]]` tables: their fields, their `catalog` table's keys (those of
+    /// `[catalog]`) and their rule lists.
+    fn client_policies(&mut self, value: &Value, origin: String) {
+        use super::clients::FIELDS;
+        let catalog_fields: Vec<&str> = super::settings::CatalogSettings::KEYS
+            .iter()
+            .map(|k| &k.name["catalog.".len()..])
+            .collect();
+        for (path, t) in self.entries("client_policy", value, origin, "policy") {
+            for (field, v) in t {
+                let key = format!("{path}.{field}");
+                let origin = self.places.of(v, &key);
+                match field.as_str() {
+                    "allow" | "deny" => self.rules(&key, v, origin),
+                    "catalog" => {
+                        let write = format!(
+                            "write a [{path}.catalog] table (as [client_policy.catalog] after the policy's [[client_policy]])"
+                        );
+                        if let Some(c) = self.table(&key, v, origin.clone(), write) {
+                            self.origins.insert(key.clone(), origin);
+                            self.fields(&key, c, &catalog_fields);
+                        }
+                    }
+                    f if FIELDS.contains(&f) => {
+                        self.origins.insert(key, origin);
+                    }
+                    _ => self.issues.push(unknown(origin, key, field, FIELDS)),
+                }
+            }
+        }
+    }
 }
 
 /// Find unknown keys (with a did-you-mean) and record where each known one came from.
@@ -113,138 +188,31 @@ pub fn check_keys(
         .chain(RULE_LISTS.iter().copied())
         .chain(["client_policy"])
         .collect();
-    for (name, value) in root {
-        let origin = places.of(value, name);
-        if RULE_LISTS.contains(&name.as_str()) {
-            check_rules(name, value, places, origin, origins, issues);
-            continue;
-        }
-        if name == "client_policy" {
-            check_client_policies(value, places, origin, origins, issues);
-            continue;
-        }
-        let Some((_, keys)) = super::settings::SECTIONS.iter().find(|(s, _)| s == name) else {
-            issues.push(unknown(origin, name.clone(), name, &sections));
-            continue;
-        };
-        let mut found = Found {
-            places,
-            origins: &mut *origins,
-            issues: &mut *issues,
-        };
-        let Some(table) = found.table(name, value, origin, format!("write a [{name}] section"))
-        else {
-            continue;
-        };
-        let fields: Vec<&str> = keys.iter().map(|k| &k.name[name.len() + 1..]).collect();
-        found.fields(name, table, &fields);
-    }
-}
-
-fn check_rules(
-    list: &str,
-    value: &Value,
-    places: &Origins,
-    origin: String,
-    origins: &mut BTreeMap<String, String>,
-    issues: &mut Vec<ConfigIssue>,
-) {
-    let ValueKind::Array(entries) = &value.kind else {
-        issues.push(ConfigIssue {
-            origin,
-            key: list.to_owned(),
-            value: Some(shown(value)),
-            problem: "expected an array of tables".into(),
-            fix: Some(format!(
-                "write [[{list}]] tables in the config file (they cannot come from the environment)"
-            )),
-        });
-        return;
-    };
-    origins.insert(list.to_owned(), origin.clone());
     let mut found = Found {
         places,
         origins,
         issues,
     };
-    for (i, entry) in entries.iter().enumerate() {
-        let path = format!("{list}[{}]", i + 1);
-        let origin = places.of(entry, &path);
-        let write = format!("write each entry as a [[{list}]] table");
-        let Some(t) = found.table(&path, entry, origin.clone(), write) else {
+    for (name, value) in root {
+        let origin = places.of(value, name);
+        if RULE_LISTS.contains(&name.as_str()) {
+            found.rules(name, value, origin);
+            continue;
+        }
+        if name == "client_policy" {
+            found.client_policies(value, origin);
+            continue;
+        }
+        let Some((_, keys)) = super::settings::SECTIONS.iter().find(|(s, _)| s == name) else {
+            found
+                .issues
+                .push(unknown(origin, name.clone(), name, &sections));
             continue;
         };
-        found.origins.insert(path.clone(), origin);
-        found.fields(&path, t, RULE_FIELDS);
-    }
-}
-
-/// `[[client_policy]]` tables: their fields, their `catalog` table's keys (those of
-/// `[catalog]`) and their rule lists.
-fn check_client_policies(
-    value: &Value,
-    places: &Origins,
-    origin: String,
-    origins: &mut BTreeMap<String, String>,
-    issues: &mut Vec<ConfigIssue>,
-) {
-    use super::clients::FIELDS;
-    let ValueKind::Array(entries) = &value.kind else {
-        issues.push(ConfigIssue {
-            origin,
-            key: "client_policy".to_owned(),
-            value: Some(shown(value)),
-            problem: "expected an array of tables".into(),
-            fix: Some(
-                "write [[client_policy]] tables in the config file (they cannot come from the environment)"
-                    .into(),
-            ),
-        });
-        return;
-    };
-    origins.insert("client_policy".to_owned(), origin);
-    let catalog_fields: Vec<&str> = super::settings::CatalogSettings::KEYS
-        .iter()
-        .map(|k| &k.name["catalog.".len()..])
-        .collect();
-    for (i, entry) in entries.iter().enumerate() {
-        let path = format!("client_policy[{}]", i + 1);
-        let origin = places.of(entry, &path);
-        let mut found = Found {
-            places,
-            origins: &mut *origins,
-            issues: &mut *issues,
-        };
-        let write = "write each policy as a [[client_policy]] table".to_owned();
-        let Some(t) = found.table(&path, entry, origin.clone(), write) else {
-            continue;
-        };
-        origins.insert(path.clone(), origin);
-        for (field, v) in t {
-            let key = format!("{path}.{field}");
-            let origin = places.of(v, &key);
-            match field.as_str() {
-                "allow" | "deny" => check_rules(&key, v, places, origin, origins, issues),
-                "catalog" => {
-                    let mut found = Found {
-                        places,
-                        origins: &mut *origins,
-                        issues: &mut *issues,
-                    };
-                    let write = format!(
-                        "write a [{path}.catalog] table (as [client_policy.catalog] after the policy's [[client_policy]])"
-                    );
-                    let Some(c) = found.table(&key, v, origin.clone(), write) else {
-                        continue;
-                    };
-                    found.origins.insert(key.clone(), origin);
-                    found.fields(&key, c, &catalog_fields);
-                }
-                f if FIELDS.contains(&f) => {
-                    origins.insert(key, origin);
-                }
-                _ => issues.push(unknown(origin, key, field, FIELDS)),
-            }
+        let write = format!("write a [{name}] section");
+        if let Some(table) = found.table(name, value, origin, write) {
+            let fields: Vec<&str> = keys.iter().map(|k| &k.name[name.len() + 1..]).collect();
+            found.fields(name, table, &fields);
         }
     }
 }
