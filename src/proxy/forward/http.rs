@@ -626,23 +626,21 @@ async fn send(
         *again.headers_mut() = headers;
         answered = answer(pool.request(again), &upload, idle).await;
     }
-    // The upstream did not answer (in time, faithfully): an error in place of the allow.
-    let failed = |pending, reply: Reply| -> Response<Body> {
-        let error = reply.message().to_owned();
-        upstream_failed(&live, (via, client), &shown, &error, pending, reply).into()
+    // The upstream did not answer (in time, faithfully): an error in place of the allow,
+    // answered `status` with the RFC 9209 `error` and `upstream_response` as its details.
+    let failed = |pending, status, error, words: &str, message: String| -> Response<Body> {
+        let reason = ReasonCode::UpstreamResponse.as_str();
+        let logged = message.clone();
+        let reply = Reply::new(status, error, reason, (Some(&shown), words), message);
+        upstream_failed(&live, (via, client), &shown, &logged, pending, reply).into()
     };
     let Some(answered) = answered else {
         return failed(
             pending,
-            Reply::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "http_response_timeout",
-                ReasonCode::UpstreamResponse.as_str(),
-                (Some(&shown), "no response head in time"),
-                format!(
-                    "aml-egress got no response head from {shown} within proxy.idle_timeout_secs"
-                ),
-            ),
+            StatusCode::GATEWAY_TIMEOUT,
+            "http_response_timeout",
+            "no response head in time",
+            format!("aml-egress got no response head from {shown} within proxy.idle_timeout_secs"),
         );
     };
     match answered {
@@ -652,14 +650,11 @@ async fn send(
             if switched && !(websocket.is_some() && upgrade::accepted(&resp)) {
                 return failed(
                     pending,
-                    Reply::new(
-                        StatusCode::BAD_GATEWAY,
-                        "http_upgrade_failed",
-                        ReasonCode::UpstreamResponse.as_str(),
-                        (Some(&shown), "unrequested protocol switch"),
-                        format!(
-                            "aml-egress got a 101 from {shown} that does not switch to the WebSocket the request asked for; only WebSocket upgrades are relayed"
-                        ),
+                    StatusCode::BAD_GATEWAY,
+                    "http_upgrade_failed",
+                    "unrequested protocol switch",
+                    format!(
+                        "aml-egress got a 101 from {shown} that does not switch to the WebSocket the request asked for; only WebSocket upgrades are relayed"
                     ),
                 );
             }
@@ -667,14 +662,11 @@ async fn send(
                 Framing::Other(coding) => {
                     return failed(
                         pending,
-                        Reply::new(
-                            StatusCode::BAD_GATEWAY,
-                            "http_response_incomplete",
-                            ReasonCode::UpstreamResponse.as_str(),
-                            (Some(&shown), "response transfer coding not implemented"),
-                            format!(
-                                "aml-egress got a response from {shown} in the transfer coding {coding:?}, which it cannot forward faithfully"
-                            ),
+                        StatusCode::BAD_GATEWAY,
+                        "http_response_incomplete",
+                        "response transfer coding not implemented",
+                        format!(
+                            "aml-egress got a response from {shown} in the transfer coding {coding:?}, which it cannot forward faithfully"
                         ),
                     );
                 }
@@ -720,25 +712,19 @@ async fn send(
             Some(d) => dial_failed(&live, via, client, &target, d, pending).into(),
             None if head_too_large(&e) => failed(
                 pending,
-                Reply::new(
-                    StatusCode::BAD_GATEWAY,
-                    "http_response_header_section_size",
-                    ReasonCode::UpstreamResponse.as_str(),
-                    (Some(&shown), "response head too large"),
-                    format!(
-                        "aml-egress got a response head from {shown} larger than proxy.max_header_bytes"
-                    ),
+                StatusCode::BAD_GATEWAY,
+                "http_response_header_section_size",
+                "response head too large",
+                format!(
+                    "aml-egress got a response head from {shown} larger than proxy.max_header_bytes"
                 ),
             ),
             None => failed(
                 pending,
-                Reply::new(
-                    StatusCode::BAD_GATEWAY,
-                    "http_response_incomplete",
-                    ReasonCode::UpstreamResponse.as_str(),
-                    (Some(&shown), ReasonCode::UpstreamResponse.words()),
-                    format!("aml-egress got no valid response from {shown}: {e}"),
-                ),
+                StatusCode::BAD_GATEWAY,
+                "http_response_incomplete",
+                ReasonCode::UpstreamResponse.words(),
+                format!("aml-egress got no valid response from {shown}: {e}"),
             ),
         },
     }
