@@ -80,8 +80,9 @@ pub fn check(s: &Settings) -> Vec<ConfigIssue> {
     }
     issues.extend(super::clients::check(s));
     // Each client policy's catalog and rules, as its own settings (named as its keys).
+    let base = super::clients::base(s);
     for cp in &s.client_policies {
-        let d = super::clients::derived(s, cp);
+        let d = super::clients::derived(&base, cp);
         let mut own = Vec::new();
         catalog(&d, &mut own);
         for p in own {

@@ -78,9 +78,11 @@ pub(super) fn read(
             continue; // reported by the schema check
         };
         let prefix = format!("client_policy[{}].", i + 1);
+        // The keys under a prefix sit together in the map: visiting only them keeps a
+        // file of many policies linear to read.
         let own: BTreeMap<String, String> = origins
-            .iter()
-            .filter_map(|(k, o)| Some((k.strip_prefix(&prefix)?.to_owned(), o.clone())))
+            .range(prefix.clone()..)
+            .map_while(|(k, o)| Some((k.strip_prefix(&prefix)?.to_owned(), o.clone())))
             .collect();
         let mut r = Reader::new(table, &own);
         let name: String = r.read("name", String::new());
@@ -131,12 +133,61 @@ pub fn rekey(mut issue: ConfigIssue, cp: &ClientPolicySettings) -> ConfigIssue {
     issue
 }
 
-/// The settings a client policy is compiled from: the global ones, with its catalog, its
-/// allow rules, the global deny rules followed by its own, its mode, and the origins of
-/// its own keys in place of the top-level ones. It has no client policies itself.
-pub fn derived(s: &Settings, cp: &ClientPolicySettings) -> Settings {
-    let mut d = s.clone();
-    d.client_policies = Vec::new();
+/// The global settings every client policy's [`derived`] settings start from: `s`
+/// without its client policies and their origins. Made once per load, so that deriving
+/// each of a hub's policies copies the global settings only, not every other policy's
+/// (which made loading quadratic in the number of policies).
+pub fn base(s: &Settings) -> Settings {
+    let Settings {
+        catalog,
+        policy,
+        inspect,
+        proxy,
+        upstream,
+        transparent,
+        admin,
+        metrics,
+        log,
+        reload,
+        allow,
+        deny,
+        client_policies: _,
+        policy_name,
+        own_deny,
+        file,
+        origins,
+    } = s;
+    Settings {
+        catalog: catalog.clone(),
+        policy: policy.clone(),
+        inspect: inspect.clone(),
+        proxy: proxy.clone(),
+        upstream: upstream.clone(),
+        transparent: transparent.clone(),
+        admin: admin.clone(),
+        metrics: metrics.clone(),
+        log: log.clone(),
+        reload: reload.clone(),
+        allow: allow.clone(),
+        deny: deny.clone(),
+        client_policies: Vec::new(),
+        policy_name: policy_name.clone(),
+        own_deny: own_deny.clone(),
+        file: file.clone(),
+        origins: origins
+            .iter()
+            .filter(|(k, _)| !k.starts_with("client_policy"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// The settings a client policy is compiled from: the global ones (`base`, from
+/// [`base`]), with its catalog, its allow rules, the global deny rules followed by its
+/// own, its mode, and the origins of its own keys in place of the top-level ones. It has
+/// no client policies itself.
+pub fn derived(base: &Settings, cp: &ClientPolicySettings) -> Settings {
+    let mut d = base.clone();
     d.catalog = cp.catalog.clone();
     d.allow = cp.allow.clone();
     d.own_deny = cp.deny.clone();

@@ -887,23 +887,24 @@ pub fn carve(nets: &[ipnet::IpNet], claimed: &[ipnet::IpNet]) -> Vec<ipnet::IpNe
 /// Compile every client policy as its own settings (see [`crate::config::clients`]), all
 /// problems at once, each naming its policy. Identical policies share one compiled copy.
 fn client_policies(s: &Settings) -> Result<Vec<ClientBuilt>, ConfigError> {
-    use crate::config::clients::{derived, rekey};
+    use crate::config::clients::{base, derived, rekey};
     let mut out = Vec::new();
     let mut issues = Vec::new();
-    let mut seen: Vec<(String, std::sync::Arc<Built>)> = Vec::new();
+    let mut seen: std::collections::HashMap<String, std::sync::Arc<Built>> = Default::default();
+    let base = base(s);
     for cp in &s.client_policies {
-        let d = derived(s, cp);
+        let d = derived(&base, cp);
         // What decides the compiled policy: the catalog selection, the rules and the mode.
         let key = format!(
             "{:?} {:?} {:?} {:?}",
             d.catalog, d.allow, d.own_deny, d.proxy.mode
         );
-        let built = match seen.iter().find(|(k, _)| *k == key) {
-            Some((_, b)) => b.clone(),
+        let built = match seen.get(&key) {
+            Some(b) => b.clone(),
             None => match build_policy(&d) {
                 Ok(b) => {
                     let b = std::sync::Arc::new(b);
-                    seen.push((key, b.clone()));
+                    seen.insert(key, b.clone());
                     b
                 }
                 Err(e) => {

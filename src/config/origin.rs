@@ -35,7 +35,7 @@ impl Origins {
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigIssue> {
         let doc = DeTable::parse(text).map_err(|e| ConfigIssue {
             origin: match e.span() {
-                Some(span) => format!("{file}:{}", line_of(text, span.start)),
+                Some(span) => format!("{file}:{}", LineStarts::of(text).line(span.start)),
                 None => file.to_owned(),
             },
             key: "(file)".to_owned(),
@@ -44,7 +44,7 @@ impl Origins {
             fix: Some("fix the TOML syntax at the place named".into()),
         })?;
         let mut lines = BTreeMap::new();
-        record(text, "", doc.get_ref(), &mut lines);
+        record(&LineStarts::of(text), "", doc.get_ref(), &mut lines);
         Ok(Origins {
             file: Some(file.to_owned()),
             lines,
@@ -86,25 +86,45 @@ fn environment_variable(key: &str) -> String {
     )
 }
 
-/// The 1-based line holding byte `at` of `text`.
-fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// Where each line of a text starts, so that finding a key's line is a binary search
+/// (counting newlines from the start for every key made a file of many client policies
+/// quadratic to load).
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn of(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(
+                text.bytes()
+                    .enumerate()
+                    .filter(|(_, b)| *b == b'\n')
+                    .map(|(i, _)| i + 1),
+            )
+            .collect();
+        LineStarts(starts)
+    }
+
+    /// The 1-based line holding byte `at`.
+    fn line(&self, at: usize) -> usize {
+        self.0.partition_point(|&start| start <= at)
+    }
 }
 
 /// Record the line of every key of `table` (at `prefix`) and, inside arrays of tables, of
 /// every entry (`allow[1]`, at its first key).
-fn record(text: &str, prefix: &str, table: &DeTable<'_>, lines: &mut BTreeMap<String, usize>) {
+fn record(
+    text: &LineStarts,
+    prefix: &str,
+    table: &DeTable<'_>,
+    lines: &mut BTreeMap<String, usize>,
+) {
     for (k, v) in table {
         let path = if prefix.is_empty() {
             k.get_ref().to_string()
         } else {
             format!("{prefix}.{}", k.get_ref())
         };
-        lines.insert(path.clone(), line_of(text, k.span().start));
+        lines.insert(path.clone(), text.line(k.span().start));
         match v.get_ref() {
             DeValue::Table(t) => record(text, &path, t, lines),
             DeValue::Array(items) => {
@@ -113,7 +133,7 @@ fn record(text: &str, prefix: &str, table: &DeTable<'_>, lines: &mut BTreeMap<St
                         let entry = format!("{path}[{}]", i + 1);
                         let first = t.keys().map(|k| k.span().start).min();
                         let at = first.unwrap_or(item.span().start);
-                        lines.insert(entry.clone(), line_of(text, at));
+                        lines.insert(entry.clone(), text.line(at));
                         record(text, &entry, t, lines);
                     }
                 }
