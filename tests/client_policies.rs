@@ -667,3 +667,53 @@ async fn a_client_policy_deny_cidr_applies_to_the_addresses_its_names_reach() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("saw b.example.test"), "{resp}");
 }
+
+/// Which optional part would allow a refused name: the hints of entries without
+/// placeholders are compiled once for a hub's policies, while those with placeholders
+/// (`<acr>`) keep each workspace's own values, and a wildcard a policy narrows hints only
+/// for the names it keeps.
+#[test]
+fn the_hints_of_parts_that_are_off_are_shared_and_keep_each_policys_values() {
+    use aml_egress::policy::{PathView, Target};
+    let echo: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let text = hub(echo, echo, "")
+        .replace(
+            "storage_account = \"teamastore\"",
+            "storage_account = \"teamastore\"\ncontainer_registry = \"teamareg\"",
+        )
+        .replace(
+            "\"*.blob.core.windows.net\" = [\"teambstore.blob.core.windows.net\"]",
+            "\"*.blob.core.windows.net\" = [\"teambstore.blob.core.windows.net\"]\n\"*.vscode.dev\" = [\"kept.vscode.dev\"]",
+        )
+        .replace(
+            "host = \"b.example.test\"\nports = [80]",
+            "host = \"b.example.test\"\nports = [80]\n[[client_policy.allow]]\nhost = \"*.vscode.dev\"\nports = [443]",
+        );
+    let cfg = TempFile::new("hub.toml", &text);
+    let s = aml_egress::config::Settings::load_with_env(Some(&cfg.0), Some(Default::default()))
+        .unwrap();
+    let c = aml_egress::config::compile(s).unwrap();
+    let (a, b) = (&c.clients.policies[0].built, &c.clients.policies[1].built);
+    let shared = |p: &aml_egress::config::Built| p.off_parts.shared().cloned().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&shared(a), &shared(b)));
+    let hint = |p: &aml_egress::config::Built, target: &str| {
+        p.would_allow_with(&Target::parse(target).unwrap(), PathView::Hidden)
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        hint(a, "code.visualstudio.com:443").as_deref(),
+        Some("vscode")
+    );
+    assert_eq!(
+        hint(b, "code.visualstudio.com:443").as_deref(),
+        Some("vscode")
+    );
+    assert_eq!(
+        hint(a, "teamareg.azurecr.io:443").as_deref(),
+        Some("arc_extension")
+    );
+    assert_eq!(hint(b, "teamareg.azurecr.io:443"), None);
+    assert_eq!(hint(a, "other.vscode.dev:443").as_deref(), Some("vscode"));
+    assert_eq!(hint(b, "kept.vscode.dev:443").as_deref(), Some("vscode"));
+    assert_eq!(hint(b, "other.vscode.dev:443"), None);
+}

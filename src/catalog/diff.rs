@@ -57,7 +57,8 @@ fn rows(c: &Catalog, sel: &Selection, features: &[String]) -> BTreeMap<Key, Row>
     let on: BTreeSet<String> = c.resolve_features(&known).unwrap_or_default();
     let mut out = BTreeMap::new();
     for e in &c.entries {
-        if !e.clouds.contains(&sel.cloud) || e.feature.as_ref().is_some_and(|f| !on.contains(f)) {
+        if !e.clouds.contains(&sel.cloud) || e.feature.as_ref().is_some_and(|f| !on.contains(&**f))
+        {
             continue;
         }
         let ports = port_set(&e.ports).unwrap_or_default().to_string();
@@ -66,12 +67,12 @@ fn rows(c: &Catalog, sel: &Selection, features: &[String]) -> BTreeMap<Key, Row>
             out.insert(
                 (pattern.clone(), e.protocol, e.direction),
                 Row {
-                    section: e.section.clone(),
+                    section: e.section.to_string(),
                     pattern,
                     protocol: e.protocol,
                     direction: e.direction,
                     ports: ports.clone(),
-                    feature: e.feature.clone(),
+                    feature: e.feature.as_deref().map(str::to_owned),
                 },
             );
         }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -169,8 +169,9 @@ pub struct Feature {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
-    pub section: String,
-    pub purpose: String,
+    // Shared (not copied) with every rule rendered from the entry, in every policy.
+    pub section: Arc<str>,
+    pub purpose: Arc<str>,
     pub clouds: Vec<Cloud>,
     pub kind: EntryKind,
     pub patterns: Vec<String>,
@@ -179,7 +180,7 @@ pub struct Entry {
     #[serde(default)]
     pub direction: Direction,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feature: Option<String>,
+    pub feature: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -298,15 +299,15 @@ impl Catalog {
             let fail = |message: String| CatalogError::Entry {
                 origin: origin.to_owned(),
                 index: i + 1,
-                section: e.section.clone(),
-                purpose: e.purpose.clone(),
+                section: e.section.to_string(),
+                purpose: e.purpose.to_string(),
                 message,
             };
             if e.clouds.is_empty() || e.patterns.is_empty() || e.ports.is_empty() {
                 return Err(fail("clouds, patterns and ports must not be empty".into()));
             }
             if let Some(f) = &e.feature
-                && !names.contains(f.as_str())
+                && !names.contains(&**f)
             {
                 return Err(fail(format!(
                     "feature '{f}' is not declared in [[feature]]"
@@ -371,19 +372,31 @@ impl Catalog {
         features: &BTreeSet<String>,
         tags: Option<&ServiceTags>,
     ) -> Rendered {
+        self.render_where(sel, features, tags, |_| true)
+    }
+
+    /// [`Catalog::render`], of the entries `which` keeps only.
+    pub fn render_where(
+        &self,
+        sel: &Selection,
+        features: &BTreeSet<String>,
+        tags: Option<&ServiceTags>,
+        which: impl Fn(&Entry) -> bool,
+    ) -> Rendered {
         let mut out = Rendered::default();
+        let revision: Arc<str> = self.revision.as_str().into();
         for e in &self.entries {
-            if !e.clouds.contains(&sel.cloud) {
+            if !e.clouds.contains(&sel.cloud) || !which(e) {
                 continue;
             }
             if let Some(f) = &e.feature
-                && !features.contains(f)
+                && !features.contains(&**f)
             {
                 continue;
             }
             let source = Source::Catalog {
-                cloud: sel.cloud.name().to_owned(),
-                revision: self.revision.clone(),
+                cloud: sel.cloud.name(),
+                revision: revision.clone(),
                 section: e.section.clone(),
                 purpose: e.purpose.clone(),
                 feature: e.feature.clone(),
@@ -502,6 +515,16 @@ fn is_snake_case(s: &str) -> bool {
 
 /// Replace each known placeholder with `value(placeholder)`; placeholders without a value
 /// stay as written.
+impl Entry {
+    /// Whether a pattern names a placeholder (`<storage>`), so that what it renders to
+    /// depends on a workspace's own values.
+    pub fn has_placeholder(&self) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| PLACEHOLDERS.iter().any(|ph| p.contains(ph)))
+    }
+}
+
 fn fill<'a>(pattern: &str, mut value: impl FnMut(&'static str) -> Option<&'a str>) -> String {
     let mut s = pattern.to_owned();
     for ph in PLACEHOLDERS {

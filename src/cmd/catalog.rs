@@ -150,13 +150,18 @@ fn diff(
 
 /// Print the optional parts of the catalog, marking the enabled ones.
 pub fn print_features(built: &Built, out: &mut dyn Write) -> io::Result<()> {
-    for (name, summary) in &built.all_features {
-        let on = if built.features.contains(name) {
+    for part in built.parts.iter() {
+        let on = if built.features.contains(&part.name) {
             "on "
         } else {
             "off"
         };
-        writeln!(out, "{on} {name:<28} {summary}")?;
+        let mark = if part.field_addition {
+            " [field addition]"
+        } else {
+            ""
+        };
+        writeln!(out, "{on} {:<28} {}{mark}", part.name, part.summary)?;
     }
     Ok(())
 }

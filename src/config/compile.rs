@@ -35,12 +35,13 @@ pub struct Built {
     pub region: Option<String>,
     pub revision: String,
     pub features: BTreeSet<String>,
-    pub all_features: Vec<(String, String)>,
+    /// Every optional part of the catalog (shared by the policies of one load).
+    pub parts: std::sync::Arc<[Part]>,
     pub reference: Vec<ReferenceEntry>,
     /// Outbound service-tag entries with their prefixes (with a Service Tags file).
     pub network: Vec<NetworkRule>,
     /// The rules of the optional parts that are off: which part would allow a denial.
-    pub off_parts: Option<Policy>,
+    pub off_parts: OffParts,
     /// Entries left out and load-time notes, in that order.
     pub warnings: Vec<String>,
     /// Which warnings are catalog entries left out for want of a placeholder value.
@@ -300,8 +301,63 @@ fn narrows(key: &HostPattern, entry: &HostPattern) -> bool {
     }
 }
 
+/// The rules of the optional parts that are off, compiled to tell a denied destination
+/// which part would allow it; never consulted to allow anything.
+#[derive(Debug, Default)]
+pub struct OffParts {
+    /// From entries without placeholders, compiled without `catalog.narrow`: the same for
+    /// every policy over the same catalog, cloud, parts and Service Tags file, so a hub's
+    /// policies share one copy.
+    shared: Option<std::sync::Arc<Policy>>,
+    /// From entries with placeholders (`<storage>`), rendered with this policy's values.
+    own: Option<Policy>,
+}
+
+/// Whether `rule` is of an optional part that is a field addition.
+fn addition(catalog: &Catalog, rule: &RuleSpec) -> bool {
+    match &rule.source {
+        crate::policy::Source::Catalog {
+            feature: Some(f), ..
+        } => catalog
+            .features
+            .iter()
+            .any(|x| *x.name == **f && x.field_addition.is_some()),
+        _ => false,
+    }
+}
+
+/// An optional part of the catalog.
+#[derive(Debug)]
+pub struct Part {
+    pub name: String,
+    pub summary: String,
+    /// A part the article omits (see the catalog's `field_addition`).
+    pub field_addition: bool,
+}
+
+impl OffParts {
+    /// The hints from entries without placeholders, which the policies of one load over
+    /// the same catalog, cloud, parts and Service Tags file share.
+    pub fn shared(&self) -> Option<&std::sync::Arc<Policy>> {
+        self.shared.as_ref()
+    }
+}
+
+/// What the policies of one load share once compiled, keyed by what decides them.
+#[derive(Default)]
+pub struct SharedParts {
+    hints: std::collections::HashMap<String, std::sync::Arc<Policy>>,
+    parts: std::collections::HashMap<String, std::sync::Arc<[Part]>>,
+}
+
 /// Render the catalog and compile it with the operator rules.
 pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
+    build_policy_sharing(s, &mut SharedParts::default())
+}
+
+/// [`build_policy`], taking what an earlier policy of the same load compiled alike from
+/// `shared` (and leaving its own there).
+pub fn build_policy_sharing(s: &Settings, shared: &mut SharedParts) -> Result<Built, ConfigError> {
     let catalog = load_catalog(s).map_err(|i| ConfigError(vec![i]))?;
     // The default parts apply only where the catalog has them (a catalog file of an
     // operator's may not); parts named in the configuration must exist.
@@ -399,33 +455,47 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
             fix: Some("use fewer or simpler regex rules, or host patterns".into()),
         }])
     })?;
-    // The rules of the optional parts that are off, to tell a denied destination which
-    // part would allow it (never consulted to allow anything).
+    // The rules of the optional parts that are off: those of entries without placeholders
+    // are taken from `shared` when an earlier policy compiled the same ones.
     let all = catalog
         .resolve_features(&["all".to_owned()])
         .unwrap_or_default();
-    let off_rules: Vec<_> = catalog
-        .render(&selection, &all, tags.as_ref())
-        .rules
-        .into_iter()
-        .filter(|r| {
-            matches!(&r.source, crate::policy::Source::Catalog { feature: Some(f), .. } if !features.contains(f))
-        })
-        .collect();
-    // Field additions first: they name what a compute instance needs, where an article
-    // part may cover the same host for another purpose.
-    let addition = |r: &crate::policy::RuleSpec| match &r.source {
-        crate::policy::Source::Catalog {
-            feature: Some(f), ..
-        } => catalog
-            .features
-            .iter()
-            .any(|x| &x.name == f && x.field_addition.is_some()),
-        _ => false,
+    let hints = |placeholders: bool, options: PolicyOptions| {
+        let mut rules: Vec<_> = catalog
+            .render_where(&selection, &all, tags.as_ref(), |e| {
+                e.has_placeholder() == placeholders
+                    && e.feature.as_ref().is_some_and(|f| !features.contains(&**f))
+            })
+            .rules;
+        // Field additions first: they name what a compute instance needs, where an
+        // article part may cover the same host for another purpose.
+        rules.sort_by_key(|r| !addition(&catalog, r));
+        Policy::compile(rules, options).ok()
     };
-    let mut off_rules = off_rules;
-    off_rules.sort_by_key(|r| !addition(r));
-    let off_parts = Policy::compile(off_rules, options.clone()).ok();
+    let unnarrowed = PolicyOptions {
+        narrow: Vec::new(),
+        ..options.clone()
+    };
+    let key = format!(
+        "{:?} {:?} {:?} {:?} {:?} {:?}",
+        s.catalog.file,
+        catalog.revision,
+        selection.cloud,
+        features,
+        s.catalog.service_tags_file,
+        unnarrowed
+    );
+    let off_parts = OffParts {
+        shared: match shared.hints.get(&key) {
+            Some(p) => Some(p.clone()),
+            None => hints(false, unnarrowed).map(|p| {
+                let p = std::sync::Arc::new(p);
+                shared.hints.insert(key, p.clone());
+                p
+            }),
+        },
+        own: hints(true, options.clone()),
+    };
     let mut warnings = rendered.warnings;
     warnings.extend(imported_notes);
     warnings.extend(narrowing_notes(&policy));
@@ -448,18 +518,21 @@ pub fn build_policy(s: &Settings) -> Result<Built, ConfigError> {
         region: selection.region.clone(),
         revision: catalog.revision.clone(),
         features,
-        all_features: catalog
-            .features
-            .iter()
-            .map(|f| {
-                let mark = if f.field_addition.is_some() {
-                    " [field addition]"
-                } else {
-                    ""
-                };
-                (f.name.clone(), format!("{}{mark}", f.summary))
+        parts: shared
+            .parts
+            .entry(format!("{:?} {:?}", s.catalog.file, catalog.revision))
+            .or_insert_with(|| {
+                catalog
+                    .features
+                    .iter()
+                    .map(|f| Part {
+                        name: f.name.clone(),
+                        summary: f.summary.clone(),
+                        field_addition: f.field_addition.is_some(),
+                    })
+                    .collect()
             })
-            .collect(),
+            .clone(),
         off_parts,
         reference: rendered.reference,
         network: rendered.network,
@@ -494,17 +567,49 @@ impl Built {
         }
     }
 
-    /// The optional part (off now) that would allow `target`, for a denial's hint.
+    /// The optional part (off now) that would allow `target`, for a denial's hint: a
+    /// field addition before an article part, this policy's own entries before the shared.
     pub fn would_allow_with(&self, target: &Target, view: PathView<'_>) -> Option<&str> {
-        let off = self.off_parts.as_ref()?;
-        let d = off.decide(target, view);
+        let own = self.off_parts.own.as_ref();
+        let own = own.and_then(|p| self.off_part(p, target, view));
+        let shared = self.off_parts.shared.as_deref();
+        let shared = shared.and_then(|p| self.off_part(p, target, view));
+        match (own, shared) {
+            (Some((_, false)), Some((f, true))) => Some(f),
+            (Some((f, _)), _) | (None, Some((f, _))) => Some(f),
+            (None, None) => None,
+        }
+    }
+
+    /// The part of `hints` that would allow `target`, and whether it is a field addition.
+    fn off_part<'a>(
+        &self,
+        hints: &'a Policy,
+        target: &Target,
+        view: PathView<'_>,
+    ) -> Option<(&'a str, bool)> {
+        let d = hints.decide(target, view);
         if !d.is_allowed() {
             return None;
         }
-        match &off.rule(d.rule?).source {
+        let rule = hints.rule(d.rule?);
+        // The shared hints are compiled without `catalog.narrow`: a wildcard this policy
+        // narrows hints only for the names it keeps.
+        if let (Some(names), crate::policy::Host::Name(name)) =
+            (self.policy.narrowed_to(rule), &target.host)
+            && !names.iter().any(|n| n.matches(name.as_str()))
+        {
+            return None;
+        }
+        match &rule.source {
             crate::policy::Source::Catalog {
                 feature: Some(f), ..
-            } => Some(f.as_str()),
+            } => Some((
+                f,
+                self.parts
+                    .iter()
+                    .any(|p| *p.name == **f && p.field_addition),
+            )),
             _ => None,
         }
     }
@@ -892,6 +997,7 @@ fn client_policies(s: &Settings) -> Result<Vec<ClientBuilt>, ConfigError> {
     let mut issues = Vec::new();
     let mut seen: std::collections::HashMap<String, std::sync::Arc<Built>> = Default::default();
     let base = base(s);
+    let mut shared = SharedParts::default();
     for cp in &s.client_policies {
         let d = derived(&base, cp);
         // What decides the compiled policy: the catalog selection, the rules and the mode.
@@ -901,7 +1007,7 @@ fn client_policies(s: &Settings) -> Result<Vec<ClientBuilt>, ConfigError> {
         );
         let built = match seen.get(&key) {
             Some(b) => b.clone(),
-            None => match build_policy(&d) {
+            None => match build_policy_sharing(&d, &mut shared) {
                 Ok(b) => {
                     let b = std::sync::Arc::new(b);
                     seen.insert(key, b.clone());

@@ -13,6 +13,7 @@ pub mod target;
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -152,12 +153,13 @@ impl Serialize for PortSet {
 pub enum Source {
     /// A rendered catalog entry.
     Catalog {
-        cloud: String,
-        revision: String,
-        section: String,
-        purpose: String,
+        cloud: &'static str,
+        // Shared with the catalog entry: a hub's policies render the same entries.
+        revision: Arc<str>,
+        section: Arc<str>,
+        purpose: Arc<str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        feature: Option<String>,
+        feature: Option<Arc<str>>,
         /// The service tag (as the Service Tags file names it) whose prefix this rule is.
         #[serde(skip_serializing_if = "Option::is_none")]
         service_tag: Option<String>,
