@@ -1,14 +1,24 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/denied`, apart from the
-//! proxy's own port so that metrics are never reachable through the proxy.
+//! The admin listener: the status page (`/`, `/login`), `/metrics`, `/healthz`, `/readyz`,
+//! `/denied` and `/allowed`, apart from the proxy's own port so that metrics are never
+//! reachable through the proxy. This module routes; [`crate::status`] builds the page.
 //!
 //! Bound off loopback it requires `Authorization: Bearer <token>` (the token from
-//! `admin.token_file`) on everything but the two health endpoints, which tell nothing.
+//! `admin.token_file`) on everything but the two health endpoints, which tell nothing; the
+//! status page also takes the session cookie that logging in with the token sets.
+//!
+//! Against DNS rebinding, the status page and the login route answer only requests whose
+//! `Host` names this listener (see [`crate::status::host`]), and so do `/denied` and
+//! `/allowed` when no token is set (then nothing else guards them). `/metrics` and the
+//! health endpoints never check `Host`: Prometheus and load balancers name the listener by
+//! names the proxy cannot know (a Kubernetes Service), and with a token set a browser led
+//! there by a hostile page cannot send the bearer header anyway.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,6 +27,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::Metrics;
 use crate::proxy::respond::{Body, full};
+use crate::status::session::Sessions;
+use crate::status::{Status, host, page};
 
 /// What the admin endpoints serve.
 pub struct Admin {
@@ -25,6 +37,10 @@ pub struct Admin {
     pub token: Option<String>,
     /// True once the listeners are bound and a policy is loaded; false again while draining.
     pub ready: Arc<AtomicBool>,
+    /// The status page's published snapshots.
+    pub status: Arc<Status>,
+    /// The status page's login sessions (with a token only).
+    pub sessions: Sessions,
 }
 
 /// Read a bearer token file (surrounding whitespace ignored).
@@ -51,8 +67,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch
             a = listener.accept() => a,
             _ = stopping.wait_for(|s| *s) => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(local) = stream.local_addr() else {
             continue;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
@@ -62,7 +81,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stopping: watch
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&admin, &req)) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(answer(&admin, req, (local, peer)).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -94,7 +115,11 @@ fn authorised(admin: &Admin, req: &Request<hyper::body::Incoming>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Compare every byte whatever the first difference, so timing says nothing.
+    same(given, token)
+}
+
+/// Compare every byte whatever the first difference, so timing says nothing.
+fn same(given: &str, token: &str) -> bool {
     given.len() == token.len()
         && given
             .bytes()
@@ -103,8 +128,17 @@ fn authorised(admin: &Admin, req: &Request<hyper::body::Incoming>) -> bool {
             == 0
 }
 
-fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+async fn answer(
+    admin: &Admin,
+    req: Request<hyper::body::Incoming>,
+    (local, peer): (SocketAddr, SocketAddr),
+) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/" || path == "/login" {
+        return status_page(admin, req, (local, peer)).await;
+    }
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -112,7 +146,7 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
             "the admin endpoints answer GET only\n".into(),
         );
     }
-    let path = req.uri().path();
+    let req = &req;
     match path {
         "/healthz" => return text(StatusCode::OK, PLAIN, "ok\n".into()),
         "/readyz" => {
@@ -139,6 +173,12 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
             header::HeaderValue::from_static("Bearer realm=\"aml-egress admin\""),
         );
         return r;
+    }
+    if admin.token.is_none()
+        && matches!(path, "/denied" | "/allowed")
+        && !host::is_ours(host_of(req), local, peer)
+    {
+        return misdirected(req, local);
     }
     match path {
         "/metrics" => text(
@@ -184,7 +224,158 @@ fn answer(admin: &Admin, req: &Request<hyper::body::Incoming>) -> Response<Body>
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "aml-egress admin endpoints: /metrics, /healthz, /readyz, /denied[?limit=N], /allowed[?rule=PATTERN&limit=N]\n".into(),
+            "aml-egress admin endpoints: / (the status page), /metrics, /healthz, /readyz, /denied[?limit=N], /allowed[?rule=PATTERN&limit=N]\n".into(),
+        ),
+    }
+}
+
+fn host_of<B>(req: &Request<B>) -> Option<&[u8]> {
+    req.headers().get(header::HOST).map(|h| h.as_bytes())
+}
+
+/// The answer to a request naming another host than this listener (DNS rebinding, or a
+/// name the page cannot vouch for).
+fn misdirected<B>(req: &Request<B>, local: SocketAddr) -> Response<Body> {
+    let named = host_of(req).map_or_else(|| "no Host".to_owned(), |h| h.escape_ascii().to_string());
+    let mut r = text(
+        StatusCode::MISDIRECTED_REQUEST,
+        PLAIN,
+        format!(
+            "this admin listener answers its status page only to requests for {local} or localhost (on a loopback connection), not {named}: \
+             open http://{local}/ , or tunnel to it (ssh -L 9464:{local} ...) and open http://localhost:9464/\n"
+        ),
+    );
+    secure(&mut r);
+    r
+}
+
+/// The headers of every status-page answer: nothing loads but the page's own style sheet
+/// and script, no sniffing, no referrer, no caching.
+fn secure(r: &mut Response<Body>) {
+    let h = r.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(page::csp()) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+}
+
+const HTML: &str = "text/html; charset=utf-8";
+
+/// Most bytes of a login form's body.
+const MAX_LOGIN_BODY: usize = 4096;
+/// How long a login form's body may take to arrive.
+const LOGIN_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /` (the page, or `?format=json`), `GET /login` and `POST /login`.
+async fn status_page(
+    admin: &Admin,
+    req: Request<hyper::body::Incoming>,
+    (local, peer): (SocketAddr, SocketAddr),
+) -> Response<Body> {
+    if !host::is_ours(host_of(&req), local, peer) {
+        return misdirected(&req, local);
+    }
+    let signed_in = authorised(admin, &req)
+        || admin.sessions.valid(
+            req.headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+    let mut r = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/login") => login(admin, req).await,
+        (&Method::GET, "/login") if signed_in => see_other("/", None),
+        (&Method::GET, "/login") => form(StatusCode::OK, None),
+        (&Method::GET, "/") if !signed_in => form(StatusCode::UNAUTHORIZED, None),
+        (&Method::GET, "/") => {
+            let query = req.uri().query().unwrap_or_default();
+            let report = admin.status.report();
+            if param(query, "format").as_deref() == Some("json") {
+                let body = serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into());
+                text(StatusCode::OK, "application/json", body + "\n")
+            } else {
+                let refresh = param(query, "refresh").as_deref() != Some("0");
+                text(StatusCode::OK, HTML, page::render(&report, refresh))
+            }
+        }
+        _ => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "the status page answers GET /, GET /login and POST /login\n".into(),
+        ),
+    };
+    secure(&mut r);
+    r
+}
+
+/// The login form, with `status` (401 where the page itself was asked for).
+fn form(status: StatusCode, error: Option<&str>) -> Response<Body> {
+    text(status, HTML, page::login(error))
+}
+
+fn see_other(to: &'static str, cookie: Option<String>) -> Response<Body> {
+    let mut r = text(StatusCode::SEE_OTHER, PLAIN, format!("see {to}\n"));
+    r.headers_mut()
+        .insert(header::LOCATION, header::HeaderValue::from_static(to));
+    if let Some(c) = cookie.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+        r.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    r
+}
+
+/// `POST /login` with `token=...` (a form): the right token opens a session and sends the
+/// browser to the page; anything else gets the form again, saying why.
+async fn login(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let Some(token) = &admin.token else {
+        // Nothing to log in to: the page is open.
+        return see_other("/", None);
+    };
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BODY);
+    let body = match tokio::time::timeout(LOGIN_BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return form(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Some("The form was larger than a token can be (4 KiB); paste the token alone."),
+            );
+        }
+        Err(_) => {
+            return form(
+                StatusCode::REQUEST_TIMEOUT,
+                Some("The form took too long to arrive; try again."),
+            );
+        }
+    };
+    let given = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|b| param(b, "token"))
+        .unwrap_or_default();
+    if !same(given.trim(), token) {
+        return form(
+            StatusCode::UNAUTHORIZED,
+            Some(
+                "That is not the token in admin.token_file. Check the file on the proxy and try again.",
+            ),
+        );
+    }
+    match admin.sessions.open() {
+        Some(cookie) => see_other("/", Some(cookie)),
+        None => form(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(
+                "The system's random source failed, so no session could be opened; use Authorization: Bearer meanwhile.",
+            ),
         ),
     }
 }

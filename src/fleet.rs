@@ -82,6 +82,11 @@ pub fn merge_denied(
             Entry::Occupied(mut o) => {
                 let m = o.get_mut();
                 m.count = m.count.saturating_add(row.count);
+                // The last refusal's reason and bytes are the latest instance's.
+                if row.last_seen > m.last_seen && !row.reason.is_empty() {
+                    m.reason = row.reason;
+                    m.seen = row.seen;
+                }
                 earlier(&mut m.first_seen, &row.first_seen);
                 later(&mut m.last_seen, &row.last_seen);
             }
@@ -192,6 +197,8 @@ mod tests {
             first_seen: first.into(),
             last_seen: last.into(),
             allow_entry: format!("[[allow]]\nhost = \"{host}\"\nports = [{port}]"),
+            reason: "no_matching_rule".into(),
+            seen: String::new(),
         }
     }
 

@@ -25,5 +25,6 @@ pub mod reason;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod suggest;
 pub mod systemd;

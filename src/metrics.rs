@@ -413,17 +413,19 @@ impl Metrics {
         &self.decisions
     }
 
-    /// Record a denied (or would-be denied) destination; returns how often it was denied in
+    /// Record a denied (or would-be denied) destination, refused for `why` (its reason, and
+    /// what the client sent that was refused, or empty); returns how often it was denied in
     /// the current minute (which the log budget, [`crate::logs::LogBudget`], judges).
     pub fn denied(
         &self,
         host: &str,
         port: u16,
         policy: &str,
+        why: (ReasonCode, &str),
         suggestion: impl FnOnce() -> String,
     ) -> u64 {
         let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-        let note = t.note((host, port, policy), suggestion, |h, p, pol| {
+        let note = t.note((host, port, policy), why, suggestion, |h, p, pol| {
             self.denied_vec.with_label_values(&[h, &p.to_string(), pol])
         });
         // Unregister evicted series under the table's lock: a target evicted here and
@@ -451,25 +453,88 @@ impl Metrics {
             .entries
             .iter()
             .filter(|((_, _, p), _)| policy.is_none_or(|want| want == p))
-            .map(|((host, port, policy), e)| DeniedReport {
-                target: format!("{host}:{port}"),
-                host: host.clone(),
-                port: *port,
-                policy: policy.clone(),
-                count: e.count,
-                first_seen: rfc3339(e.first),
-                last_seen: rfc3339(e.last),
-                allow_entry: e.suggestion.clone(),
-            })
+            .map(|(key, e)| e.report(key))
             .collect();
-        v.sort_by(|a, b| {
-            b.count
-                .cmp(&a.count)
-                .then_with(|| a.target.cmp(&b.target))
-                .then_with(|| a.policy.cmp(&b.policy))
-        });
+        v.sort_by(by_count);
         v.truncate(limit);
         v
+    }
+
+    /// The `limit` most denied targets, most first, as [`Metrics::top_denied`] gives them,
+    /// holding the table's lock (which every denial takes) only to pick them: one pass over
+    /// the table's entries choosing by count, then copies of the chosen few. Dates are
+    /// formatted and rows sorted after the lock is released. For the status page's sampler.
+    pub fn denied_rows(&self, limit: usize) -> Vec<DeniedReport> {
+        let chosen: Vec<(DeniedKey, DeniedCopy)> = {
+            let t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all: Vec<(&DeniedKey, &DeniedEntry)> = t.entries.iter().collect();
+            if all.len() > limit && limit > 0 {
+                all.select_nth_unstable_by(limit - 1, |a, b| {
+                    b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0))
+                });
+            }
+            all.truncate(limit);
+            all.into_iter()
+                .map(|(k, e)| (k.clone(), DeniedCopy::of(e)))
+                .collect()
+        };
+        let mut v: Vec<DeniedReport> = chosen.iter().map(|(k, c)| c.report(k)).collect();
+        v.sort_by(by_count);
+        v
+    }
+
+    /// Denials and would-be denials counted so far by reason (indexed like
+    /// [`ReasonCode::ALL`]), every policy's, read from `aml_egress_decisions_total`. Takes
+    /// the counter family's read lock, which a request takes only the first time its kind of
+    /// decision is counted (the handles are kept in [`DecisionSlots`]); for the status
+    /// page's sampler, not for a request.
+    pub fn refusals_by_reason(&self) -> Vec<u64> {
+        use prometheus::core::Collector;
+        let mut out = vec![0u64; ReasonCode::ALL.len()];
+        for family in self.decisions_vec.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value())
+                };
+                if !matches!(label("decision"), Some("deny" | "would_deny")) {
+                    continue;
+                }
+                let Some(i) = label("reason")
+                    .and_then(|r| ReasonCode::ALL.iter().position(|c| c.as_str() == r))
+                else {
+                    continue;
+                };
+                out[i] += m.get_counter().get_value() as u64;
+            }
+        }
+        out
+    }
+
+    /// Connections and tunnels open now by mode, and connections by worker (the first
+    /// `workers`): gauge reads, for the status page's sampler.
+    pub fn open_now(&self, workers: usize) -> OpenNow {
+        use prometheus::core::Collector;
+        let by_mode = |vec: &IntGaugeVec| -> Vec<(String, i64)> {
+            let mut v = Vec::new();
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let mode = m.get_label().first().map_or("", |l| l.value());
+                    v.push((mode.to_owned(), m.get_gauge().get_value() as i64));
+                }
+            }
+            v.sort();
+            v
+        };
+        OpenNow {
+            connections: by_mode(&self.open_connections),
+            tunnels: by_mode(&self.open_tunnels),
+            workers: (0..workers)
+                .map(|i| self.worker_connections(i).get())
+                .collect(),
+        }
     }
 
     /// Time spent before the proxy answered a request head.
@@ -597,6 +662,17 @@ impl Metrics {
     }
 }
 
+/// Open connections and tunnels, as [`Metrics::open_now`] reads them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OpenNow {
+    /// Client connections open, by mode (`enforce`, `audit`).
+    pub connections: Vec<(String, i64)>,
+    /// CONNECT tunnels open, by mode.
+    pub tunnels: Vec<(String, i64)>,
+    /// Client connections open on each worker thread.
+    pub workers: Vec<i64>,
+}
+
 /// Decrements its gauge when dropped.
 pub struct OpenGuard(IntGauge);
 
@@ -621,6 +697,24 @@ pub struct DeniedReport {
     pub last_seen: String,
     /// The `[[allow]]` entry that would let it through.
     pub allow_entry: String,
+    /// The reason of its last refusal (instances from before it was kept send none).
+    #[serde(default)]
+    pub reason: String,
+    /// What the client sent that was last refused (a TLS name, a `Host`; escaped, at most
+    /// [`MAX_SEEN`] bytes), or empty.
+    #[serde(default)]
+    pub seen: String,
+}
+
+/// Most bytes of what a client sent that the denied table keeps per target.
+pub const MAX_SEEN: usize = 256;
+
+/// The order of `/denied`: most denied first, then by target and policy.
+fn by_count(a: &DeniedReport, b: &DeniedReport) -> std::cmp::Ordering {
+    b.count
+        .cmp(&a.count)
+        .then_with(|| a.target.cmp(&b.target))
+        .then_with(|| a.policy.cmp(&b.policy))
 }
 
 fn default_policy() -> String {
@@ -641,6 +735,65 @@ struct DeniedEntry {
     /// Start of the current minute, and denials within it.
     window: Instant,
     in_window: u64,
+    /// The last refusal's reason, and what it refused (at most [`MAX_SEEN`] bytes).
+    reason: ReasonCode,
+    seen: String,
+}
+
+impl DeniedEntry {
+    fn report(&self, key: &DeniedKey) -> DeniedReport {
+        DeniedCopy::of(self).report(key)
+    }
+}
+
+/// What a report needs of an entry, copied under the table's lock.
+struct DeniedCopy {
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+    suggestion: String,
+    reason: ReasonCode,
+    seen: String,
+}
+
+impl DeniedCopy {
+    fn of(e: &DeniedEntry) -> Self {
+        DeniedCopy {
+            count: e.count,
+            first: e.first,
+            last: e.last,
+            suggestion: e.suggestion.clone(),
+            reason: e.reason,
+            seen: e.seen.clone(),
+        }
+    }
+
+    fn report(&self, (host, port, policy): &DeniedKey) -> DeniedReport {
+        DeniedReport {
+            target: format!("{host}:{port}"),
+            host: host.clone(),
+            port: *port,
+            policy: policy.clone(),
+            count: self.count,
+            first_seen: rfc3339(self.first),
+            last_seen: rfc3339(self.last),
+            allow_entry: self.suggestion.clone(),
+            reason: self.reason.as_str().to_owned(),
+            seen: self.seen.clone(),
+        }
+    }
+}
+
+/// `seen` cut to at most [`MAX_SEEN`] bytes, on a character boundary.
+fn bounded(seen: &str) -> &str {
+    if seen.len() <= MAX_SEEN {
+        return seen;
+    }
+    let mut end = MAX_SEEN;
+    while !seen.is_char_boundary(end) {
+        end -= 1;
+    }
+    &seen[..end]
 }
 
 struct Noted {
@@ -675,6 +828,7 @@ impl DeniedTable {
     fn note(
         &mut self,
         (host, port, policy): (&str, u16, &str),
+        (reason, seen): (ReasonCode, &str),
         suggestion: impl FnOnce() -> String,
         series: impl FnOnce(&str, u16, &str) -> IntCounter,
     ) -> Noted {
@@ -697,6 +851,8 @@ impl DeniedTable {
                     suggestion: suggestion(),
                     window: now,
                     in_window: 0,
+                    reason,
+                    seen: String::new(),
                 },
             );
         }
@@ -713,6 +869,13 @@ impl DeniedTable {
         e.tick = tick;
         e.last = SystemTime::now();
         e.series.inc();
+        e.reason = reason;
+        // Reuses the entry's buffer: no allocation once it has held as much.
+        let seen = bounded(seen);
+        if e.seen != seen {
+            e.seen.clear();
+            e.seen.push_str(seen);
+        }
         if now.duration_since(e.window) >= Duration::from_secs(60) {
             e.window = now;
             e.in_window = 0;
@@ -729,6 +892,8 @@ impl DeniedTable {
 mod tests {
     use super::*;
 
+    const NO_MATCH: (ReasonCode, &str) = (ReasonCode::NoMatchingRule, "");
+
     #[test]
     fn every_reason_and_kind_has_its_own_slot() {
         for (i, k) in ListenerKind::ALL.iter().enumerate() {
@@ -743,10 +908,10 @@ mod tests {
     fn the_denied_table_evicts_the_least_recently_denied_and_counts_it() {
         let m = Metrics::new(2);
         let logs = crate::logs::LogBudget::new(1, m.suppressed_lines());
-        assert!(logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, String::new)));
-        assert!(logs.denial(m.denied("b.example", 443, DEFAULT_POLICY, String::new)));
-        assert!(!logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, String::new))); // over 1 line per minute
-        assert!(logs.denial(m.denied("c.example", 443, DEFAULT_POLICY, String::new))); // evicts b (least recent)
+        assert!(logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, NO_MATCH, String::new)));
+        assert!(logs.denial(m.denied("b.example", 443, DEFAULT_POLICY, NO_MATCH, String::new)));
+        assert!(!logs.denial(m.denied("a.example", 443, DEFAULT_POLICY, NO_MATCH, String::new))); // over 1 line per minute
+        assert!(logs.denial(m.denied("c.example", 443, DEFAULT_POLICY, NO_MATCH, String::new))); // evicts b (least recent)
         let top: Vec<String> = m
             .top_denied(10, None)
             .into_iter()
@@ -764,6 +929,41 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("b.example"), "{text}");
+    }
+
+    #[test]
+    fn denied_rows_pick_the_most_denied_with_their_last_reason_and_bounded_seen() {
+        let m = Metrics::new(100);
+        for (host, n) in [("a.example", 3), ("b.example", 1), ("c.example", 2)] {
+            for _ in 0..n {
+                m.denied(host, 443, DEFAULT_POLICY, NO_MATCH, String::new);
+            }
+        }
+        let long = "x".repeat(MAX_SEEN + 10);
+        m.denied(
+            "b.example",
+            443,
+            DEFAULT_POLICY,
+            (ReasonCode::HostMismatch, &long),
+            String::new,
+        );
+        let rows = m.denied_rows(2);
+        let got: Vec<(&str, u64, &str)> = rows
+            .iter()
+            .map(|r| (r.target.as_str(), r.count, r.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a.example:443", 3, "no_matching_rule"),
+                ("b.example:443", 2, "host_mismatch"),
+            ]
+        );
+        assert_eq!(rows[1].seen.len(), MAX_SEEN);
+        assert_eq!(m.denied_rows(10).len(), 3);
+        assert_eq!(m.top_denied(10, None)[0].reason, "no_matching_rule");
+        let by_reason = m.refusals_by_reason();
+        assert_eq!(by_reason.iter().sum::<u64>(), 0, "no decision was counted");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::compile::RestartOnly;
@@ -57,6 +58,27 @@ pub struct Reloader {
     pub attempts: watch::Sender<u64>,
     /// The files the configuration in force was read from.
     files: std::sync::Mutex<Vec<PathBuf>>,
+    /// When the configuration in force was loaded and how the last reload went, for the
+    /// status page (swapped whole, so that a reader never waits on a reload).
+    loads: ArcSwap<Loads>,
+}
+
+/// When the configuration in force was loaded, and how the last reload went.
+#[derive(Debug, Clone)]
+pub struct Loads {
+    /// Start-up, or the last reload that succeeded.
+    pub in_force_since: SystemTime,
+    /// The last reload attempt, if there was one.
+    pub last_reload: Option<Reloaded>,
+}
+
+/// One reload attempt.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub at: SystemTime,
+    pub trigger: Trigger,
+    /// Why it failed (the previous configuration stayed in force); `None` when it succeeded.
+    pub error: Option<String>,
 }
 
 impl Reloader {
@@ -77,6 +99,10 @@ impl Reloader {
             started: started.restart.clone(),
             attempts: watch::Sender::new(0),
             files: std::sync::Mutex::new(started.watched_files()),
+            loads: ArcSwap::from_pointee(Loads {
+                in_force_since: SystemTime::now(),
+                last_reload: None,
+            }),
         }
     }
 
@@ -92,15 +118,33 @@ impl Reloader {
     /// new configuration is in force.
     pub fn reload(&self, why: Trigger) -> bool {
         crate::systemd::notify(&[sd_notify::NotifyState::Reloading]);
-        let ok = self.load_and_swap(why);
+        let result = self.load_and_swap(why);
+        let at = SystemTime::now();
+        let before = self.loads.load();
+        self.loads.store(Arc::new(Loads {
+            in_force_since: match result {
+                Ok(()) => at,
+                Err(_) => before.in_force_since,
+            },
+            last_reload: Some(Reloaded {
+                at,
+                trigger: why,
+                error: result.as_ref().err().cloned(),
+            }),
+        }));
         crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
         self.attempts.send_modify(|n| *n += 1);
-        ok
+        result.is_ok()
     }
 
-    fn load_and_swap(&self, why: Trigger) -> bool {
+    /// When the configuration in force was loaded, and how the last reload went.
+    pub fn loads(&self) -> Arc<Loads> {
+        self.loads.load_full()
+    }
+
+    fn load_and_swap(&self, why: Trigger) -> Result<(), String> {
         let Some(shared) = &self.shared else {
-            return false;
+            return Err("the proxy is not serving yet".into());
         };
         let loaded = config::load(self.path.as_deref())
             .map_err(|e| e.to_string())
@@ -133,7 +177,7 @@ impl Reloader {
             Err(e) => {
                 self.metrics.loaded(false, None);
                 tracing::error!(trigger = why.as_str(), error = %e, "configuration reload failed; the previous configuration stays in force");
-                false
+                Err(e)
             }
             Ok((
                 live,
@@ -166,7 +210,7 @@ impl Reloader {
                     deny = counts.deny,
                     "configuration reloaded"
                 );
-                true
+                Ok(())
             }
         }
     }

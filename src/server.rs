@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Shared};
 use crate::proxy::{ListenAddr, Live, SetupError};
 use crate::reload::Reloader;
+use crate::status::{Sources as StatusSources, Status};
 
 /// Install the log subscriber: `log.level` (or `AML_EGRESS_LOG`, which wins, with
 /// `tracing` filter syntax) and `log.format`, on standard error.
@@ -74,6 +75,11 @@ pub async fn start(
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    let listening: Vec<(&'static str, std::net::SocketAddr)> = listeners
+        .iter()
+        .filter_map(|l| Some((l.role.key(), l.local_addr().ok()?)))
+        .collect();
+    let config_file = compiled.file.clone();
     let admin_listener = match compiled.admin.listen {
         None => None,
         Some(addr) => Some(admin::bind(addr).await?),
@@ -108,15 +114,32 @@ pub async fn start(
     let ready = Arc::new(AtomicBool::new(false));
     let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
     let (admin_stop_tx, admin_stop) = tokio::sync::watch::channel(false);
+    let reloader = Arc::new(reloader.serving(shared.clone()));
     if let Some((l, _)) = admin_listener {
+        let status = Status::new(StatusSources {
+            metrics: metrics.clone(),
+            shared: shared.clone(),
+            reloader: reloader.clone(),
+            ready: ready.clone(),
+            started: std::time::SystemTime::now(),
+            workers: worker_count,
+            listeners: listening,
+            config_file,
+        });
+        tokio::spawn(crate::status::sample(
+            status.clone(),
+            crate::status::SAMPLE_EVERY,
+            admin_stop.clone(),
+        ));
         let admin = Arc::new(Admin {
             metrics: metrics.clone(),
             token,
             ready: ready.clone(),
+            status,
+            sessions: Default::default(),
         });
         tokio::spawn(admin::serve(l, admin, admin_stop));
     }
-    let reloader = Arc::new(reloader.serving(shared.clone()));
     let baseline = reloader.baseline();
     let hup = crate::reload::hangup();
     tokio::spawn(

@@ -198,21 +198,24 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
             };
             let part = live.built_of(policy).would_allow_with(t, PathView::Hidden);
             let name = live.policy_name(policy);
-            live.metrics.denied(&host, t.port, name, || {
-                let entry = match part {
-                    Some(p) => format!(
-                        "catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})"
-                    ),
-                    None => allow_entry(t, reason, rule),
-                };
-                in_policy(entry, policy, name, client)
-            })
+            live.metrics
+                .denied(&host, t.port, name, (reason, seen), || {
+                    let entry = match part {
+                        Some(p) => format!(
+                            "catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})"
+                        ),
+                        None => allow_entry(t, reason, rule),
+                    };
+                    in_policy(entry, policy, name, client)
+                })
         }
-        None => live
-            .metrics
-            .denied("(invalid target)", 0, live.policy_name(policy), || {
-                "nothing: the request did not name a valid host:port".to_owned()
-            }),
+        None => live.metrics.denied(
+            "(invalid target)",
+            0,
+            live.policy_name(policy),
+            (reason, seen),
+            || "nothing: the request did not name a valid host:port".to_owned(),
+        ),
     };
     if live.logs.denial(this_minute) {
         tracing::warn!(

@@ -69,12 +69,13 @@ pub async fn exchange(addr: SocketAddr, head: &str) -> (TcpStream, String) {
 }
 
 /// `GET path` (with a bearer token, if given) on a plain HTTP listener such as the admin
-/// one, `Connection: close`; the status and the body.
+/// one, naming it in `Host` as a browser would, `Connection: close`; the status and the body.
 pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
