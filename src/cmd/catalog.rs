@@ -156,12 +156,7 @@ pub fn print_features(built: &Built, out: &mut dyn Write) -> io::Result<()> {
         } else {
             "off"
         };
-        let mark = if part.field_addition {
-            " [field addition]"
-        } else {
-            ""
-        };
-        writeln!(out, "{on} {:<28} {}{mark}", part.name, part.summary)?;
+        writeln!(out, "{on} {:<28} {}", part.name, part.marked_summary())?;
     }
     Ok(())
 }

@@ -335,6 +335,18 @@ pub struct Part {
     pub field_addition: bool,
 }
 
+impl Part {
+    /// The summary, marked ` [field addition]` for a part the article omits.
+    pub fn marked_summary(&self) -> String {
+        let mark = if self.field_addition {
+            " [field addition]"
+        } else {
+            ""
+        };
+        format!("{}{mark}", self.summary)
+    }
+}
+
 impl OffParts {
     /// The hints from entries without placeholders, which the policies of one load over
     /// the same catalog, cloud, parts and Service Tags file share.

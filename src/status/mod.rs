@@ -300,9 +300,9 @@ fn catalog(shared: &Shared) -> CatalogInForce {
     let live = shared.live();
     let b = &live.built;
     let (on, off) = b
-        .all_features
+        .parts
         .iter()
-        .cloned()
+        .map(|p| (p.name.clone(), p.marked_summary()))
         .partition(|(name, _)| b.features.contains(name));
     CatalogInForce {
         revision: b.revision.clone(),
