@@ -717,3 +717,40 @@ fn the_hints_of_parts_that_are_off_are_shared_and_keep_each_policys_values() {
     assert_eq!(hint(b, "kept.vscode.dev:443").as_deref(), Some("vscode"));
     assert_eq!(hint(b, "other.vscode.dev:443"), None);
 }
+
+/// `catalog diff --policy` compares the revisions for that policy's cloud, region and
+/// parts, and names the policies when given one that does not exist.
+#[test]
+fn catalog_diff_compares_the_revisions_for_the_named_policy() {
+    let cfg = TempFile::new(
+        "hub.toml",
+        "[catalog]\nregion = \"westeurope\"\n[[client_policy]]\nname = \"team-a\"\nsources = [\"10.1.0.0/24\"]\n[client_policy.catalog]\nregion = \"eastus\"\n",
+    );
+    let diff = |policy: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+            .args(["catalog", "diff", "2021-11", "2026-03", "--config"])
+            .arg(&cfg.0)
+            .args(policy)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = diff(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("*.westeurope.batch.azure.com"), "{out}");
+    assert!(!out.contains("eastus"), "{out}");
+    let (code, out, _) = diff(&["--policy", "team-a"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("*.eastus.batch.azure.com"), "{out}");
+    assert!(!out.contains("westeurope"), "{out}");
+    let (code, _, err) = diff(&["--policy", "team-b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--policy \"team-b\": no such policy; this configuration has default, team-a"),
+        "{err}"
+    );
+}

@@ -56,6 +56,10 @@ pub enum Action {
         config: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: DiffFormat,
+        /// For this policy's cloud, parts and placeholders: `default`, or a
+        /// [[client_policy]]'s name.
+        #[arg(long, value_name = "NAME")]
+        policy: Option<String>,
     },
 }
 
@@ -72,9 +76,19 @@ fn catalog(args: Args) -> anyhow::Result<i32> {
         b,
         config,
         format,
+        policy,
     }) = args.action
     {
-        let code = diff(&a, &b, config.as_deref(), format, &mut out)?;
+        let config = config.or(args.config);
+        let policy = policy.or(args.policy);
+        let code = diff(
+            &a,
+            &b,
+            config.as_deref(),
+            policy.as_deref(),
+            format,
+            &mut out,
+        )?;
         out.flush()?;
         return Ok(code);
     }
@@ -122,6 +136,7 @@ fn diff(
     a: &str,
     b: &str,
     config: Option<&Path>,
+    policy: Option<&str>,
     format: DiffFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -139,7 +154,21 @@ fn diff(
             return Ok(EXIT_USAGE);
         }
     };
-    let c = &settings.catalog;
+    let c = match policy {
+        None | Some(crate::config::clients::DEFAULT_POLICY) => &settings.catalog,
+        Some(name) => match settings.client_policies.iter().find(|cp| cp.name == name) {
+            Some(cp) => &cp.catalog,
+            None => {
+                let mut names = vec![crate::config::clients::DEFAULT_POLICY];
+                names.extend(settings.client_policies.iter().map(|cp| cp.name.as_str()));
+                eprintln!(
+                    "aml-egress catalog diff: --policy {name:?}: no such policy; this configuration has {}",
+                    names.join(", ")
+                );
+                return Ok(EXIT_USAGE);
+            }
+        },
+    };
     let d = crate::catalog::diff::diff(&ca, &cb, &c.selection(), &c.features);
     match format {
         DiffFormat::Text => write!(out, "{}", crate::catalog::diff::text(&d, a, b))?,
