@@ -754,3 +754,35 @@ fn catalog_diff_compares_the_revisions_for_the_named_policy() {
         "{err}"
     );
 }
+
+/// An open tunnel counts under its own policy's mode: team A audits while the default
+/// policy enforces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_are_counted_under_the_mode_of_their_policy() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let text = hub(echo, web, "").replace(
+        "name = \"team-a\"\n",
+        "name = \"team-a\"\nmode = \"audit\"\n",
+    );
+    let p = start_proxy(&text).await;
+    let connect = |store: &str| {
+        format!(
+            "CONNECT {store}.blob.core.windows.net:443 HTTP/1.1\r\nHost: {store}.blob.core.windows.net:443\r\n\r\n"
+        )
+    };
+    let a: IpAddr = "127.0.0.2".parse().unwrap();
+    let (_team_a, answer) = exchange_from(a, p.addr, &connect("teamastore")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    p.until_sample("aml_egress_open_tunnels{mode=\"audit\"}", 1.0)
+        .await;
+    let other: IpAddr = "127.0.0.1".parse().unwrap();
+    let (_default, answer) = exchange_from(other, p.addr, &connect("defaultstore")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    p.until_sample("aml_egress_open_tunnels{mode=\"enforce\"}", 1.0)
+        .await;
+    let m = p.metrics().await;
+    assert!(
+        m.contains("aml_egress_open_tunnels{mode=\"audit\"} 1\n"),
+        "{m}"
+    );
+}

@@ -304,7 +304,7 @@ fn tunnel(
         pending,
         started,
     } = opened;
-    let open = live.metrics.open(true, live.config.mode);
+    let open = live.metrics.open(true, live.mode_of(verdict.policy));
     let addr = upstream.as_ref().map(|(_, a)| *a);
     let t = Tunnel {
         live,

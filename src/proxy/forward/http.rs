@@ -682,7 +682,8 @@ async fn send(
             }
             if let (true, Some(client_side)) = (switched, websocket) {
                 upgrade::keep_upgrade(resp.headers_mut());
-                client_side.relay(&mut resp, &live, shown.clone());
+                let mode = live.mode_of(v.policy);
+                client_side.relay(&mut resp, &live, shown.clone(), mode);
             }
             // Our own version in the status line (RFC 9110 §6.2).
             *resp.version_mut() = hyper::Version::HTTP_11;

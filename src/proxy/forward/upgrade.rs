@@ -68,8 +68,15 @@ impl ClientUpgrade {
 
     /// Once the `101` has gone to the client, relay both upgraded connections until either
     /// side ends, the relay idles for `proxy.idle_timeout_secs`, or shutdown's grace period
-    /// is over. The connection keeps its place under `proxy.max_connections` meanwhile.
-    pub(super) fn relay<B>(self, upstream: &mut Response<B>, live: &Arc<Live>, shown: String) {
+    /// is over. The connection keeps its place under `proxy.max_connections` meanwhile, and
+    /// counts as a tunnel open in `mode` (its policy's).
+    pub(super) fn relay<B>(
+        self,
+        upstream: &mut Response<B>,
+        live: &Arc<Live>,
+        shown: String,
+        mode: crate::config::Mode,
+    ) {
         let upstream = hyper::upgrade::on(upstream);
         let live = live.clone();
         let guard = self.handles.as_ref().map(|h| h.tracker.track());
@@ -86,7 +93,7 @@ impl ClientUpgrade {
                 h.turn.detach(); // a tunnel now: no request timers
                 h.slot.clone()
             });
-            let _open = live.metrics.open(true, live.config.mode);
+            let _open = live.metrics.open(true, mode);
             let counters = crate::proxy::relay::Counters {
                 up: &live.metrics.tunnel_up,
                 down: &live.metrics.tunnel_down,

@@ -189,7 +189,7 @@ pub(crate) async fn serve(
         }
     }
     drop(counted); // an allow
-    let _open = live.metrics.open(true, cfg.mode);
+    let _open = live.metrics.open(true, live.mode_of(v.policy));
     let start = Start {
         buf,
         sent,
