@@ -967,6 +967,28 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_target_is_shown_in_brackets() {
+        // Unbracketed, "2001:db8::1:443" reads as another address with no port.
+        let m = Metrics::new(10);
+        m.denied("2001:db8::1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
+        m.denied("10.0.0.1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
+        let mut got: Vec<(String, String)> = m
+            .denied_rows(10)
+            .into_iter()
+            .map(|r| (r.target, r.host))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:443".to_owned(), "10.0.0.1".to_owned()),
+                ("[2001:db8::1]:443".to_owned(), "2001:db8::1".to_owned()),
+            ]
+        );
+        assert_eq!(m.top_denied(1, None)[0].target, "10.0.0.1:443");
+    }
+
+    #[test]
     fn the_ca_expiry_gauge_is_there_only_with_a_ca_and_goes_negative() {
         let m = Metrics::new(1);
         m.inspect_ca(None);
