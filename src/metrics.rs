@@ -769,8 +769,13 @@ impl DeniedCopy {
     }
 
     fn report(&self, (host, port, policy): &DeniedKey) -> DeniedReport {
+        // An IPv6 address in brackets, as a target is written.
+        let target = match host.contains(':') {
+            true => format!("[{host}]:{port}"),
+            false => format!("{host}:{port}"),
+        };
         DeniedReport {
-            target: format!("{host}:{port}"),
+            target,
             host: host.clone(),
             port: *port,
             policy: policy.clone(),
