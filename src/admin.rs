@@ -7,11 +7,13 @@
 //! status page also takes the session cookie that logging in with the token sets.
 //!
 //! Against DNS rebinding, the status page and the login route answer only requests whose
-//! `Host` names this listener (see [`crate::status::host`]), and so do `/denied` and
-//! `/allowed` when no token is set (then nothing else guards them). `/metrics` and the
-//! health endpoints never check `Host`: Prometheus and load balancers name the listener by
-//! names the proxy cannot know (a Kubernetes Service), and with a token set a browser led
-//! there by a hostile page cannot send the bearer header anyway.
+//! `Host` names this listener (see [`crate::status::host`]), and so do `/denied`,
+//! `/allowed` and `/metrics` (whose denied series name the same destinations) when no
+//! token is set: then nothing else guards them, and the listener is on loopback (off
+//! loopback it needs a token), where no Service name can reach it anyway. With a token,
+//! those endpoints do not check `Host`: Prometheus names the listener by names the proxy
+//! cannot know (a Kubernetes Service), and a browser led there by a hostile page cannot
+//! send the bearer header. The health endpoints, which tell nothing, never check it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,7 +177,7 @@ async fn answer(
         return r;
     }
     if admin.token.is_none()
-        && matches!(path, "/denied" | "/allowed")
+        && matches!(path, "/denied" | "/allowed" | "/metrics")
         && !host::is_ours(host_of(req), local, peer)
     {
         return misdirected(req, local);

@@ -769,8 +769,13 @@ impl DeniedCopy {
     }
 
     fn report(&self, (host, port, policy): &DeniedKey) -> DeniedReport {
+        // An IPv6 address in brackets, as a target is written.
+        let target = match host.contains(':') {
+            true => format!("[{host}]:{port}"),
+            false => format!("{host}:{port}"),
+        };
         DeniedReport {
-            target: format!("{host}:{port}"),
+            target,
             host: host.clone(),
             port: *port,
             policy: policy.clone(),
@@ -964,6 +969,28 @@ mod tests {
         assert_eq!(m.top_denied(10, None)[0].reason, "no_matching_rule");
         let by_reason = m.refusals_by_reason();
         assert_eq!(by_reason.iter().sum::<u64>(), 0, "no decision was counted");
+    }
+
+    #[test]
+    fn an_ipv6_target_is_shown_in_brackets() {
+        // Unbracketed, "2001:db8::1:443" reads as another address with no port.
+        let m = Metrics::new(10);
+        m.denied("2001:db8::1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
+        m.denied("10.0.0.1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
+        let mut got: Vec<(String, String)> = m
+            .denied_rows(10)
+            .into_iter()
+            .map(|r| (r.target, r.host))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:443".to_owned(), "10.0.0.1".to_owned()),
+                ("[2001:db8::1]:443".to_owned(), "2001:db8::1".to_owned()),
+            ]
+        );
+        assert_eq!(m.top_denied(1, None)[0].target, "10.0.0.1:443");
     }
 
     #[test]

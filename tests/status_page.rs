@@ -498,7 +498,7 @@ async fn with_a_token_the_page_wants_a_login_and_scripts_keep_the_bearer_header(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_host_is_refused_but_scrapes_and_probes_are_not() {
+async fn a_foreign_host_is_refused_but_probes_are_not() {
     let p = proxy("").await;
     let a = p.admin_addr;
     let port = a.port();
@@ -515,8 +515,9 @@ async fn a_foreign_host_is_refused_but_scrapes_and_probes_are_not() {
     // Without a token nothing else guards /denied and /allowed: they check Host too.
     assert_eq!(request(a, &foreign("/denied"), "").await.0, 421);
     assert_eq!(request(a, &foreign("/allowed"), "").await.0, 421);
-    // Prometheus and probes name the listener as they like.
-    assert_eq!(request(a, &foreign("/metrics"), "").await.0, 200);
+    // So does /metrics, whose denied series name the same destinations; probes, which
+    // tell nothing, name the listener as they like.
+    assert_eq!(request(a, &foreign("/metrics"), "").await.0, 421);
     assert_eq!(request(a, &foreign("/healthz"), "").await.0, 200);
     assert_eq!(request(a, &foreign("/readyz"), "").await.0, 200);
     // localhost on any port (an SSH tunnel's), and the listener's own address.
@@ -525,4 +526,34 @@ async fn a_foreign_host_is_refused_but_scrapes_and_probes_are_not() {
     assert_eq!(request(a, &named(&a.to_string()), "").await.0, 200);
     // No Host at all is no listener's.
     assert_eq!(request(a, "GET / HTTP/1.0\r\n", "").await.0, 421);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_a_rebound_name_cannot_read_the_denied_names_from_metrics() {
+    // No token: the listener is on loopback (admin.listen off loopback needs one), so no
+    // Service name can reach it, and a page rebound to the tunnel's localhost must not
+    // read through /metrics what /denied keeps from it.
+    let p = proxy("").await;
+    let a = p.admin_addr;
+    refused(&p, "internal-secret.example:443").await;
+    let (status, _, body) = request(
+        a,
+        &format!(
+            "GET /metrics HTTP/1.1\r\nHost: evil.example:{}\r\n",
+            a.port()
+        ),
+        "",
+    )
+    .await;
+    assert!(
+        !body.contains("internal-secret.example"),
+        "a rebound name read the refused destinations: {status} {body}"
+    );
+    assert_eq!(status, 421);
+    // A scraper on loopback names the listener by its address or localhost.
+    let (status, _, body) = get(a, "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("internal-secret.example"), "{body}");
+    let (status, _, _) = request(a, "GET /metrics HTTP/1.1\r\nHost: localhost:9090\r\n", "").await;
+    assert_eq!(status, 200);
 }
