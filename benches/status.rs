@@ -143,7 +143,7 @@ fn bench(c: &mut Criterion) {
         }
     }
     c.bench_function("status/sample-denied-1000", |b| {
-        b.iter(|| m.denied_rows(black_box(DENIED_ROWS)))
+        b.iter(|| m.top_denied(black_box(DENIED_ROWS), None))
     });
     // The per-reason counters, with 80 decision series in use.
     for r in &ReasonCode::ALL[..20] {

@@ -446,28 +446,18 @@ impl Metrics {
         self.suppressed.clone()
     }
 
-    /// The most denied targets, most first; `policy`: only those refused under it.
+    /// The `limit` most denied targets, most first; `policy`: only those refused under it.
+    /// The table's lock, which every denial takes, is held only to pick them: one pass over
+    /// the entries choosing by count, then copies of the chosen few. Dates are formatted
+    /// and rows sorted after it is released. For `/denied` and the status page's sampler.
     pub fn top_denied(&self, limit: usize, policy: Option<&str>) -> Vec<DeniedReport> {
-        let t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<DeniedReport> = t
-            .entries
-            .iter()
-            .filter(|((_, _, p), _)| policy.is_none_or(|want| want == p))
-            .map(|(key, e)| e.report(key))
-            .collect();
-        v.sort_by(by_count);
-        v.truncate(limit);
-        v
-    }
-
-    /// The `limit` most denied targets, most first, as [`Metrics::top_denied`] gives them,
-    /// holding the table's lock (which every denial takes) only to pick them: one pass over
-    /// the table's entries choosing by count, then copies of the chosen few. Dates are
-    /// formatted and rows sorted after the lock is released. For the status page's sampler.
-    pub fn denied_rows(&self, limit: usize) -> Vec<DeniedReport> {
         let chosen: Vec<(DeniedKey, DeniedCopy)> = {
             let t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-            let mut all: Vec<(&DeniedKey, &DeniedEntry)> = t.entries.iter().collect();
+            let mut all: Vec<(&DeniedKey, &DeniedEntry)> = t
+                .entries
+                .iter()
+                .filter(|((_, _, p), _)| policy.is_none_or(|want| want == p))
+                .collect();
             if all.len() > limit && limit > 0 {
                 all.select_nth_unstable_by(limit - 1, |a, b| {
                     b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0))
@@ -740,12 +730,6 @@ struct DeniedEntry {
     seen: String,
 }
 
-impl DeniedEntry {
-    fn report(&self, key: &DeniedKey) -> DeniedReport {
-        DeniedCopy::of(self).report(key)
-    }
-}
-
 /// What a report needs of an entry, copied under the table's lock.
 struct DeniedCopy {
     count: u64,
@@ -952,7 +936,7 @@ mod tests {
             (ReasonCode::HostMismatch, &long),
             String::new,
         );
-        let rows = m.denied_rows(2);
+        let rows = m.top_denied(2, None);
         let got: Vec<(&str, u64, &str)> = rows
             .iter()
             .map(|r| (r.target.as_str(), r.count, r.reason.as_str()))
@@ -965,7 +949,7 @@ mod tests {
             ]
         );
         assert_eq!(rows[1].seen.len(), MAX_SEEN);
-        assert_eq!(m.denied_rows(10).len(), 3);
+        assert_eq!(m.top_denied(10, None).len(), 3);
         assert_eq!(m.top_denied(10, None)[0].reason, "no_matching_rule");
         let by_reason = m.refusals_by_reason();
         assert_eq!(by_reason.iter().sum::<u64>(), 0, "no decision was counted");
@@ -978,7 +962,7 @@ mod tests {
         m.denied("2001:db8::1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
         m.denied("10.0.0.1", 443, DEFAULT_POLICY, NO_MATCH, String::new);
         let mut got: Vec<(String, String)> = m
-            .denied_rows(10)
+            .top_denied(10, None)
             .into_iter()
             .map(|r| (r.target, r.host))
             .collect();

@@ -11,7 +11,7 @@
 //!   [`Metrics::refusals_by_reason`]) and adds what they grew by to a ring of 60 minutes,
 //!   so that the chart costs a request nothing and memory stays fixed;
 //! - only when those counters moved, takes the denied table's lock for one pass that picks
-//!   the [`DENIED_ROWS`] most denied targets ([`Metrics::denied_rows`]), and otherwise keeps
+//!   the [`DENIED_ROWS`] most denied targets ([`Metrics::top_denied`]), and otherwise keeps
 //!   the rows it has;
 //! - takes the wildcard-names lock to copy at most [`ALLOWED_ROWS`] names;
 //! - loads the live configuration (an `ArcSwap` load) for the catalog in force.
@@ -443,7 +443,7 @@ pub async fn sample(status: Arc<Status>, every: Duration, mut stopping: watch::R
         // A reload can evict rows (a lower bound) without a refusal: refresh them anyway
         // once a minute.
         if moved || tick % 30 == 0 {
-            denied = s.metrics.denied_rows(DENIED_ROWS);
+            denied = s.metrics.top_denied(DENIED_ROWS, None);
         }
         tick += 1;
         let snapshot = Snapshot {
