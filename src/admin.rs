@@ -120,14 +120,17 @@ fn authorised(admin: &Admin, req: &Request<hyper::body::Incoming>) -> bool {
     same(given, token)
 }
 
-/// Compare every byte whatever the first difference, so timing says nothing.
+/// Whether `given` is the token. Both are hashed first and every byte of the digests is
+/// compared whatever the first difference, so timing tells neither the token's bytes nor
+/// its length.
 fn same(given: &str, token: &str) -> bool {
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let (a, b) = (digest(given), digest(token));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 const PLAIN: &str = "text/plain; charset=utf-8";
@@ -486,7 +489,21 @@ pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> Result<Strin
 
 #[cfg(test)]
 mod tests {
-    use super::param;
+    use super::{param, same};
+
+    #[test]
+    fn only_the_token_itself_is_the_token() {
+        let token = "0123456789abcdef0123";
+        assert!(same(token, token));
+        for other in [
+            "",
+            "0123456789abcdef012",
+            "0123456789abcdef0124",
+            "0123456789abcdef01234",
+        ] {
+            assert!(!same(other, token), "{other:?}");
+        }
+    }
 
     #[test]
     fn query_values_are_found_and_percent_decoded() {
