@@ -149,6 +149,8 @@ pub struct Metrics {
     dial_error: Histogram,
     open_connections: IntGaugeVec,
     open_tunnels: IntGaugeVec,
+    /// Connections and tunnels open now on each listener (by its setting).
+    open_by_listener: IntGaugeVec,
     /// Handles of the two gauges above by `[tunnel][mode]`, made on first use.
     open_by_mode: [[OnceLock<IntGauge>; 2]; 2],
     /// Handles of `request_duration` by listener, made on first use.
@@ -287,6 +289,12 @@ impl Metrics {
                 "aml_egress_open_tunnels",
                 "CONNECT tunnels open now, by mode.",
                 &["mode"],
+            ),
+            open_by_listener: gauge_vec(
+                &r,
+                "aml_egress_open_by_listener",
+                "Client connections (kind connection) and tunnels (kind tunnel) open now, by the listener's setting (proxy.listen, transparent.tls_listen, ...).",
+                &["listener", "kind"],
             ),
             open_by_mode: Default::default(),
             request_duration_by: Default::default(),
@@ -518,7 +526,35 @@ impl Metrics {
             v.sort();
             v
         };
+        let mut by_listener: Vec<ListenerOpen> = Vec::new();
+        for family in self.open_by_listener.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map_or("", |l| l.value())
+                };
+                let listener = label("listener");
+                let n = m.get_gauge().get_value() as i64;
+                let i = match by_listener.iter().position(|l| l.listener == listener) {
+                    Some(i) => i,
+                    None => {
+                        by_listener.push(ListenerOpen {
+                            listener: listener.to_owned(),
+                            ..Default::default()
+                        });
+                        by_listener.len() - 1
+                    }
+                };
+                match label("kind") {
+                    "tunnel" => by_listener[i].tunnels = n,
+                    _ => by_listener[i].connections = n,
+                }
+            }
+        }
         OpenNow {
+            by_listener,
             connections: by_mode(&self.open_connections),
             tunnels: by_mode(&self.open_tunnels),
             workers: (0..workers)
@@ -558,7 +594,18 @@ impl Metrics {
             .get_or_init(|| vec.with_label_values(&[mode.as_str()]))
             .clone();
         g.inc();
-        OpenGuard(g)
+        OpenGuard(g, None)
+    }
+
+    /// The gauges of what is open on the listener `key` names (`proxy.listen`): taken once
+    /// per accept loop, raised through [`OpenGuard::on`].
+    pub fn listener_gauges(&self, key: &str) -> ListenerGauges {
+        ListenerGauges {
+            connections: self
+                .open_by_listener
+                .with_label_values(&[key, "connection"]),
+            tunnels: self.open_by_listener.with_label_values(&[key, "tunnel"]),
+        }
     }
 
     /// The open-connections gauge of worker `index` (`proxy.workers` bounds the labels).
@@ -661,14 +708,44 @@ pub struct OpenNow {
     pub tunnels: Vec<(String, i64)>,
     /// Client connections open on each worker thread.
     pub workers: Vec<i64>,
+    /// By listener (its setting, `proxy.listen`): connections and tunnels open.
+    pub by_listener: Vec<ListenerOpen>,
 }
 
-/// Decrements its gauge when dropped.
-pub struct OpenGuard(IntGauge);
+/// What is open on one listener.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ListenerOpen {
+    pub listener: String,
+    pub connections: i64,
+    pub tunnels: i64,
+}
+
+/// The gauges of what is open on one listener.
+#[derive(Clone)]
+pub struct ListenerGauges {
+    pub connections: IntGauge,
+    pub tunnels: IntGauge,
+}
+
+/// Decrements its gauges when dropped: the one by mode, and the listener's when
+/// [`OpenGuard::on`] named it.
+pub struct OpenGuard(IntGauge, Option<IntGauge>);
+
+impl OpenGuard {
+    /// Count this connection or tunnel on its listener's `gauge` too, until dropped.
+    pub fn on(mut self, gauge: &IntGauge) -> Self {
+        gauge.inc();
+        self.1 = Some(gauge.clone());
+        self
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.dec();
+        if let Some(g) = &self.1 {
+            g.dec();
+        }
     }
 }
 

@@ -557,3 +557,37 @@ async fn without_a_token_a_rebound_name_cannot_read_the_denied_names_from_metric
     let (status, _, _) = request(a, "GET /metrics HTTP/1.1\r\nHost: localhost:9090\r\n", "").await;
     assert_eq!(status, 200);
 }
+
+/// What is open is shown per listener: a tunnel through `proxy.listen` while it lasts (its
+/// client connection no longer counts as one once it is a tunnel), and nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_what_is_open_on_each_listener() {
+    let p = proxy("").await;
+    let open_on = |v: &serde_json::Value| -> (i64, i64) {
+        let rows = v["health"]["open"]["by_listener"].as_array().unwrap();
+        rows.iter()
+            .find(|r| r["listener"] == "proxy.listen")
+            .map_or((0, 0), |r| {
+                (
+                    r["connections"].as_i64().unwrap(),
+                    r["tunnels"].as_i64().unwrap(),
+                )
+            })
+    };
+    let (tunnel, resp) = exchange(p.addr, "CONNECT a.wild.example:443 HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    json_once(p.admin_addr, "", |v| open_on(v) == (0, 1)).await;
+    let (status, _, page) = get(p.admin_addr, "/", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("(proxy.listen): 0 connections, 1 tunnels open"),
+        "{page}"
+    );
+    drop(tunnel);
+    json_once(p.admin_addr, "", |v| open_on(v) == (0, 0)).await;
+    let m = p.metrics().await;
+    assert!(
+        m.contains("aml_egress_open_by_listener{kind=\"tunnel\",listener=\"proxy.listen\"} 0\n"),
+        "{m}"
+    );
+}

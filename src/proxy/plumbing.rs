@@ -35,17 +35,21 @@ pub(crate) struct Slot {
     _client: Option<per_client::ClientPlace>,
     /// The open-connections gauge of the worker serving it.
     worker: prometheus::IntGauge,
+    /// The open-tunnels gauge of the listener that accepted it, for its tunnels.
+    tunnels: prometheus::IntGauge,
 }
 
 impl Slot {
     /// A connection's place: its `permit` under `proxy.max_connections` (kept instead of
     /// given back while `owed` is above 0), its place under the per-client limit, and its
-    /// worker's open-connections `gauge`, raised now and lowered when the slot drops.
+    /// worker's open-connections `gauge`, raised now and lowered when the slot drops; and
+    /// the open-tunnels gauge of its listener (`tunnels`), for its tunnels to raise.
     pub(crate) fn new(
         permit: tokio::sync::OwnedSemaphorePermit,
         owed: Arc<AtomicUsize>,
         client: Option<per_client::ClientPlace>,
         gauge: prometheus::IntGauge,
+        tunnels: prometheus::IntGauge,
     ) -> Slot {
         gauge.inc();
         Slot {
@@ -53,7 +57,13 @@ impl Slot {
             owed,
             _client: client,
             worker: gauge,
+            tunnels,
         }
+    }
+
+    /// The open-tunnels gauge of the listener that accepted the connection.
+    pub(crate) fn tunnel_gauge(&self) -> &prometheus::IntGauge {
+        &self.tunnels
     }
 }
 

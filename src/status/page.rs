@@ -213,7 +213,14 @@ fn health(o: &mut String, r: &Report) {
     );
     o.push_str("<dt>Listeners</dt><dd>");
     for l in &h.listeners {
-        let _ = write!(o, "<code>{}</code> ({}) ", Escaped(&l.addr), Escaped(l.key));
+        let open = h.open.by_listener.iter().find(|o| o.listener == l.key);
+        let (c, t) = open.map_or((0, 0), |o| (o.connections, o.tunnels));
+        let _ = write!(
+            o,
+            "<div class=\"listener\"><code>{}</code> ({}): {c} connections, {t} tunnels open</div>",
+            Escaped(&l.addr),
+            Escaped(l.key)
+        );
     }
     o.push_str("</dd><dt>Open</dt><dd>");
     let list = |v: &[(String, i64)]| -> String {

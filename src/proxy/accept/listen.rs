@@ -168,6 +168,7 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     gauge: prometheus::IntGauge,
 ) {
+    let here = shared.live().metrics.listener_gauges(role.key());
     loop {
         let (stream, client) = match accept(&tcp).await {
             Ok(x) => x,
@@ -236,12 +237,21 @@ pub(crate) async fn accept_loop(
             }
             continue;
         }
-        let open = live.metrics.open(false, live.config.mode);
+        let open = live
+            .metrics
+            .open(false, live.config.mode)
+            .on(&here.connections);
         let handshake_timeout = live.config.header_timeout;
         drop(live);
         // Tunnels take a clone, so that they count against the limit until they close; the
         // worker's gauge is given back when the slot drops.
-        let permit = Arc::new(Slot::new(permit, shared.owed.clone(), place, gauge.clone()));
+        let permit = Arc::new(Slot::new(
+            permit,
+            shared.owed.clone(),
+            place,
+            gauge.clone(),
+            here.tunnels.clone(),
+        ));
         tokio::spawn(async move {
             // Only the plain proxy takes the socket unregistered (a refusal then needs no
             // epoll registration); the others register it with the worker's runtime.

@@ -305,6 +305,10 @@ fn tunnel(
         started,
     } = opened;
     let open = live.metrics.open(true, live.mode_of(verdict.policy));
+    let open = match &slot {
+        Some(s) => open.on(s.tunnel_gauge()),
+        None => open,
+    };
     let addr = upstream.as_ref().map(|(_, a)| *a);
     let t = Tunnel {
         live,

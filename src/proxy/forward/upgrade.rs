@@ -89,11 +89,15 @@ impl ClientUpgrade {
                     return;
                 }
             };
-            let _slot = self.handles.as_ref().map(|h| {
+            let slot = self.handles.as_ref().map(|h| {
                 h.turn.detach(); // a tunnel now: no request timers
                 h.slot.clone()
             });
-            let _open = live.metrics.open(true, mode);
+            let open = live.metrics.open(true, mode);
+            let _open = match slot.as_deref() {
+                Some(s) => open.on(s.tunnel_gauge()),
+                None => open,
+            };
             let counters = crate::proxy::relay::Counters {
                 up: &live.metrics.tunnel_up,
                 down: &live.metrics.tunnel_down,

@@ -189,7 +189,10 @@ pub(crate) async fn serve(
         }
     }
     drop(counted); // an allow
-    let _open = live.metrics.open(true, live.mode_of(v.policy));
+    let _open = live
+        .metrics
+        .open(true, live.mode_of(v.policy))
+        .on(permit.tunnel_gauge());
     let start = Start {
         buf,
         sent,
