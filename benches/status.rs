@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use aml_egress::allowed::AllowedReport;
-use aml_egress::metrics::{DeniedReport, ListenerKind, Metrics, OpenNow, Outcome};
+use aml_egress::metrics::{DeniedReport, ListenerKind, ListenerOpen, Metrics, OpenNow, Outcome};
 use aml_egress::reason::ReasonCode;
 use aml_egress::status::page;
 use aml_egress::status::{
@@ -86,6 +86,11 @@ fn full() -> Report {
                 connections: vec![("enforce".into(), 120)],
                 tunnels: vec![("enforce".into(), 80)],
                 workers: vec![60, 60],
+                by_listener: vec![ListenerOpen {
+                    listener: "proxy.listen".into(),
+                    connections: 40,
+                    tunnels: 80,
+                }],
             },
             config_source: "/etc/aml-egress/config.toml".into(),
             config_loaded_at: WHEN.into(),
