@@ -114,10 +114,12 @@ pub const DEFAULT_POLICY: &str = "default";
 pub const NO_POLICY: &str = "(none)";
 
 /// One policy's decision counters (`aml_egress_decisions_total` with its `policy` label),
-/// each made on first use: counting a decision then touches no map and no lock.
+/// each made on first use: counting a decision then touches no map and no lock. The
+/// slots themselves (8 KiB) are made at the policy's first decision, so that a hub's
+/// policies that have decided nothing yet cost a pointer each.
 pub struct DecisionSlots {
     policy: Box<str>,
-    slots: Box<[OnceLock<IntCounter>]>,
+    slots: OnceLock<Box<[OnceLock<IntCounter>]>>,
 }
 
 impl DecisionSlots {
@@ -125,7 +127,7 @@ impl DecisionSlots {
     pub fn new(policy: &str) -> Self {
         DecisionSlots {
             policy: policy.into(),
-            slots: (0..DECISION_SLOTS).map(|_| OnceLock::new()).collect(),
+            slots: OnceLock::new(),
         }
     }
 
@@ -406,7 +408,10 @@ impl Metrics {
     ) -> &'a IntCounter {
         let (l, o) = (listener as usize, outcome as usize);
         let slot = (l * Outcome::ALL.len() + o) * ReasonCode::ALL.len() + reason.index();
-        slots.slots[slot].get_or_init(|| {
+        let all = slots
+            .slots
+            .get_or_init(|| (0..DECISION_SLOTS).map(|_| OnceLock::new()).collect());
+        all[slot].get_or_init(|| {
             self.decisions_vec.with_label_values(&[
                 listener.as_str(),
                 outcome.as_str(),
