@@ -298,7 +298,7 @@ fn inbound_udp_and_service_tag_entries_never_allow_traffic() {
     assert!(!b.reference.is_empty());
     // A service tag name is not a host, and a UDP or inbound port is never opened by a
     // reference entry (another rule may still allow the same name on 443).
-    for e in &b.reference {
+    for e in b.reference.iter() {
         let port = e.ports.split([',', '-']).next().unwrap();
         let target = format!("{}:{port}", e.pattern.to_ascii_lowercase());
         assert!(

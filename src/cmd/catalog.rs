@@ -292,7 +292,7 @@ pub fn print_catalog(built: &Built, json: bool, out: &mut dyn Write) -> io::Resu
         "# not enforced by a proxy, kept for reference ({})",
         built.reference.len()
     )?;
-    for e in &built.reference {
+    for e in built.reference.iter() {
         let kind = match (e.direction, e.kind) {
             (crate::catalog::Direction::Inbound, _) => "inbound",
             (_, crate::catalog::EntryKind::ServiceTag) => "tag",

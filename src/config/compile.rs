@@ -37,7 +37,9 @@ pub struct Built {
     pub features: BTreeSet<String>,
     /// Every optional part of the catalog (shared by the policies of one load).
     pub parts: std::sync::Arc<[Part]>,
-    pub reference: Vec<ReferenceEntry>,
+    /// Catalog entries kept for reference, not enforced (shared by the policies of one
+    /// load that render the same ones).
+    pub reference: std::sync::Arc<[ReferenceEntry]>,
     /// Outbound service-tag entries with their prefixes (with a Service Tags file).
     pub network: Vec<NetworkRule>,
     /// The rules of the optional parts that are off: which part would allow a denial.
@@ -360,6 +362,7 @@ impl OffParts {
 pub struct SharedParts {
     hints: std::collections::HashMap<String, std::sync::Arc<Policy>>,
     parts: std::collections::HashMap<String, std::sync::Arc<[Part]>>,
+    reference: std::collections::HashMap<String, std::sync::Arc<[ReferenceEntry]>>,
 }
 
 /// Render the catalog and compile it with the operator rules.
@@ -546,7 +549,14 @@ pub fn build_policy_sharing(s: &Settings, shared: &mut SharedParts) -> Result<Bu
             })
             .clone(),
         off_parts,
-        reference: rendered.reference,
+        reference: {
+            let key = format!("{:?}", rendered.reference);
+            shared
+                .reference
+                .entry(key)
+                .or_insert_with(|| rendered.reference.into())
+                .clone()
+        },
         network: rendered.network,
         warnings,
         // The rendered warnings come first, so their places stay.
