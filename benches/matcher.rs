@@ -34,8 +34,8 @@ use aml_egress::metrics::{ListenerKind, Outcome};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use regex::{RegexSet, RegexSetBuilder};
 
-use aml_egress::config::Settings;
 use aml_egress::config::build_policy;
+use aml_egress::config::{NamelessTls, Settings};
 use aml_egress::policy::{
     Action, HostPattern, Matchable, PathView, Policy, PolicyOptions, PortSet, Rule, RuleSpec,
     Source, Target,
@@ -253,6 +253,9 @@ fn service_tags(c: &mut Criterion) {
     let mut s = Settings::default();
     s.catalog.region = Some("westeurope".into());
     s.catalog.service_tags_file = Some(path.clone());
+    // Addresses on a TLS port are refused by default (they carry no server name); allow
+    // them so that the decisions below reach the prefix lookup this bench measures.
+    s.catalog.service_tags_nameless_tls = NamelessTls::Allow;
     let started = Instant::now();
     let built = build_policy(&s).expect("the policy builds with the tags");
     eprintln!(
