@@ -689,3 +689,120 @@ connect_to = {{ "inspected.test:8443" = "{REAL}:8443", "allowed.test:80" = "{REA
     let got = String::from_utf8_lossy(&got);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+/// `policy.unmatched_clients = "refuse"` behind one appliance: the spoke a policy claims is
+/// served, the other is refused for that reason on both transparent listeners (a TLS
+/// alert; a 403 with or without a `Host`), and nothing it sent reaches an upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoke_no_policy_claims_is_refused_for_that_on_both_transparent_listeners() {
+    if !support::netns::able() {
+        return;
+    }
+    let ns = namespaces();
+    let mut ls = bind_in(
+        &ns.appliance,
+        &[
+            format!("{REAL}:443"),
+            format!("{REAL}:80"),
+            format!("{DECOY}:443"),
+            format!("{DECOY}:80"),
+        ],
+    )
+    .into_iter();
+    let ca = serve_tls(ls.next().unwrap(), &["spoke.test"], "the real upstream");
+    serve_http(ls.next().unwrap(), "the real web upstream");
+    let decoyed = Arc::new(AtomicUsize::new(0));
+    decoy(ls.next().unwrap(), decoyed.clone());
+    decoy(ls.next().unwrap(), decoyed.clone());
+    let config = TempFile::new(
+        "nva-refuse.toml",
+        &format!(
+            r#"
+[proxy]
+listen = ["127.0.0.1:3128"]
+[transparent]
+tls_listen = ["0.0.0.0:15443"]
+http_listen = ["0.0.0.0:15080"]
+[admin]
+listen = "127.0.0.1:9464"
+[policy]
+unmatched_clients = "refuse"
+[upstream]
+connect_to = {{ "spoke.test:443" = "{REAL}:443", "spoke.test:80" = "{REAL}:80" }}
+# What the default policy allows, no unclaimed client gets.
+[[allow]]
+host = "spoke.test"
+ports = [443, 80]
+[[client_policy]]
+name = "spoke-b"
+sources = ["10.232.0.0/24"]
+[[client_policy.allow]]
+host = "spoke.test"
+ports = [443, 80]
+"#
+        ),
+    );
+    let _proxy = serve(&ns.appliance, &config);
+    let ca = ca.0.to_str().unwrap().to_owned();
+    let https = vec![
+        "--cacert".to_owned(),
+        ca,
+        "--resolve".into(),
+        format!("spoke.test:443:{DECOY}"),
+        "https://spoke.test/".into(),
+    ];
+    let status = |args: &[&str]| {
+        let mut v: Vec<String> = ["-o", "/dev/null", "-w", "%{http_code}"]
+            .map(String::from)
+            .to_vec();
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    };
+    let http = status(&[
+        "--resolve",
+        &format!("spoke.test:80:{DECOY}"),
+        "http://spoke.test/",
+    ]);
+    let no_host = status(&["-H", "Host:", &format!("http://{DECOY}/")]);
+
+    let (code, body, err) = curl_in(&ns.spoke, https.clone()).await;
+    assert_eq!((code, body.as_str()), (0, "the real upstream"), "{err}");
+    let (code, body, err) = curl_in(&ns.spoke, http.clone()).await;
+    assert_eq!((code, body.as_str()), (0, "200"), "{err}");
+
+    let c = ns.client.as_str();
+    let (code, _, err) = curl_in(c, https).await;
+    assert_ne!(code, 0, "an unclaimed spoke must not get through");
+    assert!(err.contains("alert") || err.contains("SSL"), "{err}");
+    let (code, body, err) = curl_in(c, http).await;
+    assert_eq!((code, body.as_str()), (0, "403"), "{err}");
+    let (code, body, err) = curl_in(c, no_host).await;
+    assert_eq!((code, body.as_str()), (0, "403"), "{err}");
+    let (_, page, err) = curl_in(
+        c,
+        vec![
+            "--resolve".into(),
+            format!("spoke.test:80:{DECOY}"),
+            "http://spoke.test/".into(),
+        ],
+    )
+    .await;
+    assert!(
+        page.contains("10.231.0.2"),
+        "the 403 names the client: {err}{page}"
+    );
+    assert!(
+        page.contains("unmatched_clients"),
+        "and the setting: {page}"
+    );
+
+    let (_, metrics, err) =
+        curl_in(&ns.appliance, vec!["http://127.0.0.1:9464/metrics".into()]).await;
+    for series in [
+        "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_tls\",policy=\"(none)\",reason=\"no_policy_for_client\"} 1",
+        "aml_egress_decisions_total{decision=\"deny\",listener=\"transparent_http\",policy=\"(none)\",reason=\"no_policy_for_client\"} 3",
+    ] {
+        assert!(metrics.contains(series), "{series}: {err}{metrics}");
+    }
+    assert_eq!(decoyed.load(Ordering::SeqCst), 0, "the decoy was reached");
+}

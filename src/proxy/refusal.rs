@@ -442,10 +442,13 @@ pub(crate) fn note_allowed(
 
 /// The reason a refused TLS name (or a hello without one) is reported under: the policy's
 /// own when it says more than `fallback` (`sni_not_allowed`, `no_server_name`), that is a
-/// narrowed wildcard or an address that only a service tag's prefix allows.
+/// narrowed wildcard, an address that only a service tag's prefix allows, or a client no
+/// policy serves.
 pub(crate) fn name_reason(fallback: ReasonCode, d: &Decision) -> ReasonCode {
     match d.reason {
-        Reason::WildcardNarrowed | Reason::ServiceTagWithoutName => d.reason.code(),
+        Reason::WildcardNarrowed | Reason::ServiceTagWithoutName | Reason::NoPolicyForClient => {
+            d.reason.code()
+        }
         _ => fallback,
     }
 }

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::{CaptureConnection, HttpInfo, capture_c
 use super::host::{self, Named};
 use super::upgrade::{self, ClientUpgrade};
 use crate::metrics::{ListenerKind, Outcome};
-use crate::policy::{InvalidTarget, PathView, Target};
+use crate::policy::{InvalidTarget, PathView, Reason, Target};
 use crate::proxy::activity::Activity;
 use crate::proxy::addr::{ClientAddr, OrigDstAddr};
 use crate::proxy::pool::{DialledAt, UploadBody, causes, dial_error};
@@ -324,7 +324,8 @@ pub(crate) async fn forward_transparent(
         }
         Named::Absent => {
             let v = live.judge(client, &dst, PathView::Hidden);
-            if v.pass {
+            // A client no policy serves is refused for that, with or without a Host.
+            if v.pass || v.decision.reason == Reason::NoPolicyForClient {
                 let shown = dst.to_string();
                 return send(req, client, live, via, dst, (Scheme::Http, &shown), started).await;
             }
