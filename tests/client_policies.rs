@@ -786,3 +786,120 @@ async fn open_tunnels_are_counted_under_the_mode_of_their_policy() {
         "{m}"
     );
 }
+
+/// A TLS client with the certificate `cert`/`key`, trusting the proxy's certificate.
+fn certified_connector(
+    proxy: &TempFile,
+    cert: &TempFile,
+    key: &TempFile,
+) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&proxy.0).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.0)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&key.0).unwrap())
+        .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
+
+/// One request on a kept connection: the response head and body (by Content-Length).
+async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    request: &str,
+) -> (String, String) {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let split = |got: &[u8]| -> Option<(usize, usize)> {
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        Some((end, len))
+    };
+    let got =
+        support::net::read_until(s, |g| split(g).is_some_and(|(e, l)| g.len() >= e + l)).await;
+    let (end, _) = split(&got).unwrap();
+    (
+        String::from_utf8_lossy(&got[..end]).into_owned(),
+        String::from_utf8_lossy(&got[end..]).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_certificates_policy_a_reload_renamed_is_refused_and_closed() {
+    let (echo, web) = (echo_upstream().await, web_upstream().await);
+    let pc = support::clients::proxy_cert();
+    let ca = client_ca("workspace clients");
+    let (a_cert, a_key) = client_cert(&ca, "ws-a.clients.test");
+    let with_names = |cfg: String| {
+        cfg.replace(
+            "sources = [\"127.0.0.2/32\"]",
+            "sources = [\"127.0.0.2/32\"]\nclient_names = [\"ws-a.clients.test\"]",
+        )
+    };
+    // The default policy allows team A's host too, so a connection that fell back to it
+    // (or to its address, 127.0.0.1) would still be let through.
+    let everyone = "[[allow]]\nhost = \"a.example.test\"\nports = [80]\n";
+    let text = format!(
+        "[proxy]\n{}tls_client_ca = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n{everyone}{}",
+        pc.keys,
+        ca.pem.0,
+        with_names(hub(echo, web, ""))
+    );
+    let cfg = TempFile::new("hub-renamed.toml", &text);
+    let p = start_file(&cfg.0).await;
+    let tls = p.tls_addr.unwrap();
+    let connector = certified_connector(&pc.cert, &a_cert, &a_key);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connect = || async {
+        let tcp = TcpStream::connect(tls).await.unwrap();
+        connector.connect(name.clone(), tcp).await.unwrap()
+    };
+    let get_a = "GET http://a.example.test/ HTTP/1.1\r\nHost: a.example.test\r\n\r\n";
+
+    let mut kept = connect().await;
+    let (head, body) = ask(&mut kept, get_a).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "saw a.example.test");
+
+    std::fs::write(
+        &cfg.0,
+        text.replace("name = \"team-a\"", "name = \"team-a-prod\""),
+    )
+    .unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    // The kept connection's policy is gone: refused, told why, and closed.
+    let (head, body) = ask(&mut kept, get_a).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains("no_policy_for_client"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(body.contains("removed or renamed"), "{body}");
+    let mut rest = Vec::new();
+    let _ = kept.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "nothing more on a closed connection");
+    // A new connection's certificate chooses the renamed policy.
+    let mut fresh = connect().await;
+    let (head, body) = ask(&mut fresh, get_a).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "saw a.example.test");
+    let m = p.metrics().await;
+    assert!(
+        m.contains("aml_egress_decisions_total{decision=\"allow\",listener=\"http\",policy=\"team-a-prod\",reason=\"rule\"} 1"),
+        "{m}"
+    );
+}

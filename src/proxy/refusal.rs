@@ -239,6 +239,9 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
 fn in_policy(entry: String, policy: PolicyIx, name: &str, client: ClientAddr) -> String {
     match policy {
         PolicyIx::DEFAULT => entry,
+        PolicyIx::NONE if client.certified.is_some() => {
+            "a new connection (the policy this one's certificate chose was removed or renamed by a reload)".to_owned()
+        }
         PolicyIx::NONE => format!(
             "a [[client_policy]] whose sources hold {} (no policy serves it under policy.unmatched_clients = \"refuse\")",
             client.ip()
@@ -280,6 +283,12 @@ pub(crate) fn policy_reply(
         why.push_str(&crate::config::optional_part_hint(part));
     }
     match v.policy {
+        // The certificate's names are not kept with the connection, so they cannot be
+        // matched again here; a new connection's are.
+        PolicyIx::NONE if client.certified.is_some() => reply(format!(
+            "aml-egress refused {shown}: the [[client_policy]] this connection's client certificate chose is no longer in the configuration (a reload removed or renamed it). Open a new connection: its certificate is matched against the policies in force."
+        ))
+        .closing(),
         PolicyIx::NONE => reply(format!(
             "aml-egress refused {shown}: no [[client_policy]] serves the client {} (policy.unmatched_clients = \"refuse\"). Add its network to the sources of the workspace's [[client_policy]], or set policy.unmatched_clients = \"default\", and reload.",
             client.ip()

@@ -55,6 +55,8 @@ pub struct Reply {
     details: &'static str,
     /// The body without its final line end.
     message: String,
+    /// Sent with `Connection: close`: the connection serves no further request.
+    close: bool,
 }
 
 impl Reply {
@@ -72,7 +74,15 @@ impl Reply {
             error,
             details,
             message,
+            close: false,
         }
+    }
+
+    /// The same answer, ending its connection (`Connection: close`): for a refusal that
+    /// every later request on the connection would get too.
+    pub fn closing(mut self) -> Reply {
+        self.close = true;
+        self
     }
 
     /// The response hyper sends (it adds `Content-Length` and `Date`).
@@ -92,6 +102,12 @@ impl Reply {
         );
         if let Ok(v) = header::HeaderValue::from_str(&proxy_status) {
             h.insert("proxy-status", v);
+        }
+        if self.close {
+            h.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
         }
         resp
     }

@@ -194,14 +194,17 @@ impl Judgement {
 }
 
 impl Live {
-    /// The policy that serves `client`: the client policy with the most specific source
-    /// network holding its address, else the default policy (or none, under
-    /// `policy.unmatched_clients = "refuse"`).
+    /// The policy that serves `client`: the one its certificate chose, else the client
+    /// policy with the most specific source network holding its address, else the default
+    /// policy (or none, under `policy.unmatched_clients = "refuse"`). None, too, for a
+    /// connection whose certificate chose a policy a reload has since removed or renamed:
+    /// which policy its certificate names now cannot be told without matching it again,
+    /// which a new connection does.
     pub(crate) fn choose(&self, client: ClientAddr) -> PolicyIx {
         let chosen = match client.certified {
             Some(key) => match self.clients.compiled.by_key(key) {
                 Some(i) => Chosen::Client(i),
-                None => self.clients.compiled.unclaimed(),
+                None => Chosen::Refused,
             },
             None => self.clients.compiled.choose(client.ip()),
         };
