@@ -524,3 +524,68 @@ fn nva_rules_forward_each_policys_network_rules_for_its_own_clients() {
         run(&["ip", "netns", "exec", &ns.0, "nft", "-f", path]);
     }
 }
+
+/// A policy with a wide source and a narrower one inside another policy's prefix: each
+/// address is exported in exactly the group of the policy the proxy chooses for it (the
+/// most specific prefix), never in none or two.
+#[test]
+fn exported_sources_follow_the_most_specific_prefix_as_the_proxy_does() {
+    let cfg = TempFile::new(
+        "nested.toml",
+        r#"
+[[client_policy]]
+name = "team-a"
+sources = ["10.1.0.0/16"]
+[[client_policy.allow]]
+host = "a.example.test"
+ports = [443]
+
+[[client_policy]]
+name = "team-b"
+sources = ["10.0.0.0/8", "10.1.5.0/24"]
+[[client_policy.allow]]
+host = "b.example.test"
+ports = [443]
+"#,
+    );
+    let (code, text, err) = aml(&["export", "--format", "azure-firewall"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let groups: Vec<(String, Vec<ipnet::IpNet>)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let rule = &g["properties"]["ruleCollections"][0]["rules"][0];
+            let sources = rule["sourceAddresses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().parse().unwrap())
+                .collect();
+            (g["name"].as_str().unwrap().to_owned(), sources)
+        })
+        .collect();
+    for ip in [
+        "10.1.5.9",
+        "10.1.5.0",
+        "10.1.6.9",
+        "10.1.0.1",
+        "10.2.0.1",
+        "10.255.0.1",
+    ] {
+        let (_, out, err) = aml(&["check", "--client", ip, "a.example.test:443"], &cfg);
+        let chosen = out
+            .trim_end()
+            .rsplit_once("[policy ")
+            .map(|(_, p)| p.trim_end_matches(']').to_owned())
+            .unwrap_or_else(|| panic!("{out}{err}"));
+        let addr: std::net::IpAddr = ip.parse().unwrap();
+        let holding: Vec<&str> = groups
+            .iter()
+            .filter(|(_, s)| s.iter().any(|n| n.contains(&addr)))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(holding, [format!("aml-egress-{chosen}")], "{ip}: {text}");
+    }
+}

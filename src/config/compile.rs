@@ -928,23 +928,32 @@ impl ClientPolicies {
             .map(Chosen::Client)
     }
 
-    /// The addresses the client policy at `i` serves: its `sources` less the more specific
-    /// prefixes of other policies inside them (which choose those clients instead), so
-    /// that the lists of two policies never overlap.
+    /// The addresses the client policy at `i` serves: each of its `sources` less the more
+    /// specific prefixes of other policies inside that source (which choose those clients
+    /// instead), so that the lists of two policies never overlap. Each source is carved
+    /// alone: another policy's prefix inside one of its wide sources does not take away
+    /// its own narrower source inside that prefix, which the most specific prefix gives it.
     pub fn served(&self, i: usize) -> Vec<ipnet::IpNet> {
-        let own = &self.policies[i].sources;
         let others: Vec<ipnet::IpNet> = self
             .policies
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .flat_map(|(_, p)| p.sources.iter().copied())
-            .filter(|t| {
-                own.iter()
-                    .any(|s| s.contains(t) && s.prefix_len() < t.prefix_len())
-            })
+            .flat_map(|(_, p)| p.sources.iter().map(ipnet::IpNet::trunc))
             .collect();
-        carve(own, &others)
+        self.policies[i]
+            .sources
+            .iter()
+            .flat_map(|s| {
+                let s = s.trunc();
+                let inside: Vec<ipnet::IpNet> = others
+                    .iter()
+                    .copied()
+                    .filter(|t| s.contains(t) && s.prefix_len() < t.prefix_len())
+                    .collect();
+                carve(&[s], &inside)
+            })
+            .collect()
     }
 
     /// Every client policy's sources: the addresses some client policy claims.
