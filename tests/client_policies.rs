@@ -903,3 +903,44 @@ async fn a_connection_whose_certificates_policy_a_reload_renamed_is_refused_and_
         "{m}"
     );
 }
+
+/// A client policy's load-time notes reach the log at start-up, each line naming the
+/// policy and the setting under it that would add what was left out.
+#[test]
+fn a_client_policys_left_out_entries_are_logged_at_start_up_under_its_name() {
+    use std::io::{BufRead, BufReader};
+    let cfg = TempFile::new(
+        "hub-notes.toml",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[catalog]\nregion = \"westeurope\"\nstorage_account = \"defaultstore\"\n\n[[client_policy]]\nname = \"team-a\"\nsources = [\"127.0.0.2/32\"]\n[client_policy.catalog]\nregion = \"westeurope\"\n",
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["serve", "--config"])
+        .arg(&cfg.0)
+        .env_remove("AML_EGRESS_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut before = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("aml-egress serving") {
+            break;
+        }
+        before.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let notes: Vec<&String> = before.iter().filter(|l| l.contains("left out")).collect();
+    assert_eq!(
+        notes.len(),
+        1,
+        "only team A lacks its storage account: {before:#?}"
+    );
+    let note = notes[0];
+    assert!(note.contains("\"policy\":\"team-a\""), "{note}");
+    assert!(note.contains("[[client_policy]] \\\"team-a\\\""), "{note}");
+    assert!(
+        note.contains("client_policy.catalog.storage_account"),
+        "{note}"
+    );
+}

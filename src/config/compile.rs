@@ -567,24 +567,40 @@ pub fn build_policy_sharing(s: &Settings, shared: &mut SharedParts) -> Result<Bu
 impl Built {
     /// Log the load-time notes (at start-up and after a reload): the catalog entries left
     /// out for want of a placeholder value in one WARN line (how many, and which settings
-    /// would add them), each of them at debug; every other note at WARN.
-    pub fn log_notes(&self) {
+    /// would add them), each of them at debug; every other note at WARN. `policy` is the
+    /// policy's name (`default`, or a `[[client_policy]]`'s), which each line carries and a
+    /// client policy's settings are named under.
+    pub fn log_notes(&self, policy: &str) {
         let n = self.left_out.warnings.len();
         if n > 0 {
-            let settings: Vec<&str> = self.left_out.settings.iter().map(String::as_str).collect();
+            let under = if policy == crate::config::clients::DEFAULT_POLICY {
+                String::new()
+            } else {
+                format!(" of [[client_policy]] {policy:?}")
+            };
+            let settings: Vec<String> = self
+                .left_out
+                .settings
+                .iter()
+                .map(|k| match under.is_empty() {
+                    true => k.clone(),
+                    false => format!("client_policy.{k}"),
+                })
+                .collect();
             let settings = settings.join(", ");
             let entries = if n == 1 { "entry" } else { "entries" };
             tracing::warn!(
+                policy,
                 left_out = n,
                 settings = %settings,
-                "{n} catalog {entries} left out: a placeholder has no value; set {settings} to add them (aml-egress catalog lists them)"
+                "{n} catalog {entries}{under} left out: a placeholder has no value; set {settings} to add them (aml-egress catalog lists them)"
             );
         }
         for (i, w) in self.warnings.iter().enumerate() {
             if self.left_out.warnings.contains(&i) {
-                tracing::debug!(note = %w, "catalog entry left out");
+                tracing::debug!(policy, note = %w, "catalog entry left out");
             } else {
-                tracing::warn!(note = %w, "policy note");
+                tracing::warn!(policy, note = %w, "policy note");
             }
         }
     }
@@ -962,6 +978,13 @@ impl ClientPolicies {
             .iter()
             .flat_map(|p| p.sources.iter().copied())
             .collect()
+    }
+
+    /// Log every client policy's load-time notes (see [`Built::log_notes`]).
+    pub fn log_notes(&self) {
+        for p in &self.policies {
+            p.built.log_notes(&p.name);
+        }
     }
 
     /// The names of every policy, `default` first.
