@@ -944,3 +944,34 @@ fn a_client_policys_left_out_entries_are_logged_at_start_up_under_its_name() {
         "{note}"
     );
 }
+
+/// The files a client policy names and the client CA are watched like the top-level
+/// ones: an edit to any of them is a change the reloader sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_policys_files_and_the_client_ca_are_watched() {
+    let pc = support::clients::proxy_cert();
+    let ca = client_ca("workspace clients");
+    let tags = TempFile::new(
+        "ServiceTags_Public.json",
+        r#"{"changeNumber":1,"cloud":"Public","values":[{"name":"Storage.WestEurope","id":"Storage.WestEurope","properties":{"region":"westeurope","addressPrefixes":["192.0.2.0/24"]}}]}"#,
+    );
+    let cfg = TempFile::new(
+        "hub-watched.toml",
+        &format!(
+            "[proxy]\n{}tls_client_ca = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[client_policy]]\nname = \"team-a\"\nsources = [\"127.0.0.2/32\"]\nclient_names = [\"ws-a.clients.test\"]\n[client_policy.catalog]\nregion = \"westeurope\"\nservice_tags_file = {:?}\n",
+            pc.keys, ca.pem.0, tags.0
+        ),
+    );
+    let p = start_file(&cfg.0).await;
+    let (files, before) = p.reloader.baseline();
+    for f in [&tags.0, &ca.pem.0] {
+        assert!(
+            files.contains(f),
+            "{} is not watched: {files:?}",
+            f.display()
+        );
+    }
+    let again = client_ca("workspace clients, renewed");
+    std::fs::copy(&again.pem.0, &ca.pem.0).unwrap();
+    assert_ne!(p.reloader.baseline().1, before, "the CA's change is seen");
+}

@@ -1113,6 +1113,9 @@ pub struct Compiled {
     pub service_tags_file: Option<PathBuf>,
     /// The files it imports (watched too).
     pub imports: Vec<PathBuf>,
+    /// The catalog, Service Tags and import files the `[[client_policy]]` tables name
+    /// (watched too).
+    pub client_policy_files: Vec<PathBuf>,
     /// The values of the keys a reload cannot change.
     pub restart: RestartOnly,
 }
@@ -1175,13 +1178,23 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
         catalog_file: s.catalog.file,
         service_tags_file: s.catalog.service_tags_file,
         imports: s.catalog.import,
+        client_policy_files: s
+            .client_policies
+            .iter()
+            .flat_map(|cp| {
+                let c = &cp.catalog;
+                c.file.iter().chain(&c.service_tags_file).chain(&c.import)
+            })
+            .cloned()
+            .collect(),
         restart,
     })
 }
 
 impl Compiled {
     /// The files whose contents decide this configuration: the config file and the files
-    /// it names (catalog, certificates, keys). None when serving the embedded defaults.
+    /// it names (catalogs, Service Tags and imports, every policy's; certificates, keys,
+    /// the client CA). None when serving the embedded defaults.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let Some(path) = &self.file else {
             return Vec::new();
@@ -1190,7 +1203,13 @@ impl Compiled {
         files.extend(self.catalog_file.clone());
         files.extend(self.service_tags_file.clone());
         files.extend(self.imports.iter().cloned());
+        for f in &self.client_policy_files {
+            if !files.contains(f) {
+                files.push(f.clone());
+            }
+        }
         files.extend(self.proxy.tls_cert.clone());
+        files.extend(self.proxy.tls_client_ca.clone());
         files.extend(self.proxy.tls_key.clone());
         if let Some(ca) = &self.inspect.ca {
             files.push(ca.cert_path.clone());
