@@ -448,6 +448,35 @@ fn check_decides_as_a_client_or_a_policy_would_and_validate_lists_the_policies()
             .contains("no [[client_policy]] serves the client 10.9.9.9"),
         "{out:?}"
     );
+    // As JSON, and with the targets on standard input, like any other check.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+        .args(["check", "--json", "--config"])
+        .arg(&refuse.0)
+        .args(["--client", "10.9.9.9"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"defaultstore.blob.core.windows.net:443\nhttps://ml.azure.com\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out:?}");
+    for l in &lines {
+        assert_eq!(l["decision"], "deny", "{l}");
+        assert_eq!(l["reason"], "no_policy_for_client", "{l}");
+        assert_eq!(l["policy"], "(none)", "{l}");
+    }
+    assert_eq!(lines[1]["target"], "https://ml.azure.com");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
         .args(["validate", "--config"])

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use super::{EXIT_DENIED, EXIT_OK, exit_code, load};
 use crate::config::{Built, Chosen};
-use crate::policy::{Decision, PathView, Rule, Source, Verdict};
+use crate::metrics::NO_POLICY;
+use crate::policy::{Decision, PathView, Reason, Rule, Source, Verdict};
 
 /// The arguments of `check`.
 #[derive(Debug, clap::Args)]
@@ -68,19 +69,24 @@ fn check(args: Args) -> anyhow::Result<i32> {
         Chosen::Default => &compiled.built,
         Chosen::Client(i) => &*clients.policies[i].built,
         Chosen::Refused => {
-            let ip = args
+            let who = args
                 .client
                 .map(|ip| ip.to_string())
                 .or(args.client_name.clone())
                 .unwrap_or_default();
+            let why = format!(
+                "no [[client_policy]] serves the client {who} (policy.unmatched_clients = \"refuse\")"
+            );
             let mut out = io::stdout().lock();
-            for t in &args.targets {
-                writeln!(
-                    out,
-                    "deny {t} no [[client_policy]] serves the client {ip} (policy.unmatched_clients = \"refuse\")"
-                )?;
-            }
-            return Ok(EXIT_DENIED);
+            let code = check_targets(
+                Decider::Refused(&why),
+                None,
+                &args.targets,
+                args.json,
+                &mut out,
+            )?;
+            out.flush()?;
+            return Ok(code);
         }
     };
     // Named in the output once a configuration has several policies.
@@ -97,7 +103,7 @@ fn check(args: Args) -> anyhow::Result<i32> {
     }
     let mut out = io::stdout().lock();
     let code = check_targets(
-        (built, policy),
+        Decider::Policy(built, policy),
         inspecting,
         &args.targets,
         args.json,
@@ -155,6 +161,16 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
         path: visible.then_some(path),
         tls_path: (!visible).then_some(path),
     }
+}
+
+/// What decides `check`'s targets.
+#[derive(Clone, Copy)]
+pub enum Decider<'a> {
+    /// A compiled policy, named in the output (`Some`) when the configuration has several.
+    Policy(&'a Built, Option<&'a str>),
+    /// No policy: the client is refused whatever the target (`no_policy_for_client`),
+    /// with this explanation.
+    Refused(&'a str),
 }
 
 #[derive(Serialize)]
@@ -227,7 +243,7 @@ pub fn check_with_hint(
 /// in the output, when given), printing one line each (text or JSON): [`EXIT_DENIED`] when
 /// any is denied, else [`EXIT_OK`].
 pub fn check_targets(
-    (built, policy): (&Built, Option<&str>),
+    decider: Decider<'_>,
     inspecting: Option<Inspecting<'_>>,
     targets: &[String],
     json: bool,
@@ -235,10 +251,24 @@ pub fn check_targets(
 ) -> io::Result<i32> {
     let mut any_denied = false;
     let mut one = |input: &str, out: &mut dyn Write| -> io::Result<()> {
-        let (d, explanation, would_allow_with) = check_with_hint(built, inspecting, input);
+        let (built, policy, (d, explanation, would_allow_with)) = match decider {
+            Decider::Policy(built, policy) => (
+                Some(built),
+                policy,
+                check_with_hint(built, inspecting, input),
+            ),
+            Decider::Refused(why) => {
+                let d = Decision {
+                    verdict: Verdict::Deny,
+                    reason: Reason::NoPolicyForClient,
+                    rule: None,
+                };
+                (None, Some(NO_POLICY), (d, why.to_owned(), None))
+            }
+        };
         any_denied |= !d.is_allowed();
         if json {
-            let rule: Option<&Rule> = d.rule.map(|id| built.policy.rule(id));
+            let rule: Option<&Rule> = d.rule.zip(built).map(|(id, b)| b.policy.rule(id));
             let line = CheckLine {
                 target: input,
                 decision: d.verdict,
