@@ -365,11 +365,11 @@ name = "team-a"
         "[[client_policy]]\nname = \"a\"\nsources = [\"10.0.0.0/8\"]\nsource = [\"10.0.0.0/8\"]\n[client_policy.catalog]\ncolour = \"blue\"\n",
     );
     assert!(
-        err.contains("client_policy[1].source: unknown key; did you mean sources?"),
+        err.contains("client_policy[1].source: (policy a) unknown key; did you mean sources?"),
         "{err}"
     );
     assert!(
-        err.contains("client_policy[1].catalog.colour: unknown key"),
+        err.contains("client_policy[1].catalog.colour: (policy a) unknown key"),
         "{err}"
     );
 }

@@ -151,6 +151,7 @@ impl Found<'_> {
             .map(|k| &k.name["catalog.".len()..])
             .collect();
         for (path, t) in self.entries("client_policy", value, origin, "policy") {
+            let before = self.issues.len();
             for (field, v) in t {
                 let key = format!("{path}.{field}");
                 let origin = self.places.of(v, &key);
@@ -169,6 +170,12 @@ impl Found<'_> {
                         self.origins.insert(key, origin);
                     }
                     _ => self.issues.push(unknown(origin, key, field, FIELDS)),
+                }
+            }
+            // Named as every other problem of a policy is (see `clients::rekey`).
+            if let Some(name) = t.get("name").and_then(|v| v.clone().into_string().ok()) {
+                for issue in &mut self.issues[before..] {
+                    issue.problem = format!("(policy {name}) {}", issue.problem);
                 }
             }
         }
