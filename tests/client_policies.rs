@@ -372,6 +372,21 @@ name = "team-a"
         err.contains("client_policy[1].catalog.colour: (policy a) unknown key"),
         "{err}"
     );
+    // A bound on how many, said once rather than per table.
+    let many: String = (0..4097)
+        .map(|i| {
+            format!(
+                "[[client_policy]]\nname = \"p{i}\"\nsources = [\"10.{}.{}.0/24\"]\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let err = support::build_error(&many);
+    assert!(
+        err.contains("client_policy = 4097 tables: more than 4096 client policies"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -234,10 +234,26 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// The cross-policy checks: names, whom each serves, sources claimed twice. (Each
-/// policy's own catalog and rules are checked as its [`derived`] settings.)
+/// The most `[[client_policy]]` tables one configuration may hold: a connection carries
+/// its policy's place in 16 bits, and the `policy` label of the metrics stays bounded.
+pub const MAX_CLIENT_POLICIES: usize = 4096;
+
+/// The cross-policy checks: how many, names, whom each serves, sources claimed twice.
+/// (Each policy's own catalog and rules are checked as its [`derived`] settings.)
 pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
     let mut out = Vec::new();
+    if s.client_policies.len() > MAX_CLIENT_POLICIES {
+        out.push(ConfigIssue {
+            origin: s.origin_of("client_policy"),
+            key: "client_policy".into(),
+            value: Some(format!("{} tables", s.client_policies.len())),
+            problem: format!("more than {MAX_CLIENT_POLICIES} client policies"),
+            fix: Some(
+                "give spokes with the same needs one policy with several sources, or split the hub over several appliances".into(),
+            ),
+        });
+        return out;
+    }
     let mut named: BTreeMap<&str, &ClientPolicySettings> = BTreeMap::new();
     let mut claimed: BTreeMap<IpNet, &ClientPolicySettings> = BTreeMap::new();
     let mut certs: Vec<(crate::policy::HostPattern, &str, &ClientPolicySettings)> = Vec::new();

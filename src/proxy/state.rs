@@ -210,6 +210,7 @@ impl Live {
         };
         match chosen {
             Chosen::Default => PolicyIx::DEFAULT,
+            // At most `MAX_CLIENT_POLICIES` (4096) policies: the place fits.
             Chosen::Client(i) => PolicyIx(i as u16 + 1),
             Chosen::Refused => PolicyIx::NONE,
         }
