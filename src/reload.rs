@@ -199,7 +199,12 @@ impl Reloader {
                 self.metrics.allowed.set_max(allowed);
                 self.metrics.inspect_ca(ca_expiry);
                 shared.replace(live);
-                forget_refused_names(&self.metrics, &shared.live().built.policy);
+                let live = shared.live();
+                let policies: Vec<&crate::policy::Policy> = std::iter::once(&live.built)
+                    .chain(live.clients.compiled.policies.iter().map(|c| &*c.built))
+                    .map(|b| &b.policy)
+                    .collect();
+                forget_refused_names(&self.metrics, &policies);
                 self.metrics
                     .loaded(true, Some((counts, revision.as_str(), cloud)));
                 tracing::info!(
@@ -305,16 +310,18 @@ pub fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
-/// After a reload, forget the names `/allowed` holds that the new policy no longer allows
-/// under the same wildcard (a narrowing refused them), so that the next
-/// `suggest --narrow` does not list them again.
-fn forget_refused_names(metrics: &crate::metrics::Metrics, policy: &crate::policy::Policy) {
+/// After a reload, forget the names `/allowed` holds that no policy (the default one or a
+/// client policy) still allows under the same wildcard (a narrowing refused them), so
+/// that the next `suggest --narrow` does not list them again.
+fn forget_refused_names(metrics: &crate::metrics::Metrics, policies: &[&crate::policy::Policy]) {
     let forgotten = metrics.allowed.retain(|name, port, pattern| {
         let Ok(t) = crate::policy::Target::parse(&format!("{name}:{port}")) else {
             return false;
         };
-        let d = policy.decide(&t, crate::policy::PathView::Hidden);
-        d.is_allowed() && d.rule.and_then(|id| policy.wildcard(id)) == Some(pattern)
+        policies.iter().any(|policy| {
+            let d = policy.decide(&t, crate::policy::PathView::Hidden);
+            d.is_allowed() && d.rule.and_then(|id| policy.wildcard(id)) == Some(pattern)
+        })
     });
     if forgotten > 0 {
         tracing::info!(

@@ -1019,3 +1019,23 @@ async fn a_client_policys_files_and_the_client_ca_are_watched() {
     std::fs::copy(&again.pem.0, &ca.pem.0).unwrap();
     assert_ne!(p.reloader.baseline().1, before, "the CA's change is seen");
 }
+
+/// A name a client policy's wildcard let through stays on `/allowed` across a reload
+/// that still allows it (the reload's clean-up asks every policy, not the default one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_names_a_client_policys_wildcard_allowed() {
+    let web = web_upstream().await;
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"x.a.example.test:80\" = \"{web}\" }}\n\n[[client_policy]]\nname = \"team-a\"\nsources = [\"127.0.0.2/32\"]\n[[client_policy.allow]]\nhost = \"*.a.example.test\"\nports = [80]\n"
+    );
+    let cfg = TempFile::new("hub-allowed.toml", &text);
+    let p = start_file(&cfg.0).await;
+    let out = curl_from("127.0.0.2", p.addr, "http://x.a.example.test/").await;
+    assert!(out.contains("saw x.a.example.test"), "{out}");
+    let (_, before) = get(p.admin_addr, "/allowed", None).await;
+    assert!(before.contains("x.a.example.test"), "{before}");
+    std::fs::write(&cfg.0, format!("{text}# reloaded\n")).unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (_, after) = get(p.admin_addr, "/allowed", None).await;
+    assert!(after.contains("x.a.example.test"), "{after}");
+}
