@@ -123,10 +123,10 @@ fn full() -> Report {
 
 fn bench(c: &mut Criterion) {
     let report = full();
-    let html = page::render(&report, true);
+    let html = page::render(&report, true, false);
     eprintln!("page: {} bytes", html.len());
     c.bench_function("status/render-full", |b| {
-        b.iter(|| page::render(black_box(&report), true))
+        b.iter(|| page::render(black_box(&report), true, false))
     });
     c.bench_function("status/json-full", |b| {
         b.iter(|| serde_json::to_string(black_box(&report)).unwrap())

@@ -1,4 +1,4 @@
-//! The admin listener: the status page (`/`, `/login`), `/metrics`, `/healthz`, `/readyz`,
+//! The admin listener: the status page (`/`, `/login`, `/logout`), `/metrics`, `/healthz`, `/readyz`,
 //! `/denied` and `/allowed`, apart from the proxy's own port so that metrics are never
 //! reachable through the proxy. This module routes; [`crate::status`] builds the page.
 //!
@@ -141,7 +141,7 @@ async fn answer(
     (local, peer): (SocketAddr, SocketAddr),
 ) -> Response<Body> {
     let path = req.uri().path();
-    if path == "/" || path == "/login" {
+    if matches!(path, "/" | "/login" | "/logout") {
         return status_page(admin, req, (local, peer)).await;
     }
     if req.method() != Method::GET {
@@ -291,15 +291,16 @@ async fn status_page(
     if !host::is_ours(host_of(&req), local, peer) {
         return misdirected(&req, local);
     }
-    let signed_in = authorised(admin, &req)
-        || admin.sessions.valid(
-            req.headers()
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
+    let port = local.port();
+    let cookies = || req.headers().get_all(header::COOKIE).into_iter();
+    let signed_in =
+        authorised(admin, &req) || admin.sessions.valid(cookies().map(|v| v.as_bytes()), port);
     let mut r = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/login") => login(admin, req).await,
+        (&Method::POST, "/login") => login(admin, req, port).await,
+        (&Method::POST, "/logout") => {
+            let gone = admin.sessions.close(cookies().map(|v| v.as_bytes()), port);
+            see_other("/login", Some(gone))
+        }
         (&Method::GET, "/login") if signed_in => see_other("/", None),
         (&Method::GET, "/login") => form(StatusCode::OK, None),
         (&Method::GET, "/") if !signed_in => form(StatusCode::UNAUTHORIZED, None),
@@ -311,13 +312,14 @@ async fn status_page(
                 text(StatusCode::OK, "application/json", body + "\n")
             } else {
                 let refresh = param(query, "refresh").as_deref() != Some("0");
-                text(StatusCode::OK, HTML, page::render(&report, refresh))
+                let logout = admin.token.is_some();
+                text(StatusCode::OK, HTML, page::render(&report, refresh, logout))
             }
         }
         _ => text(
             StatusCode::METHOD_NOT_ALLOWED,
             PLAIN,
-            "the status page answers GET /, GET /login and POST /login\n".into(),
+            "the status page answers GET /, GET /login, POST /login and POST /logout\n".into(),
         ),
     };
     secure(&mut r);
@@ -339,13 +341,26 @@ fn see_other(to: &'static str, cookie: Option<String>) -> Response<Body> {
     r
 }
 
-/// `POST /login` with `token=...` (a form): the right token opens a session and sends the
-/// browser to the page; anything else gets the form again, saying why.
-async fn login(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Body> {
+/// `POST /login` with `token=...` (a form) on the admin listener on `port`: the right
+/// token opens a session and sends the browser to the page; anything else gets the form
+/// again, saying why; past [`crate::status::session::MAX_FAILURES_PER_MINUTE`] wrong tokens in a minute,
+/// a `429` without looking.
+async fn login(admin: &Admin, req: Request<hyper::body::Incoming>, port: u16) -> Response<Body> {
     let Some(token) = &admin.token else {
         // Nothing to log in to: the page is open.
         return see_other("/", None);
     };
+    if !admin.sessions.may_try() {
+        let mut r = form(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(
+                "Too many wrong tokens in the last minute; wait a minute and try again (Authorization: Bearer still works).",
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        return r;
+    }
     let limited = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BODY);
     let body = match tokio::time::timeout(LOGIN_BODY_TIMEOUT, limited.collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
@@ -367,6 +382,7 @@ async fn login(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<B
         .and_then(|b| param(b, "token"))
         .unwrap_or_default();
     if !same(given.trim(), token) {
+        admin.sessions.failed();
         return form(
             StatusCode::UNAUTHORIZED,
             Some(
@@ -374,7 +390,7 @@ async fn login(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<B
             ),
         );
     }
-    match admin.sessions.open() {
+    match admin.sessions.open(port) {
         Some(cookie) => see_other("/", Some(cookie)),
         None => form(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -460,8 +460,22 @@ async fn with_a_token_the_page_wants_a_login_and_scripts_keep_the_bearer_header(
     assert_eq!(status, 200);
     assert!(page.contains("id=\"health\""), "{page}");
     assert!(!page.contains(token), "the page never shows the token");
+    // The cookie is this admin listener's (its port in the name: browsers keep cookies by
+    // host alone, and another proxy on the host must not take or clobber it).
+    assert!(
+        cookie.starts_with(&format!("aml_egress_session_{}=", a.port())),
+        "{cookie}"
+    );
+    assert!(
+        page.contains("action=\"/logout\""),
+        "a way to log out: {page}"
+    );
     // A forged session is not one.
-    let forged = format!("Cookie: aml_egress_session={}\r\n", "0".repeat(64));
+    let forged = format!(
+        "Cookie: aml_egress_session_{}={}\r\n",
+        a.port(),
+        "0".repeat(64)
+    );
     assert_eq!(get(a, "/", &forged).await.0, 401);
 
     // Scripts: the bearer header, for the page's JSON and the endpoints, as before.
@@ -495,6 +509,42 @@ async fn with_a_token_the_page_wants_a_login_and_scripts_keep_the_bearer_header(
     )
     .await;
     assert_eq!(status, 200, "with a token, /denied does not check Host");
+
+    // Logging out ends the session: the cookie is cleared and no longer opens the page.
+    let (status, head, _) = request(
+        a,
+        &format!("POST /logout HTTP/1.1\r\nHost: {a}\r\n{with_cookie}Content-Length: 0\r\n"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 303, "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("location: /login"), "{head}");
+    assert!(
+        lower.contains(&format!("set-cookie: aml_egress_session_{}=;", a.port()))
+            && lower.contains("max-age=0"),
+        "{head}"
+    );
+    assert_eq!(get(a, "/", &with_cookie).await.0, 401);
+
+    // Wrong tokens are limited: past the minute's allowance the form answers 429 without
+    // looking, even at the right token; the bearer header still works.
+    let mut statuses = Vec::new();
+    for _ in 0..25 {
+        statuses.push(post("token=guess".into()).await.0);
+    }
+    assert!(
+        statuses.contains(&401) && statuses.ends_with(&[429]),
+        "{statuses:?}"
+    );
+    let (status, head, body) = post(format!("token={token}")).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 60"),
+        "{head}"
+    );
+    assert!(body.contains("wait a minute"), "{body}");
+    assert_eq!(get(a, "/", &bearer).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

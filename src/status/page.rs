@@ -156,8 +156,9 @@ pub fn login(error: Option<&str>) -> String {
     o
 }
 
-/// The status page for `r`; `refresh`: reload itself every 10 s.
-pub fn render(r: &Report, refresh: bool) -> String {
+/// The status page for `r`; `refresh`: reload itself every 10 s; `logout`: offer a
+/// "log out" button (the page needs a token).
+pub fn render(r: &Report, refresh: bool, logout: bool) -> String {
     let s = &r.snapshot;
     let h = &s.health;
     let mut o = String::with_capacity(64 * 1024);
@@ -182,7 +183,13 @@ pub fn render(r: &Report, refresh: bool) -> String {
     } else {
         o.push_str("<span>not refreshing: <a href=\"/\">refresh every 10 s</a></span>");
     }
-    o.push_str("<span><a href=\"/?format=json\">JSON</a></span></header><main>");
+    o.push_str("<span><a href=\"/?format=json\">JSON</a></span>");
+    if logout {
+        o.push_str(
+            "<form method=\"post\" action=\"/logout\"><button type=\"submit\" id=\"logout\">Log out</button></form>",
+        );
+    }
+    o.push_str("</header><main>");
     health(&mut o, r);
     refusals(&mut o, &s.refusals);
     denied(&mut o, r);

@@ -1,7 +1,10 @@
 //! Login sessions of the status page, when `admin.token_file` is set: a browser posts the
 //! token once to `/login` and gets a cookie holding a random session identifier (never the
-//! token), valid for [`SESSION_TTL`]. Sessions live in a bounded map; expired ones are
-//! pruned whenever one is opened.
+//! token), valid for [`SESSION_TTL`] or until it posts `/logout`. Sessions live in a
+//! bounded map; expired ones are pruned whenever one is opened. The cookie's name carries
+//! the admin listener's port, since browsers keep cookies by host alone: two proxies on one
+//! host (or one proxy's two admin addresses) do not overwrite each other's session. Wrong
+//! tokens are limited to [`MAX_FAILURES_PER_MINUTE`] a minute, all clients together.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// The cookie's name.
+/// The start of the cookie's name, which ends with the admin listener's port.
 pub const COOKIE: &str = "aml_egress_session";
+/// Most wrong tokens accepted in a minute; more get `429` until the minute is out.
+pub const MAX_FAILURES_PER_MINUTE: u32 = 20;
 /// How long a session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions kept; opening one more drops the one closest to expiry.
@@ -24,6 +29,8 @@ type Open = (HashMap<[u8; 32], (Instant, u64)>, u64);
 pub struct Sessions {
     open: Mutex<Open>,
     random: SystemRandom,
+    /// The start of the current minute of failed logins, and how many it has had.
+    failures: Mutex<(Instant, u32)>,
 }
 
 impl Default for Sessions {
@@ -31,14 +38,20 @@ impl Default for Sessions {
         Sessions {
             open: Mutex::new((HashMap::new(), 0)),
             random: SystemRandom::new(),
+            failures: Mutex::new((Instant::now(), 0)),
         }
     }
 }
 
+/// The cookie's name for the admin listener on `port`.
+pub fn cookie_name(port: u16) -> String {
+    format!("{COOKIE}_{port}")
+}
+
 impl Sessions {
-    /// Open a session: the `Set-Cookie` value that carries it, or `None` if the system's
-    /// random source failed.
-    pub fn open(&self) -> Option<String> {
+    /// Open a session for the admin listener on `port`: the `Set-Cookie` value that
+    /// carries it, or `None` if the system's random source failed.
+    pub fn open(&self, port: u16) -> Option<String> {
         let mut id = [0u8; 32];
         self.random.fill(&mut id).ok()?;
         let now = Instant::now();
@@ -54,23 +67,57 @@ impl Sessions {
         *opened += 1;
         open.insert(id, (now + SESSION_TTL, *opened));
         Some(format!(
-            "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            cookie_name(port),
             hex(&id),
             SESSION_TTL.as_secs()
         ))
     }
 
-    /// Whether one of the `Cookie` header values carries an open, unexpired session.
-    pub fn valid<'a>(&self, cookies: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    /// Whether one of the `Cookie` header values carries an open, unexpired session of
+    /// the admin listener on `port`.
+    pub fn valid<'a>(&self, cookies: impl IntoIterator<Item = &'a [u8]>, port: u16) -> bool {
         let now = Instant::now();
         let guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        cookies
-            .into_iter()
-            .filter_map(|v| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-            .filter_map(unhex)
-            .any(|id| guard.0.get(&id).is_some_and(|(until, _)| *until > now))
+        ids(cookies, port).any(|id| guard.0.get(&id).is_some_and(|(until, _)| *until > now))
+    }
+
+    /// Close the sessions the `Cookie` header values carry (`/logout`): the `Set-Cookie`
+    /// value that removes the cookie from the browser.
+    pub fn close<'a>(&self, cookies: impl IntoIterator<Item = &'a [u8]>, port: u16) -> String {
+        let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids(cookies, port) {
+            guard.0.remove(&id);
+        }
+        format!(
+            "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+            cookie_name(port)
+        )
+    }
+
+    /// Count a wrong token; `false` once this minute has had [`MAX_FAILURES_PER_MINUTE`],
+    /// when the attempt is refused unchecked.
+    pub fn may_try(&self) -> bool {
+        self.may_try_at(Instant::now())
+    }
+
+    fn may_try_at(&self, now: Instant) -> bool {
+        let guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, n) = *guard;
+        now.duration_since(since) >= Duration::from_secs(60) || n < MAX_FAILURES_PER_MINUTE
+    }
+
+    /// Count a wrong token.
+    pub fn failed(&self) {
+        self.failed_at(Instant::now());
+    }
+
+    fn failed_at(&self, now: Instant) {
+        let mut guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(guard.0) >= Duration::from_secs(60) {
+            *guard = (now, 0);
+        }
+        guard.1 = guard.1.saturating_add(1);
     }
 
     /// Sessions held now (expired ones included until the next prune).
@@ -82,6 +129,22 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The session identifiers of the admin listener on `port` that `Cookie` values carry.
+fn ids<'a>(
+    cookies: impl IntoIterator<Item = &'a [u8]>,
+    port: u16,
+) -> impl Iterator<Item = [u8; 32]> {
+    let name = cookie_name(port);
+    cookies
+        .into_iter()
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(move |kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| unhex(v))?
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -113,29 +176,53 @@ mod tests {
     #[test]
     fn a_session_cookie_is_random_flagged_and_recognised() {
         let s = Sessions::default();
-        let a = s.open().unwrap();
-        let b = s.open().unwrap();
+        let a = s.open(9464).unwrap();
+        let b = s.open(9464).unwrap();
         assert_ne!(a, b);
+        assert!(a.starts_with("aml_egress_session_9464="), "{a}");
         assert!(a.contains("HttpOnly") && a.contains("SameSite=Strict") && a.contains("Path=/"));
         let cookie = format!("other=1; {}", id_of(&a));
-        assert!(s.valid([cookie.as_bytes()]));
-        assert!(!s.valid([b"aml_egress_session=00".as_slice()]));
-        let forged = format!("{COOKIE}={}", "0".repeat(64));
-        assert!(!s.valid([forged.as_bytes()]));
-        assert!(!s.valid(std::iter::empty()));
+        assert!(s.valid([cookie.as_bytes()], 9464));
+        // Another admin listener's cookie (another port on the same host) is not this one's.
+        assert!(!s.valid([cookie.as_bytes()], 9465));
+        assert!(!s.valid([b"aml_egress_session_9464=00".as_slice()], 9464));
+        let forged = format!("{COOKIE}_9464={}", "0".repeat(64));
+        assert!(!s.valid([forged.as_bytes()], 9464));
+        assert!(!s.valid(std::iter::empty(), 9464));
+        // Logging out ends the session and removes the cookie.
+        let gone = s.close([cookie.as_bytes()], 9464);
+        assert!(gone.starts_with("aml_egress_session_9464=;") && gone.contains("Max-Age=0"));
+        assert!(!s.valid([cookie.as_bytes()], 9464));
+        assert!(s.valid([id_of(&b).as_bytes()], 9464), "only that session");
     }
 
     #[test]
     fn sessions_are_bounded() {
         let s = Sessions::default();
-        let first = s.open().unwrap();
+        let first = s.open(1).unwrap();
         for _ in 0..MAX_SESSIONS + 5 {
-            s.open().unwrap();
+            s.open(1).unwrap();
         }
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(
-            !s.valid([id_of(&first).as_bytes()]),
+            !s.valid([id_of(&first).as_bytes()], 1),
             "the oldest went first"
         );
+    }
+
+    #[test]
+    fn wrong_tokens_are_limited_per_minute() {
+        let s = Sessions::default();
+        let now = Instant::now();
+        for _ in 0..MAX_FAILURES_PER_MINUTE {
+            assert!(s.may_try_at(now));
+            s.failed_at(now);
+        }
+        assert!(!s.may_try_at(now));
+        // A minute later, tries are accepted again, and counted afresh.
+        let later = now + Duration::from_secs(61);
+        assert!(s.may_try_at(later));
+        s.failed_at(later);
+        assert!(s.may_try_at(later));
     }
 }
