@@ -224,8 +224,30 @@ async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
     );
     let entry = rows[1]["allow_entry"].as_str().unwrap();
     assert!(
-        entry.starts_with("in the [[client_policy]] named \"team-a\": [catalog.narrow]"),
+        entry.starts_with(
+            "in the [[client_policy]] named \"team-a\": [client_policy.catalog.narrow]"
+        ),
         "{entry}"
+    );
+    // The 403 names the policy's own narrowing, not the top-level one it never reads.
+    let (mut s, mut text) = exchange_from(
+        a.parse().unwrap(),
+        p.addr,
+        "CONNECT teambstore.blob.core.windows.net:443 HTTP/1.1\r\n\r\n",
+    )
+    .await;
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest).await;
+    text.push_str(&rest);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(
+        text.contains("add it to client_policy.catalog.narrow.\"*.blob.core.windows.net\"")
+            && text.contains("[client_policy.catalog.narrow] in that policy and reload"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(" catalog.narrow") && !text.contains("[catalog.narrow]"),
+        "{text}"
     );
 }
 

@@ -252,11 +252,16 @@ pub fn check_targets(
     let mut any_denied = false;
     let mut one = |input: &str, out: &mut dyn Write| -> io::Result<()> {
         let (built, policy, (d, explanation, would_allow_with)) = match decider {
-            Decider::Policy(built, policy) => (
-                Some(built),
-                policy,
-                check_with_hint(built, inspecting, input),
-            ),
+            Decider::Policy(built, policy) => {
+                let (d, mut explanation, mut hint) = check_with_hint(built, inspecting, input);
+                // A client policy's own keys, not the top-level ones it never reads.
+                if policy.is_some_and(|p| p != crate::config::clients::DEFAULT_POLICY) {
+                    use crate::config::clients::in_client_policy;
+                    explanation = in_client_policy(&explanation);
+                    hint = hint.map(|h| in_client_policy(&h));
+                }
+                (Some(built), policy, (d, explanation, hint))
+            }
             Decider::Refused(why) => {
                 let d = Decision {
                     verdict: Verdict::Deny,

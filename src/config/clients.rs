@@ -238,6 +238,30 @@ fn valid_name(name: &str) -> bool {
 /// its policy's place in 16 bits, and the `policy` label of the metrics stays bounded.
 pub const MAX_CLIENT_POLICIES: usize = 4096;
 
+/// `text` (an explanation, a hint or a configuration entry written for the default
+/// policy) as it reads for a `[[client_policy]]`: its keys are the policy's own
+/// (`[[client_policy.allow]]`, `client_policy.catalog.narrow`, ...), since a client policy
+/// takes nothing from the top-level `[catalog]` and `[[allow]]`.
+pub fn in_client_policy(text: &str) -> String {
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<regex::Regex> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        regex::Regex::new(
+            r"(^|[^.\w])(\[\[allow\]\]|\[\[deny\]\]|catalog\.(?:narrow|features|service_tags_nameless_tls|storage_account|region|container_registry|cloud|revision|import|service_tags_file))",
+        )
+        .expect("the pattern is valid")
+    });
+    keys.replace_all(text, |c: &regex::Captures<'_>| {
+        let key = &c[2];
+        let own = match key.strip_prefix("[[") {
+            Some(list) => format!("[[client_policy.{list}"),
+            None => format!("client_policy.{key}"),
+        };
+        format!("{}{own}", &c[1])
+    })
+    .into_owned()
+}
+
 /// The cross-policy checks: how many, names, whom each serves, sources claimed twice.
 /// (Each policy's own catalog and rules are checked as its [`derived`] settings.)
 pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
@@ -373,6 +397,27 @@ pub(super) fn check(s: &Settings) -> Vec<ConfigIssue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_and_hints_name_the_client_policys_own_keys() {
+        assert_eq!(
+            in_client_policy("[catalog.narrow]\n\"*.blob.core.windows.net\" = [..., \"x\"]"),
+            "[client_policy.catalog.narrow]\n\"*.blob.core.windows.net\" = [..., \"x\"]"
+        );
+        assert_eq!(
+            in_client_policy(
+                "add it to catalog.narrow.\"*.b\"; or catalog.features = [\"vscode\"]"
+            ),
+            "add it to client_policy.catalog.narrow.\"*.b\"; or client_policy.catalog.features = [\"vscode\"]"
+        );
+        assert_eq!(
+            in_client_policy("[[allow]]\nhost = \"a\""),
+            "[[client_policy.allow]]\nhost = \"a\""
+        );
+        // Already the policy's own, and words that are not keys, stay as they are.
+        let own = "client_policy.catalog.narrow and the catalog. and (catalog 2026-03)";
+        assert_eq!(in_client_policy(own), own);
+    }
 
     #[test]
     fn ipv4_mapped_source_prefixes_are_read_as_the_ipv4_ones_clients_are_looked_up_by() {

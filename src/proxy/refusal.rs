@@ -248,9 +248,7 @@ fn in_policy(entry: String, policy: PolicyIx, name: &str, client: ClientAddr) ->
         ),
         _ => format!(
             "in the [[client_policy]] named {name:?}: {}",
-            entry
-                .replace("[[allow]]", "[[client_policy.allow]]")
-                .replace("catalog.features", "client_policy.catalog.features")
+            crate::config::clients::in_client_policy(&entry)
         ),
     }
 }
@@ -294,14 +292,34 @@ pub(crate) fn policy_reply(
             client.ip()
         )),
         PolicyIx::DEFAULT => reply(format!(
-            "aml-egress refused {shown}: {why}. If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+            "aml-egress refused {shown}: {why}. {}",
+            what_to_do(d.reason)
         )),
         ix => reply(format!(
-            "aml-egress refused {shown} under the policy {:?} that serves the client {}: {why}. If the workspace needs it, add a [[client_policy.allow]] entry to that policy (or switch on the catalog part that covers it) and reload.",
+            "aml-egress refused {shown} under the policy {:?} that serves the client {}: {}. {}",
             live.policy_name(ix),
-            client.ip()
+            client.ip(),
+            crate::config::clients::in_client_policy(&why),
+            crate::config::clients::in_client_policy(&what_to_do(d.reason)).replace(
+                "and reload",
+                "in that policy and reload"
+            )
         )),
     }
+}
+
+/// The last sentence of a policy's `403`: what lets such a target through, written for
+/// the default policy (see [`crate::config::clients::in_client_policy`]).
+fn what_to_do(reason: Reason) -> String {
+    match reason {
+        Reason::WildcardNarrowed => {
+            "If the workspace needs it, list the name under the wildcard in [catalog.narrow] and reload."
+        }
+        _ => {
+            "If the workspace needs it, add an [[allow]] entry (or switch on the catalog part that covers it) and reload."
+        }
+    }
+    .to_owned()
 }
 
 /// Refuse a target that could not be parsed (counted and logged like any denial).
