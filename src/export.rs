@@ -133,13 +133,25 @@ fn rule_name(i: usize, what: &str) -> String {
 
 /// The Azure Firewall Policy rule collection group.
 pub fn azure_firewall(built: &Built, tls_path_rules: TlsPathRules, sources: &[String]) -> Export {
+    azure_firewall_group(built, tls_path_rules, sources, ("aml-egress", 200))
+}
+
+/// [`azure_firewall`] as the group `name` at `priority`: one policy of several, exported
+/// alone under the name and priority it has among all of them (`aml-egress-team-a`, 200),
+/// so that groups exported one at a time do not collide.
+pub fn azure_firewall_group(
+    built: &Built,
+    tls_path_rules: TlsPathRules,
+    sources: &[String],
+    (name, priority): (&str, u32),
+) -> Export {
     let mut warnings = Vec::new();
     let group = group(
         built,
         tls_path_rules,
         sources,
-        "aml-egress",
-        200,
+        name,
+        priority,
         &mut warnings,
     );
     Export {
@@ -153,19 +165,22 @@ pub fn azure_firewall(built: &Built, tls_path_rules: TlsPathRules, sources: &[St
 #[derive(Debug)]
 pub struct PolicyPart<'a> {
     pub name: &'a str,
+    /// Its place among the policies (the client policies' in file order, then the default
+    /// one's): its group's priority, whichever others are exported with it.
+    pub place: usize,
     pub built: &'a Built,
     pub sources: Vec<String>,
 }
 
 /// Azure Firewall rule collection groups, one per policy (`aml-egress-<policy>`, in the
-/// order given, priorities 200, 300, ...): a JSON array. Each policy's rules apply to its
+/// order given, priorities 200, 300, ... by each policy's place): a JSON array. Each policy's rules apply to its
 /// own sources only; its warnings name it.
 pub fn azure_firewall_policies(parts: &[PolicyPart<'_>], tls_path_rules: TlsPathRules) -> Export {
     let mut warnings = Vec::new();
     let mut groups = Vec::new();
-    for (i, p) in parts.iter().enumerate() {
+    for p in parts {
         let mut own = Vec::new();
-        let priority = u32::try_from(200 + 100 * i).unwrap_or(u32::MAX).min(65_000);
+        let priority = group_priority(p.place);
         groups.push(group(
             p.built,
             tls_path_rules,
@@ -180,6 +195,11 @@ pub fn azure_firewall_policies(parts: &[PolicyPart<'_>], tls_path_rules: TlsPath
         text: serde_json::to_string_pretty(&Value::Array(groups)).unwrap_or_default() + "\n",
         warnings,
     }
+}
+
+/// The priority of the `i`th (0-based) policy's rule collection group: 200, 300, ...
+pub fn group_priority(i: usize) -> u32 {
+    u32::try_from(200 + 100 * i).unwrap_or(u32::MAX).min(65_000)
 }
 
 /// One rule collection group: `name` at `priority`, the rules of `built` for `sources`.

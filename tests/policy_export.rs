@@ -230,7 +230,10 @@ fn one_policy_is_exported_with_its_sources_or_the_given_ones() {
     );
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["name"], "aml-egress");
+    // Named and placed as in the export of every policy, so groups exported one at a
+    // time do not collide.
+    assert_eq!(v["name"], "aml-egress-team-a");
+    assert_eq!(v["properties"]["priority"], 200);
     let a = group_rules(&v, &["10.1.0.0/16"]);
     assert!(a.contains("teamastore.blob.core.windows.net") && a.contains("ml.azure.com"));
     assert!(!a.contains("teambstore.blob.core.windows.net"));
@@ -250,6 +253,8 @@ fn one_policy_is_exported_with_its_sources_or_the_given_ones() {
     );
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["name"], "aml-egress-team-b");
+    assert_eq!(v["properties"]["priority"], 300);
     let b = group_rules(&v, &["10.2.4.0/24"]);
     assert!(b.contains("pypi.contoso.com"), "{b:?}");
 
@@ -266,6 +271,8 @@ fn one_policy_is_exported_with_its_sources_or_the_given_ones() {
     );
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["name"], "aml-egress-default");
+    assert_eq!(v["properties"]["priority"], 400);
     let d = group_rules(&v, &["*"]);
     assert!(d.contains("defaultstore.blob.core.windows.net"), "{d:?}");
     assert!(err.contains("give --source"), "{err}");

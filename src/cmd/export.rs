@@ -16,7 +16,7 @@ use crate::config::{
     Built, Chosen, ClientPolicies, Settings, UnmatchedClients, build_client_policies, build_policy,
     parse_cidr,
 };
-use crate::export::{Export, PolicyPart, SquidDefault};
+use crate::export::{Export, PolicyPart, SquidDefault, group_priority};
 
 /// The arguments of `export`.
 #[derive(Debug, clap::Args)]
@@ -84,7 +84,27 @@ fn export(args: Args) -> anyhow::Result<i32> {
             if chosen == Chosen::Default && args.source.is_empty() && !clients.policies.is_empty() {
                 notes.push("the default policy's rules are exported for any source, the client policies' clients included: give --source CIDR (the clients no policy claims)".to_owned());
             }
-            single(args.format, built, tls_path_rules, &sources)
+            // The group's name and priority as in the export of every policy (the default
+            // one's last), so that groups exported one at a time do not collide.
+            let group = match chosen {
+                Chosen::Client(i) => Some((format!("aml-egress-{name}"), group_priority(i))),
+                _ if !clients.policies.is_empty() => Some((
+                    format!("aml-egress-{}", crate::config::clients::DEFAULT_POLICY),
+                    group_priority(clients.policies.len()),
+                )),
+                _ => None,
+            };
+            match (args.format, group) {
+                (Format::AzureFirewall, Some((group, priority))) => {
+                    crate::export::azure_firewall_group(
+                        built,
+                        tls_path_rules,
+                        &sources,
+                        (&group, priority),
+                    )
+                }
+                _ => single(args.format, built, tls_path_rules, &sources),
+            }
         }
         None if clients.policies.is_empty() => {
             single(args.format, &built, tls_path_rules, &args.source)
@@ -173,6 +193,7 @@ fn every_policy(
         }
         parts.push(PolicyPart {
             name: &cp.name,
+            place: i,
             built: &cp.built,
             sources,
         });
@@ -211,6 +232,7 @@ fn every_policy(
                 }
                 parts.push(PolicyPart {
                     name: crate::config::clients::DEFAULT_POLICY,
+                    place: clients.policies.len(),
                     built: default,
                     sources: source.to_vec(),
                 });
