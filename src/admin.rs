@@ -205,6 +205,22 @@ async fn answer(
                 );
             }
             let top = admin.metrics.top_denied(limit, policy.as_deref());
+            // A misspelt policy is not "nothing denied". A policy a reload removed still
+            // has its rows, so only a name with none that the configuration lacks is one.
+            if let Some(p) = policy.as_deref().filter(|_| top.is_empty()) {
+                let names = admin.status.policy_names();
+                if p != crate::metrics::NO_POLICY && !names.iter().any(|n| n == p) {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        PLAIN,
+                        format!(
+                            "policy {p:?}: no such policy; this configuration has {} (and {} for clients no policy serves)\n",
+                            names.join(", "),
+                            crate::metrics::NO_POLICY
+                        ),
+                    );
+                }
+            }
             let body = serde_json::to_string_pretty(&top).unwrap_or_else(|_| "[]".into());
             text(StatusCode::OK, "application/json", body + "\n")
         }

@@ -229,6 +229,26 @@ async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
         ),
         "{entry}"
     );
+    // A misspelt policy is said to be one, by the endpoint and the command.
+    let (status, body) = get(p.admin_addr, "/denied?policy=team-c", None).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("no such policy; this configuration has default, team-a, team-b"),
+        "{body}"
+    );
+    let admin = format!("http://{}", p.admin_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+            .args(["denied", "--admin", &admin, "--policy", "team-c"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no such policy"), "{err}");
+
     // The 403 names the policy's own narrowing, not the top-level one it never reads.
     let (mut s, mut text) = exchange_from(
         a.parse().unwrap(),

@@ -79,6 +79,21 @@ impl Status {
         })
     }
 
+    /// The names of the configuration's policies now (`default` first): an `ArcSwap`
+    /// load, no lock.
+    pub fn policy_names(&self) -> Vec<String> {
+        let live = self.sources.shared.live();
+        std::iter::once(crate::config::clients::DEFAULT_POLICY.to_owned())
+            .chain(
+                live.clients
+                    .compiled
+                    .policies
+                    .iter()
+                    .map(|p| p.name.clone()),
+            )
+            .collect()
+    }
+
     /// The last snapshot, with what changes between samples (readiness, uptime) read now:
     /// an `ArcSwap` load and an atomic read, no lock.
     pub fn report(&self) -> Report {
