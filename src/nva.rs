@@ -35,7 +35,7 @@ pub enum NvaError {
     #[error("--from: give the compute subnets, for example --from 10.0.1.0/24 (repeatable)")]
     NoSubnets,
     #[error(
-        "transparent.tls_listen and transparent.http_listen are both needed: the rules redirect compute's traffic to them"
+        "transparent.tls_listen and transparent.http_listen are both needed in the configuration: the rules redirect compute's traffic to them; add for example\n[transparent]\ntls_listen = [\"0.0.0.0:15443\"]\nhttp_listen = [\"0.0.0.0:15080\"]"
     )]
     NoListeners,
 }

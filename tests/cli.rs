@@ -649,3 +649,24 @@ fn every_problem_names_its_file_and_line() {
     let problems = err.lines().filter(|l| l.starts_with("  - ")).count();
     assert_eq!(problems, 4, "{err}");
 }
+
+#[test]
+fn nva_rules_without_the_transparent_listeners_names_the_file_and_what_to_add() {
+    let cfg = TempFile::new(
+        "no-transparent.toml",
+        "[catalog]\nregion = \"westeurope\"\n",
+    );
+    let out = bin()
+        .args(["nva-rules", "--from", "10.0.1.0/24", "--config"])
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains(&format!("{}: transparent.tls_listen", cfg.0.display())),
+        "{err}"
+    );
+    assert!(err.contains("[transparent]\ntls_listen = ["), "{err}");
+}

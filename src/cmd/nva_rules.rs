@@ -63,7 +63,14 @@ fn nva_rules(args: Args) -> anyhow::Result<i32> {
             EXIT_OK
         }
         Err(e) => {
-            eprintln!("aml-egress nva-rules: {e}");
+            // What the configuration lacks is added to its file (or the embedded defaults).
+            let place = compiled
+                .file
+                .as_ref()
+                .map_or("the embedded defaults".to_owned(), |f| {
+                    f.display().to_string()
+                });
+            eprintln!("aml-egress nva-rules: {place}: {e}");
             EXIT_USAGE
         }
     };
