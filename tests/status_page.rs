@@ -470,6 +470,10 @@ async fn with_a_token_the_page_wants_a_login_and_scripts_keep_the_bearer_header(
         page.contains("action=\"/logout\""),
         "a way to log out: {page}"
     );
+    assert!(
+        page.contains("the last three need <code>Authorization: Bearer"),
+        "the links the session does not open say so: {page}"
+    );
     // A forged session is not one.
     let forged = format!(
         "Cookie: aml_egress_session_{}={}\r\n",

@@ -196,9 +196,16 @@ pub fn render(r: &Report, refresh: bool, logout: bool) -> String {
     wildcards(&mut o, r);
     catalog(&mut o, r);
     o.push_str(
-        "<p class=\"muted\">The same data for scripts: <a href=\"/?format=json\">/?format=json</a>, \
-         <a href=\"/denied\">/denied</a>, <a href=\"/allowed\">/allowed</a>, <a href=\"/metrics\">/metrics</a>.</p></main>",
+        "<p class=\"muted\" id=\"for-scripts\">The same data for scripts: <a href=\"/?format=json\">/?format=json</a>, \
+         <a href=\"/denied\">/denied</a>, <a href=\"/allowed\">/allowed</a>, <a href=\"/metrics\">/metrics</a>",
     );
+    if logout {
+        // The session opens this page only; the endpoints keep to the bearer header.
+        o.push_str(
+            " (the last three need <code>Authorization: Bearer &lt;token&gt;</code>: this page's login does not open them)",
+        );
+    }
+    o.push_str(".</p></main>");
     let _ = writeln!(o, "<script>{SCRIPT}</script></body></html>");
     o
 }
