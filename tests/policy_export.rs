@@ -328,6 +328,13 @@ fn catalog_and_validate_show_the_named_policy() {
         "{text}"
     );
     assert!(!text.contains("client policies:"), "{text}");
+    // Team B's vscode part brings names that need inspection; the list is every policy's,
+    // and says so under any policy.
+    let (_, text, _) = aml(&["validate", "--policy", "team-a"], &cfg);
+    assert!(
+        text.contains("inspected over every policy (one CA serves them all): "),
+        "{text}"
+    );
 }
 
 #[test]

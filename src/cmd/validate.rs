@@ -44,7 +44,7 @@ fn validate(args: Args) -> anyhow::Result<i32> {
             print_clients(&c.clients, &mut out)?;
         }
     }
-    print_inspection(&c.inspect, &mut out)?;
+    print_inspection(&c.inspect, !c.clients.policies.is_empty(), &mut out)?;
     out.flush()?;
     Ok(EXIT_OK)
 }
@@ -157,8 +157,14 @@ pub fn print_policy(
 }
 
 /// Print which tunnels will be inspected and why (after the warnings, which include a path
-/// rule over a bypassed name).
-pub fn print_inspection(i: &Inspection, out: &mut dyn Write) -> io::Result<()> {
+/// rule over a bypassed name); `several`: the configuration has client policies, whose
+/// inspected names are listed together (one CA serves them all).
+pub fn print_inspection(i: &Inspection, several: bool, out: &mut dyn Write) -> io::Result<()> {
+    let over = if several {
+        " over every policy (one CA serves them all)"
+    } else {
+        ""
+    };
     match &i.ca {
         Some(ca) => {
             let days = (ca.cert.seconds_left(std::time::SystemTime::now()) + 43_200) / 86_400;
@@ -174,7 +180,7 @@ pub fn print_inspection(i: &Inspection, out: &mut dyn Write) -> io::Result<()> {
                     "inspected: nothing (no path rule on a TLS port, no inspect.hosts)"
                 )?;
             } else {
-                writeln!(out, "inspected: {}", i.inspected.len())?;
+                writeln!(out, "inspected{over}: {}", i.inspected.len())?;
             }
         }
         None if i.inspected.is_empty() => {
@@ -182,7 +188,7 @@ pub fn print_inspection(i: &Inspection, out: &mut dyn Write) -> io::Result<()> {
         }
         None => writeln!(
             out,
-            "TLS inspection: off (inspect.ca_cert is not set); with a CA, inspected: {}",
+            "TLS inspection: off (inspect.ca_cert is not set); with a CA, inspected{over}: {}",
             i.inspected.len()
         )?,
     }
