@@ -328,6 +328,44 @@ fn catalog_and_validate_show_the_named_policy() {
         "{text}"
     );
     assert!(!text.contains("client policies:"), "{text}");
+    // Team B is in audit mode: what it denies, the proxy lets through and logs, and check
+    // says so; an operator's deny rule holds in every mode.
+    let (code, text, _) = aml(
+        &[
+            "check",
+            "--client",
+            "10.2.4.7",
+            "teamastore.blob.core.windows.net:443",
+        ],
+        &cfg,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        text.trim_end()
+            .ends_with("[policy team-b, audit: let through and logged]"),
+        "{text}"
+    );
+    let (_, text, _) = aml(
+        &[
+            "check",
+            "--json",
+            "--client",
+            "10.2.4.7",
+            "teamastore.blob.core.windows.net:443",
+            "bad.anaconda.com:443",
+        ],
+        &cfg,
+    );
+    let outcomes: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["outcome"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(outcomes, ["would_deny", "deny"], "{text}");
     // Team B's vscode part brings names that need inspection; the list is every policy's,
     // and says so under any policy.
     let (_, text, _) = aml(&["validate", "--policy", "team-a"], &cfg);

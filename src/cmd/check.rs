@@ -101,9 +101,13 @@ fn check(args: Args) -> anyhow::Result<i32> {
             eprintln!("note: {w}");
         }
     }
+    let audit = match chosen {
+        Chosen::Client(i) => clients.policies[i].mode,
+        _ => compiled.proxy.mode,
+    } == crate::config::Mode::Audit;
     let mut out = io::stdout().lock();
     let code = check_targets(
-        Decider::Policy(built, policy),
+        Decider::Policy(built, policy, audit),
         inspecting,
         &args.targets,
         args.json,
@@ -166,8 +170,9 @@ pub fn parse_check_target(input: &str) -> CheckTarget<'_> {
 /// What decides `check`'s targets.
 #[derive(Clone, Copy)]
 pub enum Decider<'a> {
-    /// A compiled policy, named in the output (`Some`) when the configuration has several.
-    Policy(&'a Built, Option<&'a str>),
+    /// A compiled policy, named in the output (`Some`) when the configuration has several,
+    /// and whether it is in audit mode (its denials are let through and logged).
+    Policy(&'a Built, Option<&'a str>, bool),
     /// No policy: the client is refused whatever the target (`no_policy_for_client`),
     /// with this explanation.
     Refused(&'a str),
@@ -190,6 +195,9 @@ struct CheckLine<'a> {
     /// The policy that decided, when the configuration has client policies.
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<&'a str>,
+    /// What the proxy does, as `aml_egress_decisions_total` counts it: `allow`, `deny`,
+    /// or `would_deny` (denied, but let through and logged in audit mode).
+    outcome: &'static str,
 }
 
 /// Decide one `check` argument.
@@ -251,8 +259,8 @@ pub fn check_targets(
 ) -> io::Result<i32> {
     let mut any_denied = false;
     let mut one = |input: &str, out: &mut dyn Write| -> io::Result<()> {
-        let (built, policy, (d, explanation, would_allow_with)) = match decider {
-            Decider::Policy(built, policy) => {
+        let (built, policy, audit, (d, explanation, would_allow_with)) = match decider {
+            Decider::Policy(built, policy, audit) => {
                 let (d, mut explanation, mut hint) = check_with_hint(built, inspecting, input);
                 // A client policy's own keys, not the top-level ones it never reads.
                 if policy.is_some_and(|p| p != crate::config::clients::DEFAULT_POLICY) {
@@ -260,7 +268,7 @@ pub fn check_targets(
                     explanation = in_client_policy(&explanation);
                     hint = hint.map(|h| in_client_policy(&h));
                 }
-                (Some(built), policy, (d, explanation, hint))
+                (Some(built), policy, audit, (d, explanation, hint))
             }
             Decider::Refused(why) => {
                 let d = Decision {
@@ -268,10 +276,15 @@ pub fn check_targets(
                     reason: Reason::NoPolicyForClient,
                     rule: None,
                 };
-                (None, Some(NO_POLICY), (d, why.to_owned(), None))
+                (None, Some(NO_POLICY), false, (d, why.to_owned(), None))
             }
         };
         any_denied |= !d.is_allowed();
+        let outcome = match (d.verdict, audit && d.reason.audit_lets_through()) {
+            (Verdict::Allow, _) => "allow",
+            (Verdict::Deny, true) => "would_deny",
+            (Verdict::Deny, false) => "deny",
+        };
         if json {
             let rule: Option<&Rule> = d.rule.zip(built).map(|(id, b)| b.policy.rule(id));
             let line = CheckLine {
@@ -284,6 +297,7 @@ pub fn check_targets(
                 explanation,
                 would_allow_with,
                 policy,
+                outcome,
             };
             serde_json::to_writer(&mut *out, &line)?;
             writeln!(out)
@@ -292,9 +306,15 @@ pub fn check_targets(
                 Verdict::Allow => "allow",
                 Verdict::Deny => "deny",
             };
-            match policy {
-                Some(p) => writeln!(out, "{verdict} {input} {explanation} [policy {p}]"),
-                None => writeln!(out, "{verdict} {input} {explanation}"),
+            let audit = match outcome {
+                "would_deny" => "audit: let through and logged",
+                _ => "",
+            };
+            match (policy, audit) {
+                (Some(p), "") => writeln!(out, "{verdict} {input} {explanation} [policy {p}]"),
+                (Some(p), a) => writeln!(out, "{verdict} {input} {explanation} [policy {p}, {a}]"),
+                (None, "") => writeln!(out, "{verdict} {input} {explanation}"),
+                (None, a) => writeln!(out, "{verdict} {input} {explanation} [{a}]"),
             }
         }
     };

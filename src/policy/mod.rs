@@ -332,6 +332,16 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Whether audit mode lets a denial for this reason through (and logs it): every
+    /// policy answer but an operator's deny rule, an invalid target and a client no policy
+    /// serves, which hold in every mode.
+    pub fn audit_lets_through(&self) -> bool {
+        !matches!(
+            self,
+            Reason::DeniedByRule | Reason::InvalidTarget(_) | Reason::NoPolicyForClient
+        )
+    }
+
     /// The stable reason code (metrics, logs, `Proxy-Status`, `check --json`).
     pub fn code(&self) -> ReasonCode {
         match self {

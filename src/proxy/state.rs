@@ -351,10 +351,7 @@ impl Live {
     /// every mode.
     pub(crate) fn apply_mode(&self, ix: PolicyIx, decision: Decision) -> Judgement {
         let allowed = decision.is_allowed();
-        let auditable = !matches!(
-            decision.reason,
-            Reason::DeniedByRule | Reason::InvalidTarget(_) | Reason::NoPolicyForClient
-        );
+        let auditable = decision.reason.audit_lets_through();
         let would_deny = !allowed && auditable && self.mode_of(ix) == Mode::Audit;
         Judgement {
             decision,
