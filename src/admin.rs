@@ -262,8 +262,14 @@ fn misdirected<B>(req: &Request<B>, local: SocketAddr) -> Response<Body> {
         StatusCode::MISDIRECTED_REQUEST,
         PLAIN,
         format!(
-            "this admin listener answers its status page only to requests for {local} or localhost (on a loopback connection), not {named}: \
-             open http://{local}/ , or tunnel to it (ssh -L 9464:{local} ...) and open http://localhost:9464/\n"
+            "this admin listener answers {} only to requests for {local} or localhost (on a loopback connection), not {named}: \
+             ask http://{local}{} , or tunnel to it (ssh -L 9464:{local} ...) and ask http://localhost:9464{}\n",
+            match req.uri().path() {
+                "/" | "/login" | "/logout" => "its status page".to_owned(),
+                p => format!("{} without a token", p.escape_default()),
+            },
+            req.uri().path().escape_default(),
+            req.uri().path().escape_default(),
         ),
     );
     secure(&mut r);

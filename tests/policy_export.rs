@@ -168,6 +168,12 @@ fn azure_firewall_gets_one_rule_collection_group_per_policy_for_its_own_sources(
             "{g}"
         );
     }
+    // Audit mode is the proxy's; a firewall enforces what it is given: said.
+    assert!(
+        err.contains("policy team-b is in audit mode: the proxy lets its denials through, but the exported rules enforce them")
+            && !err.contains("policy team-a is in audit mode"),
+        "{err}"
+    );
     // The default policy cannot be written for "every other source": said, with the way.
     assert!(
         err.contains("default policy is not exported") && err.contains("--policy default --source"),
@@ -366,6 +372,20 @@ fn catalog_and_validate_show_the_named_policy() {
         })
         .collect();
     assert_eq!(outcomes, ["would_deny", "deny"], "{text}");
+    // A certificate name where no policy is chosen by one: said, not silently ignored.
+    let (_, _, err) = aml(
+        &[
+            "check",
+            "--client-name",
+            "ws.team-a.test",
+            "ml.azure.com:443",
+        ],
+        &cfg,
+    );
+    assert!(
+        err.contains("no [[client_policy]] has client_names"),
+        "{err}"
+    );
     // Team B's vscode part brings names that need inspection; the list is every policy's,
     // and says so under any policy.
     let (_, text, _) = aml(&["validate", "--policy", "team-a"], &cfg);

@@ -50,6 +50,11 @@ fn check(args: Args) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     let clients = &compiled.clients;
+    if args.client_name.is_some() && clients.policies.iter().all(|p| p.client_names.is_empty()) {
+        eprintln!(
+            "note: no [[client_policy]] has client_names, so a certificate's name chooses no policy here (nor in the proxy): the client is decided by its address, or as unclaimed"
+        );
+    }
     // A certificate's name wins over the address, as in the proxy.
     let certified = args
         .client_name

@@ -118,6 +118,29 @@ fn export(args: Args) -> anyhow::Result<i32> {
             &mut notes,
         ),
     };
+    // Audit mode is the proxy's: a firewall enforces whatever it is given.
+    let audited: Vec<&str> = match &args.policy {
+        Some(name) => vec![name.as_str()],
+        None => std::iter::once(crate::config::clients::DEFAULT_POLICY)
+            // Under "refuse" the default policy serves nobody and is not exported.
+            .filter(|_| clients.unmatched == UnmatchedClients::Default)
+            .chain(clients.policies.iter().map(|p| p.name.as_str()))
+            .collect(),
+    }
+    .into_iter()
+    .filter(|n| {
+        let mode = match clients.named(n) {
+            Some(Chosen::Client(i)) => clients.policies[i].mode,
+            _ => settings.proxy.mode,
+        };
+        mode == crate::config::Mode::Audit
+    })
+    .collect();
+    for n in audited {
+        notes.push(format!(
+            "policy {n} is in audit mode: the proxy lets its denials through, but the exported rules enforce them"
+        ));
+    }
     let mut out = io::stdout().lock();
     out.write_all(e.text.as_bytes())?;
     for w in e.warnings.iter().chain(&notes) {
