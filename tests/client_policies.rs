@@ -229,6 +229,12 @@ async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
         ),
         "{entry}"
     );
+    // The status page lists each policy with its catalog selection.
+    let (_, page) = get(p.admin_addr, "/", None).await;
+    assert!(
+        page.contains("<dt>Client policy <code>team-a</code></dt><dd>enforce mode, revision 2026-03, public cloud, region westeurope, parts on: "),
+        "{page}"
+    );
     // A misspelt policy is said to be one, by the endpoint and the command.
     let (status, body) = get(p.admin_addr, "/denied?policy=team-c", None).await;
     assert_eq!(status, 404, "{body}");

@@ -258,6 +258,8 @@ pub struct ClientPolicyRow {
     pub name: String,
     pub mode: &'static str,
     pub revision: String,
+    pub cloud: &'static str,
+    pub region: Option<String>,
     pub parts_on: Vec<String>,
 }
 
@@ -334,6 +336,8 @@ fn catalog(shared: &Shared) -> CatalogInForce {
                 name: cp.name.clone(),
                 mode: cp.mode.as_str(),
                 revision: cp.built.revision.clone(),
+                cloud: cp.built.cloud.name(),
+                region: cp.built.region.clone(),
                 parts_on: cp.built.features.iter().cloned().collect(),
             })
             .collect(),

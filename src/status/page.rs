@@ -563,10 +563,12 @@ fn catalog(o: &mut String, r: &Report) {
     for p in &c.client_policies {
         let _ = write!(
             o,
-            "<dt>Client policy <code>{}</code></dt><dd>{} mode, revision {}, parts on: {}</dd>",
+            "<dt>Client policy <code>{}</code></dt><dd>{} mode, revision {}, {} cloud, region {}, parts on: {}</dd>",
             Escaped(&p.name),
             Escaped(p.mode),
             Escaped(&p.revision),
+            Escaped(p.cloud),
+            Escaped(p.region.as_deref().unwrap_or("not set")),
             Escaped(&if p.parts_on.is_empty() {
                 "none".to_owned()
             } else {
