@@ -191,8 +191,7 @@ impl Reloader {
                 for c in changes {
                     tracing::warn!(key = c.key, running = %c.running, file = %c.new, "this setting changes only on restart; the running value stays");
                 }
-                live.built.log_notes(crate::config::clients::DEFAULT_POLICY);
-                live.clients.compiled.log_notes();
+                live.clients.compiled.log_notes(&live.built);
                 *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
                 self.logs.set_per_target(lines);
                 self.metrics.set_max_denied(denied);

@@ -100,8 +100,7 @@ pub async fn start(
     let built = &compiled.built;
     let counts = built.policy.counts();
     let (cloud, revision) = (built.cloud, built.revision.clone());
-    built.log_notes(crate::config::clients::DEFAULT_POLICY);
-    compiled.clients.log_notes();
+    compiled.clients.log_notes(built);
     let (mode, interval) = (compiled.proxy.mode, compiled.reload.watch_interval_secs);
     metrics.inspect_ca(compiled.inspect.expires_at());
     let reloader = Reloader::new(&compiled, own.clone(), metrics.clone(), logs.clone());

@@ -997,13 +997,14 @@ async fn a_connection_whose_certificates_policy_a_reload_renamed_is_refused_and_
 }
 
 /// A client policy's load-time notes reach the log at start-up, each line naming the
-/// policy and the setting under it that would add what was left out.
+/// policy and the setting under it that would add what was left out; the default policy's
+/// are left out when it serves nobody.
 #[test]
 fn a_client_policys_left_out_entries_are_logged_at_start_up_under_its_name() {
     use std::io::{BufRead, BufReader};
     let cfg = TempFile::new(
         "hub-notes.toml",
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[catalog]\nregion = \"westeurope\"\nstorage_account = \"defaultstore\"\n\n[[client_policy]]\nname = \"team-a\"\nsources = [\"127.0.0.2/32\"]\n[client_policy.catalog]\nregion = \"westeurope\"\n",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[policy]\nunmatched_clients = \"refuse\"\n[catalog]\nregion = \"westeurope\"\n\n[[client_policy]]\nname = \"team-a\"\nsources = [\"127.0.0.2/32\"]\n[client_policy.catalog]\nregion = \"westeurope\"\n",
     );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
         .args(["serve", "--config"])
@@ -1026,7 +1027,7 @@ fn a_client_policys_left_out_entries_are_logged_at_start_up_under_its_name() {
     assert_eq!(
         notes.len(),
         1,
-        "only team A lacks its storage account: {before:#?}"
+        "only team A's (the default policy lacks one too, but serves nobody under refuse): {before:#?}"
     );
     let note = notes[0];
     assert!(note.contains("\"policy\":\"team-a\""), "{note}");

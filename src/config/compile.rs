@@ -980,8 +980,13 @@ impl ClientPolicies {
             .collect()
     }
 
-    /// Log every client policy's load-time notes (see [`Built::log_notes`]).
-    pub fn log_notes(&self) {
+    /// Log the load-time notes (see [`Built::log_notes`]) of `default`, the default
+    /// policy, unless it serves nobody (`policy.unmatched_clients = "refuse"` beside client
+    /// policies), and of every client policy.
+    pub fn log_notes(&self, default: &Built) {
+        if self.policies.is_empty() || self.unmatched == crate::config::UnmatchedClients::Default {
+            default.log_notes(crate::config::clients::DEFAULT_POLICY);
+        }
         for p in &self.policies {
             p.built.log_notes(&p.name);
         }
