@@ -994,6 +994,28 @@ async fn a_connection_whose_certificates_policy_a_reload_renamed_is_refused_and_
         m.contains("aml_egress_decisions_total{decision=\"allow\",listener=\"http\",policy=\"team-a-prod\",reason=\"rule\"} 1"),
         "{m}"
     );
+
+    // The policy keeps its name but no longer claims the certificate, which another policy
+    // (that allows nothing) claims now: the kept connection is not served by the policy
+    // that has the name, which the certificate no longer chooses.
+    let renamed = text.replace("name = \"team-a\"", "name = \"team-a-prod\"");
+    let moved = renamed.replace(
+        "client_names = [\"ws-a.clients.test\"]",
+        "client_names = [\"other.clients.test\"]",
+    ) + "\n[[client_policy]]\nname = \"team-z\"\nsources = [\"127.0.0.9/32\"]\nclient_names = [\"ws-a.clients.test\"]\n";
+    assert_ne!(moved, renamed);
+    std::fs::write(&cfg.0, moved).unwrap();
+    assert!(p.reloader.reload(Trigger::Requested));
+    let (head, _) = ask(&mut fresh, get_a).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains("no_policy_for_client"), "{head}");
+    let mut again = connect().await;
+    let (head, _) = ask(&mut again, get_a).await;
+    assert!(
+        head.starts_with("HTTP/1.1 403"),
+        "team Z allows nothing: {head}"
+    );
+    assert!(!head.contains("no_policy_for_client"), "{head}");
 }
 
 /// A client policy's load-time notes reach the log at start-up, each line naming the

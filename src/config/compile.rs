@@ -811,19 +811,24 @@ pub struct ClientPolicies {
     pub unmatched: crate::config::UnmatchedClients,
 }
 
-/// A policy's name as a small copyable key, which a connection carries when a client
-/// certificate chose its policy: found again by name in whichever configuration is live
-/// when each request is decided (a reload that removes the policy leaves the client to
-/// `policy.unmatched_clients`).
+/// A policy's name and `client_names` as a small copyable key, which a connection carries
+/// when a client certificate chose its policy: found again in whichever configuration is
+/// live when each request is decided. A reload that removes the policy, renames it, or
+/// changes the names it claims (another policy may now have the old name) leaves no
+/// policy with the key, and the connection is refused until it reconnects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PolicyKey(u64);
 
 impl PolicyKey {
-    /// The key of the policy named `name`.
-    pub fn of(name: &str) -> Self {
+    /// The key of the policy named `name` that claims the certificate names `client_names`
+    /// (in any order).
+    pub fn of(name: &str, client_names: &[String]) -> Self {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         name.hash(&mut h);
+        let mut names: Vec<&String> = client_names.iter().collect();
+        names.sort();
+        names.hash(&mut h);
         PolicyKey(h.finish())
     }
 }
@@ -868,7 +873,7 @@ impl ClientPolicies {
         let by_key = policies
             .iter()
             .enumerate()
-            .map(|(i, cp)| (PolicyKey::of(&cp.name), i))
+            .map(|(i, cp)| (PolicyKey::of(&cp.name, &cp.client_names), i))
             .collect();
         ClientPolicies {
             policies,

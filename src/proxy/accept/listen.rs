@@ -344,9 +344,10 @@ fn certified(
     let names = crate::proxy::tls::certificate_names(cert);
     match live.clients.compiled.by_certificate(&names) {
         Ok(i) => {
-            let name = &live.clients.compiled.policies[i].name;
+            let cp = &live.clients.compiled.policies[i];
+            let name = &cp.name;
             let certified = ClientAddr {
-                certified: Some(crate::config::PolicyKey::of(name)),
+                certified: Some(crate::config::PolicyKey::of(name, &cp.client_names)),
                 ..client
             };
             let by_address = live.choose(client);
