@@ -275,6 +275,19 @@ async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
         !text.contains(" catalog.narrow") && !text.contains("[catalog.narrow]"),
         "{text}"
     );
+    // A host whose name reads like a key is named as it is, in the 403 and the entry.
+    let odd = "catalog.features.example.test";
+    let refused = requests_from(a, p.addr, &format!("http://{odd}/")).await;
+    assert!(
+        refused.starts_with("403 ") && refused.contains(&format!("refused {odd}")),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains("client_policy.catalog.features.example"),
+        "{refused}"
+    );
+    let (_, body) = get(p.admin_addr, "/denied?policy=team-a", None).await;
+    assert!(body.contains(&format!("host = \\\"{odd}\\\"")), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

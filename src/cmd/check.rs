@@ -270,8 +270,8 @@ pub fn check_targets(
                 // A client policy's own keys, not the top-level ones it never reads.
                 if policy.is_some_and(|p| p != crate::config::clients::DEFAULT_POLICY) {
                     use crate::config::clients::in_client_policy;
-                    explanation = in_client_policy(&explanation);
-                    hint = hint.map(|h| in_client_policy(&h));
+                    explanation = in_client_policy(&explanation, &[input]);
+                    hint = hint.map(|h| in_client_policy(&h, &[input]));
                 }
                 (Some(built), policy, audit, (d, explanation, hint))
             }

@@ -241,13 +241,40 @@ pub const MAX_CLIENT_POLICIES: usize = 4096;
 /// `text` (an explanation, a hint or a configuration entry written for the default
 /// policy) as it reads for a `[[client_policy]]`: its keys are the policy's own
 /// (`[[client_policy.allow]]`, `client_policy.catalog.narrow`, ...), since a client policy
-/// takes nothing from the top-level `[catalog]` and `[[allow]]`.
-pub fn in_client_policy(text: &str) -> String {
+/// takes nothing from the top-level `[catalog]` and `[[allow]]`. The top-level `[[deny]]`
+/// applies to every policy and stays. The parts of `text` that are one of `keep` (what
+/// came from the network: the target, its host) are left as they are, so that a host
+/// named `catalog.features.contoso.com` is never rewritten.
+pub fn in_client_policy(text: &str, keep: &[&str]) -> String {
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut rest = text;
+    loop {
+        let next = keep
+            .iter()
+            .filter(|k| !k.is_empty())
+            .filter_map(|k| rest.find(*k).map(|i| (i, k.len())))
+            .min_by_key(|&(i, n)| (i, std::cmp::Reverse(n)));
+        match next {
+            Some((i, n)) => {
+                out.push_str(&own_keys(&rest[..i]));
+                out.push_str(&rest[i..i + n]);
+                rest = &rest[i + n..];
+            }
+            None => {
+                out.push_str(&own_keys(rest));
+                return out;
+            }
+        }
+    }
+}
+
+/// The rewrite of [`in_client_policy`], on text that holds nothing from the network.
+fn own_keys(text: &str) -> std::borrow::Cow<'_, str> {
     use std::sync::OnceLock;
     static KEYS: OnceLock<regex::Regex> = OnceLock::new();
     let keys = KEYS.get_or_init(|| {
         regex::Regex::new(
-            r"(^|[^.\w])(\[\[allow\]\]|\[\[deny\]\]|catalog\.(?:narrow|features|service_tags_nameless_tls|storage_account|region|container_registry|cloud|revision|import|service_tags_file))",
+            r"(^|[^.\w])(\[\[allow\]\]|catalog\.(?:narrow|features|service_tags_nameless_tls|storage_account|region|container_registry|cloud|revision|import|service_tags_file))",
         )
         .expect("the pattern is valid")
     });
@@ -259,7 +286,6 @@ pub fn in_client_policy(text: &str) -> String {
         };
         format!("{}{own}", &c[1])
     })
-    .into_owned()
 }
 
 /// The cross-policy checks: how many, names, whom each serves, sources claimed twice.
@@ -401,22 +427,44 @@ mod tests {
     #[test]
     fn entries_and_hints_name_the_client_policys_own_keys() {
         assert_eq!(
-            in_client_policy("[catalog.narrow]\n\"*.blob.core.windows.net\" = [..., \"x\"]"),
+            in_client_policy(
+                "[catalog.narrow]\n\"*.blob.core.windows.net\" = [..., \"x\"]",
+                &[]
+            ),
             "[client_policy.catalog.narrow]\n\"*.blob.core.windows.net\" = [..., \"x\"]"
         );
         assert_eq!(
             in_client_policy(
-                "add it to catalog.narrow.\"*.b\"; or catalog.features = [\"vscode\"]"
+                "add it to catalog.narrow.\"*.b\"; or catalog.features = [\"vscode\"]",
+                &[]
             ),
             "add it to client_policy.catalog.narrow.\"*.b\"; or client_policy.catalog.features = [\"vscode\"]"
         );
         assert_eq!(
-            in_client_policy("[[allow]]\nhost = \"a\""),
+            in_client_policy("[[allow]]\nhost = \"a\"", &[]),
             "[[client_policy.allow]]\nhost = \"a\""
         );
-        // Already the policy's own, and words that are not keys, stay as they are.
-        let own = "client_policy.catalog.narrow and the catalog. and (catalog 2026-03)";
-        assert_eq!(in_client_policy(own), own);
+        // Already the policy's own, the global [[deny]], and words that are not keys,
+        // stay as they are.
+        let own = "client_policy.catalog.narrow, [[deny]] #1, the catalog. and (catalog 2026-03)";
+        assert_eq!(in_client_policy(own, &[]), own);
+        // What came from the network is never rewritten, wherever it stands.
+        let host = "catalog.features.contoso.com";
+        assert_eq!(
+            in_client_policy(
+                &format!("[[allow]]\nhost = \"{host}\"\nports = [80]"),
+                &[host]
+            ),
+            format!("[[client_policy.allow]]\nhost = \"{host}\"\nports = [80]")
+        );
+        let shown = "x.test:80/[[allow]]";
+        assert_eq!(
+            in_client_policy(
+                &format!("{shown}: no rule matches; add an [[allow]] entry"),
+                &[shown]
+            ),
+            format!("{shown}: no rule matches; add an [[client_policy.allow]] entry")
+        );
     }
 
     #[test]

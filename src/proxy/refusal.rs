@@ -206,7 +206,7 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
                         ),
                         None => allow_entry(t, reason, rule),
                     };
-                    in_policy(entry, policy, name, client)
+                    in_policy(entry, policy, name, &[&host, &t.to_string()])
                 })
         }
         None => live.metrics.denied(
@@ -234,21 +234,17 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
 }
 
 /// Where a suggested configuration entry goes: as written for the default policy, in
-/// the client's `[[client_policy]]` for its policy, or, for a client no policy serves, a
-/// policy that claims it.
-fn in_policy(entry: String, policy: PolicyIx, name: &str, client: ClientAddr) -> String {
+/// the client's `[[client_policy]]` for its policy (`keep`: what in `entry` came from the
+/// network, never rewritten), or, for a client no policy serves, a policy that claims it.
+/// The refused clients of every kind share one `/denied` row per target, so that advice
+/// names no one client.
+fn in_policy(entry: String, policy: PolicyIx, name: &str, keep: &[&str]) -> String {
     match policy {
         PolicyIx::DEFAULT => entry,
-        PolicyIx::NONE if client.certified.is_some() => {
-            "a new connection (the policy this one's certificate chose was removed or renamed by a reload)".to_owned()
-        }
-        PolicyIx::NONE => format!(
-            "a [[client_policy]] whose sources hold {} (no policy serves it under policy.unmatched_clients = \"refuse\")",
-            client.ip()
-        ),
+        PolicyIx::NONE => "a [[client_policy]] that serves the client: sources holding its address, or client_names matching its certificate (no policy serves it under policy.unmatched_clients = \"refuse\"; a connection whose certificate's policy a reload removed or renamed must reconnect)".to_owned(),
         _ => format!(
             "in the [[client_policy]] named {name:?}: {}",
-            crate::config::clients::in_client_policy(&entry)
+            crate::config::clients::in_client_policy(&entry, keep)
         ),
     }
 }
@@ -299,8 +295,8 @@ pub(crate) fn policy_reply(
             "aml-egress refused {shown} under the policy {:?} that serves the client {}: {}. {}",
             live.policy_name(ix),
             client.ip(),
-            crate::config::clients::in_client_policy(&why),
-            crate::config::clients::in_client_policy(&what_to_do(d.reason)).replace(
+            crate::config::clients::in_client_policy(&why, &[shown]),
+            crate::config::clients::in_client_policy(&what_to_do(d.reason), &[]).replace(
                 "and reload",
                 "in that policy and reload"
             )
