@@ -207,7 +207,7 @@ async fn answer(
             let top = admin.metrics.top_denied(limit, policy.as_deref());
             // A misspelt policy is not "nothing denied". A policy a reload removed still
             // has its rows, so only a name with none that the configuration lacks is one.
-            if let Some(p) = policy.as_deref().filter(|_| top.is_empty()) {
+            if let Some(p) = policy.as_deref().filter(|_| top.is_empty() && limit > 0) {
                 let names = admin.status.policy_names();
                 if p != crate::metrics::NO_POLICY && !names.iter().any(|n| n == p) {
                     return text(
@@ -365,18 +365,18 @@ fn see_other(to: &'static str, cookie: Option<String>) -> Response<Body> {
 
 /// `POST /login` with `token=...` (a form) on the admin listener on `port`: the right
 /// token opens a session and sends the browser to the page; anything else gets the form
-/// again, saying why; past [`crate::status::session::MAX_FAILURES_PER_MINUTE`] wrong tokens in a minute,
-/// a `429` without looking.
+/// again, saying why; past [`crate::status::session::MAX_ATTEMPTS_PER_MINUTE`] attempts in
+/// a minute, a `429` without reading the form.
 async fn login(admin: &Admin, req: Request<hyper::body::Incoming>, port: u16) -> Response<Body> {
     let Some(token) = &admin.token else {
         // Nothing to log in to: the page is open.
         return see_other("/", None);
     };
-    if !admin.sessions.may_try() {
+    if !admin.sessions.attempt() {
         let mut r = form(
             StatusCode::TOO_MANY_REQUESTS,
             Some(
-                "Too many wrong tokens in the last minute; wait a minute and try again (Authorization: Bearer still works).",
+                "Too many login attempts in the last minute; wait a minute and try again (Authorization: Bearer still works).",
             ),
         );
         r.headers_mut()
@@ -404,7 +404,6 @@ async fn login(admin: &Admin, req: Request<hyper::body::Incoming>, port: u16) ->
         .and_then(|b| param(b, "token"))
         .unwrap_or_default();
     if !same(given.trim(), token) {
-        admin.sessions.failed();
         return form(
             StatusCode::UNAUTHORIZED,
             Some(

@@ -661,3 +661,32 @@ ports = [443]
         assert_eq!(holding, [format!("aml-egress-{chosen}")], "{ip}: {text}");
     }
 }
+
+/// Azure Firewall takes group priorities up to 65000: a policy past the 648th is warned
+/// about, not silently given a priority another group has.
+#[test]
+fn a_policy_whose_group_priority_would_pass_azures_limit_is_warned_about() {
+    let mut text = String::from("[policy]\nunmatched_clients = \"refuse\"\n");
+    for i in 0..650 {
+        text.push_str(&format!(
+            "[[client_policy]]\nname = \"p{i}\"\nsources = [\"10.{}.{}.0/24\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let cfg = TempFile::new("many.toml", &text);
+    let (code, out, err) = aml(&["export", "--format", "azure-firewall"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[647]["properties"]["priority"], 64_900);
+    assert_eq!(v[648]["properties"]["priority"], 65_000);
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("Azure Firewall takes at most 65000"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("(policy p649) its group's priority would be 65100"),
+        "{err}"
+    );
+}
