@@ -531,7 +531,7 @@ async fn with_a_token_the_page_wants_a_login_and_scripts_keep_the_bearer_header(
     );
     assert_eq!(get(a, "/", &with_cookie).await.0, 401);
 
-    // Wrong tokens are limited: past the minute's allowance the form answers 429 without
+    // Login attempts are limited: past the minute's allowance the form answers 429 without
     // looking, even at the right token; the bearer header still works.
     let mut statuses = Vec::new();
     for _ in 0..25 {

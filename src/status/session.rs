@@ -3,8 +3,8 @@
 //! token), valid for [`SESSION_TTL`] or until it posts `/logout`. Sessions live in a
 //! bounded map; expired ones are pruned whenever one is opened. The cookie's name carries
 //! the admin listener's port, since browsers keep cookies by host alone: two proxies on one
-//! host (or one proxy's two admin addresses) do not overwrite each other's session. Wrong
-//! tokens are limited to [`MAX_FAILURES_PER_MINUTE`] a minute, all clients together.
+//! host (or one proxy's two admin addresses) do not overwrite each other's session. Login
+//! attempts are limited to [`MAX_ATTEMPTS_PER_MINUTE`] a minute, all clients together.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,8 +14,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 /// The start of the cookie's name, which ends with the admin listener's port.
 pub const COOKIE: &str = "aml_egress_session";
-/// Most wrong tokens accepted in a minute; more get `429` until the minute is out.
-pub const MAX_FAILURES_PER_MINUTE: u32 = 20;
+/// Most login attempts taken in a minute; more get `429` until the minute is out.
+pub const MAX_ATTEMPTS_PER_MINUTE: u32 = 20;
 /// How long a session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions kept; opening one more drops the one closest to expiry.
@@ -29,7 +29,7 @@ type Open = (HashMap<[u8; 32], (Instant, u64)>, u64);
 pub struct Sessions {
     open: Mutex<Open>,
     random: SystemRandom,
-    /// The start of the current minute of failed logins, and how many it has had.
+    /// The start of the current minute of login attempts, and how many it has had.
     failures: Mutex<(Instant, u32)>,
 }
 
@@ -95,29 +95,23 @@ impl Sessions {
         )
     }
 
-    /// Count a wrong token; `false` once this minute has had [`MAX_FAILURES_PER_MINUTE`],
-    /// when the attempt is refused unchecked.
-    pub fn may_try(&self) -> bool {
-        self.may_try_at(Instant::now())
+    /// Count a login attempt, before its form is read; `false` once this minute has had
+    /// [`MAX_ATTEMPTS_PER_MINUTE`], when the attempt is refused unread. Counting first,
+    /// under one lock, keeps attempts sent at once from all passing the check.
+    pub fn attempt(&self) -> bool {
+        self.attempt_at(Instant::now())
     }
 
-    fn may_try_at(&self, now: Instant) -> bool {
-        let guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let (since, n) = *guard;
-        now.duration_since(since) >= Duration::from_secs(60) || n < MAX_FAILURES_PER_MINUTE
-    }
-
-    /// Count a wrong token.
-    pub fn failed(&self) {
-        self.failed_at(Instant::now());
-    }
-
-    fn failed_at(&self, now: Instant) {
+    fn attempt_at(&self, now: Instant) -> bool {
         let mut guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if now.duration_since(guard.0) >= Duration::from_secs(60) {
             *guard = (now, 0);
         }
-        guard.1 = guard.1.saturating_add(1);
+        if guard.1 >= MAX_ATTEMPTS_PER_MINUTE {
+            return false;
+        }
+        guard.1 += 1;
+        true
     }
 
     /// Sessions held now (expired ones included until the next prune).
@@ -211,18 +205,16 @@ mod tests {
     }
 
     #[test]
-    fn wrong_tokens_are_limited_per_minute() {
+    fn login_attempts_are_limited_per_minute() {
         let s = Sessions::default();
         let now = Instant::now();
-        for _ in 0..MAX_FAILURES_PER_MINUTE {
-            assert!(s.may_try_at(now));
-            s.failed_at(now);
+        for _ in 0..MAX_ATTEMPTS_PER_MINUTE {
+            assert!(s.attempt_at(now));
         }
-        assert!(!s.may_try_at(now));
-        // A minute later, tries are accepted again, and counted afresh.
+        assert!(!s.attempt_at(now));
+        // A minute later, attempts are taken again, and counted afresh.
         let later = now + Duration::from_secs(61);
-        assert!(s.may_try_at(later));
-        s.failed_at(later);
-        assert!(s.may_try_at(later));
+        assert!(s.attempt_at(later));
+        assert!(s.attempt_at(later));
     }
 }
