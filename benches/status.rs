@@ -31,6 +31,7 @@ fn full() -> Report {
                 port: 443,
                 policy: "default".into(),
                 count: 1000 - i as u64,
+                let_through: 0,
                 first_seen: WHEN.into(),
                 last_seen: WHEN.into(),
                 reason: "host_mismatch".into(),

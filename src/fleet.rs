@@ -82,6 +82,7 @@ pub fn merge_denied(
             Entry::Occupied(mut o) => {
                 let m = o.get_mut();
                 m.count = m.count.saturating_add(row.count);
+                m.let_through = m.let_through.saturating_add(row.let_through);
                 // The last refusal's reason and bytes are the latest instance's.
                 if row.last_seen > m.last_seen && !row.reason.is_empty() {
                     m.reason = row.reason;
@@ -194,6 +195,7 @@ mod tests {
             port: port.parse().unwrap(),
             policy: "default".into(),
             count,
+            let_through: 0,
             first_seen: first.into(),
             last_seen: last.into(),
             allow_entry: format!("[[allow]]\nhost = \"{host}\"\nports = [{port}]"),

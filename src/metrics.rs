@@ -437,10 +437,28 @@ impl Metrics {
         why: (ReasonCode, &str),
         suggestion: impl FnOnce() -> String,
     ) -> u64 {
+        self.denied_as(host, port, policy, why, false, suggestion)
+    }
+
+    /// [`Metrics::denied`], saying whether audit mode let this one through
+    /// (`let_through`: a would-be denial, which reached the destination).
+    pub fn denied_as(
+        &self,
+        host: &str,
+        port: u16,
+        policy: &str,
+        why: (ReasonCode, &str),
+        let_through: bool,
+        suggestion: impl FnOnce() -> String,
+    ) -> u64 {
         let mut t = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-        let note = t.note((host, port, policy), why, suggestion, |h, p, pol| {
-            self.denied_vec.with_label_values(&[h, &p.to_string(), pol])
-        });
+        let note = t.note(
+            (host, port, policy),
+            why,
+            let_through,
+            suggestion,
+            |h, p, pol| self.denied_vec.with_label_values(&[h, &p.to_string(), pol]),
+        );
         // Unregister evicted series under the table's lock: a target evicted here and
         // denied again by another thread must get a registered series, not this one.
         for ((h, p, pol), count) in note.evicted {
@@ -765,6 +783,10 @@ pub struct DeniedReport {
     #[serde(default = "default_policy")]
     pub policy: String,
     pub count: u64,
+    /// Of `count`, how many audit mode let through (would-be denials): those reached the
+    /// destination. Instances from before it was kept send none.
+    #[serde(default)]
+    pub let_through: u64,
     pub first_seen: String,
     pub last_seen: String,
     /// The `[[allow]]` entry that would let it through.
@@ -810,11 +832,14 @@ struct DeniedEntry {
     /// The last refusal's reason, and what it refused (at most [`MAX_SEEN`] bytes).
     reason: ReasonCode,
     seen: String,
+    /// Of `count`, those audit mode let through.
+    let_through: u64,
 }
 
 /// What a report needs of an entry, copied under the table's lock.
 struct DeniedCopy {
     count: u64,
+    let_through: u64,
     first: SystemTime,
     last: SystemTime,
     suggestion: String,
@@ -826,6 +851,7 @@ impl DeniedCopy {
     fn of(e: &DeniedEntry) -> Self {
         DeniedCopy {
             count: e.count,
+            let_through: e.let_through,
             first: e.first,
             last: e.last,
             suggestion: e.suggestion.clone(),
@@ -846,6 +872,7 @@ impl DeniedCopy {
             port: *port,
             policy: policy.clone(),
             count: self.count,
+            let_through: self.let_through,
             first_seen: rfc3339(self.first),
             last_seen: rfc3339(self.last),
             allow_entry: self.suggestion.clone(),
@@ -900,6 +927,7 @@ impl DeniedTable {
         &mut self,
         (host, port, policy): (&str, u16, &str),
         (reason, seen): (ReasonCode, &str),
+        let_through: bool,
         suggestion: impl FnOnce() -> String,
         series: impl FnOnce(&str, u16, &str) -> IntCounter,
     ) -> Noted {
@@ -924,6 +952,7 @@ impl DeniedTable {
                     in_window: 0,
                     reason,
                     seen: String::new(),
+                    let_through: 0,
                 },
             );
         }
@@ -937,6 +966,7 @@ impl DeniedTable {
         self.by_tick.remove(&e.tick);
         self.by_tick.insert(tick, key);
         e.count += 1;
+        e.let_through += u64::from(let_through);
         e.tick = tick;
         e.last = SystemTime::now();
         e.series.inc();

@@ -1123,3 +1123,56 @@ async fn a_reload_keeps_the_names_a_client_policys_wildcard_allowed() {
     let (_, after) = get(p.admin_addr, "/allowed", None).await;
     assert!(after.contains("x.a.example.test"), "{after}");
 }
+
+/// What audit mode lets through reached the destination: `/denied` and `aml-egress
+/// denied` say how many of a target's refusals were let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_rows_count_what_audit_mode_let_through() {
+    let web = web_upstream().await;
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[upstream]\nallow_cidrs = [\"127.0.0.1/32\"]\nconnect_to = {{ \"x.example.test:80\" = \"{web}\" }}\n\n[[client_policy]]\nname = \"onboarding\"\nsources = [\"127.0.0.2/32\"]\nmode = \"audit\"\n"
+    );
+    let cfg = TempFile::new("hub-audit.toml", &text);
+    let p = start_file(&cfg.0).await;
+    for _ in 0..2 {
+        let out = curl_from("127.0.0.2", p.addr, "http://x.example.test/").await;
+        assert!(
+            out.contains("saw x.example.test"),
+            "audit lets it through: {out}"
+        );
+    }
+    let out = curl_from("127.0.0.1", p.addr, "http://x.example.test/").await;
+    assert!(out.ends_with("403"), "the default policy enforces: {out}");
+
+    let (_, body) = get(p.admin_addr, "/denied", None).await;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let by_policy = |p: &str| {
+        rows.iter()
+            .find(|r| r["policy"] == p)
+            .unwrap_or_else(|| panic!("{p}: {body}"))
+    };
+    assert_eq!(by_policy("onboarding")["count"], 2);
+    assert_eq!(by_policy("onboarding")["let_through"], 2);
+    assert_eq!(by_policy("default")["let_through"], 0);
+
+    let admin = format!("http://{}", p.admin_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+            .args(["denied", "--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().next().unwrap().contains("LET THROUGH"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains("onboarding"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..3], ["2", "2", "x.example.test:80"], "{table}");
+}

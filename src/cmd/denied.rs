@@ -105,9 +105,17 @@ pub fn print_denied(rows: &[DeniedReport], out: &mut impl Write) -> Result<(), S
         true => format!("{p:<pw$}  "),
         false => String::new(),
     };
+    // What audit mode let through reached the destination: a column of its own when any
+    // row has some.
+    let audited = rows.iter().any(|r| r.let_through > 0);
+    let through_col = |n: &str| match audited {
+        true => format!("{n:>11}  "),
+        false => String::new(),
+    };
     let mut text = format!(
-        "{:>8}  {:<w$}  {}{:<20}  {:<20}  TO ALLOW\n",
+        "{:>8}  {}{:<w$}  {}{:<20}  {:<20}  TO ALLOW\n",
         "COUNT",
+        through_col("LET THROUGH"),
         "TARGET",
         policy_col("POLICY"),
         "LAST SEEN",
@@ -115,8 +123,9 @@ pub fn print_denied(rows: &[DeniedReport], out: &mut impl Write) -> Result<(), S
     );
     for r in rows {
         text.push_str(&format!(
-            "{:>8}  {:<w$}  {}{:<20}  {:<20}  {}\n",
+            "{:>8}  {}{:<w$}  {}{:<20}  {:<20}  {}\n",
             r.count,
+            through_col(&r.let_through.to_string()),
             r.target,
             policy_col(&r.policy),
             r.last_seen,

@@ -198,8 +198,9 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
             };
             let part = live.built_of(policy).would_allow_with(t, PathView::Hidden);
             let name = live.policy_name(policy);
+            let passed = outcome == Outcome::WouldDeny;
             live.metrics
-                .denied(&host, t.port, name, (reason, seen), || {
+                .denied_as(&host, t.port, name, (reason, seen), passed, || {
                     let entry = match part {
                         Some(p) => format!(
                             "catalog.features = [..., \"{p}\"] (the optional part {p} covers {t})"
@@ -209,11 +210,12 @@ fn record(live: &Live, seen: &Seen<'_>, policy: PolicyIx) {
                     in_policy(entry, policy, name, &[&host, &t.to_string()])
                 })
         }
-        None => live.metrics.denied(
+        None => live.metrics.denied_as(
             "(invalid target)",
             0,
             live.policy_name(policy),
             (reason, seen),
+            outcome == Outcome::WouldDeny,
             || "nothing: the request did not name a valid host:port".to_owned(),
         ),
     };

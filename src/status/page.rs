@@ -469,9 +469,14 @@ fn denied(o: &mut String, r: &Report) {
     for (i, d) in s.denied.iter().enumerate() {
         let _ = write!(
             o,
-            "<tr><td class=\"host\">{}</td><td class=\"n\">{}</td><td>{}</td><td><code>{}</code><br><span class=\"muted\">{}</span></td>",
+            "<tr><td class=\"host\">{}</td><td class=\"n\">{}{}</td><td>{}</td><td><code>{}</code><br><span class=\"muted\">{}</span></td>",
             Escaped(&d.target),
             d.count,
+            // Audit mode let these through: they reached the destination.
+            match d.let_through {
+                0 => String::new(),
+                n => format!("<br><span class=\"bad\">{n} let through (audit)</span>"),
+            },
             Escaped(&d.last_seen),
             Escaped(&d.reason),
             Escaped(words(&d.reason))
