@@ -243,14 +243,8 @@ async fn each_client_network_gets_its_own_workspace_and_nobody_elses() {
         "{body}"
     );
     let admin = format!("http://{}", p.admin_addr);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
-            .args(["denied", "--admin", &admin, "--policy", "team-c"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let args = ["denied", "--admin", &admin, "--policy", "team-c"];
+    let out = support::clients::aml_async(args.map(String::from).to_vec()).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no such policy"), "{err}");
@@ -1156,14 +1150,8 @@ async fn denied_rows_count_what_audit_mode_let_through() {
     assert_eq!(by_policy("default")["let_through"], 0);
 
     let admin = format!("http://{}", p.admin_addr);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_aml-egress"))
-            .args(["denied", "--admin", &admin])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out =
+        support::clients::aml_async(["denied", "--admin", &admin].map(String::from).to_vec()).await;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.lines().next().unwrap().contains("LET THROUGH"),

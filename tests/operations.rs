@@ -261,14 +261,8 @@ async fn denied_series_are_bounded_with_the_least_recent_evicted_and_counted() {
 
     // The same, as a table, from the command line.
     let admin = format!("http://{}", p.admin_addr);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_aml-egress"))
-            .args(["denied", "--admin", &admin])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out =
+        support::clients::aml_async(["denied", "--admin", &admin].map(String::from).to_vec()).await;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -66,3 +66,17 @@ pub fn proxy_cert() -> ProxyCert {
         keys,
     }
 }
+
+/// The aml-egress binary run with `args`, off the async runtime (so that a proxy serving
+/// on the same runtime can answer it): its output.
+pub async fn aml_async(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_aml-egress"))
+            .args(&args)
+            .env_remove("AML_EGRESS_LOG")
+            .output()
+            .expect("the binary runs")
+    })
+    .await
+    .unwrap()
+}
