@@ -95,12 +95,7 @@ pub fn merge_denied(
     }
     let mut v: Vec<DeniedReport> = rows.into_values().collect();
     // The order /denied itself uses, so that one instance's list comes out as it went in.
-    v.sort_by(|a, b| {
-        b.count
-            .cmp(&a.count)
-            .then_with(|| a.target.cmp(&b.target))
-            .then_with(|| a.policy.cmp(&b.policy))
-    });
+    v.sort_by(crate::metrics::by_count);
     v.truncate(limit);
     v
 }

@@ -514,12 +514,7 @@ impl Metrics {
         let mut out = vec![0u64; ReasonCode::ALL.len()];
         for family in self.decisions_vec.collect() {
             for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value())
-                };
+                let label = |name: &str| label_of(m, name);
                 if !matches!(label("decision"), Some("deny" | "would_deny")) {
                     continue;
                 }
@@ -552,12 +547,7 @@ impl Metrics {
         let mut by_listener: Vec<ListenerOpen> = Vec::new();
         for family in self.open_by_listener.collect() {
             for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map_or("", |l| l.value())
-                };
+                let label = |name: &str| label_of(m, name).unwrap_or("");
                 let listener = label("listener");
                 let n = m.get_gauge().get_value() as i64;
                 let i = match by_listener.iter().position(|l| l.listener == listener) {
@@ -803,8 +793,17 @@ pub struct DeniedReport {
 /// Most bytes of what a client sent that the denied table keeps per target.
 pub const MAX_SEEN: usize = 256;
 
-/// The order of `/denied`: most denied first, then by target and policy.
-fn by_count(a: &DeniedReport, b: &DeniedReport) -> std::cmp::Ordering {
+/// The value of the label `name` of a gathered series, if it has one.
+fn label_of<'a>(m: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+    m.get_label()
+        .iter()
+        .find(|l| l.name() == name)
+        .map(|l| l.value())
+}
+
+/// The order of `/denied`: most denied first, then by target and policy (a fleet's merged
+/// list too).
+pub fn by_count(a: &DeniedReport, b: &DeniedReport) -> std::cmp::Ordering {
     b.count
         .cmp(&a.count)
         .then_with(|| a.target.cmp(&b.target))
