@@ -199,9 +199,11 @@ impl Reloader {
                 self.metrics.inspect_ca(ca_expiry);
                 shared.replace(live);
                 let live = shared.live();
-                let policies: Vec<&crate::policy::Policy> = std::iter::once(&live.built)
-                    .chain(live.clients.compiled.policies.iter().map(|c| &*c.built))
-                    .map(|b| &b.policy)
+                let policies: Vec<&crate::policy::Policy> = live
+                    .clients
+                    .compiled
+                    .with_default(&live.built)
+                    .map(|(_, b)| &b.policy)
                     .collect();
                 forget_refused_names(&self.metrics, &policies);
                 self.metrics

@@ -106,10 +106,7 @@ fn check(args: Args) -> anyhow::Result<i32> {
             eprintln!("note: {w}");
         }
     }
-    let audit = match chosen {
-        Chosen::Client(i) => clients.policies[i].mode,
-        _ => compiled.proxy.mode,
-    } == crate::config::Mode::Audit;
+    let audit = clients.mode_of(chosen, compiled.proxy.mode) == crate::config::Mode::Audit;
     let mut out = io::stdout().lock();
     let code = check_targets(
         Decider::Policy(built, policy, audit),

@@ -13,8 +13,7 @@ use clap::ValueEnum;
 
 use super::{EXIT_OK, EXIT_USAGE, exit_code, named_policy};
 use crate::config::{
-    Built, Chosen, ClientPolicies, Settings, UnmatchedClients, build_client_policies, build_policy,
-    parse_cidr,
+    Built, Chosen, ClientPolicies, Settings, build_client_policies, build_policy, parse_cidr,
 };
 use crate::export::{Export, PolicyPart, SquidDefault, group_priority};
 
@@ -121,19 +120,20 @@ fn export(args: Args) -> anyhow::Result<i32> {
     // Audit mode is the proxy's: a firewall enforces whatever it is given.
     let audited: Vec<&str> = match &args.policy {
         Some(name) => vec![name.as_str()],
-        None => std::iter::once(crate::config::clients::DEFAULT_POLICY)
-            // Under "refuse" the default policy serves nobody and is not exported.
-            .filter(|_| clients.unmatched == UnmatchedClients::Default)
-            .chain(clients.policies.iter().map(|p| p.name.as_str()))
-            .collect(),
+        None => {
+            let mut names = clients.names();
+            // A default policy that serves nobody ("refuse" beside client policies) is
+            // not exported.
+            if clients.unclaimed() != Chosen::Default {
+                names.remove(0);
+            }
+            names
+        }
     }
     .into_iter()
     .filter(|n| {
-        let mode = match clients.named(n) {
-            Some(Chosen::Client(i)) => clients.policies[i].mode,
-            _ => settings.proxy.mode,
-        };
-        mode == crate::config::Mode::Audit
+        let chosen = clients.named(n).unwrap_or(Chosen::Default);
+        clients.mode_of(chosen, settings.proxy.mode) == crate::config::Mode::Audit
     })
     .collect();
     for n in audited {
@@ -221,7 +221,7 @@ fn every_policy(
             sources,
         });
     }
-    let serves_anyone = clients.unmatched == UnmatchedClients::Default;
+    let serves_anyone = clients.unclaimed() == Chosen::Default;
     if !serves_anyone {
         notes.push(format!(
             "the default policy is not exported: policy.unmatched_clients = \"refuse\", so it serves no client{}",

@@ -989,11 +989,30 @@ impl ClientPolicies {
     /// policy, unless it serves nobody (`policy.unmatched_clients = "refuse"` beside client
     /// policies), and of every client policy.
     pub fn log_notes(&self, default: &Built) {
-        if self.policies.is_empty() || self.unmatched == crate::config::UnmatchedClients::Default {
-            default.log_notes(crate::config::clients::DEFAULT_POLICY);
+        let serves_anyone = self.unclaimed() == Chosen::Default;
+        for (name, built) in self.with_default(default) {
+            if name != crate::config::clients::DEFAULT_POLICY || serves_anyone {
+                built.log_notes(name);
+            }
         }
-        for p in &self.policies {
-            p.built.log_notes(&p.name);
+    }
+
+    /// Every policy with its name, the default one (`default`, compiled apart from the
+    /// client policies) first.
+    pub fn with_default<'a>(
+        &'a self,
+        default: &'a Built,
+    ) -> impl Iterator<Item = (&'a str, &'a Built)> {
+        std::iter::once((crate::config::clients::DEFAULT_POLICY, default))
+            .chain(self.policies.iter().map(|p| (p.name.as_str(), &*p.built)))
+    }
+
+    /// The mode of the policy `chosen`: a client policy's own, else `default` (the
+    /// default policy's, `proxy.mode`).
+    pub fn mode_of(&self, chosen: Chosen, default: crate::config::Mode) -> crate::config::Mode {
+        match chosen {
+            Chosen::Client(i) => self.policies[i].mode,
+            _ => default,
         }
     }
 
@@ -1163,8 +1182,10 @@ pub fn compile(s: Settings) -> Result<Compiled, ConfigError> {
     let mut built = build_policy(&s)?;
     let clients = ClientPolicies::new(client_policies(&s)?, s.policy.unmatched_clients);
     // One CA serves every policy: what any of them inspects, it must permit.
-    let mut policies = vec![&built.policy];
-    policies.extend(clients.policies.iter().map(|c| &c.built.policy));
+    let policies: Vec<&Policy> = clients
+        .with_default(&built)
+        .map(|(_, b)| &b.policy)
+        .collect();
     let (inspect, notes) = inspection(&s, &policies)?;
     built.warnings.extend(notes);
     let restart = RestartOnly(

@@ -83,15 +83,8 @@ impl Status {
     /// load, no lock.
     pub fn policy_names(&self) -> Vec<String> {
         let live = self.sources.shared.live();
-        std::iter::once(crate::config::clients::DEFAULT_POLICY.to_owned())
-            .chain(
-                live.clients
-                    .compiled
-                    .policies
-                    .iter()
-                    .map(|p| p.name.clone()),
-            )
-            .collect()
+        let names = live.clients.compiled.names();
+        names.into_iter().map(str::to_owned).collect()
     }
 
     /// The last snapshot, with what changes between samples (readiness, uptime) read now:
