@@ -141,7 +141,7 @@ async fn answer(
     (local, peer): (SocketAddr, SocketAddr),
 ) -> Response<Body> {
     let path = req.uri().path();
-    if matches!(path, "/" | "/login" | "/logout") {
+    if is_status_page(path) {
         return status_page(admin, req, (local, peer)).await;
     }
     if req.method() != Method::GET {
@@ -250,6 +250,12 @@ async fn answer(
     }
 }
 
+/// The status page's routes (the page, its login and logout), which `status_page`
+/// answers.
+fn is_status_page(path: &str) -> bool {
+    matches!(path, "/" | "/login" | "/logout")
+}
+
 fn host_of<B>(req: &Request<B>) -> Option<&[u8]> {
     req.headers().get(header::HOST).map(|h| h.as_bytes())
 }
@@ -258,18 +264,17 @@ fn host_of<B>(req: &Request<B>) -> Option<&[u8]> {
 /// name the page cannot vouch for).
 fn misdirected<B>(req: &Request<B>, local: SocketAddr) -> Response<Body> {
     let named = host_of(req).map_or_else(|| "no Host".to_owned(), |h| h.escape_ascii().to_string());
+    let path = req.uri().path().escape_default();
     let mut r = text(
         StatusCode::MISDIRECTED_REQUEST,
         PLAIN,
         format!(
             "this admin listener answers {} only to requests for {local} or localhost (on a loopback connection), not {named}: \
-             ask http://{local}{} , or tunnel to it (ssh -L 9464:{local} ...) and ask http://localhost:9464{}\n",
-            match req.uri().path() {
-                "/" | "/login" | "/logout" => "its status page".to_owned(),
-                p => format!("{} without a token", p.escape_default()),
+             ask http://{local}{path} , or tunnel to it (ssh -L 9464:{local} ...) and ask http://localhost:9464{path}\n",
+            match is_status_page(req.uri().path()) {
+                true => "its status page".to_owned(),
+                false => format!("{path} without a token"),
             },
-            req.uri().path().escape_default(),
-            req.uri().path().escape_default(),
         ),
     );
     secure(&mut r);

@@ -181,10 +181,10 @@ pub fn azure_firewall_policies(parts: &[PolicyPart<'_>], tls_path_rules: TlsPath
     for p in parts {
         let mut own = Vec::new();
         let priority = group_priority(p.place);
-        if 200 + 100 * p.place > GROUP_PRIORITY_MAX as usize {
+        let wanted = wanted_priority(p.place);
+        if wanted > GROUP_PRIORITY_MAX as usize {
             own.push(format!(
-                "its group's priority would be {} but Azure Firewall takes at most {GROUP_PRIORITY_MAX}: it shares {GROUP_PRIORITY_MAX} with the policies around it; export fewer policies per firewall policy, or set the priorities by hand",
-                200 + 100 * p.place
+                "its group's priority would be {wanted} but Azure Firewall takes at most {GROUP_PRIORITY_MAX}: it shares {GROUP_PRIORITY_MAX} with the policies around it; export fewer policies per firewall policy, or set the priorities by hand"
             ));
         }
         groups.push(group(
@@ -209,9 +209,14 @@ pub const GROUP_PRIORITY_MAX: u32 = 65_000;
 /// The priority of the `i`th (0-based) policy's rule collection group: 200, 300, ...,
 /// at most [`GROUP_PRIORITY_MAX`] (the 649th policy's and later share it).
 pub fn group_priority(i: usize) -> u32 {
-    u32::try_from(200 + 100 * i)
+    u32::try_from(wanted_priority(i))
         .unwrap_or(u32::MAX)
         .min(GROUP_PRIORITY_MAX)
+}
+
+/// The `i`th policy's group priority before Azure's bound: 200, 300, ...
+fn wanted_priority(i: usize) -> usize {
+    200 + 100 * i
 }
 
 /// One rule collection group: `name` at `priority`, the rules of `built` for `sources`.
